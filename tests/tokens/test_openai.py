@@ -1,0 +1,135 @@
+"""tiktoken family: offline ranks, exact counts, OpenAI's message accounting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import tiktoken_ext.openai_public as openai_public
+
+import tokenguard as tg
+from tokenguard.tokens import openai as tg_openai
+
+# The OpenAI cookbook's example conversation ("How to count tokens with tiktoken");
+# the API reported 129 prompt tokens for gpt-4 / gpt-3.5-turbo and 124 for gpt-4o.
+COOKBOOK_MESSAGES = [
+    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+    {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+    {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
+    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [("gpt-4", 129), ("gpt-3.5-turbo", 129), ("gpt-4o", 124), ("gpt-4o-mini", 124), ("gpt-4.1", 124), ("o1", 124)],
+)
+def test_cookbook_message_counts(model: str, expected: int) -> None:
+    assert tg.count_tokens(COOKBOOK_MESSAGES, model=model) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [("gpt-4o", "o200k_base"), ("gpt-4.1", "o200k_base"), ("o1", "o200k_base"), ("gpt-4o-2024-08-06", "o200k_base"),
+     ("gpt-4", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"), ("o200k_base", "o200k_base"), ("cl100k_base", "cl100k_base")],
+)
+def test_model_names_map_to_their_encoding(model: str, encoding: str) -> None:
+    tokenizer = tg.get_tokenizer(model)
+    assert isinstance(tokenizer, tg.TiktokenTokenizer)
+    assert tokenizer.encoding.name == encoding
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_encodings_match_tiktokens_own_definitions(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ranks = tg_openai.load_ranks(name)
+
+    def offline_ranks(url: str, expected_hash: str) -> dict[bytes, int]:
+        assert expected_hash == tg_openai._ENCODINGS[name][0]
+        return ranks
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", offline_ranks)
+    reference = getattr(openai_public, name)()
+    ours = tg_openai.get_encoding(name)
+    assert ours._pat_str == reference["pat_str"]
+    assert ours._special_tokens == reference["special_tokens"]
+    assert ours._mergeable_ranks == reference["mergeable_ranks"]
+
+
+def test_tampered_ranks_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    digest, pattern, special = tg_openai._ENCODINGS["cl100k_base"]
+    monkeypatch.setitem(tg_openai._ENCODINGS, "cl100k_base", ("0" * 64, pattern, special))
+    with pytest.raises(tg.TokenGuardError, match="checksum"):
+        tg_openai.load_ranks("cl100k_base")
+
+
+def test_counts_offline_with_sockets_blocked_and_empty_cache(tmp_path) -> None:
+    script = textwrap.dedent(
+        """
+        import os, socket
+        def refuse(*args, **kwargs):
+            raise OSError("network access attempted")
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+        import tokenguard as tg
+        assert tg.count_tokens("hello world", model="gpt-4o") == 2
+        assert tg.count_tokens("hello world", model="gpt-4") == 2
+        assert os.listdir(os.environ["TIKTOKEN_CACHE_DIR"]) == []
+        print("offline ok")
+        """
+    )
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    env = {"TIKTOKEN_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "offline ok" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "o200k", "cl100k"),
+    [("hello world", 2, 2), ("人工智能", 2, 5), ("", 0, 0)],
+)
+def test_known_counts(text: str, o200k: int, cl100k: int) -> None:
+    assert tg.count_tokens(text, model="gpt-4o") == o200k
+    assert tg.count_tokens(text, model="gpt-4") == cl100k
+
+
+def test_message_fields_and_tool_calls_are_counted() -> None:
+    tokenizer = tg.get_tokenizer("gpt-4o")
+    base = [{"role": "user", "content": "hi"}]
+    named = [{"role": "user", "content": "hi", "name": "bob"}]
+    assert tokenizer.count_messages(named) == tokenizer.count_messages(base) + tokenizer.count("bob") + 1
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    assert tokenizer.count_messages(base + [call]) > tokenizer.count_messages(base) + 3
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert tokenizer.count_messages(parts) == tokenizer.count_messages(base)
+
+
+def test_non_text_parts_and_bad_messages_raise_clear_errors() -> None:
+    tokenizer = tg.get_tokenizer("gpt-4o")
+    with pytest.raises(tg.TokenGuardError, match="image_url"):
+        tokenizer.count_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(TypeError, match="list of dicts"):
+        tokenizer.count_messages("hello")
+    with pytest.raises(tg.TokenGuardError, match="role"):
+        tokenizer.count_messages([{"content": "no role"}])
+
+
+def test_huge_whitespace_run_does_not_crash() -> None:
+    # tiktoken's own regex engine panics on runs this long; we fall back to a Python split.
+    tokenizer = tg.get_tokenizer("o200k_base")
+    text = " " * 1_600_000 + "end"
+    assert tokenizer.count(text) == len(tokenizer._encode_piecewise(text))
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_piecewise_encoding_matches_tiktoken() -> None:
+    tokenizer = tg.get_tokenizer("cl100k_base")
+    text = "Hello,  world!\n\n  def f(x):\n\treturn x**2  # 12345 人工智能 🤖\r\n   "
+    assert tokenizer._encode_piecewise(text) == tokenizer.encoding.encode_ordinary(text)

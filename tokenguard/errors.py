@@ -1,0 +1,50 @@
+"""The exceptions tokenguard raises. Every one derives from :class:`TokenGuardError`."""
+
+from __future__ import annotations
+
+
+class TokenGuardError(Exception):
+    """Base class of every error the SDK raises."""
+
+
+class InputTooLong(TokenGuardError, ValueError):
+    """The input exceeds a token cap; raised before any generation work is done."""
+
+    def __init__(self, limit: int, message: str | None = None) -> None:
+        self.limit = limit
+        super().__init__(message or f"input exceeds the limit of {limit} tokens")
+
+
+class MissingDependency(TokenGuardError, ImportError):
+    """An optional package is not installed; the message names the install command."""
+
+    def __init__(self, what: str, install: str) -> None:
+        self.install = install
+        super().__init__(f"{what} is not installed; install it with: {install}")
+
+
+class UnknownTokenizer(TokenGuardError, LookupError):
+    """A tokenizer name or path that tokenguard cannot resolve."""
+
+
+class BudgetExceeded(TokenGuardError):
+    """A call's worst case does not fit a budget; raised before the backend is called.
+
+    ``budget`` is the :class:`~tokenguard.Budget` that refused, ``key`` the scope it
+    refused for (``"global"``, ``"user:alice"``, ...), ``needed`` and ``left`` the amounts
+    in the budget's unit (``unit`` is ``"tokens"`` or ``"usd"``).
+    """
+
+    def __init__(
+        self, budget: object, key: str, unit: str, needed: float, left: float
+    ) -> None:
+        self.budget = budget
+        self.key = key
+        self.unit = unit
+        self.needed = needed
+        self.left = left
+        if unit == "usd":
+            amounts = f"needs up to ${needed:.6f}, ${max(left, 0.0):.6f} left"
+        else:
+            amounts = f"needs up to {int(needed)} tokens, {int(max(left, 0))} left"
+        super().__init__(f"budget {budget!r} exceeded for {key}: the call {amounts}")

@@ -1,0 +1,107 @@
+"""Render a model's own chat template (Jinja, sandboxed) and tokenize the result safely.
+
+The rendered prompt mixes trusted text (the template's ``<|im_start|>``-style control
+tokens) with user text that may *look* like control tokens. Before rendering, every
+special-token string inside the messages is swapped for a private-use placeholder;
+after rendering, control tokens are parsed only in what is left, and the placeholders
+go back as plain text (see ``Tokenizer.encode_trusted``). So the ids are exactly those of ``apply_chat_template`` for
+honest input, and injected control-token text stays ordinary text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from tokenguard.errors import TokenGuardError
+
+# Private-use characters frame a placeholder: \ue000 <index> \ue001.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+class ChatTemplateError(TokenGuardError):
+    """The chat template failed to render, or the tokenizer has none."""
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> Any:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateError(f"the chat template refused the messages: {message}")
+
+    def tojson(value: Any, indent: int | None = None) -> str:
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+
+
+class RenderedChat:
+    """A rendered prompt whose user text is hidden behind placeholders."""
+
+    __slots__ = ("text", "_originals")
+
+    def __init__(self, text: str, originals: list[str]) -> None:
+        self.text = text
+        self._originals = originals
+
+    def restore(self, piece: str) -> str:
+        """``piece`` of :attr:`text` with the user's original strings put back."""
+        if not self._originals:
+            return piece
+        return _PLACEHOLDER.sub(lambda m: self._originals[int(m.group(1))], piece)
+
+
+def render_chat(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    special_tokens: Iterable[str],
+    add_generation_prompt: bool = True,
+    template_vars: Mapping[str, Any] | None = None,
+) -> RenderedChat:
+    """Render ``messages`` through ``template`` with every string in ``special_tokens``
+    (and the placeholder characters themselves) hidden inside the messages.
+    """
+    originals: list[str] = []
+    needles = sorted({*special_tokens, _OPEN, _CLOSE}, key=len, reverse=True)
+    needle_pattern = re.compile("|".join(map(re.escape, needles)))
+
+    def hide(match: re.Match[str]) -> str:
+        originals.append(match.group())
+        return f"{_OPEN}{len(originals) - 1}{_CLOSE}"
+
+    def escape(value: Any) -> Any:
+        if isinstance(value, str):
+            return needle_pattern.sub(hide, value)
+        if isinstance(value, Mapping):
+            return {k: escape(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [escape(v) for v in value]
+        return value
+
+    try:
+        text = _compile(template).render(
+            messages=[escape(dict(m)) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            **(template_vars or {}),
+        )
+    except ChatTemplateError:
+        raise
+    except Exception as e:  # a template is model-supplied code: surface any failure as ours
+        raise ChatTemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from e
+    return RenderedChat(text, originals)

@@ -1,0 +1,118 @@
+"""The tokenizer embedded in a GGUF file, rebuilt as a Hugging Face ``tokenizers`` BPE.
+
+GGUF stores the vocabulary, merges, token types and a pre-tokenizer name
+(``tokenizer.ggml.pre``); llama.cpp maps that name to split patterns, and we map it
+the same way. Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``,
+the Llama-3, Qwen, SmolLM, StarCoder family) are rebuilt; others raise
+:class:`UnknownTokenizer` naming what the file holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFBackend
+
+from tokenguard.errors import UnknownTokenizer
+from tokenguard.tokens.hf import HFTokenizer
+
+_GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
+_LLAMA3 = (
+    r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_QWEN2 = (
+    r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_DIGIT = r"\p{N}"
+
+# tokenizer.ggml.pre -> split patterns applied in order, as in llama.cpp's vocab loader.
+PRE_TOKENIZER_PATTERNS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2,),
+    "gpt2": (_GPT2,),
+    "smollm": (_DIGIT, _GPT2),
+    "starcoder": (_DIGIT, _GPT2),
+    "refact": (_DIGIT, _GPT2),
+    "llama-bpe": (_LLAMA3,),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+}
+
+# Control tokens that end a turn in the common chat formats (llama.cpp treats these as
+# end-of-generation too).
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
+
+# GGUF token types (llama.cpp's llama_token_type).
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def read_gguf_tokenizer(path: str | Path) -> HFTokenizer:
+    """The tokenizer of the GGUF file at ``path``, with its chat template, BOS and EOS."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise UnknownTokenizer(f"{path} is not a readable GGUF file: {e}") from e
+    meta = {key: _field_value(field) for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    return tokenizer_from_gguf_metadata(meta, name=path.name)
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any], *, name: str) -> HFTokenizer:
+    """Build the tokenizer from GGUF ``tokenizer.*`` metadata values."""
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise UnknownTokenizer(
+            f"{name}: GGUF tokenizer model {model!r} is not supported; tokenguard rebuilds "
+            "byte-level BPE vocabularies (tokenizer.ggml.model 'gpt2')"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_PATTERNS:
+        raise UnknownTokenizer(
+            f"{name}: GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(PRE_TOKENIZER_PATTERNS)}"
+        )
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+
+    backend = HFBackend(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=pre in ("llama-bpe", "llama3"))
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRE_TOKENIZER_PATTERNS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    )
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    )
+
+    def token(key: str) -> str | None:
+        i = meta.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    controls = {t for t, k in zip(tokens, types) if k == _CONTROL}
+    end_of_turn = [token("tokenizer.ggml.eot_token_id"), *(t for t in _END_OF_TURN if t in controls)]
+    return HFTokenizer(
+        backend,
+        name=name,
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token=token("tokenizer.ggml.bos_token_id"),
+        eos_token=token("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        end_of_turn_tokens=[t for t in end_of_turn if t],
+    )
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # a field type this gguf version cannot decode: not a tokenizer key we use
+        return None

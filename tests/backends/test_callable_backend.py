@@ -1,0 +1,66 @@
+"""The Callable backend: what it hands the function and how it reads what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tokenguard.backends import Callable, Chunk
+
+
+def _run(backend, params=None):
+    return list(backend.stream([{"role": "user", "content": "hi"}], params or {"max_tokens": 5}))
+
+
+def test_max_tokens_only_when_accepted():
+    seen = {}
+
+    def with_kw(messages, *, max_tokens, temperature=1.0):
+        seen.update(max_tokens=max_tokens, temperature=temperature)
+        return "a"
+
+    def with_var_kw(messages, **kw):
+        seen.update(kw)
+        return "b"
+
+    assert _run(Callable(with_kw), {"max_tokens": 5, "temperature": 0.1}) == [Chunk("a")]
+    assert seen == {"max_tokens": 5, "temperature": 0.1}
+    assert _run(Callable(with_var_kw), {"max_tokens": 9})[0].text == "b" and seen["max_tokens"] == 9
+    assert _run(Callable(lambda messages: "c"))[0].text == "c"
+
+
+def test_bind_adds_positional_arguments():
+    backend = Callable(lambda messages, a, b: f"{a}{b}")
+    assert _run(backend.bind(1, 2))[0].text == "12"
+    assert backend._args == ()
+
+
+def test_iterators_of_strings_and_chunks():
+    chunks = _run(Callable(lambda m: iter(["x", {"choices": [{"delta": {"content": "y"}, "finish_reason": "stop"}]}])))
+    assert [c.text for c in chunks] == ["x", "y"] and chunks[-1].finish_reason == "stop"
+
+
+def test_bad_return_type():
+    with pytest.raises(TypeError, match="must return"):
+        _run(Callable(lambda m: 42))
+    with pytest.raises(TypeError):
+        Callable("not a function")
+
+
+def test_async_detection_and_astream():
+    async def coro(messages, max_tokens):
+        return "z"
+
+    class AsyncCallableObject:
+        async def __call__(self, messages):
+            return "w"
+
+    assert Callable(coro).is_async and Callable(AsyncCallableObject()).is_async
+
+    async def collect(backend):
+        return [c.text async for c in backend.astream([], {"max_tokens": 1})]
+
+    assert asyncio.run(collect(Callable(coro))) == ["z"]
+    assert asyncio.run(collect(Callable(AsyncCallableObject()))) == ["w"]
+    assert asyncio.run(collect(Callable(lambda m: iter(["s", "t"])))) == ["s", "t"]

@@ -1,0 +1,316 @@
+"""Guard, sync: the pipeline admit, reserve, generate, meter, settle around real
+tokenizers, real SQLite and plain-function backends."""
+
+from __future__ import annotations
+
+import gc
+import time
+import warnings
+
+import pytest
+
+from tokenguard.backends.callable import Callable
+from tokenguard.backends.runner import Runner
+from tokenguard.budget import Budget
+from tokenguard.errors import BudgetExceeded, InputTooLong, TokenGuardError
+from tokenguard.guard import Guard
+from tokenguard.ledger import Ledger
+from tokenguard.pricing import Pricing, UnknownPriceWarning
+from tokenguard.tokens import DEFAULT_MODEL_NAME, get_tokenizer
+from tokenguard.usage import Reply
+
+TOK = get_tokenizer("gpt-4o")
+
+
+class Calls:
+    """A backend function that records how it was called."""
+
+    def __init__(self, reply="The capital of France is Paris."):
+        self.reply = reply
+        self.calls: list[tuple] = []
+
+    def __call__(self, messages, *, max_tokens, **params):
+        self.calls.append((messages, max_tokens, params))
+        return self.reply
+
+
+def endless(messages, *, max_tokens):
+    """A backend that ignores max_tokens and never stops."""
+    endless.closed = False
+    try:
+        while True:
+            yield "word "
+    finally:
+        endless.closed = True
+
+
+def test_complete_meters_exactly_and_writes_one_row():
+    fn = Calls()
+    guard = Guard(fn, model="gpt-4o")
+    reply = guard.complete("What is the capital of France?", user="alice", session="s1", tags={"t": 1})
+    assert isinstance(reply, Reply)
+    assert reply.text == fn.reply and reply.stop_reason == "stop"
+    assert reply.messages == [{"role": "user", "content": "What is the capital of France?"}]
+    assert reply.usage.input_tokens == TOK.count_messages(reply.messages)
+    assert reply.usage.output_tokens == TOK.count(fn.reply)
+    assert reply.usage.cost_usd == pytest.approx(
+        Pricing().cost("gpt-4o", reply.usage.input_tokens, reply.usage.output_tokens)
+    )
+    assert reply.usage.latency_s > 0
+    (row,) = guard.ledger.records()
+    assert row["request_id"] == reply.request_id
+    assert (row["user"], row["session"], row["tags"], row["model"], row["backend"]) == (
+        "alice", "s1", {"t": 1}, "gpt-4o", "callable",
+    )
+    assert (row["input_tokens"], row["output_tokens"], row["stop_reason"]) == (
+        reply.usage.input_tokens, reply.usage.output_tokens, "stop",
+    )
+    assert fn.calls[0][1] == 512  # the default max_output_tokens reaches the function
+
+
+def test_stream_yields_pieces_and_then_the_reply():
+    guard = Guard(lambda messages, max_tokens: iter(["Hel", "lo", ", world"]), model="gpt-4o")
+    stream = guard.stream("hi")
+    assert stream.reply is None
+    assert list(stream) == ["Hel", "lo", ", world"]
+    assert stream.reply.text == "Hello, world"
+    assert stream.reply.usage.output_tokens == TOK.count("Hello, world")
+    assert len(guard.ledger.records()) == 1
+
+
+def test_output_cap_stops_and_closes_a_backend_that_ignores_it():
+    guard = Guard(endless, model="gpt-4o", max_output_tokens=20)
+    reply = guard.complete("go")
+    assert endless.closed
+    assert reply.stop_reason == "length"
+    assert reply.usage.output_tokens == 20 == TOK.count(reply.text)
+    assert guard.ledger.records()[0]["output_tokens"] == 20
+
+
+def test_output_cap_on_a_long_string_and_per_call_max_tokens():
+    fn = Calls("lorem ipsum dolor sit amet " * 200)
+    guard = Guard(fn, model="gpt-4o", max_output_tokens=50)
+    assert guard.complete("x").usage.output_tokens == 50
+    reply = guard.complete("x", max_tokens=7, temperature=0.3)
+    assert reply.usage.output_tokens == 7 and reply.stop_reason == "length"
+    assert fn.calls[-1][1:] == (7, {"temperature": 0.3})
+    guard.complete("x", max_tokens=10_000)  # a call may lower the cap, never raise it
+    assert fn.calls[-1][1] == 50
+
+
+def test_max_input_tokens_refuses_before_the_backend():
+    fn = Calls()
+    guard = Guard(fn, model="gpt-4o", max_input_tokens=100)
+    start = time.perf_counter()
+    with pytest.raises(InputTooLong) as info:
+        guard.complete("word " * 2_000_000)  # 10 MB
+    assert time.perf_counter() - start < 1.0  # bounded work, not a full tokenisation
+    assert info.value.limit == 100
+    assert "100" in str(info.value) and "exceeds" in str(info.value)
+    # Text just under the cap alone, but over it with the chat template: exact check.
+    with pytest.raises(InputTooLong):
+        guard.complete([{"role": "system", "content": "a " * 50}, {"role": "user", "content": "b " * 49}])
+    assert fn.calls == []
+    rows = guard.ledger.records()
+    assert [r["stop_reason"] for r in rows] == ["input_too_long", "input_too_long"]
+    assert rows[0]["input_tokens"] == 0 and "InputTooLong" in rows[0]["error"]
+    assert guard.complete("short").stop_reason == "stop"
+
+
+def test_budget_refuses_before_the_backend_and_settles_to_actual_use():
+    fn = Calls("ok")
+    budget = Budget(tokens=300)
+    guard = Guard(fn, model="gpt-4o", max_output_tokens=100, budget=budget)
+    reply = guard.complete("hello")
+    assert budget.spent()["tokens"] == reply.usage.total_tokens
+    assert budget.spent()["reserved_tokens"] == 0
+    big = "word " * 250  # input + 100 worst-case output > what is left
+    with pytest.raises(BudgetExceeded):
+        guard.complete(big)
+    assert len(fn.calls) == 1
+    assert guard.ledger.records()[-1]["stop_reason"] == "budget_exceeded"
+    totals = guard.ledger.totals()
+    assert budget.spent()["tokens"] == totals["input_tokens"] + totals["output_tokens"]
+
+
+def test_usd_budget_per_user_and_several_budgets_at_once():
+    per_user = Budget(usd=0.0011, per="user")  # worst case 0.00102, actual 0.00003 a call
+    overall = Budget(tokens=10_000)
+    guard = Guard(Calls("ok"), model="gpt-4o", max_output_tokens=100, budget=[per_user, overall])
+    for _ in range(3):
+        guard.complete("hi", user="alice")
+    with pytest.raises(BudgetExceeded) as info:
+        guard.complete("hi", user="alice")
+    assert info.value.budget is per_user and info.value.unit == "usd"
+    guard.complete("hi", user="bob")  # bob's own budget
+    # the refused call left no hold in the other budget
+    assert overall.spent()["reserved_tokens"] == 0
+    assert overall.spent()["tokens"] == sum(
+        r["input_tokens"] + r["output_tokens"] for r in guard.ledger.records()
+    )
+    assert per_user.spent(user="alice")["usd"] == pytest.approx(
+        guard.ledger.totals(user="alice")["cost_usd"], abs=1e-9
+    )
+
+
+def test_two_budgets_with_one_name_in_one_store_are_refused(tmp_path):
+    path = tmp_path / "b.sqlite"
+    with pytest.raises(ValueError, match="share one store"):
+        Guard(Calls(), budget=[Budget(tokens=5, store=path), Budget(tokens=9, store=path)])
+
+
+def test_backend_error_midway_meters_what_was_seen_and_settles_it():
+    def breaks(messages, *, max_tokens):
+        yield "one two three"
+        raise ConnectionError("stream broke")
+
+    budget = Budget(tokens=10_000)
+    guard = Guard(breaks, model="gpt-4o", budget=budget)
+    stream = guard.stream("hi")
+    assert next(stream) == "one two three"
+    with pytest.raises(ConnectionError):
+        next(stream)
+    assert stream.reply.stop_reason == "error" and stream.reply.text == "one two three"
+    (row,) = guard.ledger.records()
+    assert row["stop_reason"] == "error" and "stream broke" in row["error"]
+    assert row["output_tokens"] == TOK.count("one two three") and row["input_tokens"] > 0
+    assert budget.spent()["tokens"] == row["input_tokens"] + row["output_tokens"]
+    assert budget.spent()["reserved_tokens"] == 0
+
+
+def test_backend_error_before_any_output_releases_the_budget():
+    def fails(messages, *, max_tokens):
+        raise RuntimeError("backend down")
+
+    budget = Budget(tokens=10_000)
+    guard = Guard(fails, model="gpt-4o", budget=budget)
+    with pytest.raises(RuntimeError, match="backend down"):
+        guard.complete("hi")
+    (row,) = guard.ledger.records()
+    assert row["stop_reason"] == "error" and row["input_tokens"] == 0 and row["cost_usd"] == 0
+    assert budget.spent() == {"tokens": 0, "usd": 0.0, "reserved_tokens": 0, "reserved_usd": 0.0}
+
+
+def test_closed_and_abandoned_streams_are_metered_as_cancelled():
+    budget = Budget(tokens=100_000)
+    guard = Guard(endless, model="gpt-4o", budget=budget)
+    with guard.stream("go") as stream:
+        next(stream)
+        next(stream)
+    assert endless.closed
+    assert stream.reply.stop_reason == "cancelled" and stream.reply.text == "word word "
+    assert stream.reply.usage.output_tokens == TOK.count("word word ")
+
+    abandoned = guard.stream("never iterated")
+    del abandoned
+    gc.collect()
+    rows = guard.ledger.records()
+    assert [r["stop_reason"] for r in rows] == ["cancelled", "cancelled"]
+    assert budget.spent()["reserved_tokens"] == 0
+    assert budget.spent()["tokens"] == rows[0]["input_tokens"] + rows[0]["output_tokens"]
+
+
+def test_openai_completion_dict_usage_is_used_with_the_cached_rate():
+    completion = {
+        "choices": [{"message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 800}},
+    }
+    guard = Guard(lambda messages: completion, model="gpt-4o")
+    reply = guard.complete("hi")
+    assert reply.text == "Hi!"
+    assert (reply.usage.input_tokens, reply.usage.output_tokens, reply.usage.cached_input_tokens) == (1000, 3, 800)
+    assert reply.usage.cost_usd == pytest.approx(Pricing().cost("gpt-4o", 1000, 3, 800))
+    assert reply.usage.cost_usd < Pricing().cost("gpt-4o", 1000, 3)
+
+
+def test_openai_stream_chunks_with_final_usage():
+    chunks = [
+        {"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]},
+        {"choices": [{"delta": {"content": "Hel"}, "finish_reason": None}]},
+        {"choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}},
+    ]
+    guard = Guard(lambda messages: iter(chunks), model="gpt-4o")
+    reply = guard.complete("hi")
+    assert reply.text == "Hello" and reply.stop_reason == "stop"
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (9, 2)
+
+
+def test_backend_finish_reason_length_is_kept():
+    chunks = [{"choices": [{"delta": {"content": "Hi"}, "finish_reason": "length"}]}]
+    assert Guard(lambda m: iter(chunks), model="gpt-4o").complete("x").stop_reason == "length"
+
+
+def test_chat_keeps_the_session_history():
+    fn = Calls("Noted.")
+    guard = Guard(fn, model="gpt-4o")
+    guard.chat("My name is Ada.", session="s")
+    reply = guard.chat("What is my name?", session="s", user="ada")
+    assert reply.messages == [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    assert fn.calls[-1][0] == reply.messages
+    assert reply.usage.input_tokens == TOK.count_messages(reply.messages)
+    assert guard.chat("Hi", session="other").messages == [{"role": "user", "content": "Hi"}]
+    assert [r["session"] for r in guard.ledger.records()] == ["s", "s", "other"]
+
+
+def test_unknown_price_is_none_and_a_usd_budget_refuses_it():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard = Guard(Calls("ok"), model="gpt-4o", tokenizer="gpt-4o")
+        guard.model = "house-model-v7"
+        assert guard.complete("hi").usage.cost_usd is None
+    assert any(issubclass(w.category, UnknownPriceWarning) for w in caught)
+    priced = Guard(Calls("ok"), model="house-model-v7", tokenizer="gpt-4o", prices={"house-model-v7": (1.0, 2.0)})
+    assert priced.complete("hi").usage.cost_usd > 0
+    refused = Guard(Calls("ok"), model="house-model-v8", tokenizer="gpt-4o", budget=Budget(usd=1))
+    with pytest.raises(TokenGuardError, match="price is unknown"):
+        refused.complete("hi")
+    assert refused.ledger.records()[0]["stop_reason"] == "error"
+
+
+def test_bundled_model_is_the_default_tokenizer_and_free():
+    guard = Guard(Calls("Bonjour"))
+    reply = guard.complete("hi")
+    assert guard.model == DEFAULT_MODEL_NAME
+    assert reply.usage.input_tokens == get_tokenizer(DEFAULT_MODEL_NAME).count_messages(reply.messages)
+    assert reply.usage.cost_usd == 0.0
+
+
+def test_default_backend_is_the_bundled_runner_loaded_lazily():
+    guard = Guard()
+    assert isinstance(guard.backend, Runner)
+    assert guard.backend._runner is None and guard.model == DEFAULT_MODEL_NAME
+
+
+def test_file_ledger_by_path(tmp_path):
+    guard = Guard(Calls(), model="gpt-4o", ledger=tmp_path / "l.sqlite")
+    guard.complete("hi")
+    assert len(Ledger(tmp_path / "l.sqlite").records()) == 1
+
+
+def test_a_cache_step_answers_without_the_backend():
+    """The cache step here is a stand-in: this test is about the guard calling it."""
+
+    class OneAnswerCache:
+        def lookup(self, call):
+            if call.messages[-1]["content"] == "cached?":
+                return Reply("yes", "cached", call.messages, request_id=call.request_id, model=call.model)
+            return None
+
+    fn = Calls("from backend")
+    guard = Guard(fn, model="gpt-4o", cache=OneAnswerCache())
+    assert guard.complete("cached?").text == "yes"
+    assert list(guard.stream("cached?")) == ["yes"]
+    assert guard.complete("other").text == "from backend"
+    assert len(fn.calls) == 1
+    assert [r["stop_reason"] for r in guard.ledger.records()] == ["cached", "cached", "stop"]
+
+
+def test_callable_backend_wraps_functions_without_max_tokens():
+    backend = Callable(lambda messages: "hi")
+    guard = Guard(backend, model="gpt-4o", max_output_tokens=3)
+    assert guard.complete("x").text == "hi"

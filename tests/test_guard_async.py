@@ -1,0 +1,124 @@
+"""Guard, async: acomplete, achat, astream with sync and async backends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tokenguard.budget import Budget
+from tokenguard.errors import BudgetExceeded
+from tokenguard.guard import Guard
+from tokenguard.tokens import get_tokenizer
+
+TOK = get_tokenizer("gpt-4o")
+
+
+async def async_reply(messages, *, max_tokens):
+    await asyncio.sleep(0)
+    return "async hello"
+
+
+async def async_pieces(messages, *, max_tokens):
+    for piece in ["a", "sync ", "stream"]:
+        await asyncio.sleep(0)
+        yield piece
+
+
+def test_acomplete_with_an_async_function():
+    guard = Guard(async_reply, model="gpt-4o")
+    reply = asyncio.run(guard.acomplete("hi", user="u"))
+    assert reply.text == "async hello" and reply.stop_reason == "stop"
+    assert reply.usage.output_tokens == TOK.count("async hello")
+    assert guard.ledger.records()[0]["user"] == "u"
+
+
+def test_astream_with_an_async_generator():
+    guard = Guard(async_pieces, model="gpt-4o")
+
+    async def run():
+        stream = guard.astream("hi")
+        pieces = [p async for p in stream]
+        return pieces, stream.reply
+
+    pieces, reply = asyncio.run(run())
+    assert pieces == ["a", "sync ", "stream"] and reply.text == "async stream"
+
+
+def test_async_api_over_a_sync_function_runs_it_off_the_loop():
+    guard = Guard(lambda messages, max_tokens: iter(["x", "y"]), model="gpt-4o")
+    assert asyncio.run(guard.acomplete("hi")).text == "xy"
+
+
+def test_sync_api_over_an_async_function():
+    assert Guard(async_pieces, model="gpt-4o").complete("hi").text == "async stream"
+    assert Guard(async_reply, model="gpt-4o").complete("hi").text == "async hello"
+
+
+def test_async_output_cap_closes_the_backend():
+    state = {"closed": False}
+
+    async def endless(messages, *, max_tokens):
+        try:
+            while True:
+                await asyncio.sleep(0)
+                yield "word "
+        finally:
+            state["closed"] = True
+
+    guard = Guard(endless, model="gpt-4o", max_output_tokens=10)
+    reply = asyncio.run(guard.acomplete("go"))
+    assert state["closed"] and reply.stop_reason == "length" and reply.usage.output_tokens == 10
+
+
+def test_achat_and_async_budgets():
+    budget = Budget(tokens=10_000, per="session")
+    guard = Guard(async_reply, model="gpt-4o", budget=budget, max_output_tokens=50)
+
+    async def run():
+        await guard.achat("one", session="s")
+        return await guard.achat("two", session="s")
+
+    reply = asyncio.run(run())
+    assert [m["content"] for m in reply.messages] == ["one", "async hello", "two"]
+    assert budget.spent(session="s")["tokens"] == sum(
+        r["input_tokens"] + r["output_tokens"] for r in guard.ledger.records()
+    )
+    small = Guard(async_reply, model="gpt-4o", budget=Budget(tokens=10), max_output_tokens=50)
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(small.acomplete("hi"))
+
+
+def test_async_cancellation_is_metered():
+    async def slow(messages, *, max_tokens):
+        yield "first "
+        await asyncio.sleep(10)
+        yield "never"
+
+    budget = Budget(tokens=10_000)
+    guard = Guard(slow, model="gpt-4o", budget=budget)
+
+    async def run():
+        task = asyncio.create_task(guard.acomplete("hi"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    (row,) = guard.ledger.records()
+    assert row["stop_reason"] == "cancelled" and row["output_tokens"] == TOK.count("first ")
+    assert budget.spent()["reserved_tokens"] == 0
+    assert budget.spent()["tokens"] == row["input_tokens"] + row["output_tokens"]
+
+
+def test_async_stream_aclose():
+    guard = Guard(async_pieces, model="gpt-4o")
+
+    async def run():
+        async with guard.astream("hi") as stream:
+            first = await anext(stream)
+        return first, stream.reply
+
+    first, reply = asyncio.run(run())
+    assert first == "a" and reply.stop_reason == "cancelled"

@@ -1,0 +1,128 @@
+"""The ledger: real SQLite (WAL), one row per call, shared by threads and processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from tokenguard.ledger import COLUMNS, Ledger
+
+REQUIRED = {
+    "request_id", "ts", "user", "session", "model", "input_tokens", "output_tokens",
+    "cached_input_tokens", "cost_usd", "latency_s", "stop_reason", "tags",
+}
+
+
+def _row(i: int, **extra):
+    return {
+        "user": f"u{i % 3}", "session": f"s{i % 5}", "model": "gpt-4o", "backend": "callable",
+        "input_tokens": 10 + i, "output_tokens": i, "cached_input_tokens": 0,
+        "cost_usd": 0.001 * i, "latency_s": 0.01, "stop_reason": "stop", **extra,
+    }
+
+
+def test_in_memory_ledger_round_trips_rows():
+    ledger = Ledger()
+    rid = ledger.write(_row(1, tags={"team": "search"}, request_id="abc"))
+    assert rid == "abc"
+    (rec,) = ledger.records()
+    assert REQUIRED <= rec.keys()
+    assert rec["tags"] == {"team": "search"}
+    assert rec["input_tokens"] == 11 and rec["cost_usd"] == pytest.approx(0.001)
+    assert rec["ts"] == pytest.approx(time.time(), abs=5)
+
+
+def test_filters_and_totals():
+    ledger = Ledger()
+    for i in range(12):
+        ledger.write(_row(i))
+    ledger.write(_row(99, cost_usd=None, stop_reason="error", error="boom"))
+    assert len(ledger.records(user="u1")) == 4
+    assert len(ledger.records(user="u1", session="s1")) == 1
+    assert [r["error"] for r in ledger.records(stop_reason="error")] == ["boom"]
+    assert len(ledger.records(cost_usd=None)) == 1
+    totals = ledger.totals(stop_reason="stop")
+    assert totals["calls"] == 12
+    assert totals["output_tokens"] == sum(range(12))
+    assert totals["cost_usd"] == pytest.approx(0.001 * sum(range(12)))
+    assert ledger.totals(user="nobody")["cost_usd"] is None
+    assert len(ledger.records(since=0, until=time.time() + 1)) == 13
+    with pytest.raises(TypeError):
+        ledger.records(colour="red")
+    with pytest.raises(KeyError):
+        ledger.write({"colour": "red"})
+
+
+def test_file_ledger_is_wal_and_durable(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        ledger.write(_row(1, tags=["a", "b"]))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    again = Ledger(path)
+    assert again.records()[0]["tags"] == ["a", "b"]
+
+
+def test_old_files_gain_new_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE calls (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, ts REAL NOT NULL)")
+    conn.execute("INSERT INTO calls (request_id, ts) VALUES ('old', 1.0)")
+    conn.commit()
+    conn.close()
+    ledger = Ledger(path)
+    ledger.write(_row(2))
+    recs = ledger.records()
+    assert recs[0]["request_id"] == "old" and recs[0]["input_tokens"] == 0
+    assert set(recs[1]) == set(COLUMNS)
+
+
+def test_in_memory_ledger_is_bounded():
+    ledger = Ledger(max_rows=1000)
+    for i in range(3000):
+        ledger.write(_row(i))
+    assert 1000 <= len(ledger) <= 1000 + 1024
+    assert ledger.records()[-1]["input_tokens"] == 10 + 2999
+
+
+def test_threads_share_one_ledger(tmp_path):
+    ledger = Ledger(tmp_path / "t.sqlite")
+
+    def work(k: int) -> None:
+        for i in range(50):
+            ledger.write(_row(i, user=f"t{k}"))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ledger) == 16 * 50
+    assert len({r["request_id"] for r in ledger.records()}) == 16 * 50
+
+
+def _write_rows(path: str, k: int, n: int) -> None:
+    ledger = Ledger(path)
+    for i in range(n):
+        ledger.write(_row(i, user=f"p{k}"))
+    ledger.close()
+
+
+def test_processes_share_one_ledger_file(tmp_path):
+    path = str(tmp_path / "p.sqlite")
+    Ledger(path).close()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_rows, args=(path, k, 100)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ledger = Ledger(path)
+    assert len(ledger) == 400
+    assert {r["user"] for r in ledger.records()} == {"p0", "p1", "p2", "p3"}

@@ -1,0 +1,54 @@
+"""Step 1, admit: cap the input with bounded work before anything else looks at it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenguard.call import Call
+from tokenguard.errors import InputTooLong
+
+__all__ = ["Admit"]
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a part list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") if isinstance(part, dict) else str(part) for part in content
+        )
+    return str(content)
+
+
+class Admit:
+    """Refuse an input over ``max_input_tokens`` with :class:`~tokenguard.InputTooLong`.
+
+    Each message's text is first counted with ``count_until``, whose work is bounded by
+    the limit (a 100 MB message costs what a few tens of kilobytes do); only an input
+    that passes is counted exactly, chat template included, and checked again.
+    """
+
+    def __init__(self, max_input_tokens: int) -> None:
+        if max_input_tokens < 0:
+            raise ValueError("max_input_tokens must be >= 0")
+        self.max_input_tokens = max_input_tokens
+
+    def __call__(self, call: Call) -> None:
+        limit = self.max_input_tokens
+        seen = 0
+        for message in call.messages:
+            seen += call.tokenizer.count_until(_text_of(message.get("content")), limit - seen)
+            if seen > limit:
+                raise InputTooLong(
+                    limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens"
+                )
+        exact = call.count_input()
+        if exact > limit:
+            raise InputTooLong(
+                limit,
+                f"input exceeds max_input_tokens: {exact} tokens (chat template included) "
+                f"is over the limit of {limit}",
+            )

@@ -1,0 +1,151 @@
+"""The :class:`Backend` protocol: what the guard needs from anything that generates text.
+
+A backend is a transport (like an httpx transport): one streaming method and its async
+twin. It yields :class:`Chunk` objects, text pieces first and, when the backend knows
+it, a final chunk carrying :class:`BackendUsage` and the finish reason. The guard does
+the policy: counting, caps, budgets and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from tokenguard.tokens import Message, Tokenizer
+
+__all__ = ["Backend", "BackendUsage", "Chunk", "Params", "aiter_in_thread", "iter_async"]
+
+T = TypeVar("T")
+
+Params = dict[str, Any]
+"""Generation parameters; the guard always sets ``max_tokens``."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendUsage:
+    """Token counts a backend reported itself (e.g. an API's ``usage``). ``None`` where
+    it did not say; ``input_tokens`` includes ``cached_input_tokens``."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One step of a backend's stream: a text piece, and/or the end of it."""
+
+    text: str = ""
+    #: ``"stop"``, ``"length"`` or the backend's own reason; set on the last chunk.
+    finish_reason: str | None = None
+    usage: BackendUsage | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Anything that turns messages into a stream of :class:`Chunk`.
+
+    ``name`` is the backend's kind for the ledger (``"callable"``, ``"openai"``, ...);
+    ``model`` the model it runs (``None`` when it cannot know, as for a plain function).
+    A closed stream must stop generating and free what it holds.
+    """
+
+    name: str
+    model: str | None
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer whose counts match this backend, or ``None`` to let the guard
+        use the one named by ``Guard(model=...)``."""
+        ...
+
+    def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
+        """Generate a reply to ``messages`` with ``params`` (``max_tokens`` always set)."""
+        ...
+
+    def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
+        """The async twin of :meth:`stream`."""
+        ...
+
+
+_END = object()
+
+
+async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 64) -> AsyncIterator[T]:
+    """Run a blocking iterator in a worker thread and yield its items on the event loop.
+
+    Closing the async iterator asks the worker to stop after its current item and close
+    the blocking iterator there (generators are closed in the thread that runs them).
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
+    room = threading.Semaphore(buffer)
+    stop = threading.Event()
+
+    def put(item: object, error: BaseException | None = None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            stop.set()
+
+    def run() -> None:
+        iterator = None
+        try:
+            iterator = make()
+            for item in iterator:
+                put(item)
+                while not room.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            put(_END, error)
+            return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+        put(_END)
+
+    loop.run_in_executor(None, run)
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            room.release()
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+
+
+def iter_async(agen: AsyncIterator[T]) -> Iterator[T]:
+    """Drive an async iterator from sync code on a private event loop.
+
+    For a sync call of a backend built on async code; inside a running event loop use
+    the async API instead.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("this backend is async; use the guard's async methods inside an event loop")
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        aclose = getattr(agen, "aclose", None)
+        if aclose is not None:
+            loop.run_until_complete(aclose())
+        loop.close()

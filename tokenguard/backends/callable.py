@@ -1,0 +1,137 @@
+"""A backend around any function: ``fn(messages, *, max_tokens, **params)``."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Callable as CallableType
+from typing import TYPE_CHECKING, Any
+
+from tokenguard.backends.base import Chunk, Params, aiter_in_thread, iter_async
+from tokenguard.backends.openai_format import chunk_from_completion, chunk_from_stream_item, is_completion
+
+if TYPE_CHECKING:
+    from tokenguard.tokens import Message, Tokenizer
+
+__all__ = ["Callable"]
+
+
+def _accepts(fn: CallableType[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _is_async(fn: CallableType[..., Any]) -> bool:
+    call = type(fn).__call__  # an object whose __call__ is async
+    return (
+        inspect.iscoroutinefunction(fn)
+        or inspect.isasyncgenfunction(fn)
+        or inspect.iscoroutinefunction(call)
+        or inspect.isasyncgenfunction(call)
+    )
+
+
+def _chunks(result: Any) -> Iterator[Chunk]:
+    """Chunks of whatever a sync function returned."""
+    if isinstance(result, str):
+        yield Chunk(text=result)
+    elif is_completion(result):
+        yield chunk_from_completion(result)
+    elif hasattr(result, "__aiter__"):
+        yield from _chunks(iter_async(result))
+    elif hasattr(result, "__iter__"):
+        try:
+            for item in result:
+                yield chunk_from_stream_item(item)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+    else:
+        raise TypeError(
+            "a guarded function must return a str, an OpenAI chat completion (object or dict) "
+            f"or an iterator of str / stream chunks, got {type(result).__name__}"
+        )
+
+
+async def _achunks(result: Any) -> AsyncIterator[Chunk]:
+    """Chunks of whatever an async function returned (or awaited to)."""
+    if inspect.isawaitable(result):
+        result = await result
+    if hasattr(result, "__aiter__"):
+        try:
+            async for item in result:
+                yield chunk_from_stream_item(item)
+        finally:
+            aclose = getattr(result, "aclose", None) or getattr(result, "close", None)
+            if aclose is not None:
+                done = aclose()
+                if inspect.isawaitable(done):
+                    await done
+    elif isinstance(result, str) or is_completion(result):
+        for chunk in _chunks(result):
+            yield chunk
+    else:
+        async for chunk in aiter_in_thread(lambda: _chunks(result)):
+            yield chunk
+
+
+class Callable:
+    """Wrap ``fn(messages, *, max_tokens, **params)`` as a backend.
+
+    ``fn`` may be sync or async and return a ``str``, an iterator (or async iterator) of
+    ``str`` pieces, an OpenAI chat completion (object or dict, whose ``usage`` is used)
+    or a stream of OpenAI chunks. ``max_tokens`` is passed only when ``fn`` accepts it.
+    The guard meters it with the tokenizer named by ``Guard(model=...)``.
+
+    >>> backend = Callable(lambda messages, max_tokens: "hi")
+    """
+
+    name = "callable"
+
+    def __init__(self, fn: CallableType[..., Any], *, model: str | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"Callable needs a function, got {type(fn).__name__}")
+        self.fn = fn
+        self.model = model
+        self.is_async = _is_async(fn)
+        self._takes_max_tokens = _accepts(fn, "max_tokens")
+        self._args: tuple[Any, ...] = ()
+
+    def bind(self, *args: Any) -> Callable:
+        """The same backend, calling ``fn(messages, *args, ...)``."""
+        bound = copy.copy(self)
+        bound._args = args
+        return bound
+
+    def tokenizer(self) -> Tokenizer | None:
+        return None
+
+    def _call(self, messages: Any, params: Params) -> Any:
+        kwargs = dict(params)
+        if not self._takes_max_tokens:
+            kwargs.pop("max_tokens", None)
+        return self.fn(messages, *self._args, **kwargs)
+
+    def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
+        if self.is_async:
+            yield from iter_async(self.astream(messages, params))
+            return
+        yield from _chunks(self._call(messages, params))
+
+    async def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
+        if self.is_async:
+            async for chunk in _achunks(self._call(messages, params)):
+                yield chunk
+            return
+        # A sync function blocks: call it, and iterate what it returns, off the loop.
+        async for chunk in aiter_in_thread(lambda: self.stream(messages, params)):
+            yield chunk
+
+    def __repr__(self) -> str:
+        return f"Callable({getattr(self.fn, '__qualname__', self.fn)!r})"
+

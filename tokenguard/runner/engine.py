@@ -1,0 +1,264 @@
+"""The serving loop: one background thread steps the model over a continuous batch.
+
+Callers submit a prompt and get a :class:`Sequence` whose events arrive through the
+callback they gave; the thread admits requests (after an admission window when the
+engine was busy moments ago), runs one forward per step over every scheduled token
+of every sequence, samples, and frees or keeps each finished sequence's KV blocks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tokenguard.errors import TokenGuardError
+from tokenguard.runner.block_manager import BlockManager
+from tokenguard.runner.model import Transformer
+from tokenguard.runner.paged_cache import PagedKVCache, SequenceSlice
+from tokenguard.runner.sampling import Sampler, SamplingParams
+from tokenguard.runner.scheduler import Scheduler
+from tokenguard.runner.sequence import Sequence, Status
+from tokenguard.runner.sessions import SessionStore
+
+BLOCK_SIZE = 16
+_DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+# Engines with a live thread. At interpreter exit their threads are stopped first: a
+# daemon thread still inside a torch kernel while Python tears down aborts the process.
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_engines() -> None:
+    for engine in list(_live_engines):
+        engine.shutdown()
+
+
+class KVCacheTooSmall(TokenGuardError, ValueError):
+    """A single request needs more KV slots than the whole pool has."""
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """1 GiB (at most a tenth of RAM) on CPU; 40% of free memory on CUDA."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.4)
+    try:
+        import os
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return min(_DEFAULT_CPU_KV_BYTES, ram // 10)
+    except (ValueError, OSError, AttributeError):
+        return _DEFAULT_CPU_KV_BYTES
+
+
+def admission_deadline(first_arrival: float, idle_since: float, num_waiting: int, window_s: float) -> float:
+    """When an idle engine should start on its waiting requests.
+
+    Normally ``window_s`` after the first arrival, so a burst batches together. At low
+    load - the engine had been idle longer than the window and one request waits - at
+    once: a lone request pays no latency for company that is not coming.
+    """
+    if num_waiting == 1 and first_arrival - idle_since > window_s:
+        return first_arrival
+    return first_arrival + window_s
+
+
+class Engine:
+    """Continuous batching over one model, with a paged KV cache and session reuse."""
+
+    def __init__(self, model: Transformer, *, batch_window_ms: float = 50, session_ttl_s: float = 600.0,
+                 kv_cache_bytes: int | None = None, max_batched_tokens: int = 512, max_running: int = 64) -> None:
+        config = model.config
+        self.model = model
+        self.device = model.inv_freq.device
+        self.batch_window_s = batch_window_ms / 1000
+        per_token = PagedKVCache.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, model.dtype)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
+        num_blocks = budget // (per_token * BLOCK_SIZE)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={budget} holds no block of {BLOCK_SIZE} tokens ({per_token} B each)")
+        self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks, BLOCK_SIZE,
+                                  model.dtype, self.device)
+        self.sessions = SessionStore(session_ttl_s)
+        self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions,
+                                   max_batched_tokens=max_batched_tokens, max_running=max_running)
+        self._cv = threading.Condition()
+        self._in_flight: set[int] = set()
+        self._idle_since = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- caller side ----------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int],
+               emit: Callable[[tuple[str, Any]], None], session: str | None = None) -> Sequence:
+        """Queue a request; its events go to ``emit`` from the engine thread."""
+        capacity = self.scheduler.capacity_tokens
+        if len(prompt_ids) + params.max_tokens > capacity:
+            raise KVCacheTooSmall(
+                f"a prompt of {len(prompt_ids)} tokens plus max_tokens={params.max_tokens} needs more than the "
+                f"KV cache's {capacity} token slots; raise kv_cache_bytes or lower max_tokens"
+            )
+        sampler = Sampler(params, self.model.config.vocab_size, prompt_ids, self.device)
+        seq = Sequence(len(prompt_ids), list(prompt_ids), params, sampler, stop_token_ids, emit, session)
+        with self._cv:
+            if self._closed:
+                raise TokenGuardError("the engine is shut down")
+            self.scheduler.add(seq)
+            self._ensure_thread()
+            self._cv.notify_all()
+        return seq
+
+    def cancel(self, seq: Sequence, *, keep_session: bool = False) -> None:
+        """Stop ``seq`` and free its blocks (or, with ``keep_session``, hand them to its
+        session, as when a stop string ends the reply); returns once that is done."""
+        with self._cv:
+            if seq.status is Status.FINISHED:
+                return
+            seq.cancelled = True
+            seq.keep_session_on_cancel = keep_session
+            if seq.seq_id not in self._in_flight:
+                self.scheduler.finish(seq, keep_session=keep_session)
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            seq.released.wait(timeout=30)
+
+    def touch(self, session: str) -> bool:
+        with self._cv:
+            return self.sessions.touch(session)
+
+    def end_session(self, session: str) -> None:
+        with self._cv:
+            self.scheduler.blocks.release(self.sessions.end(session))
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            self._expire_sessions()
+            blocks = self.scheduler.blocks
+            return {
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": blocks.num_blocks,
+                "kv_blocks_free": blocks.num_free,
+                "kv_block_size": blocks.block_size,
+                "sessions": len(self.sessions),
+                "prefix_tokens_reused": self.scheduler.prefix_tokens_reused,
+                "preemptions": self.scheduler.preemptions,
+            }
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # -- engine thread --------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="tokenguard-engine", daemon=True)
+            self._thread.start()
+            _live_engines.add(self)
+
+    def _expire_sessions(self) -> None:
+        self.scheduler.blocks.release(self.sessions.expire(self.scheduler.active_sessions()))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self.scheduler.has_work() and not self._closed:
+                    self._expire_sessions()
+                    self._cv.wait(timeout=self.sessions.next_expiry())
+                if self._closed:
+                    self._fail_all(TokenGuardError("the engine shut down"))
+                    return
+                self._admission_window()
+                batch = self.scheduler.schedule()
+                self._in_flight = {seq.seq_id for seq, _ in batch}
+            try:
+                logits = self._forward(batch)
+            except Exception as e:  # a failed step fails its requests, not the engine
+                with self._cv:
+                    self._in_flight = set()
+                    for seq, _ in batch:
+                        seq.emit(("error", e))
+                        self.scheduler.finish(seq, keep_session=False)
+                continue
+            with self._cv:
+                self._in_flight = set()
+                self._advance(batch, logits)
+                if not self.scheduler.has_work():
+                    self._idle_since = time.monotonic()
+
+    def _admission_window(self) -> None:
+        """At an idle engine, wait up to the window so that requests arriving together
+        run together (see :func:`admission_deadline`)."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return
+        deadline = admission_deadline(self.scheduler.waiting[0].arrival, self._idle_since,
+                                      len(self.scheduler.waiting), self.batch_window_s)
+        while not self._closed and len(self.scheduler.waiting) < self.scheduler.max_running:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cv.wait(timeout=remaining)
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Float32 logits ``[sampling sequences, vocab]`` of one step over ``batch``."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slices: list[SequenceSlice] = []
+        sample_rows: list[int] = []
+        for seq, n in batch:
+            start = seq.num_cached
+            ids += seq.tokens[start : start + n]
+            positions += range(start, start + n)
+            slices.append(SequenceSlice(seq.block_table, start, n))
+            if start + n == len(seq.tokens):
+                sample_rows.append(len(ids) - 1)
+        self.cache.prepare(slices)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), self.cache)
+        return self.model.compute_logits(hidden[sample_rows])
+
+    def _advance(self, batch: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+        row = 0
+        for seq, n in batch:
+            seq.num_cached += n
+            if seq.num_cached < len(seq.tokens):
+                continue  # a prompt chunk: the prompt is not finished yet
+            token_logits = logits[row]
+            row += 1
+            if seq.cancelled:
+                self.scheduler.finish(seq, keep_session=seq.keep_session_on_cancel)
+                continue
+            token = seq.sampler(token_logits)
+            seq.tokens.append(token)
+            seq.emit(("token", token))
+            if token in seq.stop_token_ids:
+                self._finish(seq, "stop")
+            elif seq.num_generated >= seq.params.max_tokens:
+                self._finish(seq, "length")
+        for seq, _ in batch:  # cancelled mid-prompt
+            if seq.cancelled and seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, keep_session=seq.keep_session_on_cancel)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, keep_session=True)
+        seq.emit(("finish", reason))
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            seq.emit(("error", error))
+            self.scheduler.finish(seq, keep_session=False)
+

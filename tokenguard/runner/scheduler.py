@@ -1,0 +1,139 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step the running sequences go first (one token each while decoding, the next
+chunk of a long prompt while prefilling), then waiting sequences join while the step's
+token budget and the free blocks allow. When blocks run out, least recently used
+session KV goes first, then the newest running sequence is preempted: its blocks are
+freed and it is recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tokenguard.runner.block_manager import BlockManager
+from tokenguard.runner.sequence import Sequence, Status
+from tokenguard.runner.sessions import SessionStore
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, sessions: SessionStore, *, max_batched_tokens: int = 512,
+                 max_running: int = 64) -> None:
+        self.blocks = blocks
+        self.sessions = sessions
+        self.max_batched_tokens = max_batched_tokens
+        self.max_running = max_running
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.prefix_tokens_reused = 0
+        self.preemptions = 0
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def active_sessions(self) -> set[str]:
+        return {s.session for s in (*self.running, *self.waiting) if s.session is not None}
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The next step's batch: ``(sequence, new tokens)`` in layout order."""
+        self._drop_cancelled()
+        batch: list[tuple[Sequence, int]] = []
+        budget = self.max_batched_tokens
+        for seq in list(self.running):  # oldest first
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncached, budget)
+            if self._grow(seq, seq.num_cached + n):
+                batch.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            if not seq.admitted:
+                self._reuse_session(seq)
+                seq.admitted = True
+            n = min(seq.num_uncached, budget)
+            # Leave a block of headroom per running sequence, so that admitting this one
+            # does not force a preemption at the very next decode step.
+            if not self._allocate(seq, seq.num_cached + n, allow_preempt=False, headroom=len(self.running)):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def finish(self, seq: Sequence, *, keep_session: bool) -> None:
+        """``seq`` is done: keep its KV for its session, or free it."""
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if keep_session and seq.session is not None and seq.num_cached:
+            self.blocks.release(self.sessions.keep(seq.session, seq.tokens[: seq.num_cached], seq.block_table))
+        else:
+            self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.released.set()
+
+    # -- blocks -------------------------------------------------------------------------
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give running ``seq`` blocks for ``num_tokens``, preempting newer sequences if
+        needed; False when ``seq`` itself had to be preempted."""
+        return self._allocate(seq, num_tokens, allow_preempt=True)
+
+    def _allocate(self, seq: Sequence, num_tokens: int, *, allow_preempt: bool, headroom: int = 0) -> bool:
+        need = self.blocks.blocks_for(num_tokens) - len(seq.block_table)
+        while need + headroom > self.blocks.num_free:
+            evicted = self.sessions.evict_lru()
+            if evicted:
+                self.blocks.release(evicted)
+                continue
+            if not allow_preempt:
+                return False
+            victim = self.running[-1]  # the newest running sequence
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.block_table += self.blocks.allocate(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.preemptions += 1
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.block_table, seq.num_cached = [], 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _reuse_session(self, seq: Sequence) -> None:
+        """Start ``seq`` on its session's kept KV, up to the longest common prefix."""
+        if seq.session is None:
+            return
+        kept = self.sessions.open(seq.session)
+        if kept is None:
+            return
+        # At least the last prompt token must run, to produce the next-token logits.
+        limit = min(len(kept.tokens), len(seq.tokens) - 1)
+        common = 0
+        while common < limit and kept.tokens[common] == seq.tokens[common]:
+            common += 1
+        keep = self.blocks.blocks_for(common)
+        self.blocks.release(kept.blocks[keep:])
+        seq.block_table = kept.blocks[:keep]
+        seq.num_cached = seq.cached_prompt_tokens = common
+        self.prefix_tokens_reused += common
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in (*self.running, *self.waiting) if s.cancelled]:
+            self.finish(seq, keep_session=seq.keep_session_on_cancel)

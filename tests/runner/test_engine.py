@@ -76,7 +76,7 @@ def test_async_callers_share_the_engine(runner):
 
 def test_chunked_prefill_and_mixed_batches(runner):
     # A step budget of 7 tokens splits every prompt into chunks and mixes them with decodes.
-    engine = Engine(runner.model, batch_window_ms=0, max_batched_tokens=7, kv_cache_bytes=4 << 20)
+    engine = Engine(lambda: runner.model, batch_window_ms=0, max_batched_tokens=7, kv_cache_bytes=4 << 20)
     prompts = [runner.tokenizer.encode(p) for p in PROMPTS]
     outputs = in_threads(lambda ids: _engine_generate(engine, ids, runner.stop_token_ids, 12), prompts)
     expected = [runner.generate(ids, max_tokens=12).token_ids for ids in prompts]

@@ -30,7 +30,7 @@ BLOCK_SIZE = 16
 _DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
-# Engines with a live thread. At interpreter exit their threads are stopped first: a
+# Running engines. At interpreter exit their threads are stopped first: a
 # daemon thread still inside a torch kernel while Python tears down aborts the process.
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -74,12 +74,35 @@ def admission_deadline(first_arrival: float, idle_since: float, num_waiting: int
 class Engine:
     """Continuous batching over one model, with a paged KV cache and session reuse."""
 
-    def __init__(self, model: Transformer, *, batch_window_ms: float = 50, session_ttl_s: float = 600.0,
-                 kv_cache_bytes: int | None = None, max_batched_tokens: int = 512, max_running: int = 64) -> None:
-        config = model.config
-        self.model = model
-        self.device = model.inv_freq.device
+    def __init__(self, build_model: Callable[[], Transformer], *, batch_window_ms: float = 50,
+                 session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None, max_batched_tokens: int = 512,
+                 max_running: int = 64) -> None:
+        """Start the engine thread, which builds the model with ``build_model`` and then
+        serves. Every parallel torch operation on the model runs in that one thread:
+        with OpenMP, a second thread's parallel work runs at about half speed once
+        another thread of the process has run some."""
         self.batch_window_s = batch_window_ms / 1000
+        self.sessions = SessionStore(session_ttl_s)
+        self._settings = (kv_cache_bytes, max_batched_tokens, max_running)
+        self._cv = threading.Condition()
+        self._in_flight: set[int] = set()
+        self._idle_since = time.monotonic()
+        self._closed = False
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(build_model,), name="tokenguard-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
+        _live_engines.add(self)
+
+    def _start(self, build_model: Callable[[], Transformer]) -> None:
+        """Build the model and size the KV pool (in the engine thread)."""
+        kv_cache_bytes, max_batched_tokens, max_running = self._settings
+        self.model = model = build_model()
+        config = model.config
+        self.device = model.inv_freq.device
         per_token = PagedKVCache.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, model.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
         num_blocks = budget // (per_token * BLOCK_SIZE)
@@ -87,14 +110,18 @@ class Engine:
             raise ValueError(f"kv_cache_bytes={budget} holds no block of {BLOCK_SIZE} tokens ({per_token} B each)")
         self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks, BLOCK_SIZE,
                                   model.dtype, self.device)
-        self.sessions = SessionStore(session_ttl_s)
         self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions,
                                    max_batched_tokens=max_batched_tokens, max_running=max_running)
-        self._cv = threading.Condition()
-        self._in_flight: set[int] = set()
-        self._idle_since = time.monotonic()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+
+    def _run(self, build_model: Callable[[], Transformer]) -> None:
+        try:
+            self._start(build_model)
+        except BaseException as e:  # handed to the constructor's caller
+            self._start_error = e
+            return
+        finally:
+            self._ready.set()
+        self._loop()
 
     # -- caller side ----------------------------------------------------------------------
 
@@ -107,13 +134,11 @@ class Engine:
                 f"a prompt of {len(prompt_ids)} tokens plus max_tokens={params.max_tokens} needs more than the "
                 f"KV cache's {capacity} token slots; raise kv_cache_bytes or lower max_tokens"
             )
-        sampler = Sampler(params, self.model.config.vocab_size, prompt_ids, self.device)
-        seq = Sequence(len(prompt_ids), list(prompt_ids), params, sampler, stop_token_ids, emit, session)
+        seq = Sequence(len(prompt_ids), list(prompt_ids), params, stop_token_ids, emit, session)
         with self._cv:
             if self._closed:
                 raise TokenGuardError("the engine is shut down")
             self.scheduler.add(seq)
-            self._ensure_thread()
             self._cv.notify_all()
         return seq
 
@@ -158,16 +183,10 @@ class Engine:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
     # -- engine thread --------------------------------------------------------------------
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="tokenguard-engine", daemon=True)
-            self._thread.start()
-            _live_engines.add(self)
 
     def _expire_sessions(self) -> None:
         self.scheduler.blocks.release(self.sessions.expire(self.scheduler.active_sessions()))
@@ -242,6 +261,9 @@ class Engine:
             if seq.cancelled:
                 self.scheduler.finish(seq, keep_session=seq.keep_session_on_cancel)
                 continue
+            if seq.sampler is None:
+                seq.sampler = Sampler(seq.params, self.model.config.vocab_size, seq.tokens[: seq.prompt_len],
+                                      self.device)
             token = seq.sampler(token_logits)
             seq.tokens.append(token)
             seq.emit(("token", token))

@@ -1,13 +1,16 @@
 """Keys and values of many sequences in one pre-allocated pool of blocks.
 
-The pool is ``[layers, num_blocks * block_size, kv_heads, head_dim]``: a token's slot
+The pool is ``[layers, kv_heads, num_blocks * block_size, head_dim]``: a token's slot
 is ``block * block_size + offset``. Before each forward the scheduler describes the
 flat batch with :meth:`PagedKVCache.prepare` - for every sequence, in batch order,
 its block table, how many tokens are already cached and how many are new - and each
-layer's :meth:`attend` writes the new keys and values into their slots, gathers every
-sequence's context and runs ``scaled_dot_product_attention`` over it. Decoding
-sequences are attended together as one padded batch; prompt chunks one by one with
-a causal mask offset by their cached prefix.
+layer's :meth:`attend` writes the new keys and values into their slots, reads every
+sequence's context and runs ``scaled_dot_product_attention`` over it.
+
+A context whose blocks are consecutive in the pool (the common case: blocks are
+handed out in order) is read as a view, with no copy; others are gathered. Decoding
+sequences are attended together as one padded batch (no mask when there is one);
+prompt chunks one by one with a causal mask offset by their cached prefix.
 """
 
 from __future__ import annotations
@@ -28,83 +31,113 @@ class SequenceSlice:
     new: int  # tokens this step adds (1 when decoding)
 
 
+Context = slice | torch.Tensor  # pool slots of a sequence's tokens: a range, or gathered
+
+
 class PagedKVCache:
     """The KV pool, and the layout of the current forward's flat batch."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.device = torch.device(device)
-        self._write_slots = torch.empty(0, dtype=torch.long)
-        self._prefills: list[tuple[int, int, int, torch.Tensor]] = []  # (token start, new, cached, slots)
-        self._decode_rows = torch.empty(0, dtype=torch.long)
-        self._decode_slots = torch.empty(0, 0, dtype=torch.long)
-        self._decode_mask = torch.empty(0, 0, dtype=torch.bool)
+        self._write: Context = slice(0, 0)
+        self._prefills: list[tuple[int, int, int, Context]] = []  # (first row, new, cached, context)
+        self._decode_rows: list[int] = []
+        self._decode_contexts: list[Context] = []
+        self._decode_mask: torch.Tensor | None = None
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Pool bytes one cached token takes (keys and values, every layer)."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
-    def slots(self, block_table: Sequence[int], start: int, end: int) -> torch.Tensor:
+    def slots(self, block_table: Sequence[int], start: int, end: int) -> Context:
         """Pool slots of token positions ``start..end`` of a sequence with ``block_table``."""
+        size = self.block_size
+        first, last = start // size, (end - 1) // size
+        base = block_table[first]
+        if all(block_table[i] == base + i - first for i in range(first, last + 1)):
+            begin = base * size + start % size
+            return slice(begin, begin + end - start)
         positions = torch.arange(start, end)
-        blocks = torch.as_tensor(block_table, dtype=torch.long)[positions // self.block_size]
-        return (blocks * self.block_size + positions % self.block_size).to(self.device)
+        blocks = torch.as_tensor(block_table, dtype=torch.long)[positions // size]
+        return (blocks * size + positions % size).to(self.device)
 
     def prepare(self, batch: Sequence[SequenceSlice]) -> None:
         """Describe the next forward: ``batch`` in the order its tokens are laid out."""
-        write, decode_rows, decode_slots, self._prefills = [], [], [], []
+        writes: list[Context] = []
+        self._prefills, self._decode_rows, self._decode_contexts = [], [], []
         row = 0
         for part in batch:
-            context = self.slots(part.block_table, 0, part.cached + part.new)
-            write.append(context[part.cached :])
+            total = part.cached + part.new
+            writes.append(self.slots(part.block_table, part.cached, total))
+            context = self.slots(part.block_table, 0, total)
             if part.new == 1:
-                decode_rows.append(row)
-                decode_slots.append(context)
+                self._decode_rows.append(row)
+                self._decode_contexts.append(context)
             else:
                 self._prefills.append((row, part.new, part.cached, context))
             row += part.new
-        self._write_slots = torch.cat(write) if write else torch.empty(0, dtype=torch.long, device=self.device)
-        self._decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=self.device)
-        if decode_slots:
-            longest = max(len(s) for s in decode_slots)
-            self._decode_slots = torch.zeros(len(decode_slots), longest, dtype=torch.long, device=self.device)
-            self._decode_mask = torch.zeros(len(decode_slots), longest, dtype=torch.bool, device=self.device)
-            for i, s in enumerate(decode_slots):
-                self._decode_slots[i, : len(s)] = s
-                self._decode_mask[i, : len(s)] = True
+        self._write = writes[0] if len(writes) == 1 else torch.cat([_as_index(w, self.device) for w in writes])
+        self._decode_mask = None
+        if len(self._decode_contexts) > 1:
+            lengths = torch.tensor([_length(c) for c in self._decode_contexts], device=self.device)
+            longest = int(lengths.max())
+            index = torch.zeros(len(lengths), longest, dtype=torch.long, device=self.device)
+            for i, context in enumerate(self._decode_contexts):
+                index[i, : _length(context)] = _as_index(context, self.device)
+            self._decode_contexts = [index]
+            self._decode_mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None])[:, None, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this step's ``k``/``v [T, kv_heads, D]`` and attend ``q [T, heads, D]``."""
-        keys, values = self.k[layer], self.v[layer]
-        keys[self._write_slots] = k
-        values[self._write_slots] = v
-        out = torch.empty_like(q)
-        num_heads, head_dim = q.shape[1], q.shape[2]
+        keys, values = self.k[layer], self.v[layer]  # [kv_heads, slots, D]
+        keys[:, self._write] = k.transpose(0, 1)
+        values[:, self._write] = v.transpose(0, 1)
+        num_tokens, num_heads, head_dim = q.shape
         kv_heads = k.shape[1]
-        if len(self._decode_rows):
-            batch = len(self._decode_rows)
-            # [B, kv_heads, group, D]: query heads sharing a KV head sit in its "sequence" dim.
-            dq = q[self._decode_rows].view(batch, kv_heads, num_heads // kv_heads, head_dim)
-            dk = keys[self._decode_slots].transpose(1, 2)  # [B, kv_heads, L, D]
-            dv = values[self._decode_slots].transpose(1, 2)
-            mask = self._decode_mask[:, None, None, :]  # [B, 1, 1, L]
-            attended = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=mask)
-            out[self._decode_rows] = attended.reshape(batch, num_heads, head_dim)
+        group = num_heads // kv_heads
+        if self._decode_rows and len(self._decode_rows) == num_tokens and self._decode_mask is None:
+            # One decoding sequence: its query heads sharing a KV head sit in that head's
+            # "sequence" dim, so grouped-query attention needs no copy of K/V.
+            context = self._decode_contexts[0]
+            out = F.scaled_dot_product_attention(q.view(kv_heads, group, head_dim), keys[:, context], values[:, context])
+            return out.reshape(1, num_heads, head_dim)
+        out = torch.empty_like(q)
+        if self._decode_rows:
+            rows = self._decode_rows
+            batch = len(rows)
+            index = self._decode_contexts[0]
+            dq = q[rows].view(batch, kv_heads, group, head_dim)
+            if self._decode_mask is None:  # a single decoding sequence beside prompt chunks
+                dk, dv = keys[:, index].unsqueeze(0), values[:, index].unsqueeze(0)
+            else:
+                dk, dv = keys[:, index].transpose(0, 1), values[:, index].transpose(0, 1)  # [B, kv_heads, L, D]
+            attended = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=self._decode_mask)
+            out[rows] = attended.reshape(batch, num_heads, head_dim)
         for start, new, cached, context in self._prefills:
             pq = q[start : start + new].transpose(0, 1).unsqueeze(0)  # [1, H, new, D]
-            pk = keys[context].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, D]
-            pv = values[context].transpose(0, 1).unsqueeze(0)
+            pk, pv = keys[:, context].unsqueeze(0), values[:, context].unsqueeze(0)  # [1, kv_heads, L, D]
             mask = None
             if cached:  # causal over the new tokens, full over the cached prefix
-                rows = torch.arange(cached, cached + new, device=q.device)[:, None]
-                mask = torch.arange(cached + new, device=q.device)[None, :] <= rows
+                query_positions = torch.arange(cached, cached + new, device=q.device)[:, None]
+                mask = torch.arange(cached + new, device=q.device)[None, :] <= query_positions
             attended = F.scaled_dot_product_attention(
                 pq, pk, pv, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )
             out[start : start + new] = attended.squeeze(0).transpose(0, 1)
         return out
+
+
+def _length(context: Context) -> int:
+    return context.stop - context.start if isinstance(context, slice) else len(context)
+
+
+def _as_index(context: Context, device: torch.device) -> torch.Tensor:
+    if isinstance(context, slice):
+        return torch.arange(context.start, context.stop, device=device)
+    return context

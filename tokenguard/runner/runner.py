@@ -124,19 +124,24 @@ class LlamaRunner:
         self.model_path: Path = resolve_model_path(model)
         self.device: torch.device = resolve_device(device)
         self.precision: Precision = resolve_precision(dtype, self.device)
-        config, weights = load_checkpoint(self.model_path)
-        self.config: LlamaConfig = config
-        self.model: Transformer = build_model(config, weights, self.precision, self.device)
-        del weights
+
+        def build() -> Transformer:
+            config, weights = load_checkpoint(self.model_path)
+            return build_model(config, weights, self.precision, self.device)
+
+        # The engine thread builds the model: all parallel torch work stays in one thread.
+        self.engine = Engine(build, batch_window_ms=batch_window_ms, session_ttl_s=session_ttl_s,
+                             kv_cache_bytes=kv_cache_bytes)
+        self.model: Transformer = self.engine.model
+        self.config: LlamaConfig = self.model.config
         self.tokenizer: Tokenizer = get_tokenizer(str(self.model_path))
-        if self.tokenizer.vocab_size > config.vocab_size:
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            self.engine.shutdown()
             raise UnsupportedModel(
                 f"{self.model_path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model "
-                f"only {config.vocab_size}"
+                f"only {self.config.vocab_size}"
             )
         self.stop_token_ids: frozenset[int] = frozenset(getattr(self.tokenizer, "eos_token_ids", ()))
-        self.engine = Engine(self.model, batch_window_ms=batch_window_ms, session_ttl_s=session_ttl_s,
-                             kv_cache_bytes=kv_cache_bytes)
 
     @property
     def context_length(self) -> int:

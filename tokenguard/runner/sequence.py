@@ -33,7 +33,6 @@ class Sequence:
     prompt_len: int
     tokens: list[int]
     params: SamplingParams
-    sampler: Sampler
     stop_token_ids: frozenset[int]
     emit: Callable[[tuple[str, object]], None]
     session: str | None = None
@@ -43,6 +42,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     cached_prompt_tokens: int = 0
+    sampler: Sampler | None = None  # made in the engine thread, before the first token
     admitted: bool = False  # has met the scheduler once (its session KV is settled)
     cancelled: bool = False
     keep_session_on_cancel: bool = False

@@ -21,11 +21,11 @@ class SentencePieceTokenizer(TemplatedTokenizer):
 
     def __init__(self, path: str | Path, *, chat_template: str | None = None, add_bos: bool = True) -> None:
         path = Path(path)
+        self.name = path.name
         try:
             self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
             raise UnknownTokenizer(f"{path} is not a SentencePiece model: {e}") from e
-        self.name = path.name
         self.chat_template = chat_template
         self.add_bos = add_bos
         sp = self.processor

@@ -51,3 +51,18 @@ def test_concat_linear_stacks_outputs():
     layer = ConcatLinear([make_int8(a, torch.bfloat16), make_int8(b, torch.bfloat16)])
     x = torch.randn(2, 32).to(torch.bfloat16)
     assert layer(x).shape == (2, 24)
+
+
+def test_batches_use_the_same_weights_dequantized():
+    # Few rows run the weight-only kernels; DENSE_MIN_ROWS rows and more a dense GEMM over
+    # the same dequantized weights. Both must compute the same product.
+    from tokenguard.runner.quant import DENSE_MIN_ROWS
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96)
+    int4, int8 = make_int4([weight]), make_int8(weight, torch.bfloat16)
+    x = torch.randn(DENSE_MIN_ROWS, 96, dtype=torch.bfloat16)
+    for layer in (int4, int8):
+        one_by_one = torch.cat([layer(row[None]) for row in x]).float()
+        batched = layer(x).float()
+        assert torch.allclose(batched, one_by_one, rtol=2e-2, atol=2e-2 * one_by_one.abs().max().item())

@@ -96,8 +96,8 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this step's ``k``/``v [T, kv_heads, D]`` and attend ``q [T, heads, D]``."""
         keys, values = self.k[layer], self.v[layer]  # [kv_heads, slots, D]
-        keys[:, self._write] = k.transpose(0, 1)
-        values[:, self._write] = v.transpose(0, 1)
+        _write(keys, self._write, k.transpose(0, 1))
+        _write(values, self._write, v.transpose(0, 1))
         num_tokens, num_heads, head_dim = q.shape
         kv_heads = k.shape[1]
         group = num_heads // kv_heads
@@ -105,7 +105,8 @@ class PagedKVCache:
             # One decoding sequence: its query heads sharing a KV head sit in that head's
             # "sequence" dim, so grouped-query attention needs no copy of K/V.
             context = self._decode_contexts[0]
-            out = F.scaled_dot_product_attention(q.view(kv_heads, group, head_dim), keys[:, context], values[:, context])
+            out = F.scaled_dot_product_attention(q.view(kv_heads, group, head_dim), _read(keys, context),
+                                                 _read(values, context))
             return out.reshape(1, num_heads, head_dim)
         out = torch.empty_like(q)
         if self._decode_rows:
@@ -114,14 +115,15 @@ class PagedKVCache:
             index = self._decode_contexts[0]
             dq = q[rows].view(batch, kv_heads, group, head_dim)
             if self._decode_mask is None:  # a single decoding sequence beside prompt chunks
-                dk, dv = keys[:, index].unsqueeze(0), values[:, index].unsqueeze(0)
-            else:
-                dk, dv = keys[:, index].transpose(0, 1), values[:, index].transpose(0, 1)  # [B, kv_heads, L, D]
+                dk, dv = _read(keys, index).unsqueeze(0), _read(values, index).unsqueeze(0)
+            else:  # index [B, L] -> [B, kv_heads, L, D]
+                dk = _read(keys, index.flatten()).view(kv_heads, *index.shape, head_dim).transpose(0, 1)
+                dv = _read(values, index.flatten()).view(kv_heads, *index.shape, head_dim).transpose(0, 1)
             attended = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=self._decode_mask)
             out[rows] = attended.reshape(batch, num_heads, head_dim)
         for start, new, cached, context in self._prefills:
             pq = q[start : start + new].transpose(0, 1).unsqueeze(0)  # [1, H, new, D]
-            pk, pv = keys[:, context].unsqueeze(0), values[:, context].unsqueeze(0)  # [1, kv_heads, L, D]
+            pk, pv = _read(keys, context).unsqueeze(0), _read(values, context).unsqueeze(0)  # [1, kv_heads, L, D]
             mask = None
             if cached:  # causal over the new tokens, full over the cached prefix
                 query_positions = torch.arange(cached, cached + new, device=q.device)[:, None]
@@ -131,6 +133,19 @@ class PagedKVCache:
             )
             out[start : start + new] = attended.squeeze(0).transpose(0, 1)
         return out
+
+
+def _read(pool: torch.Tensor, context: Context) -> torch.Tensor:
+    """``pool [kv_heads, slots, D]`` at ``context``: a view of a range, else a gather
+    (``index_select``, several times faster than advanced indexing on CPU)."""
+    return pool[:, context] if isinstance(context, slice) else pool.index_select(1, context)
+
+
+def _write(pool: torch.Tensor, context: Context, values: torch.Tensor) -> None:
+    if isinstance(context, slice):
+        pool[:, context] = values
+    else:
+        pool.index_copy_(1, context, values)
 
 
 def _length(context: Context) -> int:

@@ -42,16 +42,31 @@ class HalfLinearCPU(Linear):
         return F.linear(x.float(), self.weight.float()).to(x.dtype)
 
 
+# The weight-only kernels redo their dequantization for every row of ``x``: from this
+# many rows on (a prompt chunk, a batch of decoding sequences) a dense GEMM over a
+# dequantized copy is faster. Measured on 2 CPU cores, 3072x576: int4 0.06 ms at 1 row,
+# 0.68 ms at 32; bfloat16 dense 0.15 ms and 0.35 ms; even at 8 rows.
+DENSE_MIN_ROWS = 8
+
+
 class Int8Linear(nn.Module):
-    """Weight-only int8: ``weight [out, in]`` int8 and ``scales [out]`` in the compute dtype."""
+    """Weight-only int8: ``weight [out, in]`` int8 and ``scales [out]`` in the compute dtype.
+
+    Batches of at least :data:`DENSE_MIN_ROWS` rows use ``dense``, the same weights
+    dequantized to the compute dtype.
+    """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        dense = weight.to(scales.dtype) * scales[:, None]
+        self.register_buffer("dense", dense_matrix(dense, prefers_column_major(scales.dtype, weight.device)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
+        if x.shape[0] >= DENSE_MIN_ROWS:
+            return F.linear(x, self.dense)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
 
 
@@ -59,17 +74,23 @@ class Int4Linear(nn.Module):
     """Weight-only int4 in the CPU kernel's packed layout.
 
     ``scales_and_zeros [in/32, out, 2]`` (bfloat16) dequantize a 4-bit value ``q`` as
-    ``(q - 8) * scale + zero``. The kernel takes bfloat16 activations.
+    ``(q - 8) * scale + zero``. The kernel takes bfloat16 activations. Batches of at
+    least :data:`DENSE_MIN_ROWS` rows use ``dense``, the same weights dequantized to
+    bfloat16 (memory for speed: the 4-bit kernel serves single-stream decoding).
     """
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int) -> None:
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+                 dense: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("dense", dense)
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] bfloat16 -> [T, out]
+        if x.shape[0] >= DENSE_MIN_ROWS:
+            return F.linear(x, self.dense)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
 
 
@@ -141,7 +162,10 @@ def make_int4(parts: list[Weight]) -> Int4Linear:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
     # [out, groups] x2 -> [groups, out, 2]
     scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return Int4Linear(packed, scales_and_zeros, q.shape[0])
+    # The dense copy from the same bfloat16 scales and zeros the kernel reads.
+    scale, zero = (scales_and_zeros[..., i].t().repeat_interleave(GROUP_SIZE, dim=1).float() for i in (0, 1))
+    dense = ((q - 8).float() * scale + zero).to(torch.bfloat16)
+    return Int4Linear(packed, scales_and_zeros, q.shape[0], dense_matrix(dense, column_major=True))
 
 
 def _q4_groups(weight: Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

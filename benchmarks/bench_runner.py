@@ -17,6 +17,8 @@ dependency of tokenguard.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import platform
 import statistics
@@ -92,10 +94,11 @@ def sync(device: torch.device) -> None:
 
 def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one decode step reads: every layer and the lm_head (a tied one
-    included: it is its own tensor here) plus one embedding row."""
+    included: it is its own tensor here) plus one embedding row. The dense copies that
+    quantized layers keep for batches of many rows are not read at batch 1."""
     total = sum(t.numel() * t.element_size()
                 for name, t in [*model.named_parameters(), *model.named_buffers()]
-                if name not in ("embed_tokens", "inv_freq"))
+                if name not in ("embed_tokens", "inv_freq") and not name.endswith(".dense"))
     embed = model.embed_tokens
     return total + embed.shape[1] * embed.element_size()
 
@@ -278,7 +281,11 @@ def main() -> None:
         models[mode] = model
     del weights
     if not args.skip_public_api:
-        mode, pf, dec = time_public_api(path, device, prompt_ids, args.new_tokens, args.runs)
+        # In a fresh process, as a user's would be: with OpenMP, the engine thread's
+        # parallel work slows down once another thread (here: the rows above) ran some.
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            mode, pf, dec = pool.submit(time_public_api, path, device, prompt_ids, args.new_tokens, args.runs).result()
         rows.append((f"LlamaRunner.generate ({mode})", pf, dec, None))
         print(f"  measured LlamaRunner.generate  prefill {pf:8.1f} tok/s  decode {dec:7.1f} tok/s "
               f"(public API, {mode})", flush=True)

@@ -139,6 +139,11 @@ def test_second_turn_reuses_the_session_prefix(runner):
     assert turn2.token_ids == cold.token_ids
     stats = runner.stats()
     assert stats["sessions"] == 1 and stats["kv_blocks_free"] < stats["kv_blocks_total"]
+    # Two turns of one session at once both start on its kept KV (blocks shared).
+    third = second + [{"role": "assistant", "content": turn2.text}, {"role": "user", "content": "Lakes?"}]
+    both = in_threads(lambda msgs: runner.chat(msgs, max_tokens=8, session="sea"), [third, third])
+    assert both[0].token_ids == both[1].token_ids == runner.chat(third, max_tokens=8).token_ids
+    assert both[0].cached_prompt_tokens > turn2.cached_prompt_tokens and both[1].cached_prompt_tokens > 0
     runner.end_session("sea")
     stats = runner.stats()
     assert stats["sessions"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]

@@ -110,7 +110,7 @@ class Engine:
             raise ValueError(f"kv_cache_bytes={budget} holds no block of {BLOCK_SIZE} tokens ({per_token} B each)")
         self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks, BLOCK_SIZE,
                                   model.dtype, self.device)
-        self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions,
+        self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions, self.cache.copy_slots,
                                    max_batched_tokens=max_batched_tokens, max_running=max_running)
 
     def _run(self, build_model: Callable[[], Transformer]) -> None:

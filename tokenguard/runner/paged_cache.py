@@ -55,6 +55,12 @@ class PagedKVCache:
         """Pool bytes one cached token takes (keys and values, every layer)."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
+    def copy_slots(self, source_block: int, target_block: int, count: int) -> None:
+        """Copy the keys and values of the first ``count`` slots of a block, every layer."""
+        source, target = source_block * self.block_size, target_block * self.block_size
+        self.k[:, :, target : target + count] = self.k[:, :, source : source + count]
+        self.v[:, :, target : target + count] = self.v[:, :, source : source + count]
+
     def slots(self, block_table: Sequence[int], start: int, end: int) -> Context:
         """Pool slots of token positions ``start..end`` of a sequence with ``block_table``."""
         size = self.block_size

@@ -4,12 +4,14 @@ Every step the running sequences go first (one token each while decoding, the ne
 chunk of a long prompt while prefilling), then waiting sequences join while the step's
 token budget and the free blocks allow. When blocks run out, least recently used
 session KV goes first, then the newest running sequence is preempted: its blocks are
-freed and it is recomputed later from its tokens.
+freed and it is recomputed later from its tokens. A turn of a chat session starts on the
+blocks the session's last turn left (shared, by reference count).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from tokenguard.runner.block_manager import BlockManager
 from tokenguard.runner.sequence import Sequence, Status
@@ -17,9 +19,10 @@ from tokenguard.runner.sessions import SessionStore
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, sessions: SessionStore, *, max_batched_tokens: int = 512,
-                 max_running: int = 64) -> None:
+    def __init__(self, blocks: BlockManager, sessions: SessionStore, copy_slots: Callable[[int, int, int], None], *,
+                 max_batched_tokens: int = 512, max_running: int = 64) -> None:
         self.blocks = blocks
+        self.copy_slots = copy_slots  # (source block, target block, slots): copies cached KV
         self.sessions = sessions
         self.max_batched_tokens = max_batched_tokens
         self.max_running = max_running
@@ -117,7 +120,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _reuse_session(self, seq: Sequence) -> None:
-        """Start ``seq`` on its session's kept KV, up to the longest common prefix."""
+        """Start ``seq`` on its session's kept KV, up to the longest common prefix.
+
+        Whole blocks of the prefix are shared (one more reference each); the partly
+        used last block is copied, since ``seq`` writes its own tokens after the prefix.
+        """
         if seq.session is None:
             return
         kept = self.sessions.open(seq.session)
@@ -128,9 +135,16 @@ class Scheduler:
         common = 0
         while common < limit and kept.tokens[common] == seq.tokens[common]:
             common += 1
-        keep = self.blocks.blocks_for(common)
-        self.blocks.release(kept.blocks[keep:])
-        seq.block_table = kept.blocks[:keep]
+        full, partial = divmod(common, self.blocks.block_size)
+        seq.block_table = kept.blocks[:full]
+        self.blocks.share(seq.block_table)
+        if partial:
+            if self.blocks.num_free:
+                copy = self.blocks.allocate(1)[0]
+                self.copy_slots(kept.blocks[full], copy, partial)
+                seq.block_table.append(copy)
+            else:  # no room for the copy: reuse whole blocks only
+                common -= partial
         seq.num_cached = seq.cached_prompt_tokens = common
         self.prefix_tokens_reused += common
 

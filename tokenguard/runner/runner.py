@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,7 @@ from tokenguard.runner.precision import Precision, resolve_device, resolve_preci
 from tokenguard.runner.reply import GenerationResult, ReplyText
 from tokenguard.runner.sampling import SamplingParams
 from tokenguard.runner.sequence import Sequence as EngineSequence
-from tokenguard.tokens import Message, Tokenizer, get_tokenizer
+from tokenguard.tokens import Message, TemplatedTokenizer, get_tokenizer
 
 
 class TextStream(Iterator[str]):
@@ -32,7 +39,7 @@ class TextStream(Iterator[str]):
     KV blocks at once.
     """
 
-    def __init__(self, pieces: Iterator[str | GenerationResult], cancel: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, pieces: Generator[str | GenerationResult, None, None], cancel: Callable[[], None]) -> None:
         self._pieces = pieces
         self._cancel = cancel
         self.result: GenerationResult | None = None
@@ -49,9 +56,7 @@ class TextStream(Iterator[str]):
 
     def close(self) -> None:
         """Stop generating; no further model work happens for this stream."""
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        self._pieces.close()
         self._cancel()
 
     def __enter__(self) -> TextStream:
@@ -65,8 +70,7 @@ class AsyncTextStream(AsyncIterator[str]):
     """The async twin of :class:`TextStream`: ``async for piece in stream``; ``result``
     once exhausted; ``await stream.aclose()`` stops the model."""
 
-    def __init__(self, pieces: AsyncGenerator[str | GenerationResult, None],
-                 cancel: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, pieces: AsyncGenerator[str | GenerationResult, None], cancel: Callable[[], None]) -> None:
         self._pieces = pieces
         self._cancel = cancel
         self.result: GenerationResult | None = None
@@ -134,14 +138,15 @@ class LlamaRunner:
                              kv_cache_bytes=kv_cache_bytes)
         self.model: Transformer = self.engine.model
         self.config: LlamaConfig = self.model.config
-        self.tokenizer: Tokenizer = get_tokenizer(str(self.model_path))
-        if self.tokenizer.vocab_size > self.config.vocab_size:
+        tokenizer = get_tokenizer(str(self.model_path))
+        if not isinstance(tokenizer, TemplatedTokenizer) or tokenizer.vocab_size > self.config.vocab_size:
             self.engine.shutdown()
             raise UnsupportedModel(
-                f"{self.model_path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model "
-                f"only {self.config.vocab_size}"
+                f"{self.model_path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit the model "
+                f"({self.config.vocab_size} tokens)"
             )
-        self.stop_token_ids: frozenset[int] = frozenset(getattr(self.tokenizer, "eos_token_ids", ()))
+        self.tokenizer: TemplatedTokenizer = tokenizer
+        self.stop_token_ids: frozenset[int] = tokenizer.eos_token_ids
 
     @property
     def context_length(self) -> int:
@@ -160,7 +165,7 @@ class LlamaRunner:
         in front when the model expects one. See :class:`SamplingParams` for the rest.
         """
         params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
-        return _drain(self._pieces(self._prompt_ids(prompt), params, session))
+        return _drain(self._open(self._prompt_ids(prompt), params, session))
 
     def chat(self, messages: Sequence[Message], *, max_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -168,7 +173,7 @@ class LlamaRunner:
              session: str | None = None) -> GenerationResult:
         """Reply to OpenAI-style ``messages`` rendered through the model's chat template."""
         params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
-        return _drain(self._pieces(self._chat_ids(messages), params, session))
+        return _drain(self._open(self._chat_ids(messages), params, session))
 
     def stream(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Message] | None = None,
                max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -181,9 +186,7 @@ class LlamaRunner:
         """
         ids = self._stream_ids(prompt, messages)
         params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
-        events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        seq, reply = self._submit(ids, params, session, events.put)
-        return TextStream(self._follow(seq, reply, events), lambda: self.engine.cancel(seq))
+        return self._open(ids, params, session)
 
     async def agenerate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
         """Async :meth:`generate`: the event loop stays free while the engine works."""
@@ -231,8 +234,8 @@ class LlamaRunner:
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-            bos = getattr(self.tokenizer, "bos_token_id", None)
-            if getattr(self.tokenizer, "add_bos", False) and bos is not None:
+            bos = self.tokenizer.bos_token_id
+            if self.tokenizer.add_bos and bos is not None:
                 ids.insert(0, bos)
             return ids
         ids = [int(i) for i in prompt]
@@ -264,15 +267,14 @@ class LlamaRunner:
         seq = self.engine.submit(prompt_ids, params, self.stop_token_ids, emit, session)
         return seq, ReplyText(self.tokenizer, prompt_ids, params.stop, self.stop_token_ids)
 
-    def _pieces(self, prompt_ids: list[int], params: SamplingParams,
-                session: str | None) -> Iterator[str | GenerationResult]:
-        """Queue the request now; the returned iterator follows its events."""
+    def _open(self, prompt_ids: list[int], params: SamplingParams, session: str | None) -> TextStream:
+        """Queue the request now; the returned stream follows its events."""
         events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         seq, reply = self._submit(prompt_ids, params, session, events.put)
-        return self._follow(seq, reply, events)
+        return TextStream(self._follow(seq, reply, events), lambda: self.engine.cancel(seq))
 
     def _follow(self, seq: EngineSequence, reply: ReplyText,
-                events: queue.SimpleQueue[tuple[str, Any]]) -> Iterator[str | GenerationResult]:
+                events: queue.SimpleQueue[tuple[str, Any]]) -> Generator[str | GenerationResult, None, None]:
         ended = False
         try:
             while not ended:
@@ -314,11 +316,11 @@ class LlamaRunner:
         return piece, False
 
 
-def _drain(items: Iterator[str | GenerationResult]) -> GenerationResult:
-    for item in items:
-        if isinstance(item, GenerationResult):
-            return item
-    raise RuntimeError("generation ended without a result")
+def _drain(stream: TextStream) -> GenerationResult:
+    for _ in stream:
+        pass
+    assert stream.result is not None
+    return stream.result
 
 
 async def _adrain(stream: AsyncTextStream) -> GenerationResult:

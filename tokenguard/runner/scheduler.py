@@ -53,7 +53,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             n = min(seq.num_uncached, budget)
-            if self._grow(seq, seq.num_cached + n):
+            if self._allocate(seq, seq.num_cached + n, allow_preempt=True):
                 batch.append((seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
@@ -89,12 +89,10 @@ class Scheduler:
 
     # -- blocks -------------------------------------------------------------------------
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Give running ``seq`` blocks for ``num_tokens``, preempting newer sequences if
-        needed; False when ``seq`` itself had to be preempted."""
-        return self._allocate(seq, num_tokens, allow_preempt=True)
-
     def _allocate(self, seq: Sequence, num_tokens: int, *, allow_preempt: bool, headroom: int = 0) -> bool:
+        """Give ``seq`` blocks for ``num_tokens`` while leaving ``headroom`` free: first by
+        evicting session KV, then (``allow_preempt``) by preempting newer sequences.
+        False when that was not enough, or when ``seq`` itself was preempted."""
         need = self.blocks.blocks_for(num_tokens) - len(seq.block_table)
         while need + headroom > self.blocks.num_free:
             evicted = self.sessions.evict_lru()

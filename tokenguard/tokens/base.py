@@ -57,6 +57,11 @@ class Tokenizer(ABC):
 
     @property
     @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids, control tokens included."""
+
+    @property
+    @abstractmethod
     def special_tokens(self) -> Mapping[str, int]:
         """Control tokens by their text, e.g. ``{"<|endoftext|>": 100257}``."""
 

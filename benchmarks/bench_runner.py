@@ -28,12 +28,16 @@ from pathlib import Path
 
 import torch
 
-from tokenguard.runner.build import build_model
 from tokenguard.runner.generate import decode_one_token, prefill
-from tokenguard.runner.kv_cache import ContiguousKVCache
-from tokenguard.runner.loader import load_checkpoint, resolve_model_path
-from tokenguard.runner.model import Transformer
-from tokenguard.runner.precision import PRECISIONS, resolve_device
+from tokenguard.runner.model import (
+    PRECISIONS,
+    ContiguousKVCache,
+    LlamaModel,
+    build_model,
+    load_checkpoint,
+    resolve_device,
+    resolve_model_path,
+)
 from tokenguard.tokens import get_tokenizer
 
 PROMPT = (
@@ -92,7 +96,7 @@ def sync(device: torch.device) -> None:
 # -- the runner --------------------------------------------------------------------------
 
 
-def weight_bytes_per_token(model: Transformer) -> int:
+def weight_bytes_per_token(model: LlamaModel) -> int:
     """Bytes of weights one decode step reads: every layer and the lm_head (a tied one
     included: it is its own tensor here) plus one embedding row. The dense copies that
     quantized layers keep for batches of many rows are not read at batch 1."""
@@ -103,7 +107,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
     return total + embed.shape[1] * embed.element_size()
 
 
-def time_runner(model: Transformer, prompt_ids: list[int], new_tokens: int, runs: int) -> tuple[float, float]:
+def time_runner(model: LlamaModel, prompt_ids: list[int], new_tokens: int, runs: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of greedy decoding through prefill/decode_one_token."""
     config, device = model.config, model.inv_freq.device
     ids = torch.tensor(prompt_ids, device=device)
@@ -136,7 +140,7 @@ def time_runner(model: Transformer, prompt_ids: list[int], new_tokens: int, runs
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model: Transformer, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
+def teacher_forced_logits(model: LlamaModel, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
     config, device = model.config, model.inv_freq.device
     cache = ContiguousKVCache(config.num_layers, config.num_kv_heads, config.head_dim,
                               len(prompt_ids) + len(continuation), model.dtype, device)
@@ -146,7 +150,7 @@ def teacher_forced_logits(model: Transformer, prompt_ids: list[int], continuatio
     return torch.stack(rows).float().cpu()
 
 
-def greedy_continuation(model: Transformer, prompt_ids: list[int], n: int) -> list[int]:
+def greedy_continuation(model: LlamaModel, prompt_ids: list[int], n: int) -> list[int]:
     config, device = model.config, model.inv_freq.device
     cache = ContiguousKVCache(config.num_layers, config.num_kv_heads, config.head_dim,
                               len(prompt_ids) + n, model.dtype, device)
@@ -269,7 +273,7 @@ def main() -> None:
 
     config, weights = load_checkpoint(path)
     rows: list[tuple[str, float, float, float | None]] = []
-    models: dict[str, Transformer] = {}
+    models: dict[str, LlamaModel] = {}
     for mode in modes:
         model = build_model(config, weights, PRECISIONS[mode], device)
         pf, dec = time_runner(model, prompt_ids, args.new_tokens, args.runs)
@@ -313,7 +317,8 @@ def main() -> None:
         rf = f"{roof:.0f}" if roof else "-"
         print(f"{name:32s} {pf:14.1f} {dec:13.1f} {px:>10s} {dx:>9s} {rf:>15s}")
     if base:
-        print("(x = ratio to transformers float32 generate on this machine; roofline = bandwidth / weight bytes per token)")
+        print("(x = ratio to transformers float32 generate on this machine; "
+              "roofline = bandwidth / weight bytes per token)")
 
     if "float32" in models:
         print()

@@ -132,7 +132,7 @@ def _random_state(cfg: dict) -> dict[str, np.ndarray]:
 
 def _byte_tokens() -> list[str]:
     """GPT-2's byte-to-unicode alphabet, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

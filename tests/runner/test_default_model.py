@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenguard.runner.precision import AUTO_CPU
+from tokenguard.runner.model.precision import AUTO_CPU
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tokenguard.runner import KVCacheTooSmall, LlamaRunner
-from tokenguard.runner.engine import Engine, admission_deadline
+from tokenguard.runner.engine.engine import Engine, admission_deadline
 from tokenguard.runner.sampling import SamplingParams
 
 PROMPTS = ["hello world", "The quick brown fox jumps", "a", "0123456789" * 8, "Once upon a time, in a land",
@@ -30,7 +30,7 @@ def in_threads(fn, items):
     def work(i, item):
         try:
             results[i] = fn(item)
-        except BaseException as e:  # surfaced below
+        except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(i, item)) for i, item in enumerate(items)]
@@ -127,7 +127,7 @@ def test_second_turn_reuses_the_session_prefix(runner):
     first = [{"role": "user", "content": "Tell me about the sea."}]
     turn1 = runner.chat(first, max_tokens=20, session="sea")
     kept = runner.tokenizer.encode_chat(first) + turn1.token_ids[:-1]  # the last token is never fed
-    second = first + [{"role": "assistant", "content": turn1.text}, {"role": "user", "content": "And rivers?"}]
+    second = [*first, {"role": "assistant", "content": turn1.text}, {"role": "user", "content": "And rivers?"}]
     prompt2 = runner.tokenizer.encode_chat(second)
     common = 0
     while common < min(len(kept), len(prompt2) - 1) and kept[common] == prompt2[common]:
@@ -140,7 +140,7 @@ def test_second_turn_reuses_the_session_prefix(runner):
     stats = runner.stats()
     assert stats["sessions"] == 1 and stats["kv_blocks_free"] < stats["kv_blocks_total"]
     # Two turns of one session at once both start on its kept KV (blocks shared).
-    third = second + [{"role": "assistant", "content": turn2.text}, {"role": "user", "content": "Lakes?"}]
+    third = [*second, {"role": "assistant", "content": turn2.text}, {"role": "user", "content": "Lakes?"}]
     both = in_threads(lambda msgs: runner.chat(msgs, max_tokens=8, session="sea"), [third, third])
     assert both[0].token_ids == both[1].token_ids == runner.chat(third, max_tokens=8).token_ids
     assert both[0].cached_prompt_tokens > turn2.cached_prompt_tokens and both[1].cached_prompt_tokens > 0

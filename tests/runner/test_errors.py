@@ -13,8 +13,8 @@ import torch
 
 from tokenguard.errors import MissingDependency, TokenGuardError
 from tokenguard.runner import LlamaRunner, ModelNotFound, UnsupportedModel
-from tokenguard.runner.loader import load_checkpoint
-from tokenguard.runner.precision import resolve_precision
+from tokenguard.runner.model.loader import load_checkpoint
+from tokenguard.runner.model.precision import resolve_precision
 
 
 def test_unsupported_gguf_architecture(tmp_path):
@@ -84,7 +84,7 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"\0" * 16)
     with pytest.raises(UnsupportedModel):
         LlamaRunner(tmp_path / "model.bin")
-    with pytest.raises(UnsupportedModel, match="config.json"):
+    with pytest.raises(UnsupportedModel, match=r"config\.json"):
         LlamaRunner(tmp_path)
 
 

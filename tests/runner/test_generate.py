@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tokenguard.runner.build import build_model
 from tokenguard.runner.generate import generate_tokens
-from tokenguard.runner.loader import load_checkpoint
-from tokenguard.runner.precision import PRECISIONS
+from tokenguard.runner.model.build import build_model
+from tokenguard.runner.model.loader import load_checkpoint
+from tokenguard.runner.model.precision import PRECISIONS
 from tokenguard.runner.sampling import SamplingParams
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenguard.runner.block_manager import BlockManager, OutOfBlocks
-from tokenguard.runner.kv_cache import ContiguousKVCache
-from tokenguard.runner.paged_cache import PagedKVCache, SequenceSlice
+from tokenguard.runner.engine.block_manager import BlockManager, OutOfBlocks
+from tokenguard.runner.engine.paged_cache import PagedKVCache, SequenceSlice
+from tokenguard.runner.model.kv_cache import ContiguousKVCache
 
 LAYERS, HEADS, KV_HEADS, DIM, BLOCK = 2, 6, 2, 8, 4
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from tokenguard.runner.quant import ConcatLinear, Int4Linear, make_int4, make_int8
-from tokenguard.runner.weights import GGMLTensor
+from tokenguard.runner.model.quant import ConcatLinear, Int4Linear, make_int4, make_int8
+from tokenguard.runner.model.weights import GGMLTensor
 
 
 def ggml(qtype: GGMLQuantizationType, rows: int = 48, cols: int = 96, seed: int = 0) -> GGMLTensor:
@@ -56,7 +56,7 @@ def test_concat_linear_stacks_outputs():
 def test_batches_use_the_same_weights_dequantized():
     # Few rows run the weight-only kernels; DENSE_MIN_ROWS rows and more a dense GEMM over
     # the same dequantized weights. Both must compute the same product.
-    from tokenguard.runner.quant import DENSE_MIN_ROWS
+    from tokenguard.runner.model.quant import DENSE_MIN_ROWS
 
     torch.manual_seed(0)
     weight = torch.randn(64, 96)

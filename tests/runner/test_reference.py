@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenguard.runner.generate import decode_one_token, prefill
-from tokenguard.runner.kv_cache import ContiguousKVCache
+from tokenguard.runner.model.kv_cache import ContiguousKVCache
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenguard.runner.build import build_model
 from tokenguard.runner.generate import decode_one_token, prefill
-from tokenguard.runner.kv_cache import ContiguousKVCache
-from tokenguard.runner.loader import load_checkpoint
-from tokenguard.runner.precision import PRECISIONS
+from tokenguard.runner.model.build import build_model
+from tokenguard.runner.model.kv_cache import ContiguousKVCache
+from tokenguard.runner.model.loader import load_checkpoint
+from tokenguard.runner.model.precision import PRECISIONS
 
 pytestmark = pytest.mark.slow  # imports transformers
 

@@ -101,7 +101,8 @@ def test_count_until_is_exact_up_to_the_limit(tokenizer: tg.Tokenizer, text: str
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=texts, max_tokens=st.integers(min_value=0, max_value=30), side=st.sampled_from(["right", "left"]))
-def test_truncate_keeps_the_longest_fitting_part(tokenizer: tg.Tokenizer, text: str, max_tokens: int, side: str) -> None:
+def test_truncate_keeps_the_longest_fitting_part(tokenizer: tg.Tokenizer, text: str, max_tokens: int,
+                                                 side: str) -> None:
     cut = tokenizer.truncate(text, max_tokens, side=side)
     assert tokenizer.count(cut) <= max_tokens
     if side == "right":
@@ -130,7 +131,7 @@ def test_truncate_never_splits_a_character(tokenizer: tg.Tokenizer) -> None:
 
 
 def test_unknown_name_lists_what_is_accepted() -> None:
-    with pytest.raises(tg.UnknownTokenizer, match="OpenAI model name.*o200k_base.*SentencePiece"):
+    with pytest.raises(tg.UnknownTokenizer, match=r"OpenAI model name.*o200k_base.*SentencePiece"):
         tg.get_tokenizer("no-such-model-xyz")
 
 

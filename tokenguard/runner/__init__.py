@@ -7,8 +7,8 @@ sampling and streaming.
 
 from tokenguard.runner.engine import KVCacheTooSmall
 from tokenguard.runner.errors import ModelNotFound, UnsupportedModel
-from tokenguard.runner.reply import GenerationResult
-from tokenguard.runner.runner import AsyncTextStream, LlamaRunner, TextStream
+from tokenguard.runner.llama_runner import AsyncTextStream, LlamaRunner, TextStream
+from tokenguard.runner.result import GenerationResult
 from tokenguard.runner.sampling import SamplingParams
 
 __all__ = [

@@ -12,15 +12,14 @@ from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
-from tokenguard.runner.kv_cache import ContiguousKVCache
-from tokenguard.runner.model import Transformer
+from tokenguard.runner.model import ContiguousKVCache, LlamaModel
 from tokenguard.runner.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # bounds prefill activations and attention scores for long prompts
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, input_ids: torch.Tensor, kv_cache: ContiguousKVCache,
+def prefill(model: LlamaModel, input_ids: torch.Tensor, kv_cache: ContiguousKVCache,
             start: int = 0, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run ``input_ids [T]`` at positions ``start...`` through the model, filling the cache
     ``chunk_size`` tokens at a time; return the float32 logits ``[vocab]`` after the last."""
@@ -36,7 +35,7 @@ def prefill(model: Transformer, input_ids: torch.Tensor, kv_cache: ContiguousKVC
 
 
 @torch.inference_mode()
-def decode_one_token(model: Transformer, token: torch.Tensor, position: int,
+def decode_one_token(model: LlamaModel, token: torch.Tensor, position: int,
                      kv_cache: ContiguousKVCache) -> torch.Tensor:
     """Logits ``[vocab]`` after feeding one ``token [1]`` at ``position``."""
     kv_cache.begin(position, 1)
@@ -44,7 +43,7 @@ def decode_one_token(model: Transformer, token: torch.Tensor, position: int,
     return model.compute_logits(model(token, positions, kv_cache))[0]
 
 
-def generate_tokens(model: Transformer, prompt_ids: Sequence[int], params: SamplingParams,
+def generate_tokens(model: LlamaModel, prompt_ids: Sequence[int], params: SamplingParams,
                     stop_token_ids: Collection[int] = ()) -> Iterator[int]:
     """Yield up to ``params.max_tokens`` new token ids, ending after a stop token.
 

@@ -53,7 +53,7 @@ def _compile(source: str) -> Any:
 class RenderedChat:
     """A rendered prompt whose user text is hidden behind placeholders."""
 
-    __slots__ = ("text", "_originals")
+    __slots__ = ("_originals", "text")
 
     def __init__(self, text: str, originals: list[str]) -> None:
         self.text = text

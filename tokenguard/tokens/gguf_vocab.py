@@ -79,18 +79,19 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], *, name: str) -> HFTokeni
             f"{name}: GGUF tokenizer model {model!r} is not supported; tokenguard rebuilds "
             "byte-level BPE ('gpt2') and SentencePiece BPE ('llama') vocabularies"
         )
-    backend.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
-    )
+    backend.add_tokens([
+        AddedToken(t, special=False, normalized=False)
+        for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED
+    ])
     backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k == _CONTROL]
     )
 
     def token(key: str) -> str | None:
         i = meta.get(key)
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-    controls = {t for t, k in zip(tokens, types) if k == _CONTROL}
+    controls = {t for t, k in zip(tokens, types, strict=False) if k == _CONTROL}
     end_of_turn = [token("tokenizer.ggml.eot_token_id"), *(t for t in _END_OF_TURN if t in controls)]
     return HFTokenizer(
         backend,
@@ -110,9 +111,8 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], name: str) -> HFBac
             f"{name}: GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(PRE_TOKENIZER_PATTERNS)}"
         )
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    backend = HFBackend(
-        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=pre in ("llama-bpe", "llama3"))
-    )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = HFBackend(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in ("llama-bpe", "llama3")))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRE_TOKENIZER_PATTERNS[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -132,7 +132,7 @@ def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]
         splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
         ranked += [(-scores[i], i, left, right) for left, right in splits]
     ranked.sort(key=lambda r: (r[0], r[1]))  # best score first, then vocabulary order
-    unknown = next((t for t, k in zip(tokens, types) if k == _UNKNOWN), None)
+    unknown = next((t for t, k in zip(tokens, types, strict=False) if k == _UNKNOWN), None)
     backend = HFBackend(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked],
                                    unk_token=unknown, fuse_unk=True, byte_fallback=True))
     normalize: list[Any] = [normalizers.Replace(" ", "▁")]
@@ -148,5 +148,5 @@ def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]
 def _field_value(field: Any) -> Any:
     try:
         return field.contents()
-    except Exception:  # a field type this gguf version cannot decode: not a tokenizer key we use
+    except Exception:  # noqa: BLE001 - a field type this gguf version cannot decode: not a tokenizer key we use
         return None

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenguard.runner.config import LlamaConfig, rope_inv_freq
-from tokenguard.runner.kv_cache import KVCache
+from tokenguard.runner.model.config import LlamaConfig, rope_inv_freq
+from tokenguard.runner.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +85,8 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
-    """A Llama decoder whose layers are already built (see :mod:`tokenguard.runner.build`).
+class LlamaModel(nn.Module):
+    """A Llama decoder whose layers are already built (see :mod:`tokenguard.runner.model.build`).
 
     Matmuls, attention and the KV cache run in ``dtype``; the residual stream and the
     norms stay in float32, which keeps reduced-precision modes close to float32 at no
@@ -94,6 +94,7 @@ class Transformer(nn.Module):
     """
 
     residual_dtype = torch.float32
+    inv_freq: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, config: LlamaConfig, embed_tokens: torch.Tensor, layers: list[DecoderLayer],
                  norm: RMSNorm, lm_head: nn.Module, dtype: torch.dtype) -> None:

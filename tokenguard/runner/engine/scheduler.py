@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from tokenguard.runner.block_manager import BlockManager
-from tokenguard.runner.sequence import Sequence, Status
-from tokenguard.runner.sessions import SessionStore
+from tokenguard.runner.engine.block_manager import BlockManager
+from tokenguard.runner.engine.sequence import Sequence, Status
+from tokenguard.runner.engine.sessions import SessionStore
 
 
 class Scheduler:

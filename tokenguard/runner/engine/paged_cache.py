@@ -123,6 +123,7 @@ class PagedKVCache:
             if self._decode_mask is None:  # a single decoding sequence beside prompt chunks
                 dk, dv = _read(keys, index).unsqueeze(0), _read(values, index).unsqueeze(0)
             else:  # index [B, L] -> [B, kv_heads, L, D]
+                assert isinstance(index, torch.Tensor)  # prepare() padded the contexts into one index
                 dk = _read(keys, index.flatten()).view(kv_heads, *index.shape, head_dim).transpose(0, 1)
                 dv = _read(values, index.flatten()).view(kv_heads, *index.shape, head_dim).transpose(0, 1)
             attended = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=self._decode_mask)

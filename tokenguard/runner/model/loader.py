@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenguard.runner.config import LlamaConfig
 from tokenguard.runner.errors import ModelNotFound, UnsupportedModel
-from tokenguard.runner.gguf_loader import load_gguf
-from tokenguard.runner.hf_loader import load_hf_folder
-from tokenguard.runner.weights import Weight
+from tokenguard.runner.model.config import LlamaConfig
+from tokenguard.runner.model.gguf_loader import load_gguf
+from tokenguard.runner.model.hf_loader import load_hf_folder
+from tokenguard.runner.model.weights import Weight
 from tokenguard.tokens import DEFAULT_MODEL_NAME, default_model_path
 
 

@@ -3,7 +3,7 @@
 A sequence's keys and values live in blocks named by its block table; blocks are
 shared by reference count (a session's kept prefix and the turn that reuses it) and go
 back to the free list when the last holder lets go. Only ids move here; the tensors
-live in :class:`~tokenguard.runner.paged_cache.PagedKVCache`.
+live in :class:`~tokenguard.runner.engine.paged_cache.PagedKVCache`.
 """
 
 from __future__ import annotations

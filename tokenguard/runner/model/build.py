@@ -1,4 +1,4 @@
-"""Assemble a :class:`Transformer` from checkpoint weights in a precision mode."""
+"""Assemble a :class:`LlamaModel` from checkpoint weights in a precision mode."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenguard.runner.config import LlamaConfig
 from tokenguard.runner.errors import UnsupportedModel
-from tokenguard.runner.model import (
+from tokenguard.runner.model.config import LlamaConfig
+from tokenguard.runner.model.llama import (
     Attention,
     DecoderLayer,
     FeedForward,
+    LlamaModel,
     RMSNorm,
-    Transformer,
 )
-from tokenguard.runner.precision import Precision
-from tokenguard.runner.quant import (
+from tokenguard.runner.model.precision import Precision
+from tokenguard.runner.model.quant import (
     WIDE_TYPES,
     ConcatLinear,
     int4_supported,
@@ -24,11 +24,11 @@ from tokenguard.runner.quant import (
     make_int4,
     make_int8,
 )
-from tokenguard.runner.weights import GGMLTensor, Weight, to_dense
+from tokenguard.runner.model.weights import GGMLTensor, Weight, to_dense
 
 
 def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Precision,
-                device: torch.device | str = "cpu") -> Transformer:
+                device: torch.device | str = "cpu") -> LlamaModel:
     """The model of ``weights`` (HF names) with linear layers in ``precision``'s format."""
     weights = dict(weights)
 
@@ -91,13 +91,13 @@ def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Prec
         embed = lm_head.weight.data
     else:
         embed = to_dense(embed_weight).to(precision.dtype).contiguous()
-        if precision.weights == "dense":
+        if head_weight is not None and precision.weights == "dense":
             lm_head = make_dense(head_weight, precision.dtype, device)
         else:
             # The output projection is the largest matrix and the most sensitive to rounding:
             # quantized modes keep it at int8 (llama.cpp keeps it at Q8_0 or better).
             lm_head = make_int8(embed_weight if head_weight is None else head_weight, precision.dtype)
-    model = Transformer(
+    model = LlamaModel(
         config,
         embed_tokens=embed,
         layers=layers,

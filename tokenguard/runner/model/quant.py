@@ -9,13 +9,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from tokenguard.runner.weights import GGMLTensor, Weight, to_dense
+from tokenguard.runner.model.weights import GGMLTensor, Weight, to_dense
 
 GROUP_SIZE = 32  # GGUF's Q4_0/Q4_1 block size and the int4 kernel's group size
 
@@ -56,6 +58,10 @@ class Int8Linear(nn.Module):
     dequantized to the compute dtype.
     """
 
+    weight: torch.Tensor  # buffers, registered in __init__
+    scales: torch.Tensor
+    dense: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -79,6 +85,10 @@ class Int4Linear(nn.Module):
     bfloat16 (memory for speed: the 4-bit kernel serves single-stream decoding).
     """
 
+    packed: torch.Tensor  # buffers, registered in __init__
+    scales_and_zeros: torch.Tensor
+    dense: torch.Tensor
+
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
                  dense: torch.Tensor) -> None:
         super().__init__()
@@ -98,7 +108,7 @@ class ConcatLinear(nn.Module):
     """Row-stacked layers of different formats (a fused projection whose parts the file
     stores in different precisions), outputs concatenated."""
 
-    def __init__(self, parts: list[nn.Module]) -> None:
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
 

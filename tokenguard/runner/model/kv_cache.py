@@ -1,6 +1,6 @@
 """Key/value caches. The model hands each layer's new keys and values to the cache and
-gets the attention output back, so a paged cache (part 2) can replace this one without
-touching the model.
+gets the attention output back, so the engine's paged cache
+(:mod:`tokenguard.runner.engine.paged_cache`) can replace this one without touching the model.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from tokenguard.runner.config import LlamaConfig
 from tokenguard.runner.errors import UnsupportedModel
-from tokenguard.runner.weights import Weight
+from tokenguard.runner.model.config import LlamaConfig
+from tokenguard.runner.model.weights import Weight
 
 
 def load_hf_folder(folder: str | Path) -> tuple[LlamaConfig, dict[str, Weight]]:

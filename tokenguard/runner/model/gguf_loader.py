@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
-from tokenguard.runner.config import LlamaConfig, RopeScaling
 from tokenguard.runner.errors import UnsupportedModel
-from tokenguard.runner.weights import GGMLTensor, Weight
+from tokenguard.runner.model.config import LlamaConfig, RopeScaling
+from tokenguard.runner.model.weights import GGMLTensor, Weight
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

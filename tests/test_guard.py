@@ -8,15 +8,11 @@ import warnings
 
 import pytest
 
-from tokenguard.backends.callable import Callable
-from tokenguard.backends.runner import Runner
-from tokenguard.budget import Budget
-from tokenguard.errors import BudgetExceeded, InputTooLong, TokenGuardError
-from tokenguard.guard import Guard
-from tokenguard.ledger import Ledger
-from tokenguard.pricing import Pricing, UnknownPriceWarning
+from tokenguard import Budget, Guard, Ledger, Reply
+from tokenguard.accounting import Pricing, UnknownPriceWarning
+from tokenguard.backends import BundledRunner, Function
+from tokenguard.errors import BudgetExceeded, ConfigError, InputTooLong, TokenGuardError
 from tokenguard.tokens import DEFAULT_MODEL_NAME, get_tokenizer
-from tokenguard.usage import Reply
 
 TOK = get_tokenizer("gpt-4o")
 
@@ -59,7 +55,7 @@ def test_complete_meters_exactly_and_writes_one_row():
     (row,) = guard.ledger.records()
     assert row["request_id"] == reply.request_id
     assert (row["user"], row["session"], row["tags"], row["model"], row["backend"]) == (
-        "alice", "s1", {"t": 1}, "gpt-4o", "callable",
+        "alice", "s1", {"t": 1}, "gpt-4o", "function",
     )
     assert (row["input_tokens"], row["output_tokens"], row["stop_reason"]) == (
         reply.usage.input_tokens, reply.usage.output_tokens, "stop",
@@ -154,7 +150,7 @@ def test_usd_budget_per_user_and_several_budgets_at_once():
 
 def test_two_budgets_with_one_name_in_one_store_are_refused(tmp_path):
     path = tmp_path / "b.sqlite"
-    with pytest.raises(ValueError, match="share one store"):
+    with pytest.raises(ConfigError, match="share one store"):
         Guard(Calls(), budget=[Budget(tokens=5, store=path), Budget(tokens=9, store=path)])
 
 
@@ -281,7 +277,7 @@ def test_bundled_model_is_the_default_tokenizer_and_free():
 
 def test_default_backend_is_the_bundled_runner_loaded_lazily():
     guard = Guard()
-    assert isinstance(guard.backend, Runner)
+    assert isinstance(guard.backend, BundledRunner)
     assert guard.backend._runner is None and guard.model == DEFAULT_MODEL_NAME
 
 
@@ -310,6 +306,6 @@ def test_a_cache_step_answers_without_the_backend():
 
 
 def test_callable_backend_wraps_functions_without_max_tokens():
-    backend = Callable(lambda messages: "hi")
+    backend = Function(lambda messages: "hi")
     guard = Guard(backend, model="gpt-4o", max_output_tokens=3)
     assert guard.complete("x").text == "hi"

@@ -6,9 +6,8 @@ import asyncio
 
 import pytest
 
-from tokenguard.budget import Budget
+from tokenguard import Budget, Guard
 from tokenguard.errors import BudgetExceeded
-from tokenguard.guard import Guard
 from tokenguard.tokens import get_tokenizer
 
 TOK = get_tokenizer("gpt-4o")

@@ -7,11 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokenguard.budget import Budget
-from tokenguard.decorator import guard
-from tokenguard.errors import BudgetExceeded, InputTooLong
+from tokenguard import Budget, Reply, guard
+from tokenguard.errors import BudgetExceeded, ConfigError, InputTooLong
 from tokenguard.tokens import get_tokenizer
-from tokenguard.usage import Reply
 
 TOK = get_tokenizer("gpt-4o")
 
@@ -113,5 +111,5 @@ def test_decorator_enforces_input_cap_and_budget_before_calling():
 
 
 def test_decorator_takes_no_backend():
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError):
         guard(backend=object())

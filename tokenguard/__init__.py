@@ -5,11 +5,20 @@
 2
 """
 
-from tokenguard.budget import Budget
-from tokenguard.errors import BudgetExceeded, InputTooLong, MissingDependency, TokenGuardError, UnknownTokenizer
-from tokenguard.guard import Guard
-from tokenguard.ledger import Ledger
-from tokenguard.pricing import Price, UnknownPriceWarning
+from tokenguard import accounting, backends, context, pipeline, stores, tokens
+from tokenguard._decorator import guard
+from tokenguard._guard import Guard
+from tokenguard.accounting import Budget, Ledger, Price, Reply, UnknownPriceWarning, Usage
+from tokenguard.errors import (
+    BackendError,
+    BudgetExceeded,
+    ConfigError,
+    InputTooLong,
+    InvalidRequest,
+    MissingDependency,
+    TokenGuardError,
+    UnknownTokenizer,
+)
 from tokenguard.tokens import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -18,20 +27,18 @@ from tokenguard.tokens import (
     count_tokens,
     get_tokenizer,
 )
-from tokenguard.usage import Reply, Usage
-
-# Last: the decorator `guard` shares its name with the module tokenguard.guard, and the
-# package attribute must be the decorator.
-from tokenguard.decorator import guard  # noqa: E402  isort: skip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendError",
     "Budget",
     "BudgetExceeded",
+    "ConfigError",
     "Guard",
     "HFTokenizer",
     "InputTooLong",
+    "InvalidRequest",
     "Ledger",
     "MissingDependency",
     "Price",
@@ -43,7 +50,14 @@ __all__ = [
     "UnknownPriceWarning",
     "UnknownTokenizer",
     "Usage",
+    "accounting",
+    "backends",
+    "context",
     "count_tokens",
+    "errors",
     "get_tokenizer",
     "guard",
+    "pipeline",
+    "stores",
+    "tokens",
 ]

@@ -7,6 +7,22 @@ class TokenGuardError(Exception):
     """Base class of every error the SDK raises."""
 
 
+class InvalidRequest(TokenGuardError, TypeError, ValueError):
+    """A call's input is malformed: ``None`` or a dict where a list of messages belongs,
+    a message without a role, content that is neither text nor a list of parts, an
+    unknown ledger column or filter.
+
+    It is a ``TypeError`` and a ``ValueError`` too, so code written to either of
+    Python's conventions catches it.
+    """
+
+
+class ConfigError(TokenGuardError, TypeError, ValueError):
+    """An option given to a :class:`~tokenguard.Guard`, a budget, a backend or a store
+    is invalid: a negative limit, a backend that is neither a backend nor a function.
+    A ``TypeError`` and a ``ValueError`` too, like :class:`InvalidRequest`."""
+
+
 class InputTooLong(TokenGuardError, ValueError):
     """The input exceeds a token cap; raised before any generation work is done."""
 
@@ -48,3 +64,12 @@ class BudgetExceeded(TokenGuardError):
         else:
             amounts = f"needs up to {int(needed)} tokens, {int(max(left, 0))} left"
         super().__init__(f"budget {budget!r} exceeded for {key}: the call {amounts}")
+
+
+class BackendError(TokenGuardError):
+    """The backend failed: an error answer, or a stream that ended before it finished.
+    ``status`` is the HTTP status, where there is one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)

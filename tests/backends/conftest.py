@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from openai_server import OpenAIServer  # noqa: E402
+from openai_server import OpenAIServer
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ import asyncio
 import pytest
 from openai_server import PROMPT_TOKENS, REPLY_WORDS
 
+from tokenguard import Budget, Guard
 from tokenguard.backends import BackendError, OpenAICompatible
 from tokenguard.backends.sse import iter_sse_data
-from tokenguard.budget import Budget
-from tokenguard.guard import Guard
 from tokenguard.tokens import get_tokenizer
 
 TOK = get_tokenizer("gpt-4o")

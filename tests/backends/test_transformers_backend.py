@@ -12,8 +12,8 @@ import pytest
 tf = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
+from tokenguard import Guard  # noqa: E402
 from tokenguard.backends import Transformers  # noqa: E402
-from tokenguard.guard import Guard  # noqa: E402
 from tokenguard.tokens import get_tokenizer  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Say something."}]

@@ -12,9 +12,8 @@ import threading
 
 import pytest
 
-from tokenguard.budget import Budget
+from tokenguard import Budget, Ledger
 from tokenguard.errors import BudgetExceeded
-from tokenguard.ledger import Ledger
 
 LIMIT_TOKENS = 20_000
 LIMIT_USD = 0.02

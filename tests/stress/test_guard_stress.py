@@ -9,10 +9,8 @@ import threading
 
 import pytest
 
-from tokenguard.budget import Budget
+from tokenguard import Budget, Guard, Ledger
 from tokenguard.errors import BudgetExceeded
-from tokenguard.guard import Guard
-from tokenguard.ledger import Ledger
 
 LIMIT_TOKENS = 30_000
 LIMIT_USD = 0.05

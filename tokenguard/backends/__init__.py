@@ -2,19 +2,20 @@
 (``stream``) and its async twin (``astream``); see :class:`Backend`."""
 
 from tokenguard.backends.base import Backend, BackendUsage, Chunk, Params
-from tokenguard.backends.callable import Callable
-from tokenguard.backends.openai_compatible import BackendError, OpenAICompatible
-from tokenguard.backends.runner import Runner
+from tokenguard.backends.bundled_runner import BundledRunner
+from tokenguard.backends.function import Function
+from tokenguard.backends.openai_compatible import OpenAICompatible
 from tokenguard.backends.transformers import Transformers
+from tokenguard.errors import BackendError
 
 __all__ = [
     "Backend",
     "BackendError",
     "BackendUsage",
-    "Callable",
+    "BundledRunner",
     "Chunk",
+    "Function",
     "OpenAICompatible",
     "Params",
-    "Runner",
     "Transformers",
 ]

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
+from tokenguard.errors import TokenGuardError
+
 if TYPE_CHECKING:
     from tokenguard.tokens import Message, Tokenizer
 
@@ -49,22 +51,31 @@ class Chunk:
 class Backend(Protocol):
     """Anything that turns messages into a stream of :class:`Chunk`.
 
-    ``name`` is the backend's kind for the ledger (``"callable"``, ``"openai"``, ...);
+    ``name`` is the backend's kind for the ledger (``"function"``, ``"openai"``, ...);
     ``model`` the model it runs (``None`` when it cannot know, as for a plain function).
     A closed stream must stop generating and free what it holds.
 
-    A backend that keeps per-session state (the bundled runner keeps a chat session's
-    KV cache between turns) sets ``accepts_session = True``; the guard then passes the
-    call's session as ``params["session"]``.
+    What a backend may offer beyond the two streams is declared here with defaults;
+    subclass :class:`Backend` to inherit them (a backend that does not subclass it must
+    set every attribute itself):
+
+    - ``accepts_session``: the backend keeps per-session state (the bundled runner keeps
+      a chat session's KV cache between turns), so the guard passes the call's session
+      as ``params["session"]``.
+    - ``is_async``: the backend's own work is async; the guard's async methods are its
+      natural path (a sync call runs it on a private event loop).
+    - :meth:`tokenizer`: the tokenizer whose counts match the backend.
     """
 
     name: str
     model: str | None
+    accepts_session: bool = False
+    is_async: bool = False
 
     def tokenizer(self) -> Tokenizer | None:
-        """The tokenizer whose counts match this backend, or ``None`` to let the guard
-        use the one named by ``Guard(model=...)``."""
-        ...
+        """The tokenizer whose counts match this backend, or ``None`` (the default) to
+        let the guard use the one named by ``Guard(model=...)``."""
+        return None
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         """Generate a reply to ``messages`` with ``params`` (``max_tokens`` always set)."""
@@ -140,7 +151,7 @@ def iter_async(agen: AsyncIterator[T]) -> Iterator[T]:
     except RuntimeError:
         pass
     else:
-        raise RuntimeError("this backend is async; use the guard's async methods inside an event loop")
+        raise TokenGuardError("this backend is async; inside an event loop use the guard's async methods")
     loop = asyncio.new_event_loop()
     try:
         while True:

@@ -11,27 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from tokenguard.backends.base import Chunk, Params
+from tokenguard.backends.base import Backend, Chunk, Params
 from tokenguard.backends.openai_format import chunk_from_stream_item
 from tokenguard.backends.sse import aiter_sse_data, iter_sse_data
-from tokenguard.errors import TokenGuardError, UnknownTokenizer
+from tokenguard.errors import BackendError, UnknownTokenizer
 
 if TYPE_CHECKING:
     from tokenguard.tokens import Message, Tokenizer
 
-__all__ = ["BackendError", "OpenAICompatible"]
+__all__ = ["OpenAICompatible"]
 
 _DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # A stream that stops with neither a finish reason nor [DONE] was cut off.
 _TRUNCATED = "the server closed the stream before it finished (no finish_reason, no [DONE])"
-
-
-class BackendError(TokenGuardError):
-    """The backend answered with an error (``status`` is its HTTP status, if any)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 def _parse(data: str) -> Chunk | None:
@@ -54,7 +46,7 @@ def _error(response: httpx.Response, body: bytes) -> BackendError:
     )
 
 
-class OpenAICompatible:
+class OpenAICompatible(Backend):
     """Stream chat completions from ``{base_url}/chat/completions``.
 
     Requests ``stream_options.include_usage`` so the server reports exact usage at the

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenguard.backends.base import BackendUsage, Chunk, Params, aiter_in_thread
-from tokenguard.errors import MissingDependency
+from tokenguard.backends.base import Backend, BackendUsage, Chunk, Params, aiter_in_thread
+from tokenguard.errors import ConfigError, MissingDependency
 
 if TYPE_CHECKING:
     from tokenguard.tokens import Message, Tokenizer
@@ -40,7 +40,7 @@ def _local_folder(model: str) -> Path | None:
         return None
 
 
-class Transformers:
+class Transformers(Backend):
     """Generate with a ``transformers`` causal LM, streaming through
     ``TextIteratorStreamer``. Loads with ``local_files_only=True``: nothing downloads.
 
@@ -64,10 +64,11 @@ class Transformers:
         self._hf_tokenizer = tokenizer
         self._model: Any = None if isinstance(model_or_path, (str, Path)) else model_or_path
         if self._model is not None and tokenizer is None:
-            raise TypeError("pass tokenizer= with a loaded model")
+            raise ConfigError("pass tokenizer= with a loaded model")
         self.device = device
         self.dtype = dtype
         self.load_kwargs = load_kwargs
+        self.model: str | None
         if isinstance(model_or_path, (str, Path)):
             self.model = str(model_or_path)
         else:
@@ -127,7 +128,9 @@ class Transformers:
         prompt_len = int(inputs["input_ids"].shape[-1])
         cancelled = threading.Event()
 
-        class _Cancel(tf.StoppingCriteria):
+        from transformers import StoppingCriteria  # present: _transformers() checked
+
+        class _Cancel(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 import torch
 

@@ -1,8 +1,8 @@
-"""The shapes of the pipeline's optional steps, for the issues that add them.
+"""The shapes of the pipeline's steps, for the features that plug into it.
 
 ``Guard`` calls each configured step at its place in the pipeline (DESIGN.md):
-admit, scope, fit, cache, reserve, generate, meter, settle, remember. A step the user
-does not configure is absent (``None``), not a no-op.
+admit, scope, fit, cache, reserve, generate (its chunk watchers), meter, settle,
+remember. A step the user does not configure is absent, not a no-op.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from tokenguard.call import Call
-    from tokenguard.usage import Reply
+    from tokenguard.accounting import Reply
+    from tokenguard.pipeline.call import Call
 
-__all__ = ["CacheStep", "FitStep", "RememberStep", "ScopeStep"]
+__all__ = ["CacheStep", "ChunkWatcher", "FitStep", "RememberStep", "ScopeStep", "Watch"]
 
 
 @runtime_checkable
@@ -36,6 +36,24 @@ class CacheStep(Protocol):
     (its ``usage`` and ``stop_reason`` are written as they are) and returned at once."""
 
     def lookup(self, call: Call) -> Reply | None: ...
+
+
+class Watch(Protocol):
+    """One call's watch over its generated text (see :class:`ChunkWatcher`)."""
+
+    def feed(self, piece: str) -> tuple[str, str | None]:
+        """Take the next generated ``piece``; return the part of it to pass on and,
+        to end the stream there, a stop reason (``"length"``, ``"repetition"``, ...)."""
+        ...
+
+
+@runtime_checkable
+class ChunkWatcher(Protocol):
+    """Step 6: something that watches every generated piece and may end the stream
+    (the output cap; a repetition stopper). :meth:`watch` starts a fresh
+    :class:`Watch` for each call, so one watcher serves concurrent calls."""
+
+    def watch(self, call: Call) -> Watch: ...
 
 
 @runtime_checkable

@@ -6,16 +6,16 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tokenguard.backends.base import BackendUsage, Chunk, Params
+from tokenguard.backends.base import Backend, BackendUsage, Chunk, Params
 
 if TYPE_CHECKING:
     from tokenguard.runner import GenerationResult, LlamaRunner
     from tokenguard.tokens import Message, Tokenizer
 
-__all__ = ["Runner"]
+__all__ = ["BundledRunner"]
 
 
-class Runner:
+class BundledRunner(Backend):
     """Generate with :class:`tokenguard.runner.LlamaRunner` (PyTorch; CUDA when present).
 
     Pass a runner you built, or let this backend build one on first use from
@@ -69,7 +69,7 @@ class Runner:
         yield _last_chunk(pieces.result)
 
     def __repr__(self) -> str:
-        return f"Runner(model={self.model!r})"
+        return f"BundledRunner(model={self.model!r})"
 
 
 def _last_chunk(result: GenerationResult | None) -> Chunk:

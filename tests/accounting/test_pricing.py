@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 
-from tokenguard.pricing import Price, Pricing, UnknownPriceWarning
+from tokenguard import ConfigError
+from tokenguard.accounting import Price, Pricing, UnknownPriceWarning
 from tokenguard.tokens import DEFAULT_MODEL_NAME as BUNDLED_MODEL
 
 
@@ -58,9 +59,9 @@ def test_unknown_model_costs_none_and_warns_once():
 
 
 def test_bad_price_spec_is_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Pricing({"x": (1.0,)})
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Pricing({"x": (-1.0, 1.0)})
 
 
@@ -79,7 +80,7 @@ def test_models_priced_by_units_we_cannot_count_have_no_cost():
 
 
 def test_catalogue_lookups_are_cached_after_the_first(monkeypatch):
-    from tokenguard import pricing
+    from tokenguard.accounting import pricing
 
     p = Pricing()
     first = p.cost("gpt-4o", 1000, 100, 10)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import AsyncIterator, Iterator, Sequence
-from collections.abc import Callable as CallableType
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tokenguard.backends.base import Chunk, Params, aiter_in_thread, iter_async
+from tokenguard.backends.base import Backend, Chunk, Params, aiter_in_thread, iter_async
 from tokenguard.backends.openai_format import chunk_from_completion, chunk_from_stream_item, is_completion
+from tokenguard.errors import ConfigError, InvalidRequest
 
 if TYPE_CHECKING:
-    from tokenguard.tokens import Message, Tokenizer
+    from tokenguard.tokens import Message
 
-__all__ = ["Callable"]
+__all__ = ["Function"]
 
 
-def _accepts(fn: CallableType[..., Any], name: str) -> bool:
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -25,7 +25,7 @@ def _accepts(fn: CallableType[..., Any], name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def _is_async(fn: CallableType[..., Any]) -> bool:
+def _is_async(fn: Callable[..., Any]) -> bool:
     call = type(fn).__call__  # an object whose __call__ is async
     return (
         inspect.iscoroutinefunction(fn)
@@ -52,7 +52,7 @@ def _chunks(result: Any) -> Iterator[Chunk]:
             if close is not None:
                 close()
     else:
-        raise TypeError(
+        raise InvalidRequest(
             "a guarded function must return a str, an OpenAI chat completion (object or dict) "
             f"or an iterator of str / stream chunks, got {type(result).__name__}"
         )
@@ -80,7 +80,7 @@ async def _achunks(result: Any) -> AsyncIterator[Chunk]:
             yield chunk
 
 
-class Callable:
+class Function(Backend):
     """Wrap ``fn(messages, *, max_tokens, **params)`` as a backend.
 
     ``fn`` may be sync or async and return a ``str``, an iterator (or async iterator) of
@@ -88,34 +88,39 @@ class Callable:
     or a stream of OpenAI chunks. ``max_tokens`` is passed only when ``fn`` accepts it.
     The guard meters it with the tokenizer named by ``Guard(model=...)``.
 
-    >>> backend = Callable(lambda messages, max_tokens: "hi")
+    >>> backend = Function(lambda messages, max_tokens: "hi")
     """
 
-    name = "callable"
+    name = "function"
 
-    def __init__(self, fn: CallableType[..., Any], *, model: str | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], *, model: str | None = None) -> None:
         if not callable(fn):
-            raise TypeError(f"Callable needs a function, got {type(fn).__name__}")
+            raise ConfigError(f"Function needs a function, got {type(fn).__name__}")
         self.fn = fn
         self.model = model
         self.is_async = _is_async(fn)
         self._takes_max_tokens = _accepts(fn, "max_tokens")
         self._args: tuple[Any, ...] = ()
+        self._prompt: str | None = None
 
-    def bind(self, *args: Any) -> Callable:
-        """The same backend, calling ``fn(messages, *args, ...)``."""
+    def bind(self, *args: Any, prompt: str | None = None) -> Function:
+        """The same backend, calling ``fn(messages, *args, ...)``. With ``prompt``,
+        ``fn`` is handed that string itself in place of the one user message it became
+        (as long as no step changed the messages): a decorated function takes what its
+        caller gave it."""
         bound = copy.copy(self)
         bound._args = args
+        bound._prompt = prompt
         return bound
 
-    def tokenizer(self) -> Tokenizer | None:
-        return None
-
-    def _call(self, messages: Any, params: Params) -> Any:
+    def _call(self, messages: Sequence[Message], params: Params) -> Any:
         kwargs = dict(params)
         if not self._takes_max_tokens:
             kwargs.pop("max_tokens", None)
-        return self.fn(messages, *self._args, **kwargs)
+        given: Any = messages
+        if self._prompt is not None and list(messages) == [{"role": "user", "content": self._prompt}]:
+            given = self._prompt
+        return self.fn(given, *self._args, **kwargs)
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         if self.is_async:
@@ -133,5 +138,4 @@ class Callable:
             yield chunk
 
     def __repr__(self) -> str:
-        return f"Callable({getattr(self.fn, '__qualname__', self.fn)!r})"
-
+        return f"Function({getattr(self.fn, '__qualname__', self.fn)!r})"

@@ -16,9 +16,10 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from tokenguard.errors import ConfigError
 from tokenguard.tokens.bundled import DEFAULT_MODEL_ALIASES
 
 __all__ = ["Price", "PriceSpec", "Pricing", "UnknownPriceWarning"]
@@ -73,7 +74,7 @@ class _CatalogRate:
     catalogue's own arithmetic costs ~100 µs a call); tiered ones by genai-prices, so
     they stay exact. Re-read every hour for dated price changes."""
 
-    __slots__ = ("model", "provider", "_flat", "_expires")
+    __slots__ = ("_expires", "_flat", "model", "provider")
 
     def __init__(self, model: Any, provider: Any) -> None:
         self.model = model
@@ -84,7 +85,7 @@ class _CatalogRate:
     def _refresh(self) -> None:
         from genai_prices.types import TieredPrices
 
-        prices = self.model.get_prices(datetime.now(UTC))
+        prices = self.model.get_prices(datetime.now(timezone.utc))
         values = [getattr(prices, key) for key in _FLAT_KEYS]
         if any(isinstance(v, TieredPrices) for v in values):
             self._flat = None
@@ -133,8 +134,8 @@ def _catalog_rate(model: str) -> _CatalogRate | None:
     snapshot = get_snapshot()
     candidates: list[tuple[str, str | None]] = [(model, None)]
     if "/" in model:
-        provider, _, rest = model.partition("/")
-        candidates.append((rest, provider))
+        provider_name, _, rest = model.partition("/")
+        candidates.append((rest, provider_name))
     for ref, provider_id in candidates:
         try:
             provider, info = snapshot.find_provider_model(ref, None, provider_id, None)
@@ -149,7 +150,7 @@ def _as_price(spec: PriceSpec) -> Price:
         return spec
     values = tuple(float(v) for v in spec)
     if len(values) not in (2, 3) or any(v < 0 for v in values):
-        raise ValueError(
+        raise ConfigError(
             f"a price is (usd_per_mtok_in, usd_per_mtok_out[, usd_per_mtok_cached_in]), got {spec!r}"
         )
     return Price(*values)

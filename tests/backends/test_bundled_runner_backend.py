@@ -6,22 +6,22 @@ import asyncio
 
 import pytest
 
-from tokenguard.backends import Runner
-from tokenguard.guard import Guard
+from tokenguard import Guard
+from tokenguard.backends import BundledRunner
 from tokenguard.tokens import DEFAULT_MODEL_NAME, get_tokenizer
 
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 
 
 def test_tokenizer_without_loading_the_weights():
-    backend = Runner()
+    backend = BundledRunner()
     assert backend.tokenizer().count_messages(MESSAGES) == get_tokenizer(DEFAULT_MODEL_NAME).count_messages(MESSAGES)
     assert backend._runner is None
 
 
 @pytest.mark.slow
 def test_guard_meters_what_the_runner_read_and_wrote(bundled_runner):
-    guard = Guard(Runner(bundled_runner), max_output_tokens=8)
+    guard = Guard(BundledRunner(bundled_runner), max_output_tokens=8)
     reply = guard.complete(MESSAGES, temperature=0.0)
     direct = bundled_runner.chat(MESSAGES, max_tokens=8)
     assert reply.text == direct.text
@@ -37,7 +37,7 @@ def test_guard_meters_what_the_runner_read_and_wrote(bundled_runner):
 
 @pytest.mark.slow
 def test_abandoned_stream_frees_the_runner_and_is_metered(bundled_runner):
-    guard = Guard(Runner(bundled_runner), max_output_tokens=64)
+    guard = Guard(BundledRunner(bundled_runner), max_output_tokens=64)
     stream = guard.stream([{"role": "user", "content": "Count from one to fifty in words."}])
     next(iter(stream))
     stream.close()
@@ -49,7 +49,7 @@ def test_abandoned_stream_frees_the_runner_and_is_metered(bundled_runner):
 
 @pytest.mark.slow
 def test_guard_chat_sessions_reuse_the_runners_kv(bundled_runner):
-    guard = Guard(Runner(bundled_runner), max_output_tokens=12)
+    guard = Guard(BundledRunner(bundled_runner), max_output_tokens=12)
     guard.chat("Name a color.", session="colors")
     second = guard.chat("Name another one.", session="colors")
     assert second.usage.cached_input_tokens > 0  # turn 2 prefilled only what was new

@@ -1,4 +1,4 @@
-"""The Callable backend: what it hands the function and how it reads what comes back."""
+"""The Function backend: what it hands the function and how it reads what comes back."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tokenguard.backends import Callable, Chunk
+from tokenguard.backends import Chunk, Function
 
 
 def _run(backend, params=None):
@@ -24,28 +24,28 @@ def test_max_tokens_only_when_accepted():
         seen.update(kw)
         return "b"
 
-    assert _run(Callable(with_kw), {"max_tokens": 5, "temperature": 0.1}) == [Chunk("a")]
+    assert _run(Function(with_kw), {"max_tokens": 5, "temperature": 0.1}) == [Chunk("a")]
     assert seen == {"max_tokens": 5, "temperature": 0.1}
-    assert _run(Callable(with_var_kw), {"max_tokens": 9})[0].text == "b" and seen["max_tokens"] == 9
-    assert _run(Callable(lambda messages: "c"))[0].text == "c"
+    assert _run(Function(with_var_kw), {"max_tokens": 9})[0].text == "b" and seen["max_tokens"] == 9
+    assert _run(Function(lambda messages: "c"))[0].text == "c"
 
 
 def test_bind_adds_positional_arguments():
-    backend = Callable(lambda messages, a, b: f"{a}{b}")
+    backend = Function(lambda messages, a, b: f"{a}{b}")
     assert _run(backend.bind(1, 2))[0].text == "12"
     assert backend._args == ()
 
 
 def test_iterators_of_strings_and_chunks():
-    chunks = _run(Callable(lambda m: iter(["x", {"choices": [{"delta": {"content": "y"}, "finish_reason": "stop"}]}])))
+    chunks = _run(Function(lambda m: iter(["x", {"choices": [{"delta": {"content": "y"}, "finish_reason": "stop"}]}])))
     assert [c.text for c in chunks] == ["x", "y"] and chunks[-1].finish_reason == "stop"
 
 
 def test_bad_return_type():
     with pytest.raises(TypeError, match="must return"):
-        _run(Callable(lambda m: 42))
+        _run(Function(lambda m: 42))
     with pytest.raises(TypeError):
-        Callable("not a function")
+        Function("not a function")
 
 
 def test_async_detection_and_astream():
@@ -56,11 +56,11 @@ def test_async_detection_and_astream():
         async def __call__(self, messages):
             return "w"
 
-    assert Callable(coro).is_async and Callable(AsyncCallableObject()).is_async
+    assert Function(coro).is_async and Function(AsyncCallableObject()).is_async
 
     async def collect(backend):
         return [c.text async for c in backend.astream([], {"max_tokens": 1})]
 
-    assert asyncio.run(collect(Callable(coro))) == ["z"]
-    assert asyncio.run(collect(Callable(AsyncCallableObject()))) == ["w"]
-    assert asyncio.run(collect(Callable(lambda m: iter(["s", "t"])))) == ["s", "t"]
+    assert asyncio.run(collect(Function(coro))) == ["z"]
+    assert asyncio.run(collect(Function(AsyncCallableObject()))) == ["w"]
+    assert asyncio.run(collect(Function(lambda m: iter(["s", "t"])))) == ["s", "t"]

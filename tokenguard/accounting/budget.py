@@ -16,14 +16,15 @@ Checking and spending are therefore one step: concurrent calls cannot overspend.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Literal
 
-from tokenguard.budget_store import BudgetStore, open_store
-from tokenguard.errors import BudgetExceeded, TokenGuardError
+from tokenguard.errors import BudgetExceeded, ConfigError, TokenGuardError
+from tokenguard.stores import BudgetStore, MemoryBudgetStore, SQLiteBudgetStore
 
-__all__ = ["Budget", "Per", "Reservation", "Window"]
+__all__ = ["Budget", "Per", "Reservation", "Window", "open_budget_store"]
 
 Per = Literal["global", "user", "session"]
 Window = Literal["hour", "day", "month"]
@@ -37,11 +38,32 @@ def _nano(usd: float) -> int:
     return round(usd * _NANO)
 
 
+_open_files: dict[str, SQLiteBudgetStore] = {}
+_open_files_lock = threading.Lock()
+
+
+def open_budget_store(store: str | os.PathLike[str] | BudgetStore | None) -> BudgetStore:
+    """What ``Budget(store=...)`` means: ``None`` -> a new :class:`MemoryBudgetStore`;
+    a path -> this process's one :class:`SQLiteBudgetStore` for that file; a store ->
+    itself."""
+    if store is None:
+        return MemoryBudgetStore()
+    if isinstance(store, (str, os.PathLike)):
+        path = os.path.realpath(os.fspath(store))
+        with _open_files_lock:
+            if path not in _open_files:
+                _open_files[path] = SQLiteBudgetStore(path)
+            return _open_files[path]
+    if isinstance(store, BudgetStore):
+        return store
+    raise ConfigError(f"store must be None, a path or a BudgetStore, got {type(store).__name__}")
+
+
 class Reservation:
     """A budget's hold on a call's worst case. Settle it with the actual use, or release
     it; whichever comes first wins and the other becomes a no-op."""
 
-    __slots__ = ("budget", "key", "id", "tokens", "usd", "_done")
+    __slots__ = ("_done", "budget", "id", "key", "tokens", "usd")
 
     def __init__(self, budget: Budget, key: str, reservation_id: str, tokens: int, usd: float) -> None:
         self.budget = budget
@@ -74,8 +96,8 @@ class Budget:
     each user or each session, over all time or per UTC ``window``.
 
     ``store=None`` keeps the budget in this process; ``store="path.sqlite"`` shares it
-    between processes on one machine (any :class:`~tokenguard.budget_store.BudgetStore`
-    is accepted too). Budgets in one store are told apart by ``name``; the default
+    between processes on one machine (any :class:`~tokenguard.stores.BudgetStore` is
+    accepted too). Budgets in one store are told apart by ``name``; the default
     name is built from ``per``, ``window`` and the limited units, so two processes that
     create the same budget share it.
     """
@@ -91,18 +113,18 @@ class Budget:
         name: str | None = None,
     ) -> None:
         if tokens is None and usd is None:
-            raise ValueError("a Budget needs tokens=, usd= or both")
-        if tokens is not None and tokens < 0 or usd is not None and usd < 0:
-            raise ValueError("budget limits must be >= 0")
+            raise ConfigError("a Budget needs tokens=, usd= or both")
+        if (tokens is not None and tokens < 0) or (usd is not None and usd < 0):
+            raise ConfigError("budget limits must be >= 0")
         if per not in ("global", "user", "session"):
-            raise ValueError(f'per must be "global", "user" or "session", got {per!r}')
+            raise ConfigError(f'per must be "global", "user" or "session", got {per!r}')
         if window is not None and window not in _WINDOW_FORMAT:
-            raise ValueError(f'window must be None, "hour", "day" or "month", got {window!r}')
+            raise ConfigError(f'window must be None, "hour", "day" or "month", got {window!r}')
         self.tokens = tokens
         self.usd = usd
         self.per: Per = per
         self.window: Window | None = window
-        self.store: BudgetStore = open_store(store)
+        self.store: BudgetStore = open_budget_store(store)
         units = "+".join(u for u, v in (("tokens", tokens), ("usd", usd)) if v is not None)
         self.name = name or f"{per}/{window or 'all'}/{units}"
         self._limit_tokens = tokens
@@ -121,7 +143,7 @@ class Budget:
             scope = f"session:{session or ''}"
         if self.window is None:
             return scope + "|"
-        now = now or datetime.now(UTC)
+        now = now or datetime.now(timezone.utc)
         return f"{scope}|{now.strftime(_WINDOW_FORMAT[self.window])}"
 
     def reserve(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenguard.call import Call
-from tokenguard.errors import InputTooLong
+from tokenguard.errors import ConfigError, InputTooLong
+from tokenguard.pipeline.call import Call
 
 __all__ = ["Admit"]
 
@@ -33,7 +33,7 @@ class Admit:
 
     def __init__(self, max_input_tokens: int) -> None:
         if max_input_tokens < 0:
-            raise ValueError("max_input_tokens must be >= 0")
+            raise ConfigError("max_input_tokens must be >= 0")
         self.max_input_tokens = max_input_tokens
 
     def __call__(self, call: Call) -> None:

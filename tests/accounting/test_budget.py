@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import pytest
 
-from tokenguard.budget import Budget
-from tokenguard.budget_store import MemoryStore, SQLiteStore, open_store
-from tokenguard.errors import BudgetExceeded, TokenGuardError
+from tokenguard import Budget
+from tokenguard.accounting import open_budget_store
+from tokenguard.errors import BudgetExceeded, ConfigError, TokenGuardError
+from tokenguard.stores import MemoryBudgetStore, SQLiteBudgetStore
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -66,7 +67,7 @@ def test_per_user_and_session_scopes(store):
 
 
 def test_windows_key_by_utc_period():
-    now = datetime(2025, 6, 1, 13, 45, tzinfo=UTC)
+    now = datetime(2025, 6, 1, 13, 45, tzinfo=timezone.utc)
     assert Budget(tokens=1, window="hour").key(now=now) == "global|2025-06-01T13"
     assert Budget(tokens=1, window="day", per="user").key("al", now=now) == "user:al|2025-06-01"
     assert Budget(tokens=1, window="month", per="session").key(session="s", now=now) == "session:s|2025-06"
@@ -74,29 +75,29 @@ def test_windows_key_by_utc_period():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Budget()
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Budget(tokens=1, per="team")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Budget(tokens=1, window="week")
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError):
         Budget(tokens=1, store=42)
 
 
 def test_stores_are_shared_by_path_and_names_keep_budgets_apart(tmp_path):
     path = tmp_path / "shared.sqlite"
     a, b = Budget(tokens=10, store=path), Budget(tokens=10, store=str(path))
-    assert a.store is b.store and isinstance(a.store, SQLiteStore)
+    assert a.store is b.store and isinstance(a.store, SQLiteBudgetStore)
     a.reserve(4).settle(4)
     assert b.spent()["tokens"] == 4  # same name, same store: the same budget
     c = Budget(usd=1, store=path)
     assert c.name != a.name and c.spent()["tokens"] == 0
-    assert isinstance(open_store(None), MemoryStore)
+    assert isinstance(open_budget_store(None), MemoryBudgetStore)
 
 
 def test_memory_store_prunes_old_windows():
-    store = MemoryStore(max_keys=3)
+    store = MemoryBudgetStore(max_keys=3)
     for day in ("2025-01-01", "2025-01-02", "2025-01-03", "2025-01-04"):
         assert store.reserve(day, "b", f"global|{day}", 1, 0, 10, None) is None
         store.settle(day, "b", f"global|{day}", 1, 0)
@@ -106,7 +107,7 @@ def test_memory_store_prunes_old_windows():
 
 _HOLD_AND_DIE = """
 import os, sys
-from tokenguard.budget import Budget
+from tokenguard import Budget
 b = Budget(tokens=100, store=sys.argv[1])
 b.reserve(90)
 os._exit(0)  # dies holding its reservation

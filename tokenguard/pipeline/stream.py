@@ -1,59 +1,69 @@
 """Guarded streams: iterate text pieces; ``.reply`` holds the final :class:`Reply`.
 
-The stream owns the generate step: it feeds the backend's chunks through an
-:class:`~tokenguard.generation.OutputCap`, closes the backend when the cap is reached,
-and hands the outcome to the guard (meter, settle, remember) exactly once: at the end,
-on an error, on ``close()``, or when an abandoned stream is collected.
+Both streams are thin shells around one :class:`~tokenguard.pipeline.generate.Generation`:
+they pull the backend's chunks (with ``next`` or ``await anext``), feed them to it,
+close the backend when it says stop, and hand its :class:`Outcome` to ``on_end`` exactly
+once: at the end, on an error, on ``close()``, or when an abandoned stream is collected.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
-from tokenguard.generation import OutputCap
-from tokenguard.usage import Reply
-
-if TYPE_CHECKING:
-    from tokenguard.backends.base import Chunk
-    from tokenguard.call import Call
-    from tokenguard.guard import Guard
+from tokenguard.accounting import Reply
+from tokenguard.backends import Chunk
+from tokenguard.pipeline.generate import Generation, Outcome
 
 __all__ = ["AsyncGuardStream", "GuardStream"]
 
 _DONE: Any = object()
-_CANCEL_ERRORS = (KeyboardInterrupt, GeneratorExit, asyncio.CancelledError)
+S = TypeVar("S", bound="_Stream")
 
 
-class _Base:
-    def __init__(self, guard: Guard, call: Call, chunks: Any, reply: Reply | None = None) -> None:
-        self._guard = guard
-        self._call = call
+class _Stream:
+    """What both streams share: the generation, the end callback and the final reply."""
+
+    def __init__(
+        self,
+        request_id: str,
+        chunks: Any,
+        generation: Generation | None,
+        on_end: Callable[[Outcome], Reply] | None,
+        reply: Reply | None = None,
+    ) -> None:
+        self.request_id = request_id
         self._chunks = chunks
-        self._cap = OutputCap(call.tokenizer, call.max_output_tokens)
+        self._generation = generation
+        self._on_end = on_end
         #: The final reply, set once the stream has ended (at once for a cache hit).
         self.reply: Reply | None = reply
         self._hit_text = reply.text if reply is not None and reply.text else None
 
-    @property
-    def request_id(self) -> str:
-        return self._call.request_id
+    @classmethod
+    def finished(cls: type[S], reply: Reply) -> S:
+        """A stream of a reply that is already whole (a cache hit): its text, once."""
+        return cls(reply.request_id, None, None, None, reply)
 
-    def _finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
+    def _replay(self) -> str | None:
+        """The text of an already whole reply, the first time only."""
+        text, self._hit_text = self._hit_text, None
+        return text
+
+    def _end(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
         if self.reply is None:
-            self.reply = self._guard._after(self._call, self._cap, error, cancelled)
+            assert self._generation is not None and self._on_end is not None
+            self.reply = self._on_end(self._generation.outcome(error, cancelled=cancelled))
 
     def __del__(self) -> None:
         # An abandoned stream still leaves its ledger row and frees its reservation.
         if getattr(self, "reply", True) is None:
-            try:
-                self._finish(cancelled=True)
-            except Exception:  # noqa: BLE001 - nothing to report to at collection time
-                pass
+            with contextlib.suppress(Exception):  # nothing to report to at collection time
+                self._end(cancelled=True)
 
 
-class GuardStream(_Base):
+class GuardStream(_Stream):
     """Text pieces of a guarded call, in order. Iterate it to the end (or ``close()`` it,
     or use it as a context manager); then ``.reply`` holds the :class:`Reply`."""
 
@@ -64,18 +74,19 @@ class GuardStream(_Base):
 
     def __next__(self) -> str:
         if self.reply is not None:
-            if self._hit_text is not None:
-                text, self._hit_text = self._hit_text, None
-                return text
-            raise StopIteration
-        assert self._chunks is not None
+            text = self._replay()
+            if text is None:
+                raise StopIteration
+            return text
+        assert self._chunks is not None and self._generation is not None
+        generation = self._generation
         try:
-            while not self._cap.cut:
+            while not generation.stopped:
                 chunk = next(self._chunks, _DONE)
                 if chunk is _DONE:
                     break
-                text = self._cap.feed(chunk)
-                if self._cap.cut:
+                text = generation.feed(chunk)
+                if generation.stopped:
                     self._close_backend()  # stop generating at once, not on the next call
                 if text:
                     return text
@@ -83,11 +94,18 @@ class GuardStream(_Base):
             try:
                 self._close_backend()
             finally:
-                self._finish(error, isinstance(error, _CANCEL_ERRORS))
+                self._end(error)
             raise
         self._close_backend()
-        self._finish()
+        self._end()
         raise StopIteration
+
+    def read(self) -> Reply:
+        """Read the rest of the stream; the final :class:`Reply`."""
+        for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
 
     def _close_backend(self) -> None:
         chunks, self._chunks = self._chunks, iter(())
@@ -101,7 +119,7 @@ class GuardStream(_Base):
             try:
                 self._close_backend()
             finally:
-                self._finish(cancelled=True)
+                self._end(cancelled=True)
 
     def __enter__(self) -> GuardStream:
         return self
@@ -110,7 +128,7 @@ class GuardStream(_Base):
         self.close()
 
 
-class AsyncGuardStream(_Base):
+class AsyncGuardStream(_Stream):
     """The async twin of :class:`GuardStream`: ``async for piece in guard.astream(...)``."""
 
     _chunks: AsyncIterator[Chunk] | None
@@ -120,18 +138,19 @@ class AsyncGuardStream(_Base):
 
     async def __anext__(self) -> str:
         if self.reply is not None:
-            if self._hit_text is not None:
-                text, self._hit_text = self._hit_text, None
-                return text
-            raise StopAsyncIteration
-        assert self._chunks is not None
+            text = self._replay()
+            if text is None:
+                raise StopAsyncIteration
+            return text
+        assert self._chunks is not None and self._generation is not None
+        generation = self._generation
         try:
-            while not self._cap.cut:
+            while not generation.stopped:
                 chunk = await anext(self._chunks, _DONE)
                 if chunk is _DONE:
                     break
-                text = self._cap.feed(chunk)
-                if self._cap.cut:
+                text = generation.feed(chunk)
+                if generation.stopped:
                     await self._close_backend()
                 if text:
                     return text
@@ -139,11 +158,18 @@ class AsyncGuardStream(_Base):
             try:
                 await self._close_backend()
             finally:
-                self._finish(error, isinstance(error, _CANCEL_ERRORS))
+                self._end(error)
             raise
         await self._close_backend()
-        self._finish()
+        self._end()
         raise StopAsyncIteration
+
+    async def aread(self) -> Reply:
+        """Read the rest of the stream; the final :class:`Reply`."""
+        async for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
 
     async def _close_backend(self) -> None:
         chunks, self._chunks = self._chunks, _empty()
@@ -157,7 +183,7 @@ class AsyncGuardStream(_Base):
             try:
                 await self._close_backend()
             finally:
-                self._finish(cancelled=True)
+                self._end(cancelled=True)
 
     async def __aenter__(self) -> AsyncGuardStream:
         return self

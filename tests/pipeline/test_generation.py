@@ -1,0 +1,118 @@
+"""Step 6: one generate loop for sync and async streams, with chunk watchers that may
+end a stream. The watcher here is written for the test: the test is about the seam a
+repetition stopper plugs into, not about any one watcher."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tokenguard import Budget, Guard
+from tokenguard.backends import BackendUsage, Chunk
+from tokenguard.pipeline import Call, Generation, OutputCap
+from tokenguard.tokens import get_tokenizer
+
+TOK = get_tokenizer("gpt-4o")
+
+
+class StopAtWord:
+    """Ends the stream when ``word`` appears, passing on the text before it."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+        self.started: list[str] = []
+
+    def watch(self, call: Call) -> StopAtWord.Watch:
+        self.started.append(call.request_id)
+        return StopAtWord.Watch(self.word)
+
+    class Watch:
+        def __init__(self, word: str) -> None:
+            self.word = word
+
+        def feed(self, piece: str) -> tuple[str, str | None]:
+            if self.word in piece:
+                return piece[: piece.index(self.word)], "stop_word"
+            return piece, None
+
+
+def looping(messages, *, max_tokens):
+    looping.closed = False
+    try:
+        yield "one "
+        yield "two "
+        yield "three STOP four "
+        while True:
+            yield "more "
+    finally:
+        looping.closed = True
+
+
+async def alooping(messages, *, max_tokens):
+    alooping.closed = False
+    try:
+        yield "one "
+        yield "two "
+        yield "three STOP four "
+        while True:
+            yield "more "
+    finally:
+        alooping.closed = True
+
+
+def test_a_watcher_ends_a_sync_stream_closes_the_backend_and_names_the_reason():
+    budget = Budget(tokens=100_000)
+    guard = Guard(looping, model="gpt-4o", budget=budget)
+    watcher = StopAtWord("STOP")
+    guard.watchers.append(watcher)
+    reply = guard.complete("count")
+    assert reply.text == "one two three " and reply.stop_reason == "stop_word"
+    assert looping.closed
+    assert reply.usage.output_tokens == TOK.count("one two three ")
+    (row,) = guard.ledger.records()
+    assert row["stop_reason"] == "stop_word" and row["request_id"] == watcher.started[0]
+    assert budget.spent()["tokens"] == reply.usage.total_tokens and budget.spent()["reserved_tokens"] == 0
+
+
+def test_the_same_watcher_ends_an_async_stream():
+    guard = Guard(alooping, model="gpt-4o")
+    guard.watchers.append(StopAtWord("STOP"))
+
+    async def run():
+        stream = guard.astream("count")
+        pieces = [piece async for piece in stream]
+        return pieces, stream.reply
+
+    pieces, reply = asyncio.run(run())
+    assert "".join(pieces) == "one two three " and reply.stop_reason == "stop_word"
+    assert alooping.closed
+
+
+def test_the_output_cap_watches_first_so_later_watchers_see_capped_text():
+    guard = Guard(looping, model="gpt-4o", max_output_tokens=2)
+    guard.watchers.append(StopAtWord("STOP"))
+    reply = guard.complete("count")
+    assert reply.stop_reason == "length" and TOK.count(reply.text) == 2
+
+
+def test_generation_feeds_watchers_and_says_how_the_call_ended():
+    call = Guard(lambda messages: "", model="gpt-4o", max_output_tokens=3).prepare("hi")
+    generation = Generation([OutputCap().watch(call)])
+    kept = TOK.truncate("a b c d e f", 3)
+    assert generation.feed(Chunk(text="a b ")) == "a b "
+    assert generation.feed(Chunk(text="c d e f")) == kept[len("a b ") :]
+    assert generation.stopped
+    assert generation.feed(Chunk(text="ignored")) == ""
+    generation.feed(Chunk(finish_reason="stop", usage=BackendUsage(5, 3, 0)))
+    outcome = generation.outcome()
+    assert outcome.text == kept and outcome.stop_reason == "length"
+    assert outcome.backend_usage == BackendUsage(5, 3, 0) and outcome.spent and outcome.succeeded
+
+
+def test_outcome_of_a_failure_and_of_a_cancellation():
+    generation = Generation([])
+    failed = generation.outcome(ConnectionError("down"))
+    assert failed.stop_reason == "error" and not failed.spent and not failed.succeeded
+    generation.feed(Chunk(text="partial"))
+    cancelled = generation.outcome(asyncio.CancelledError())
+    assert cancelled.stop_reason == "cancelled" and cancelled.spent and cancelled.text == "partial"
+    assert generation.outcome(cancelled=True).stop_reason == "cancelled"

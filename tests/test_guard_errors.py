@@ -1,0 +1,96 @@
+"""Malformed input and bad options: one tokenguard error each, which is also the
+TypeError/ValueError Python's conventions expect, raised before anything is spent."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import tokenguard as tg
+from tokenguard import Budget, ConfigError, Guard, InvalidRequest, TokenGuardError
+
+MALFORMED = [
+    (None, "got NoneType"),
+    ({}, "wrap one message in a list"),
+    ({"role": "user", "content": "hi"}, "wrap one message in a list"),
+    ([None], "message 0 must be a dict"),
+    ([{"content": "hi"}], "message 0 has no 'role'"),
+    ([{"role": "user", "content": "ok"}, {"role": "", "content": "x"}], "message 1 has no 'role'"),
+    ([{"role": "user", "content": 42}], "content of type int"),
+    ([{"role": "user", "content": {"text": "hi"}}], "content of type dict"),
+    ([{"role": "user", "content": ["plain string part"]}], "content of type list"),
+    ([], "at least one message"),
+    (42, "got int"),
+    (b"bytes", "got bytes"),
+]
+
+
+def _guard(budget: Budget | None = None) -> tuple[Guard, list]:
+    called: list = []
+
+    def backend(messages, *, max_tokens):
+        called.append(messages)
+        return "ok"
+
+    return Guard(backend, model="gpt-4o", budget=budget), called
+
+
+@pytest.mark.parametrize(("bad", "message"), MALFORMED)
+def test_malformed_messages_raise_invalid_request_before_the_backend(bad, message):
+    budget = Budget(tokens=1_000)
+    guard, called = _guard(budget)
+    guard.complete("a good call first")
+    for attempt in (
+        lambda: guard.complete(bad),
+        lambda: guard.stream(bad),
+        lambda: asyncio.run(guard.acomplete(bad)),
+    ):
+        with pytest.raises(InvalidRequest, match=message) as caught:
+            attempt()
+        assert isinstance(caught.value, TokenGuardError)
+        assert isinstance(caught.value, TypeError) and isinstance(caught.value, ValueError)
+    assert len(called) == 1
+    assert len(guard.ledger) == 1  # the good call's row is kept; nothing was started
+    assert budget.spent()["reserved_tokens"] == 0
+
+
+def test_content_parts_and_assistant_tool_calls_are_accepted():
+    guard, called = _guard()
+    guard.complete([
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "user", "content": "and?"},
+    ])
+    assert len(called) == 1
+
+
+@pytest.mark.parametrize("bad", [None, 5, ["a list"]])
+def test_chat_rejects_a_message_that_is_neither_text_nor_a_message(bad):
+    guard, called = _guard()
+    with pytest.raises(InvalidRequest):
+        guard.chat(bad, session="s")
+    assert not called and len(guard.history) == 0
+
+
+@pytest.mark.parametrize("bad", ["ten", -1, 2.5, True])
+def test_max_tokens_must_be_a_count(bad):
+    guard, called = _guard()
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        guard.complete("hi", max_tokens=bad)
+    assert not called
+
+
+def test_bad_options_raise_config_error():
+    with pytest.raises(ConfigError, match="backend must be"):
+        Guard(42)
+    with pytest.raises(ConfigError, match="max_output_tokens"):
+        Guard(lambda m: "", max_output_tokens=-1)
+    with pytest.raises(ConfigError, match="max_input_tokens"):
+        Guard(lambda m: "", max_input_tokens=-1)
+    with pytest.raises(ConfigError, match="takes no backend"):
+        tg.guard(backend=lambda m: "")
+    with pytest.raises(ConfigError, match="a ledger store is None, a path or a LedgerStore"):
+        tg.Ledger(42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="store must be None, a path or a BudgetStore"):
+        Budget(tokens=5, store=42)  # type: ignore[arg-type]

@@ -1,0 +1,133 @@
+"""The usage ledger: one row per call, whatever became of the call.
+
+``Ledger()`` keeps its rows in this process (bounded: the oldest go first), so that a
+:class:`~tokenguard.Guard` always has one; ``Ledger("usage.sqlite")`` keeps every row
+in a SQLite file (WAL) that many threads and processes append to while others read;
+any :class:`~tokenguard.stores.LedgerStore` is accepted too.
+
+>>> ledger = Ledger()
+>>> request_id = ledger.write({"model": "gpt-4o", "input_tokens": 12, "output_tokens": 3})
+>>> ledger.records(model="gpt-4o")[0]["input_tokens"]
+12
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tokenguard.errors import ConfigError, InvalidRequest
+from tokenguard.stores import LEDGER_COLUMNS, LedgerQuery, LedgerStore, MemoryLedgerStore, SQLiteLedgerStore
+
+__all__ = ["COLUMNS", "Ledger"]
+
+#: The ledger's columns and their SQL types.
+COLUMNS = LEDGER_COLUMNS
+_INTEGERS = ("input_tokens", "output_tokens", "cached_input_tokens")
+_IN_MEMORY_MAX_ROWS = 100_000
+
+
+def _query(filters: Mapping[str, Any]) -> LedgerQuery:
+    equals: dict[str, Any] = {}
+    bounds: dict[str, float] = {}
+    for key, value in filters.items():
+        if key in ("since", "until"):
+            bounds[key] = value
+        elif key in COLUMNS and key != "tags":
+            equals[key] = value
+        else:
+            raise InvalidRequest(f"unknown ledger filter {key!r}; use a column name, 'since' or 'until'")
+    return LedgerQuery(equals, bounds.get("since"), bounds.get("until"))
+
+
+class Ledger:
+    """A durable record of calls: time, ids, user, session, tags, model, backend,
+    input/output/cached tokens, cost, latency, stop reason and error.
+
+    ``store`` is ``None`` (in this process, at most ``max_rows`` rows, the oldest
+    dropped first), a path to a SQLite file (every row kept unless ``max_rows`` is
+    set), or a :class:`~tokenguard.stores.LedgerStore`. Safe to share between threads;
+    every process opens its own connection to the same file.
+    """
+
+    def __init__(
+        self, store: str | os.PathLike[str] | LedgerStore | None = None, *, max_rows: int | None = None
+    ) -> None:
+        if store is None:
+            self.store: LedgerStore = MemoryLedgerStore(max_rows=max_rows or _IN_MEMORY_MAX_ROWS)
+        elif isinstance(store, (str, os.PathLike)):
+            self.store = SQLiteLedgerStore(store, max_rows=max_rows)
+        elif isinstance(store, LedgerStore):
+            self.store = store
+        else:
+            raise ConfigError(f"a ledger store is None, a path or a LedgerStore, got {type(store).__name__}")
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file, for a file ledger."""
+        return getattr(self.store, "path", None)
+
+    def close(self) -> None:
+        """Close this process's connection; a later call opens it again."""
+        self.store.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.store!r})"
+
+    def write(self, row: Mapping[str, Any]) -> str:
+        """Append one call's row and return its ``request_id``.
+
+        Missing ``request_id`` and ``ts`` are filled in; ``tags`` may be any JSON value.
+        Unknown keys raise :class:`~tokenguard.InvalidRequest` rather than being
+        silently dropped.
+        """
+        unknown = row.keys() - COLUMNS.keys()
+        if unknown:
+            raise InvalidRequest(f"unknown ledger columns: {sorted(unknown)}")
+        values = dict.fromkeys(COLUMNS)
+        values.update(row)
+        if values["request_id"] is None:
+            values["request_id"] = uuid.uuid4().hex
+        if values["ts"] is None:
+            values["ts"] = time.time()
+        for name in _INTEGERS:
+            values[name] = int(values[name] or 0)
+        if values["tags"] is not None:
+            values["tags"] = json.dumps(values["tags"], sort_keys=True, default=str)
+        self.store.append(values)
+        return str(values["request_id"])
+
+    def records(self, **filters: Any) -> list[dict[str, Any]]:
+        """Rows in write order, as dicts keyed by column name.
+
+        Filters are equalities on columns (``user="alice"``, ``stop_reason="error"``;
+        ``None`` matches a missing value) plus ``since``/``until`` bounds on ``ts``
+        (epoch seconds).
+        """
+        rows = self.store.select(_query(filters))
+        for row in rows:
+            if row["tags"] is not None:
+                row["tags"] = json.loads(row["tags"])
+        return rows
+
+    def totals(self, **filters: Any) -> dict[str, Any]:
+        """Sums of tokens, cost and latency over the matching rows, plus ``calls``.
+
+        ``cost_usd`` is ``None`` when no matching row has a known cost.
+        """
+        totals = self.store.totals(_query(filters))
+        return {name: value if name == "cost_usd" else (value or 0) for name, value in totals.items()}
+
+    def __len__(self) -> int:
+        return self.store.count()

@@ -1,0 +1,39 @@
+"""The guard's pipeline: :class:`Call`, the step protocols and one module per step.
+
+A request's path (DESIGN.md): admit, scope, fit, cache, reserve, generate (chunk
+watchers), meter, settle, remember. :class:`~tokenguard.Guard` composes these; a
+feature plugs in as a step of the matching protocol.
+"""
+
+from tokenguard.pipeline.admit import Admit
+from tokenguard.pipeline.call import Call, as_messages
+from tokenguard.pipeline.generate import Generation, Outcome
+from tokenguard.pipeline.meter import Meter
+from tokenguard.pipeline.output_cap import CapWatch, OutputCap
+from tokenguard.pipeline.remember import RememberTurn
+from tokenguard.pipeline.reserve import Reserve
+from tokenguard.pipeline.settle import Settle
+from tokenguard.pipeline.steps import CacheStep, ChunkWatcher, FitStep, RememberStep, ScopeStep, Watch
+from tokenguard.pipeline.stream import AsyncGuardStream, GuardStream
+
+__all__ = [
+    "Admit",
+    "AsyncGuardStream",
+    "CacheStep",
+    "Call",
+    "CapWatch",
+    "ChunkWatcher",
+    "FitStep",
+    "Generation",
+    "GuardStream",
+    "Meter",
+    "Outcome",
+    "OutputCap",
+    "RememberStep",
+    "RememberTurn",
+    "Reserve",
+    "ScopeStep",
+    "Settle",
+    "Watch",
+    "as_messages",
+]

@@ -1,0 +1,91 @@
+"""One request on its way through the guard's pipeline: what every step reads and fills in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tokenguard.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from tokenguard.accounting import Reservation
+    from tokenguard.backends import Backend
+    from tokenguard.tokens import Tokenizer
+
+__all__ = ["Call", "as_messages"]
+
+
+def _check_message(index: int, message: object) -> dict[str, Any]:
+    if not isinstance(message, Mapping):
+        raise InvalidRequest(f"message {index} must be a dict with 'role' and 'content', got {type(message).__name__}")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise InvalidRequest(f"message {index} has no 'role' (a non-empty string such as 'user')")
+    content = message.get("content")
+    is_parts = isinstance(content, list) and all(isinstance(part, Mapping) for part in content)
+    if content is not None and not isinstance(content, str) and not is_parts:
+        raise InvalidRequest(
+            f"message {index} ({role}) has content of type {type(content).__name__}; "
+            "content is a string or a list of parts such as {'type': 'text', 'text': ...}"
+        )
+    return dict(message)
+
+
+def as_messages(prompt_or_messages: object) -> list[dict[str, Any]]:
+    """A prompt string as one user message, or a copy of a checked message list.
+
+    Raises :class:`~tokenguard.InvalidRequest` for anything else: ``None``, a single
+    message dict (wrap it in a list), a message without a role, content that is
+    neither a string nor a list of parts.
+    """
+    if isinstance(prompt_or_messages, str):
+        return [{"role": "user", "content": prompt_or_messages}]
+    if prompt_or_messages is None or isinstance(prompt_or_messages, (Mapping, bytes)):
+        kind = "a dict (wrap one message in a list)" if isinstance(prompt_or_messages, Mapping) else (
+            type(prompt_or_messages).__name__
+        )
+        raise InvalidRequest(f"a call takes a prompt string or a list of message dicts, got {kind}")
+    try:
+        items = list(prompt_or_messages)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidRequest(
+            f"a call takes a prompt string or a list of message dicts, got {type(prompt_or_messages).__name__}"
+        ) from None
+    if not items:
+        raise InvalidRequest("a call needs at least one message")
+    return [_check_message(i, message) for i, message in enumerate(items)]
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """The state of one call. Steps read the request part and fill in the rest.
+
+    ``turn`` is the new user message of a :meth:`~tokenguard.Guard.chat` call: the
+    remember step adds it and the reply to the session's history when the call succeeds.
+    """
+
+    request_id: str
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    max_output_tokens: int
+    model: str
+    backend: Backend
+    tokenizer: Tokenizer
+    user: str | None = None
+    session: str | None = None
+    tags: Any = None
+    turn: dict[str, Any] | None = None
+    ts: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    #: Exact prompt size, once counted (see :meth:`count_input`).
+    input_tokens: int | None = None
+    reservations: list[Reservation] = field(default_factory=list)
+
+    def count_input(self) -> int:
+        """The exact prompt size of ``messages`` (chat template and reply priming
+        included), counted once."""
+        if self.input_tokens is None:
+            self.input_tokens = self.tokenizer.count_messages(self.messages)
+        return self.input_tokens

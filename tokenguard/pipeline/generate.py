@@ -1,0 +1,128 @@
+"""Step 6, generate: the one loop body every guarded stream runs, sync or async.
+
+:class:`Generation` does no I/O: the streams in :mod:`~tokenguard.pipeline.stream`
+pull chunks from the backend and hand each to :meth:`Generation.feed`, which passes it
+through the call's chunk watchers (the output cap first) and says what text to pass
+on and whether to stop. When the stream ends, however it ends, :meth:`Generation.outcome`
+says how: the :class:`Outcome` that the meter, settle and remember steps are given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenguard.backends import BackendUsage, Chunk
+from tokenguard.errors import BudgetExceeded, InputTooLong
+from tokenguard.pipeline.steps import Watch
+
+__all__ = ["Generation", "Outcome"]
+
+# Errors that mean the caller stopped the call, not that it failed.
+_CANCELS = (KeyboardInterrupt, GeneratorExit, asyncio.CancelledError)
+# The stop reason written for a call refused before the backend ran.
+_REFUSALS: dict[type[BaseException], str] = {
+    InputTooLong: "input_too_long",
+    BudgetExceeded: "budget_exceeded",
+}
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one call ended, whatever became of it.
+
+    ``spent`` says whether the backend used tokens: it produced something (text, a
+    finish reason or usage) or finished without an error. ``backend_usage`` is what
+    the backend reported of its own counts, if anything.
+    """
+
+    text: str = ""
+    stop_reason: str = "stop"
+    spent: bool = True
+    backend_usage: BackendUsage | None = None
+    error: BaseException | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the call delivered its reply (not failed, not cancelled)."""
+        return self.error is None and self.stop_reason != "cancelled"
+
+    @classmethod
+    def refused(cls, error: BaseException) -> Outcome:
+        """A call stopped before the backend ran (``"input_too_long"``,
+        ``"budget_exceeded"``, or ``"error"`` for anything else)."""
+        reason = next((r for kind, r in _REFUSALS.items() if isinstance(error, kind)), "error")
+        return cls(stop_reason=reason, spent=False, error=error)
+
+
+class Generation:
+    """One call's generate step: chunks in, text to pass on out.
+
+    Watchers see each text piece in order; the first that returns a stop reason ends
+    the stream (:attr:`stopped`), and the stream must then close the backend.
+    """
+
+    __slots__ = ("_parts", "_watches", "finish_reason", "produced", "stop_reason", "usage")
+
+    def __init__(self, watches: Sequence[Watch]) -> None:
+        self._watches = list(watches)
+        self._parts: list[str] = []
+        #: The backend's own finish reason, from its last chunk.
+        self.finish_reason: str | None = None
+        #: The counts the backend reported, if it did.
+        self.usage: BackendUsage | None = None
+        #: True once the backend produced any output (text, a finish reason or usage).
+        self.produced = False
+        #: The reason a watcher ended the stream with, once one did.
+        self.stop_reason: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """True once a watcher ended the stream: close the backend, pass nothing more."""
+        return self.stop_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The text passed on so far."""
+        return "".join(self._parts)
+
+    def feed(self, chunk: Chunk) -> str:
+        """The part of ``chunk``'s text to pass on (``""`` when nothing)."""
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+            self.produced = True
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+            self.produced = True
+        piece = chunk.text
+        if not piece or self.stopped:
+            return ""
+        self.produced = True
+        for watch in self._watches:
+            piece, reason = watch.feed(piece)
+            if reason is not None:
+                self.stop_reason = reason
+                break
+        if piece:
+            self._parts.append(piece)
+        return piece
+
+    def outcome(self, error: BaseException | None = None, *, cancelled: bool = False) -> Outcome:
+        """How the call ended: ``error`` is what ended it, if anything; ``cancelled``
+        that the caller closed it early (a cancelling error such as
+        ``asyncio.CancelledError`` means the same)."""
+        cancelled = cancelled or isinstance(error, _CANCELS)
+        if cancelled:
+            reason = "cancelled"
+        elif error is not None:
+            reason = "error"
+        else:
+            reason = self.stop_reason or self.finish_reason or "stop"
+        return Outcome(
+            text=self.text,
+            stop_reason=reason,
+            spent=self.produced or (error is None and not cancelled),
+            backend_usage=self.usage,
+            error=error,
+        )

@@ -1,0 +1,85 @@
+"""Step 7, meter: resolve a call's usage exactly, price it and write its ledger row."""
+
+from __future__ import annotations
+
+import time
+
+from tokenguard.accounting import Ledger, Pricing, Usage
+from tokenguard.pipeline.call import Call
+from tokenguard.pipeline.generate import Outcome
+
+__all__ = ["Meter"]
+
+
+class Meter:
+    """Build a call's :class:`~tokenguard.Usage` and append one row to the ledger."""
+
+    def __init__(self, ledger: Ledger, pricing: Pricing) -> None:
+        self.ledger = ledger
+        self.pricing = pricing
+
+    def usage(self, call: Call, outcome: Outcome) -> Usage:
+        """The call's usage: the backend's own counts where it reported them, else
+        exact counts of the prompt and of the text passed on. A call that spent nothing
+        costs nothing.
+
+        Never raises: when counting fails, the usage is empty and the failure becomes
+        ``outcome.error``, so the call's row is still written.
+        """
+        if not outcome.spent:
+            return self.priced(call, 0, 0, cost_usd=0.0)
+        reported = outcome.backend_usage
+        try:
+            input_tokens = reported.input_tokens if reported is not None else None
+            output_tokens = reported.output_tokens if reported is not None else None
+            return self.priced(
+                call,
+                call.count_input() if input_tokens is None else input_tokens,
+                call.tokenizer.count(outcome.text) if output_tokens is None else output_tokens,
+                (reported.cached_input_tokens or 0) if reported is not None else 0,
+            )
+        except Exception as count_error:  # noqa: BLE001 - the row must still be written
+            outcome.error = outcome.error or count_error
+            return self.priced(call, 0, 0, cost_usd=0.0)
+
+    def priced(
+        self,
+        call: Call,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        *,
+        cost_usd: float | None = None,
+    ) -> Usage:
+        """Usage with its cost (``cost_usd`` given, else from the call's model price);
+        latency runs from the call's start to now."""
+        if cost_usd is None:
+            cost_usd = self.pricing.cost(call.model, input_tokens, output_tokens, cached_input_tokens)
+        return Usage(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+            cost_usd=cost_usd,
+            latency_s=time.perf_counter() - call.started,
+        )
+
+    def __call__(self, call: Call, usage: Usage, stop_reason: str, error: BaseException | None = None) -> None:
+        """Write the call's ledger row."""
+        self.ledger.write(
+            {
+                "request_id": call.request_id,
+                "ts": call.ts,
+                "user": call.user,
+                "session": call.session,
+                "model": call.model,
+                "backend": call.backend.name,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cached_input_tokens": usage.cached_input_tokens,
+                "cost_usd": usage.cost_usd,
+                "latency_s": usage.latency_s,
+                "stop_reason": stop_reason,
+                "tags": call.tags,
+                "error": None if error is None else f"{type(error).__name__}: {error}"[:2000],
+            }
+        )

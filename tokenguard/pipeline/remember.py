@@ -1,0 +1,20 @@
+"""Step 9, remember: what a successful call leaves for the calls after it."""
+
+from __future__ import annotations
+
+from tokenguard.accounting import Reply
+from tokenguard.context import SessionHistory
+from tokenguard.pipeline.call import Call
+
+__all__ = ["RememberTurn"]
+
+
+class RememberTurn:
+    """Add a :meth:`~tokenguard.Guard.chat` turn and its reply to the session's history."""
+
+    def __init__(self, history: SessionHistory) -> None:
+        self.history = history
+
+    def __call__(self, call: Call, reply: Reply) -> None:
+        if call.turn is not None and call.session is not None:
+            self.history.append(call.session, call.turn, {"role": "assistant", "content": reply.text})

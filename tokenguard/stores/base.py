@@ -1,0 +1,150 @@
+"""The store interfaces: what budgets and the ledger need from wherever they keep state.
+
+Each interface has an in-process implementation (:mod:`~tokenguard.stores.memory`) and
+a single-machine one on SQLite (:mod:`~tokenguard.stores.sqlite_budget`,
+:mod:`~tokenguard.stores.sqlite_ledger`); a Redis implementation of the same methods
+shares state between hosts. Amounts are integers (tokens and nano-USD), so sums are
+exact whatever the order of the operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "LEDGER_COLUMNS",
+    "LEDGER_SUMMED",
+    "BudgetStore",
+    "LedgerQuery",
+    "LedgerStore",
+    "Refusal",
+    "check_reservation",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a reservation did not fit: the unit (``"tokens"`` or ``"nano_usd"``), what it
+    needed and what was left under the limit."""
+
+    unit: str
+    needed: int
+    left: int
+
+
+def check_reservation(
+    totals: Sequence[int], tokens: int, nano_usd: int, limit_tokens: int | None, limit_nano_usd: int | None
+) -> Refusal | None:
+    """Whether a reservation fits next to ``totals`` = ``(spent_tokens, spent_nano_usd,
+    reserved_tokens, reserved_nano_usd)``; every budget store decides with this."""
+    spent_t, spent_u, held_t, held_u = totals
+    if limit_tokens is not None and spent_t + held_t + tokens > limit_tokens:
+        return Refusal("tokens", tokens, limit_tokens - spent_t - held_t)
+    if limit_nano_usd is not None and spent_u + held_u + nano_usd > limit_nano_usd:
+        return Refusal("nano_usd", nano_usd, limit_nano_usd - spent_u - held_u)
+    return None
+
+
+@runtime_checkable
+class BudgetStore(Protocol):
+    """The four atomic operations a budget needs. ``budget`` names the budget, ``key``
+    the scope and window (``"user:alice|2025-06-01"``); amounts are tokens and nano-USD.
+
+    ``reserve`` checks and records in one atomic step, so concurrent calls cannot all
+    pass a check and then all spend; ``settle`` and ``release`` are single steps too.
+    """
+
+    def reserve(
+        self,
+        reservation_id: str,
+        budget: str,
+        key: str,
+        tokens: int,
+        nano_usd: int,
+        limit_tokens: int | None,
+        limit_nano_usd: int | None,
+    ) -> Refusal | None:
+        """Record the reservation if spent + reserved + it fits every limit; else refuse."""
+        ...
+
+    def settle(self, reservation_id: str, budget: str, key: str, tokens: int, nano_usd: int) -> bool:
+        """Turn the reservation into actual spend; ``False`` if it was already gone."""
+        ...
+
+    def release(self, reservation_id: str) -> bool:
+        """Drop the reservation without spending; ``False`` if it was already gone."""
+        ...
+
+    def usage(self, budget: str, key: str) -> tuple[int, int, int, int]:
+        """``(spent_tokens, spent_nano_usd, reserved_tokens, reserved_nano_usd)``."""
+        ...
+
+
+# The ledger's schema as data: column -> SQL type. A column added here is added to
+# existing ledger files when they are opened (ALTER TABLE), so old files keep working.
+LEDGER_COLUMNS: dict[str, str] = {
+    "request_id": "TEXT NOT NULL",
+    "ts": "REAL NOT NULL",
+    "user": "TEXT",
+    "session": "TEXT",
+    "model": "TEXT",
+    "backend": "TEXT",
+    "input_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "output_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cost_usd": "REAL",
+    "latency_s": "REAL",
+    "stop_reason": "TEXT",
+    "tags": "TEXT",
+    "error": "TEXT",
+}
+#: The columns :meth:`LedgerStore.totals` sums.
+LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "cost_usd", "latency_s")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerQuery:
+    """Which ledger rows: column equalities (``None`` matches a missing value) and a
+    half-open ``[since, until)`` range on ``ts`` (epoch seconds)."""
+
+    equals: Mapping[str, Any] = field(default_factory=dict)
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, row: Mapping[str, Any]) -> bool:
+        """Whether ``row`` is selected (for stores that filter in Python)."""
+        ts = row["ts"]
+        if self.since is not None and ts < self.since:
+            return False
+        if self.until is not None and ts >= self.until:
+            return False
+        return all(row.get(name) == value for name, value in self.equals.items())
+
+
+@runtime_checkable
+class LedgerStore(Protocol):
+    """Where ledger rows live. Rows are dicts of :data:`LEDGER_COLUMNS` as stored:
+    ``tags`` already encoded as JSON text, every column present."""
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Add one row after every earlier one."""
+        ...
+
+    def select(self, query: LedgerQuery) -> list[dict[str, Any]]:
+        """The matching rows in write order."""
+        ...
+
+    def totals(self, query: LedgerQuery) -> dict[str, Any]:
+        """``{"calls": n}`` plus the sum of each :data:`LEDGER_SUMMED` column over the
+        matching rows; a sum over no known value is ``None``."""
+        ...
+
+    def count(self) -> int:
+        """How many rows the store holds."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds open; a later call opens it again."""
+        ...

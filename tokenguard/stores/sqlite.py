@@ -1,0 +1,102 @@
+"""The one SQLite helper every SQLite store opens its file through.
+
+Settings are data (:data:`SQLITE_SETTINGS`, one table), so the budget store, the ledger and later
+the caches and sessions behave alike under contention: WAL, one busy timeout, one
+fork rule (a connection never crosses a fork; the child opens its own).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SQLITE_SETTINGS", "SQLiteDatabase", "SQLiteSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class SQLiteSettings:
+    """How every tokenguard SQLite file is opened."""
+
+    #: How long a writer waits for another process's write lock before it fails. Store
+    #: transactions are short, so a long wait only happens under heavy contention.
+    busy_timeout_s: float = 60.0
+    #: WAL: readers never block the writer, and many processes share one file.
+    journal_mode: str = "WAL"
+    #: NORMAL: in WAL mode a committed transaction survives a process crash; only a
+    #: power loss can drop the last ones. The trade SQLite itself recommends for WAL.
+    synchronous: str = "NORMAL"
+
+
+SQLITE_SETTINGS = SQLiteSettings()
+
+
+class SQLiteDatabase:
+    """One SQLite file (or, with ``path=None``, a private in-memory database), opened
+    with :data:`SQLITE_SETTINGS` and shared by the threads of a process behind a lock.
+
+    ``setup(connection)`` runs on every new connection (create tables, add columns):
+    once per process, again after a fork or :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, setup: Callable[[sqlite3.Connection], None]) -> None:
+        self.path: Path | None = None if path is None else Path(path)
+        self._setup = setup
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        with self.connection():  # fail here, at construction, on a bad path
+            pass
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            ":memory:" if self.path is None else str(self.path),
+            timeout=SQLITE_SETTINGS.busy_timeout_s,
+            isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE where it matters
+            check_same_thread=False,
+        )
+        if self.path is not None:
+            conn.execute(f"PRAGMA journal_mode={SQLITE_SETTINGS.journal_mode}")
+            conn.execute(f"PRAGMA synchronous={SQLITE_SETTINGS.synchronous}")
+        self._setup(conn)
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """This process's connection, held for the ``with`` block (autocommit)."""
+        with self._lock:
+            yield self._connect()
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction: ``BEGIN IMMEDIATE`` when ``write`` (the write lock is taken
+        before anything is read, so no other process can write between a check and the
+        write it decides), a plain ``BEGIN`` for a consistent read. Rolled back on error."""
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this process's connection; a later use opens it again."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteDatabase({str(self.path) if self.path else ':memory:'!r})"

@@ -1,0 +1,95 @@
+"""Ledger rows in one SQLite file (WAL): many threads and processes append while
+others read."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tokenguard.stores.base import LEDGER_COLUMNS, LEDGER_SUMMED, LedgerQuery
+from tokenguard.stores.sqlite import SQLiteDatabase
+
+__all__ = ["SQLiteLedgerStore"]
+
+_NAMES = list(LEDGER_COLUMNS)
+_SELECT = ", ".join(f'"{name}"' for name in _NAMES)
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    cols = ", ".join(f'"{name}" {sql}' for name, sql in LEDGER_COLUMNS.items())
+    conn.execute(f"CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, {cols})")
+    have = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+    for name, sql in LEDGER_COLUMNS.items():
+        if name not in have:  # a file written by an older version: add the column
+            default_sql = sql.replace("NOT NULL", "") if "DEFAULT" not in sql else sql
+            conn.execute(f'ALTER TABLE calls ADD COLUMN "{name}" {default_sql}')
+    conn.execute("CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts)")
+
+
+def _where(query: LedgerQuery) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if query.since is not None:
+        clauses.append("ts >= ?")
+        args.append(query.since)
+    if query.until is not None:
+        clauses.append("ts < ?")
+        args.append(query.until)
+    for name, value in query.equals.items():
+        if value is None:
+            clauses.append(f'"{name}" IS NULL')
+        else:
+            clauses.append(f'"{name}" = ?')
+            args.append(value)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+class SQLiteLedgerStore:
+    """A :class:`~tokenguard.stores.LedgerStore` in a SQLite file (``path=None``: a
+    private in-memory database). Keeps every row unless ``max_rows`` is set, then the
+    oldest go first, checked every 1,024 writes."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, max_rows: int | None = None) -> None:
+        self.db = SQLiteDatabase(path, _create)
+        self.max_rows = max_rows
+        self._writes = 0
+
+    @property
+    def path(self) -> Path | None:
+        return self.db.path
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        names = list(row)
+        columns = ", ".join(f'"{name}"' for name in names)
+        sql = f"INSERT INTO calls ({columns}) VALUES ({', '.join('?' * len(names))})"
+        with self.db.connection() as conn:
+            conn.execute(sql, [row[n] for n in names])
+            self._writes += 1
+            if self.max_rows is not None and self._writes % 1024 == 0:
+                conn.execute("DELETE FROM calls WHERE id <= (SELECT MAX(id) FROM calls) - ?", (self.max_rows,))
+
+    def select(self, query: LedgerQuery) -> list[dict[str, Any]]:
+        where, args = _where(query)
+        with self.db.connection() as conn:
+            rows = conn.execute(f"SELECT {_SELECT} FROM calls{where} ORDER BY id", args).fetchall()
+        return [dict(zip(_NAMES, row, strict=True)) for row in rows]
+
+    def totals(self, query: LedgerQuery) -> dict[str, Any]:
+        where, args = _where(query)
+        sums = ", ".join(f'SUM("{name}")' for name in LEDGER_SUMMED)
+        with self.db.connection() as conn:
+            row = conn.execute(f"SELECT COUNT(*), {sums} FROM calls{where}", args).fetchone()
+        return {"calls": row[0], **dict(zip(LEDGER_SUMMED, row[1:], strict=True))}
+
+    def count(self) -> int:
+        with self.db.connection() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteLedgerStore({str(self.db.path) if self.db.path else None!r})"

@@ -94,3 +94,18 @@ def test_bad_options_raise_config_error():
         tg.Ledger(42)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="store must be None, a path or a BudgetStore"):
         Budget(tokens=5, store=42)  # type: ignore[arg-type]
+
+
+def test_bad_arguments_below_the_guard_are_tokenguard_errors_too():
+    from tokenguard.runner import SamplingParams
+
+    tok = tg.get_tokenizer("gpt-4o")
+    for attempt, message in (
+        (lambda: tok.count(None), "expected text as str"),
+        (lambda: tok.count_until("text", -1), "limit must be >= 0"),
+        (lambda: tok.truncate("text", 3, side="middle"), "side must be"),
+        (lambda: tok.count_messages(None), "messages must be a list"),
+        (lambda: SamplingParams(temperature=-1.0), "temperature must be >= 0"),
+    ):
+        with pytest.raises(InvalidRequest, match=message):
+            attempt()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tokenguard.errors import InputTooLong
+from tokenguard.errors import InputTooLong, InvalidRequest
 from tokenguard.runner.engine import Engine
 from tokenguard.runner.engine import Sequence as EngineSequence
 from tokenguard.runner.errors import UnsupportedModel
@@ -246,7 +246,7 @@ class LlamaRunner:
         ids = [int(i) for i in prompt]
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
-            raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+            raise InvalidRequest(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
         return ids
 
     def _chat_ids(self, messages: Sequence[Message]) -> list[int]:
@@ -254,14 +254,14 @@ class LlamaRunner:
 
     def _stream_ids(self, prompt: str | Sequence[int] | None, messages: Sequence[Message] | None) -> list[int]:
         if (prompt is None) == (messages is None):
-            raise ValueError("pass either a prompt or messages=")
+            raise InvalidRequest("pass either a prompt or messages=")
         return self._chat_ids(messages) if messages is not None else self._prompt_ids(prompt)  # type: ignore[arg-type]
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, session: str | None,
                 emit: Any) -> tuple[EngineSequence, ReplyText]:
         """Check the prompt, queue it in the engine, and start its reply text."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
+            raise InvalidRequest("the prompt is empty; give at least one token")
         room = self.context_length - len(prompt_ids)
         if room < 1:
             raise InputTooLong(

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any, Literal
 
-from tokenguard.errors import TokenGuardError
+from tokenguard.errors import InvalidRequest, TokenGuardError
 from tokenguard.tokens.chat_template import RenderedChat
 
 Message = Mapping[str, Any]
@@ -99,7 +99,7 @@ class Tokenizer(ABC):
         """
         _check_text(text)
         if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+            raise InvalidRequest(f"limit must be >= 0, got {limit}")
         size = max(_MIN_WINDOW, _CHARS_PER_TOKEN_WINDOW * (limit + 1))
         while size < len(text):
             head = text[:size]
@@ -115,9 +115,9 @@ class Tokenizer(ABC):
         """
         _check_text(text)
         if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+            raise InvalidRequest(f"max_tokens must be >= 0, got {max_tokens}")
         if side not in ("right", "left"):
-            raise ValueError(f'side must be "right" or "left", got {side!r}')
+            raise InvalidRequest(f'side must be "right" or "left", got {side!r}')
 
         def part(n: int) -> str:
             return text[:n] if side == "right" else text[len(text) - n :]
@@ -169,10 +169,10 @@ class Tokenizer(ABC):
 def check_messages(messages: Sequence[Message]) -> Sequence[Message]:
     """``messages`` after checking it is a list of dicts with a role each."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        raise InvalidRequest(f"messages must be a list of dicts, got {type(messages).__name__}")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise TypeError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise InvalidRequest(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
         if "role" not in message:
             raise TokenGuardError(f"message {i} has no 'role'")
     return messages
@@ -180,7 +180,7 @@ def check_messages(messages: Sequence[Message]) -> Sequence[Message]:
 
 def _check_text(text: object) -> None:
     if not isinstance(text, str):
-        raise TypeError(f"expected text as str, got {type(text).__name__}")
+        raise InvalidRequest(f"expected text as str, got {type(text).__name__}")
 
 
 def _replace_surrogates(text: str) -> str:

@@ -12,6 +12,8 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 
+from tokenguard.errors import ConfigError
+
 
 class OutOfBlocks(RuntimeError):
     """Not enough free blocks for a request; the scheduler preempts or waits."""
@@ -22,7 +24,7 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need at least one block of one slot, got {num_blocks} x {block_size}")
+            raise ConfigError(f"need at least one block of one slot, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))

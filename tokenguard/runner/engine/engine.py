@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tokenguard.errors import TokenGuardError
+from tokenguard.errors import ConfigError, TokenGuardError
 from tokenguard.runner.engine.block_manager import BlockManager
 from tokenguard.runner.engine.paged_cache import PagedKVCache, SequenceSlice
 from tokenguard.runner.engine.scheduler import Scheduler
@@ -106,7 +106,7 @@ class Engine:
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
         num_blocks = budget // (per_token * BLOCK_SIZE)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_bytes={budget} holds no block of {BLOCK_SIZE} tokens ({per_token} B each)")
+            raise ConfigError(f"kv_cache_bytes={budget} holds no block of {BLOCK_SIZE} tokens ({per_token} B each)")
         self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks, BLOCK_SIZE,
                                   model.dtype, self.device)
         self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions, self.cache.copy_slots,

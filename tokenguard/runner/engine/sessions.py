@@ -6,6 +6,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tokenguard.errors import ConfigError
+
 
 @dataclass(slots=True)
 class KeptSession:
@@ -23,7 +25,7 @@ class SessionStore:
 
     def __init__(self, ttl_s: float) -> None:
         if ttl_s <= 0:
-            raise ValueError(f"session_ttl_s must be > 0, got {ttl_s}")
+            raise ConfigError(f"session_ttl_s must be > 0, got {ttl_s}")
         self.ttl_s = ttl_s
         self._kept: OrderedDict[str, KeptSession] = OrderedDict()
         self._last_seen: dict[str, float] = {}  # every live session, kept KV or not

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenguard.errors import ConfigError
+
 
 @dataclass(slots=True, frozen=True)
 class Precision:
@@ -50,8 +52,8 @@ def resolve_precision(dtype: str | torch.dtype, device: torch.device) -> Precisi
     if name == "auto":
         name = AUTO_CUDA if device.type == "cuda" else AUTO_CPU
     if name not in PRECISIONS:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(PRECISIONS)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be 'auto' or one of {sorted(PRECISIONS)}, got {dtype!r}")
     precision = PRECISIONS[name]
     if precision.weights != "dense" and device.type != "cpu":
-        raise ValueError(f"dtype={name!r} runs on CPU only; on {device.type} use 'bfloat16' or 'float16'")
+        raise ConfigError(f"dtype={name!r} runs on CPU only; on {device.type} use 'bfloat16' or 'float16'")
     return precision

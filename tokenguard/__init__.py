@@ -16,6 +16,7 @@ from tokenguard.errors import (
     InputTooLong,
     InvalidRequest,
     MissingDependency,
+    StoreError,
     TokenGuardError,
     UnknownTokenizer,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Price",
     "Reply",
     "SentencePieceTokenizer",
+    "StoreError",
     "TiktokenTokenizer",
     "TokenGuardError",
     "Tokenizer",

@@ -73,3 +73,12 @@ class BackendError(TokenGuardError):
     def __init__(self, message: str, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
+
+
+class StoreError(TokenGuardError, OSError):
+    """A ledger or budget file cannot be opened or used: its path is a directory, its
+    folder cannot be made, it is not a SQLite database, or it stayed locked past the busy
+    timeout. The message names the file; the SQLite (or OS) error is chained as the cause.
+
+    It is an ``OSError`` too, like the file errors it stands for.
+    """

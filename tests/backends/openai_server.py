@@ -3,23 +3,31 @@
 It speaks the real wire formats (JSON, and SSE with ``data: [DONE]``) over a real
 socket. Behaviour by model name: ``"endless"`` ignores max_tokens and streams until
 the client hangs up (bounded at 100,000 pieces); ``"fail"`` answers 500; ``"break"``
-drops the connection after two pieces. Every request body is kept in ``requests``.
+drops the connection after two pieces. Servers that stop a generation badly:
+``"abort"`` sends the role chunk, then ``[DONE]`` with no finish_reason and hangs up
+(llama.cpp's server under load); ``"cut"`` streams chunked and hangs up in the middle
+of the body after two pieces (a transport error); ``"stall"`` sends the role chunk and
+then nothing for ``STALL_S`` seconds. ``"nodone"`` finishes properly but closes without
+``[DONE]``. Every request body is kept in ``requests``.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 REPLY_WORDS = ["Hello", " from", " the", " test", " server", "."]
 PROMPT_TOKENS = 42  # what the server claims the prompt cost; the guard must report it
+STALL_S = 2.0  # how long "stall" keeps silent mid-stream
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    _chunked = False  # set per stream: whether the body is framed as HTTP chunks
 
     def log_message(self, *args: Any) -> None:  # keep test output clean
         pass
@@ -49,10 +57,13 @@ class _Handler(BaseHTTPRequestHandler):
                              "finish_reason": finish}],
                 "usage": usage,
             })
+        self._chunked = model == "cut"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
             self._event({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
@@ -60,24 +71,39 @@ class _Handler(BaseHTTPRequestHandler):
                 for _ in range(100_000):
                     self._event({"choices": [{"index": 0, "delta": {"content": " word"}, "finish_reason": None}]})
                 return
+            if model == "abort":
+                self._write(b"data: [DONE]\n\n")
+                return self._hang_up()
+            if model == "stall":
+                time.sleep(STALL_S)  # the client's read timeout fires first
+                return
             for i, word in enumerate(words):
-                if model == "break" and i == 2:
-                    self.wfile.flush()
-                    self.connection.shutdown(2)
-                    return
+                if model in ("break", "cut") and i == 2:
+                    return self._hang_up()
                 last = i == len(words) - 1
                 self._event({"choices": [{"index": 0, "delta": {"content": word},
                                           "finish_reason": finish if last else None}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 self._event({"choices": [], "usage": usage})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            if model != "nodone":
+                self._write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):
             self.server.hangups += 1
 
     def _event(self, obj: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        self._write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` now, framed as one HTTP chunk when the body is chunked."""
+        if self._chunked:
+            data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+        self.wfile.write(data)
         self.wfile.flush()
+
+    def _hang_up(self) -> None:
+        """Drop the connection now, without ending the body (no [DONE], no last chunk)."""
+        self.wfile.flush()
+        self.connection.shutdown(2)
 
     def _json(self, status: int, obj: dict[str, Any]) -> None:
         data = json.dumps(obj).encode()

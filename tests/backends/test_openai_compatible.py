@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
+import httpx
 import pytest
 from openai_server import PROMPT_TOKENS, REPLY_WORDS
 
-from tokenguard import Budget, Guard
+from tokenguard import Budget, Guard, TokenGuardError
 from tokenguard.backends import BackendError, OpenAICompatible
 from tokenguard.backends.sse import iter_sse_data
+from tokenguard.errors import ConfigError
 from tokenguard.tokens import get_tokenizer
 
 TOK = get_tokenizer("gpt-4o")
-FREE = {"endless": (0, 0), "fail": (0, 0), "break": (0, 0)}  # the test server's pseudo-models
+# The test server's pseudo-models.
+FREE = {name: (0, 0) for name in ("endless", "fail", "break", "abort", "cut", "stall", "nodone")}
+HI = [{"role": "user", "content": "hi"}]
 
 
 def test_stream_reads_sse_and_final_usage(openai_server):
@@ -112,3 +117,126 @@ def test_unknown_model_tokenizer_asks_for_one(openai_server):
     with pytest.raises(UnknownTokenizer, match="tokenizer="):
         guard.complete("hi")
     assert openai_server.requests == []  # refused before anything was sent
+
+
+# A server that stops a generation badly: each stream ends without a finish_reason.
+UNFINISHED = {
+    "abort": r"sent \[DONE\] before it finished",  # role chunk, [DONE], hang-up (llama.cpp)
+    "break": "closed the stream before it finished",  # two pieces, then a clean EOF
+    "cut": "broke before it finished: RemoteProtocolError",  # two pieces, then a torn body
+}
+
+
+def _drain(backend, asynchronous):
+    """Read one whole stream from ``backend``, sync or async; the chunks."""
+    if not asynchronous:
+        return list(backend.stream(HI, {}))
+
+    async def read():
+        return [chunk async for chunk in backend.astream(HI, {})]
+
+    return asyncio.run(read())
+
+
+def _closed_port_url():
+    """A base URL on 127.0.0.1 where nothing listens: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("model", sorted(UNFINISHED))
+def test_a_stream_that_never_finished_raises(openai_server, model, asynchronous):
+    backend = OpenAICompatible(openai_server.base_url, model, tokenizer="gpt-4o")
+    with pytest.raises(BackendError, match=UNFINISHED[model]) as info:
+        _drain(backend, asynchronous)
+    assert backend.url in str(info.value) and info.value.status is None
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("include_usage", [True, False], ids=["usage", "no-usage"])
+def test_a_finished_stream_may_end_without_done(openai_server, include_usage, asynchronous):
+    # finish_reason, then (with include_usage) a usage-only chunk, then EOF without [DONE].
+    backend = OpenAICompatible(openai_server.base_url, "nodone", tokenizer="gpt-4o", include_usage=include_usage)
+    chunks = _drain(backend, asynchronous)
+    assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
+    assert (chunks[-1].usage is not None) == include_usage
+
+
+def test_an_aborted_stream_is_an_error_row_and_frees_the_budget(openai_server):
+    budget = Budget(tokens=10_000)
+    guard = Guard(OpenAICompatible(openai_server.base_url, "abort", tokenizer="gpt-4o"), budget=budget, prices=FREE)
+    with pytest.raises(BackendError, match="finish_reason"):
+        guard.complete("hi", user="u")
+    row = guard.ledger.records()[0]
+    assert row["stop_reason"] == "error" and "[DONE]" in row["error"]
+    assert row["input_tokens"] == 0  # the server produced nothing: nothing is billed
+    assert budget.spent() == {"tokens": 0, "usd": 0, "reserved_tokens": 0, "reserved_usd": 0}
+
+
+def test_concurrent_async_calls_to_an_aborting_server_all_fail(openai_server):
+    # The report: four concurrent acomplete calls against llama.cpp's server, three of
+    # them recorded as empty successes.
+    budget = Budget(tokens=100_000)
+    guard = Guard(OpenAICompatible(openai_server.base_url, "abort", tokenizer="gpt-4o"), budget=budget, prices=FREE)
+
+    async def run():
+        return await asyncio.gather(*(guard.acomplete(f"q{i}") for i in range(4)), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, BackendError) for r in results), results
+    rows = guard.ledger.records()
+    assert len(rows) == 4 and all(r["stop_reason"] == "error" and r["error"] for r in rows)
+    assert budget.spent()["reserved_tokens"] == 0 and budget.spent()["tokens"] == 0
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_torn_stream_is_metered_for_what_was_seen(openai_server, asynchronous):
+    budget = Budget(tokens=10_000)
+    guard = Guard(OpenAICompatible(openai_server.base_url, "cut", tokenizer="gpt-4o"), budget=budget, prices=FREE)
+    with pytest.raises(BackendError, match="broke before it finished") as info:
+        asyncio.run(guard.acomplete("hi")) if asynchronous else guard.complete("hi")
+    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+    row = guard.ledger.records()[0]
+    assert row["stop_reason"] == "error" and row["output_tokens"] == TOK.count("".join(REPLY_WORDS[:2]))
+    assert budget.spent()["reserved_tokens"] == 0 and budget.spent()["tokens"] == row["input_tokens"] + row[
+        "output_tokens"
+    ]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_refused_connection_is_a_backend_error_naming_the_url(asynchronous):
+    budget = Budget(tokens=10_000)
+    backend = OpenAICompatible(_closed_port_url(), "gpt-4o")
+    guard = Guard(backend, budget=budget)
+    with pytest.raises(BackendError) as info:
+        asyncio.run(guard.acomplete("hi")) if asynchronous else guard.complete("hi")
+    assert isinstance(info.value, TokenGuardError) and info.value.status is None
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert f"POST {backend.url} failed: ConnectError" in str(info.value)
+    assert guard.ledger.records()[0]["stop_reason"] == "error"
+    assert budget.spent()["reserved_tokens"] == 0 and budget.spent()["tokens"] == 0
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_read_timeout_is_a_backend_error(openai_server, asynchronous):
+    backend = OpenAICompatible(openai_server.base_url, "stall", tokenizer="gpt-4o", timeout=0.2)
+    with pytest.raises(BackendError, match="broke before it finished: ReadTimeout") as info:
+        _drain(backend, asynchronous)
+    assert isinstance(info.value.__cause__, httpx.ReadTimeout) and backend.url in str(info.value)
+
+
+def test_a_wrong_path_keeps_its_status(openai_server):
+    backend = OpenAICompatible(openai_server.base_url + "/nope", "gpt-4o")
+    with pytest.raises(BackendError, match="answered 404") as info:
+        Guard(backend).complete("hi")
+    assert info.value.status == 404
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "127.0.0.1:8000/v1", "ftp://host/v1", "http://[::1/v1"])
+def test_a_base_url_no_request_could_reach_is_refused_at_once(url):
+    with pytest.raises(ConfigError, match="base_url"):
+        OpenAICompatible(url, "gpt-4o")

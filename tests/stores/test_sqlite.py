@@ -1,5 +1,6 @@
 """The one SQLite helper: every SQLite store opens its file with the same settings,
-and a forked child opens its own connection instead of sharing its parent's."""
+a forked child opens its own connection instead of sharing its parent's, and a file
+that cannot be opened or used raises a StoreError naming it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ import sqlite3
 
 import pytest
 
-from tokenguard import Budget, Ledger
-from tokenguard.stores import SQLITE_SETTINGS, SQLiteBudgetStore, SQLiteDatabase, SQLiteLedgerStore
+from tokenguard import Budget, Ledger, TokenGuardError
+from tokenguard.errors import StoreError
+from tokenguard.stores import (
+    SQLITE_SETTINGS,
+    SQLiteBudgetStore,
+    SQLiteDatabase,
+    SQLiteLedgerStore,
+    SQLiteSettings,
+)
+from tokenguard.stores import sqlite as sqlite_module
 
 
 def _pragmas(db: SQLiteDatabase) -> tuple[str, int, int]:
@@ -72,3 +81,68 @@ def test_an_in_memory_database_is_private(tmp_path):
     row = {name: None for name in ("request_id", "ts")} | {"request_id": "x", "ts": 1.0}
     a.append(row)
     assert a.count() == 1 and b.count() == 0
+
+
+def _assert_store_error(info: pytest.ExceptionInfo[StoreError], path: object) -> None:
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, TokenGuardError) and isinstance(info.value, OSError)
+    assert isinstance(info.value.__cause__, (sqlite3.Error, OSError))
+
+
+def test_a_ledger_path_that_is_a_directory_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="cannot open") as info:
+        Ledger(tmp_path)
+    _assert_store_error(info, tmp_path)
+
+
+def test_a_ledger_path_under_a_file_is_a_store_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    path = tmp_path / "notes.txt" / "ledger.sqlite"
+    with pytest.raises(StoreError, match="cannot open") as info:
+        Ledger(path)
+    _assert_store_error(info, path)
+
+
+def test_a_budget_file_that_is_not_sqlite_is_a_store_error_and_is_not_kept(tmp_path):
+    path = tmp_path / "budget.sqlite"
+    path.write_text("these are my notes, not a database\n" * 50)
+    with pytest.raises(StoreError, match="not a database") as info:
+        Budget(tokens=5, store=path)
+    _assert_store_error(info, path)
+    path.unlink()  # once the file is fixed, the same path opens: the failure was not cached
+    budget = Budget(tokens=5, store=path)
+    budget.reserve(3).settle(3)
+    assert budget.spent()["tokens"] == 3
+
+
+def test_a_busy_timeout_is_a_store_error_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_module, "SQLITE_SETTINGS", SQLiteSettings(busy_timeout_s=0.05))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    budget = Budget(tokens=100, store=tmp_path / "budget.sqlite")
+    holders = [sqlite3.connect(tmp_path / name, isolation_level=None) for name in ("ledger.sqlite", "budget.sqlite")]
+    for holder in holders:  # another process holds each file's write lock
+        holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreError, match="database is locked") as info:
+        ledger.write({"user": "u"})
+    _assert_store_error(info, tmp_path / "ledger.sqlite")
+    with pytest.raises(StoreError, match="database is locked") as info:
+        budget.reserve(10)
+    _assert_store_error(info, tmp_path / "budget.sqlite")
+    for holder in holders:
+        holder.execute("ROLLBACK")
+        holder.close()
+    ledger.write({"user": "u"})  # the lock is gone: both work again
+    budget.reserve(10).settle(10)
+    assert len(ledger) == 1 and budget.spent()["tokens"] == 10
+
+
+def test_only_sqlite_errors_in_the_block_become_store_errors(tmp_path):
+    db = SQLiteDatabase(tmp_path / "t.sqlite", lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS t (x)") and None)
+    with pytest.raises(StoreError, match="no such table") as info, db.transaction() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("INSERT INTO missing VALUES (1)")
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    with pytest.raises(KeyError), db.connection():
+        raise KeyError("the caller's own")
+    with db.connection() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0  # rolled back

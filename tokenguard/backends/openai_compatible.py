@@ -7,6 +7,7 @@ import asyncio
 import json
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -14,7 +15,7 @@ import httpx
 from tokenguard.backends.base import Backend, Chunk, Params
 from tokenguard.backends.openai_format import chunk_from_stream_item
 from tokenguard.backends.sse import aiter_sse_data, iter_sse_data
-from tokenguard.errors import BackendError, UnknownTokenizer
+from tokenguard.errors import BackendError, ConfigError, UnknownTokenizer
 
 if TYPE_CHECKING:
     from tokenguard.tokens import Message, Tokenizer
@@ -22,20 +23,24 @@ if TYPE_CHECKING:
 __all__ = ["OpenAICompatible"]
 
 _DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-# A stream that stops with neither a finish reason nor [DONE] was cut off.
-_TRUNCATED = "the server closed the stream before it finished (no finish_reason, no [DONE])"
+# What httpx raises for a request that fails or a stream that breaks while being read.
+_TRANSPORT_ERRORS = (httpx.HTTPError, httpx.StreamError)
 
 
-def _parse(data: str) -> Chunk | None:
-    if data.strip() == "[DONE]":
-        return None
+def _check_url(url: str) -> None:
+    """Refuse a ``base_url`` no request could reach (``localhost:8000/v1`` lacks its
+    scheme) at construction, instead of on the first call."""
     try:
-        item = json.loads(data)
-    except json.JSONDecodeError as error:
-        raise BackendError(f"the server sent an event that is not JSON: {data[:200]!r}") from error
-    if isinstance(item, dict) and item.get("error"):
-        raise BackendError(f"the server reported an error mid-stream: {item['error']}")
-    return chunk_from_stream_item(item)
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        raise ConfigError(f"base_url is not a URL: {url!r} ({error})") from error
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"base_url must be an http:// or https:// URL with a host, got {url!r}")
+
+
+def _describe(error: BaseException) -> str:
+    """An exception as ``"Kind: message"`` (some httpx errors have no message)."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _error(response: httpx.Response, body: bytes) -> BackendError:
@@ -46,6 +51,59 @@ def _error(response: httpx.Response, body: bytes) -> BackendError:
     )
 
 
+class _Read:
+    """One streamed answer being read: turns its events into chunks, remembers whether
+    one carried a ``finish_reason``, and words every failure with the URL.
+
+    A stream is finished only by a ``finish_reason``: a server that aborts a generation
+    (llama.cpp's does, under load) may still send ``[DONE]`` or close cleanly, and that
+    must not read as an empty success.
+    """
+
+    __slots__ = ("answered", "finished", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        #: True once the server answered with a status below 400 and the events began.
+        self.answered = False
+        #: True once a chunk carried a finish_reason.
+        self.finished = False
+
+    def chunk(self, data: str) -> Chunk | None:
+        """The chunk in one event's ``data``; ``None`` at ``[DONE]``, the end."""
+        if data.strip() == "[DONE]":
+            self.end("sent [DONE]")
+            return None
+        try:
+            item = json.loads(data)
+        except json.JSONDecodeError as error:
+            raise BackendError(f"{self.url} sent an event that is not JSON: {data[:200]!r}") from error
+        if isinstance(item, dict) and item.get("error"):
+            raise BackendError(f"{self.url} reported an error mid-stream: {item['error']}")
+        chunk = chunk_from_stream_item(item)
+        self.finished = self.finished or chunk.finish_reason is not None
+        return chunk
+
+    def end(self, how: str) -> None:
+        """The stream ended (``how``: what the server did); raise unless it finished."""
+        if not self.finished:
+            raise BackendError(
+                f"{self.url}: the server {how} before it finished (no chunk carried a finish_reason)"
+            )
+
+    @contextmanager
+    def transport_errors(self) -> Iterator[None]:
+        """Turn an httpx error raised in the block into a :class:`BackendError` that
+        names the URL and the cause (chained), so every failure is a TokenGuardError."""
+        try:
+            yield
+        except _TRANSPORT_ERRORS as error:
+            if not self.answered:
+                raise BackendError(f"POST {self.url} failed: {_describe(error)}") from error
+            when = "after" if self.finished else "before"
+            raise BackendError(f"the stream from {self.url} broke {when} it finished: {_describe(error)}") from error
+
+
 class OpenAICompatible(Backend):
     """Stream chat completions from ``{base_url}/chat/completions``.
 
@@ -54,6 +112,10 @@ class OpenAICompatible(Backend):
     ``tokenizer`` names what the guard meters with (default: ``model``'s tokenizer, when
     tokenguard knows it). ``max_tokens_param`` is ``"max_tokens"`` or, for OpenAI's
     reasoning models, ``"max_completion_tokens"``.
+
+    Every failure raises :class:`~tokenguard.errors.BackendError` naming the URL: an
+    error answer (with its ``status``), a refused connection, a timeout, a stream that
+    breaks, and a stream that ends without a ``finish_reason``.
 
     >>> backend = OpenAICompatible("http://127.0.0.1:8000/v1", "gpt-4o-mini")
     """
@@ -75,6 +137,7 @@ class OpenAICompatible(Backend):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.url = f"{self.base_url}/chat/completions"
+        _check_url(self.url)
         self.tokenizer_name = tokenizer
         self.max_tokens_param = max_tokens_param
         self.include_usage = include_usage
@@ -116,18 +179,18 @@ class OpenAICompatible(Backend):
         return self._client
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
-        with self.client.stream("POST", self.url, json=self._body(messages, params), headers=self.headers) as r:
+        read = _Read(self.url)
+        body = self._body(messages, params)
+        with read.transport_errors(), self.client.stream("POST", self.url, json=body, headers=self.headers) as r:
             if r.status_code >= 400:
                 raise _error(r, r.read())
-            finished = False
+            read.answered = True
             for data in iter_sse_data(r.iter_lines()):
-                chunk = _parse(data)
+                chunk = read.chunk(data)
                 if chunk is None:
                     return
-                finished = finished or chunk.finish_reason is not None
                 yield chunk
-            if not finished:
-                raise BackendError(_TRUNCATED)
+            read.end("closed the stream")
 
     def _aclient(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -137,19 +200,19 @@ class OpenAICompatible(Backend):
         return client
 
     async def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
+        read = _Read(self.url)
         body = self._body(messages, params)
-        async with self._aclient().stream("POST", self.url, json=body, headers=self.headers) as r:
-            if r.status_code >= 400:
-                raise _error(r, await r.aread())
-            finished = False
-            async for data in aiter_sse_data(r.aiter_lines()):
-                chunk = _parse(data)
-                if chunk is None:
-                    return
-                finished = finished or chunk.finish_reason is not None
-                yield chunk
-            if not finished:
-                raise BackendError(_TRUNCATED)
+        with read.transport_errors():
+            async with self._aclient().stream("POST", self.url, json=body, headers=self.headers) as r:
+                if r.status_code >= 400:
+                    raise _error(r, await r.aread())
+                read.answered = True
+                async for data in aiter_sse_data(r.aiter_lines()):
+                    chunk = read.chunk(data)
+                    if chunk is None:
+                        return
+                    yield chunk
+                read.end("closed the stream")
 
     def close(self) -> None:
         """Close the sync HTTP client (async clients close with their event loop)."""

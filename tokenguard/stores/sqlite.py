@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenguard.errors import StoreError
+
 __all__ = ["SQLITE_SETTINGS", "SQLiteDatabase", "SQLiteSettings"]
 
 
@@ -38,6 +40,8 @@ SQLITE_SETTINGS = SQLiteSettings()
 class SQLiteDatabase:
     """One SQLite file (or, with ``path=None``, a private in-memory database), opened
     with :data:`SQLITE_SETTINGS` and shared by the threads of a process behind a lock.
+    A file that cannot be opened or used raises :class:`~tokenguard.errors.StoreError`
+    naming it.
 
     ``setup(connection)`` runs on every new connection (create tables, add columns):
     once per process, again after a fork or :meth:`close`.
@@ -52,28 +56,55 @@ class SQLiteDatabase:
         with self.connection():  # fail here, at construction, on a bad path
             pass
 
+    @property
+    def _name(self) -> str:
+        """The file's path as errors name it, or ``:memory:``."""
+        return ":memory:" if self.path is None else str(self.path)
+
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
+        try:
+            conn = self._open()
+        except (sqlite3.Error, OSError) as error:
+            raise StoreError(f"cannot open the SQLite file {self._name}: {error}") from error
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        """A new connection with the settings applied and ``setup`` run; closed again if
+        either fails, so a bad file leaves nothing open."""
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
-            ":memory:" if self.path is None else str(self.path),
+            self._name,
             timeout=SQLITE_SETTINGS.busy_timeout_s,
             isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE where it matters
             check_same_thread=False,
         )
-        if self.path is not None:
-            conn.execute(f"PRAGMA journal_mode={SQLITE_SETTINGS.journal_mode}")
-            conn.execute(f"PRAGMA synchronous={SQLITE_SETTINGS.synchronous}")
-        self._setup(conn)
-        self._conn, self._pid = conn, os.getpid()
+        try:
+            if self.path is not None:
+                conn.execute(f"PRAGMA journal_mode={SQLITE_SETTINGS.journal_mode}")
+                conn.execute(f"PRAGMA synchronous={SQLITE_SETTINGS.synchronous}")
+            self._setup(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn a SQLite error raised in the block (a busy timeout, a full disk) into a
+        :class:`StoreError` naming this file; any other exception passes unchanged."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise StoreError(f"the SQLite file {self._name} failed: {error}") from error
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
         """This process's connection, held for the ``with`` block (autocommit)."""
-        with self._lock:
+        with self._lock, self._errors():
             yield self._connect()
 
     @contextmanager
@@ -81,13 +112,14 @@ class SQLiteDatabase:
         """One transaction: ``BEGIN IMMEDIATE`` when ``write`` (the write lock is taken
         before anything is read, so no other process can write between a check and the
         write it decides), a plain ``BEGIN`` for a consistent read. Rolled back on error."""
-        with self._lock:
+        with self._lock, self._errors():
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite rolls back by itself after some errors
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
@@ -99,4 +131,4 @@ class SQLiteDatabase:
             self._conn = None
 
     def __repr__(self) -> str:
-        return f"SQLiteDatabase({str(self.path) if self.path else ':memory:'!r})"
+        return f"SQLiteDatabase({self._name!r})"

@@ -8,7 +8,7 @@ import asyncio
 
 from tokenguard import Budget, Guard
 from tokenguard.backends import BackendUsage, Chunk
-from tokenguard.pipeline import Call, Generation, OutputCap
+from tokenguard.pipeline import Call, Generation, OutputCap, Stop
 from tokenguard.tokens import get_tokenizer
 
 TOK = get_tokenizer("gpt-4o")
@@ -29,10 +29,10 @@ class StopAtWord:
         def __init__(self, word: str) -> None:
             self.word = word
 
-        def feed(self, piece: str) -> tuple[str, str | None]:
+        def feed(self, piece: str) -> str | Stop:
             if self.word in piece:
-                return piece[: piece.index(self.word)], "stop_word"
-            return piece, None
+                return Stop("stop_word", keep=piece[: piece.index(self.word)])
+            return piece
 
 
 def looping(messages, *, max_tokens):

@@ -14,6 +14,8 @@ class Usage:
 
     ``input_tokens`` includes ``cached_input_tokens`` (as in OpenAI's ``usage``).
     ``cost_usd`` is ``None`` when the model's price is unknown, never a guess.
+    ``saved_tokens`` estimates the output tokens not generated because the guard ended
+    the stream early (a repetition stop): the rest of ``max_output_tokens``.
     """
 
     input_tokens: int = 0
@@ -21,6 +23,7 @@ class Usage:
     cached_input_tokens: int = 0
     cost_usd: float | None = None
     latency_s: float = 0.0
+    saved_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -13,7 +13,7 @@ from tokenguard.pipeline.output_cap import CapWatch, OutputCap
 from tokenguard.pipeline.remember import RememberTurn
 from tokenguard.pipeline.reserve import Reserve
 from tokenguard.pipeline.settle import Settle
-from tokenguard.pipeline.steps import CacheStep, ChunkWatcher, FitStep, RememberStep, ScopeStep, Watch
+from tokenguard.pipeline.steps import CacheStep, ChunkWatcher, FitStep, RememberStep, ScopeStep, Stop, Watch
 from tokenguard.pipeline.stream import AsyncGuardStream, GuardStream
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Reserve",
     "ScopeStep",
     "Settle",
+    "Stop",
     "Watch",
     "as_messages",
 ]

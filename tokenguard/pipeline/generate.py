@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tokenguard.backends import BackendUsage, Chunk
 from tokenguard.errors import BudgetExceeded, InputTooLong
-from tokenguard.pipeline.steps import Watch
+from tokenguard.pipeline.steps import Stop, Watch
 
 __all__ = ["Generation", "Outcome"]
 
@@ -32,9 +32,13 @@ _REFUSALS: dict[type[BaseException], str] = {
 class Outcome:
     """How one call ended, whatever became of it.
 
-    ``spent`` says whether the backend used tokens: it produced something (text, a
-    finish reason or usage) or finished without an error. ``backend_usage`` is what
-    the backend reported of its own counts, if anything.
+    ``text`` is the reply's text; ``streamed`` all the text passed on as it streamed,
+    which is what was generated and is metered (it is longer than ``text`` when a
+    watcher left a repeated tail out of the reply). ``spent`` says whether the backend
+    used tokens: it produced something (text, a finish reason or usage) or finished
+    without an error. ``stopped_early`` that a watcher ended the stream before the
+    backend would have, sparing the rest of ``max_output_tokens``. ``backend_usage``
+    is what the backend reported of its own counts, if anything.
     """
 
     text: str = ""
@@ -42,6 +46,8 @@ class Outcome:
     spent: bool = True
     backend_usage: BackendUsage | None = None
     error: BaseException | None = None
+    streamed: str = ""
+    stopped_early: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -63,7 +69,7 @@ class Generation:
     the stream (:attr:`stopped`), and the stream must then close the backend.
     """
 
-    __slots__ = ("_parts", "_watches", "finish_reason", "produced", "stop_reason", "usage")
+    __slots__ = ("_dropped", "_parts", "_watches", "finish_reason", "produced", "stop", "usage")
 
     def __init__(self, watches: Sequence[Watch]) -> None:
         self._watches = list(watches)
@@ -74,13 +80,14 @@ class Generation:
         self.usage: BackendUsage | None = None
         #: True once the backend produced any output (text, a finish reason or usage).
         self.produced = False
-        #: The reason a watcher ended the stream with, once one did.
-        self.stop_reason: str | None = None
+        #: How a watcher ended the stream, once one did.
+        self.stop: Stop | None = None
+        self._dropped = 0  # characters at the end of the text that the reply leaves out
 
     @property
     def stopped(self) -> bool:
         """True once a watcher ended the stream: close the backend, pass nothing more."""
-        return self.stop_reason is not None
+        return self.stop is not None
 
     @property
     def text(self) -> str:
@@ -100,10 +107,11 @@ class Generation:
             return ""
         self.produced = True
         for watch in self._watches:
-            piece, reason = watch.feed(piece)
-            if reason is not None:
-                self.stop_reason = reason
+            verdict = watch.feed(piece)
+            if isinstance(verdict, Stop):
+                self.stop, piece, self._dropped = verdict, verdict.keep, verdict.drop
                 break
+            piece = verdict
         if piece:
             self._parts.append(piece)
         return piece
@@ -113,16 +121,22 @@ class Generation:
         that the caller closed it early (a cancelling error such as
         ``asyncio.CancelledError`` means the same)."""
         cancelled = cancelled or isinstance(error, _CANCELS)
+        streamed = self.text
+        early = False
         if cancelled:
             reason = "cancelled"
         elif error is not None:
             reason = "error"
+        elif self.stop is not None:
+            reason, early = self.stop.reason, self.stop.saves
         else:
-            reason = self.stop_reason or self.finish_reason or "stop"
+            reason = self.finish_reason or "stop"
         return Outcome(
-            text=self.text,
+            text=streamed[: len(streamed) - self._dropped] if self._dropped else streamed,
             stop_reason=reason,
             spent=self.produced or (error is None and not cancelled),
             backend_usage=self.usage,
             error=error,
+            streamed=streamed,
+            stopped_early=early,
         )

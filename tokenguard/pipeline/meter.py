@@ -20,8 +20,9 @@ class Meter:
 
     def usage(self, call: Call, outcome: Outcome) -> Usage:
         """The call's usage: the backend's own counts where it reported them, else
-        exact counts of the prompt and of the text passed on. A call that spent nothing
-        costs nothing.
+        exact counts of the prompt and of the text streamed. A call that spent nothing
+        costs nothing. A stream a watcher ended early saved (an estimate) the rest of
+        its ``max_output_tokens``.
 
         Never raises: when counting fails, the usage is empty and the failure becomes
         ``outcome.error``, so the call's row is still written.
@@ -32,15 +33,20 @@ class Meter:
         try:
             input_tokens = reported.input_tokens if reported is not None else None
             output_tokens = reported.output_tokens if reported is not None else None
-            return self.priced(
+            if output_tokens is None:
+                output_tokens = call.tokenizer.count(outcome.streamed)
+            usage = self.priced(
                 call,
                 call.count_input() if input_tokens is None else input_tokens,
-                call.tokenizer.count(outcome.text) if output_tokens is None else output_tokens,
+                output_tokens,
                 (reported.cached_input_tokens or 0) if reported is not None else 0,
             )
         except Exception as count_error:  # noqa: BLE001 - the row must still be written
             outcome.error = outcome.error or count_error
             return self.priced(call, 0, 0, cost_usd=0.0)
+        if outcome.stopped_early:
+            usage.saved_tokens = max(call.max_output_tokens - output_tokens, 0)
+        return usage
 
     def priced(
         self,
@@ -76,6 +82,7 @@ class Meter:
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,
                 "cached_input_tokens": usage.cached_input_tokens,
+                "saved_tokens": usage.saved_tokens,
                 "cost_usd": usage.cost_usd,
                 "latency_s": usage.latency_s,
                 "stop_reason": stop_reason,

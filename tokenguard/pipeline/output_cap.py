@@ -4,6 +4,7 @@ backend does not stop by itself."""
 from __future__ import annotations
 
 from tokenguard.pipeline.call import Call
+from tokenguard.pipeline.steps import Stop
 from tokenguard.tokens import Tokenizer
 
 __all__ = ["CapWatch", "OutputCap"]
@@ -28,26 +29,26 @@ class CapWatch:
         self._counted = 0  # exact tokens of the text at the last count
         self._bytes_since = 0
 
-    def feed(self, piece: str) -> tuple[str, str | None]:
+    def feed(self, piece: str) -> str | Stop:
         self._parts.append(piece)
         self._bytes_since += len(piece.encode("utf-8", "surrogatepass"))
         if self._counted + self._bytes_since < self.max_tokens:
             self._emitted += len(piece)
-            return piece, None
+            return piece
         text = "".join(self._parts)
         self._parts = [text]
         self._counted = self.tokenizer.count_until(text, self.max_tokens)
         self._bytes_since = 0
         if self._counted <= self.max_tokens:
             self._emitted += len(piece)
-            return piece, None
+            return piece
         # Over the cap: keep the longest prefix that fits, of which some is already out.
         kept = self.tokenizer.truncate(text, self.max_tokens)
         emitted = text[: self._emitted]
         out = kept[self._emitted :] if kept.startswith(emitted) and len(kept) > self._emitted else ""
         self._parts = [emitted + out]
         self._emitted += len(out)
-        return out, "length"
+        return Stop("length", keep=out, saves=False)
 
 
 class OutputCap:

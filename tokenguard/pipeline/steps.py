@@ -7,13 +7,14 @@ remember. A step the user does not configure is absent, not a no-op.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from tokenguard.accounting import Reply
     from tokenguard.pipeline.call import Call
 
-__all__ = ["CacheStep", "ChunkWatcher", "FitStep", "RememberStep", "ScopeStep", "Watch"]
+__all__ = ["CacheStep", "ChunkWatcher", "FitStep", "RememberStep", "ScopeStep", "Stop", "Watch"]
 
 
 @runtime_checkable
@@ -38,12 +39,30 @@ class CacheStep(Protocol):
     def lookup(self, call: Call) -> Reply | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """A watcher's decision to end the stream.
+
+    ``keep`` is the part of the current piece still passed on; ``drop`` how many
+    characters at the end of the text passed on so far (``keep`` included) the final
+    reply leaves out, such as the repeats of a loop (they were generated, so they are
+    still metered); ``saves`` whether ending here spares tokens the backend would
+    otherwise have generated (a repetition stop does; the output cap is the limit
+    itself, so it does not).
+    """
+
+    reason: str
+    keep: str = ""
+    drop: int = 0
+    saves: bool = True
+
+
 class Watch(Protocol):
     """One call's watch over its generated text (see :class:`ChunkWatcher`)."""
 
-    def feed(self, piece: str) -> tuple[str, str | None]:
-        """Take the next generated ``piece``; return the part of it to pass on and,
-        to end the stream there, a stop reason (``"length"``, ``"repetition"``, ...)."""
+    def feed(self, piece: str) -> str | Stop:
+        """Take the next generated ``piece``: return the text to pass on (usually the
+        piece itself), or a :class:`Stop` to end the stream here."""
         ...
 
 

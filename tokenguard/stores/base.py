@@ -94,6 +94,7 @@ LEDGER_COLUMNS: dict[str, str] = {
     "input_tokens": "INTEGER NOT NULL DEFAULT 0",
     "output_tokens": "INTEGER NOT NULL DEFAULT 0",
     "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "saved_tokens": "INTEGER NOT NULL DEFAULT 0",
     "cost_usd": "REAL",
     "latency_s": "REAL",
     "stop_reason": "TEXT",
@@ -101,7 +102,7 @@ LEDGER_COLUMNS: dict[str, str] = {
     "error": "TEXT",
 }
 #: The columns :meth:`LedgerStore.totals` sums.
-LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "cost_usd", "latency_s")
+LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "cost_usd", "latency_s")
 
 
 @dataclass(frozen=True, slots=True)

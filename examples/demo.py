@@ -26,6 +26,14 @@ def chat_demo() -> None:
     for piece in stream:
         print(piece, end="", flush=True)
     print(f"\n            [{stream.reply.usage.output_tokens} tokens streamed, metered like the rest]")
+    # Small models loop. RepetitionStop (on by default) ends a loop once it is certain
+    # and keeps one copy in the reply; max_tokens alone would let it run to the cap.
+    roomy = tg.Guard(guard.backend, max_output_tokens=320)
+    print("\nuser      > Give me a list of ten fruits. (max_output_tokens=320)")
+    reply = roomy.complete("Give me a list of ten fruits.", session="demo-loop")
+    print("assistant > " + reply.text.replace("\n", "\n            "))
+    print(f"            [{reply.stop_reason}: {reply.usage.output_tokens} tokens generated, "
+          f"about {reply.usage.saved_tokens} of the 320 spared]")
     try:
         guard.complete("word " * 5000)
     except tg.InputTooLong as error:

@@ -24,7 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "accounting": {"stores", "tokens", "errors"},
     "context": {"stores", "tokens", "errors"},
     "pipeline": {"accounting", "backends", "context", "stores", "tokens", "errors"},
-    "_guard": {"accounting", "backends", "context", "pipeline", "stores", "tokens", "errors"},
+    "_repetition": {"pipeline", "errors"},
+    "_guard": {"accounting", "backends", "context", "pipeline", "_repetition", "stores", "tokens", "errors"},
     "_decorator": {"_guard", "accounting", "backends", "context", "pipeline", "stores", "tokens", "errors"},
 }
 

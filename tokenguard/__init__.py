@@ -8,6 +8,7 @@
 from tokenguard import accounting, backends, context, pipeline, stores, tokens
 from tokenguard._decorator import guard
 from tokenguard._guard import Guard
+from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, Price, Reply, UnknownPriceWarning, Usage
 from tokenguard.errors import (
     BackendError,
@@ -43,6 +44,7 @@ __all__ = [
     "Ledger",
     "MissingDependency",
     "Price",
+    "RepetitionStop",
     "Reply",
     "SentencePieceTokenizer",
     "StoreError",

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
 from tokenguard.backends import Backend, Chunk, Function
 from tokenguard.context import SessionHistory
@@ -43,6 +44,7 @@ from tokenguard.tokens import DEFAULT_MODEL_NAME, Tokenizer, get_tokenizer
 __all__ = ["Guard"]
 
 Messages = Sequence[Mapping[str, Any]]
+_DEFAULT_STOP = RepetitionStop()
 _Stream = TypeVar("_Stream", GuardStream, AsyncGuardStream)
 
 
@@ -93,8 +95,10 @@ class Guard:
     ``max_output_tokens`` caps every reply, on backends that ignore it too. ``budget``
     is a :class:`~tokenguard.Budget` or several; ``ledger`` a path or a
     :class:`~tokenguard.Ledger` (``None``: in memory, so ``guard.ledger`` always exists);
-    ``prices`` sets ``{model: (usd_per_mtok_in, usd_per_mtok_out)}``. ``scope``,
-    ``fit``, ``cache`` and ``remember`` plug in steps of :mod:`tokenguard.pipeline`.
+    ``prices`` sets ``{model: (usd_per_mtok_in, usd_per_mtok_out)}``. ``stop`` watches
+    every reply for loops and ends a looping one (a :class:`~tokenguard.RepetitionStop`,
+    on by default; ``None`` turns it off). ``scope``, ``fit``, ``cache`` and
+    ``remember`` plug in steps of :mod:`tokenguard.pipeline`.
 
     >>> guard = Guard(lambda messages: "hello", max_output_tokens=16)
     >>> guard.complete("hi").text
@@ -112,6 +116,7 @@ class Guard:
         ledger: Ledger | str | os.PathLike[str] | None = None,
         prices: Mapping[str, PriceSpec] | None = None,
         tokenizer: Tokenizer | str | None = None,
+        stop: ChunkWatcher | None = _DEFAULT_STOP,
         scope: ScopeStep | None = None,
         fit: FitStep | None = None,
         cache: CacheStep | None = None,
@@ -137,7 +142,7 @@ class Guard:
         self.fit = fit
         self.cache = cache
         self.reserve: Reserve | None = Reserve(self.budgets, self.pricing) if self.budgets else None
-        self.watchers: list[ChunkWatcher] = [OutputCap()]
+        self.watchers: list[ChunkWatcher] = [OutputCap(), *([stop] if stop is not None else [])]
         self.meter = Meter(self.ledger, self.pricing)
         self.settle: Settle | None = Settle() if self.budgets else None
         self.remember: list[RememberStep] = [RememberTurn(self.history), *([remember] if remember else [])]

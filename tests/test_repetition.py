@@ -1,0 +1,141 @@
+"""RepetitionStop: no false stops on natural text, every loop stopped soon after it
+starts, on every backend and every API, with bounded memory. The corpus is shared
+with benchmarks/bench_repetition.py, which also measures speed and savings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import repetition_corpus as corpus
+
+import tokenguard as tg
+from tokenguard import ConfigError, Guard, RepetitionStop
+from tokenguard._repetition import _TAIL_CHARS
+from tokenguard.backends import BundledRunner
+
+TOK = tg.get_tokenizer("gpt-4o")
+SMOLLM = tg.get_tokenizer("SmolLM2-135M-Instruct")
+PREFIX = "Here is a haiku about budgets:\n\nNumbers in a row,\n"
+LINE = "A budget is a canvas of choices,\n"
+
+
+def _first_stop(text: str, size: int) -> int | None:
+    watch = RepetitionStop().watch()
+    seen = 0
+    for piece in corpus.pieces(text, size):
+        verdict = watch.feed(piece)
+        if not isinstance(verdict, str):
+            return seen + len(verdict.keep)
+        seen += len(piece)
+    return None
+
+
+@pytest.mark.parametrize("size", [1, 7, 1_000_000])
+def test_natural_texts_are_never_stopped(size):
+    samples = corpus.handwritten_natural() if size == 1 else corpus.natural(real_limit=25)
+    stopped = [s.name for s in samples if _first_stop(s.text, size) is not None]
+    assert stopped == [], f"false stops: {stopped}"
+
+
+def test_every_loop_stops_within_120_tokens_of_its_start():
+    samples = corpus.looping()
+    assert len(corpus.recorded_loops()) >= 5  # the bundled model's own loops are part of it
+    for sample in samples:
+        stopped_at = _first_stop(sample.text, 4)
+        assert stopped_at is not None, f"missed: {sample.name}"
+        assert sample.loop_start is not None
+        spent = SMOLLM.count(sample.text[sample.loop_start : max(stopped_at, sample.loop_start)])
+        assert spent <= 120, f"{sample.name}: {spent} tokens from the loop's start"
+
+
+def looping(messages, *, max_tokens):
+    looping.closed = False
+    try:
+        yield PREFIX
+        for _ in range(10_000):
+            yield LINE
+    finally:
+        looping.closed = True
+
+
+async def alooping(messages, *, max_tokens):
+    for piece in looping(messages, max_tokens=max_tokens):
+        yield piece
+
+
+def _check(reply: tg.Reply, guard: Guard, max_out: int) -> None:
+    assert reply.stop_reason == "repetition"
+    assert reply.text == PREFIX + LINE  # the repeats are left out of the reply
+    streamed = reply.usage.output_tokens
+    assert streamed > TOK.count(reply.text)  # ... but they were generated and are metered
+    assert reply.usage.saved_tokens == max_out - streamed > 0
+    (row,) = guard.ledger.records()
+    assert row["stop_reason"] == "repetition" and row["saved_tokens"] == reply.usage.saved_tokens
+
+
+def test_complete_stops_a_loop_closes_the_backend_and_keeps_one_copy():
+    budget = tg.Budget(tokens=100_000)
+    guard = Guard(looping, model="gpt-4o", max_output_tokens=500, budget=budget)
+    reply = guard.complete("Write a haiku about budgets.")
+    _check(reply, guard, 500)
+    assert looping.closed
+    assert budget.spent()["tokens"] == reply.usage.total_tokens and budget.spent()["reserved_tokens"] == 0
+
+
+def test_a_stream_shows_what_streamed_and_its_reply_keeps_one_copy():
+    guard = Guard(looping, model="gpt-4o", max_output_tokens=500)
+    stream = guard.stream("Write a haiku about budgets.")
+    text = "".join(stream)
+    assert text.startswith(PREFIX + LINE + LINE) and text.count(LINE) > 2
+    _check(stream.reply, guard, 500)
+
+
+def test_async_and_the_decorator_stop_loops_too():
+    guard = Guard(alooping, model="gpt-4o", max_output_tokens=500)
+    _check(asyncio.run(guard.acomplete("go")), guard, 500)
+
+    @tg.guard(model="gpt-4o", max_output_tokens=400, stop=RepetitionStop())
+    def ask(messages, max_tokens):
+        return looping(messages, max_tokens=max_tokens)
+
+    _check(ask("go"), ask.guard, 400)
+
+
+def test_a_whole_reply_from_a_non_streaming_backend_is_cut_too():
+    guard = Guard(lambda messages: PREFIX + LINE * 200, model="gpt-4o", max_output_tokens=4000)
+    reply = guard.complete("go")
+    assert reply.stop_reason == "repetition" and reply.text == PREFIX + LINE
+
+
+def test_it_is_on_by_default_and_stop_none_turns_it_off():
+    assert any(isinstance(w, RepetitionStop) for w in Guard(looping, model="gpt-4o").watchers)
+    guard = Guard(looping, model="gpt-4o", max_output_tokens=200, stop=None)
+    reply = guard.complete("go")
+    assert reply.stop_reason == "length" and reply.usage.output_tokens == 200 and reply.usage.saved_tokens == 0
+
+
+def test_memory_stays_bounded_on_long_output():
+    rule = RepetitionStop()
+    watch = rule.watch()
+    words = [f"w{i * 7919 % 10007} " for i in range(300_000)]  # ~2 MB that never repeats
+    for i in range(0, len(words), 5):
+        assert isinstance(watch.feed("".join(words[i : i + 5]) + ("\n" if i % 40 == 0 else "")), str)
+    assert len(watch._history) == rule.max_period
+    assert len(watch._units) <= 8 * rule.max_units
+    assert watch._tail_chars <= _TAIL_CHARS + 64
+
+
+def test_bad_options_are_config_errors():
+    for options in ({"min_repeats": 1}, {"min_span": 0}, {"max_period": 0}, {"max_units": 0}):
+        with pytest.raises(ConfigError):
+            RepetitionStop(**options)
+
+
+@pytest.mark.slow
+def test_the_bundled_model_s_own_loop_is_stopped_and_its_sequence_freed(bundled_runner):
+    guard = Guard(BundledRunner(bundled_runner), max_output_tokens=320)
+    reply = guard.complete("Give me a list of ten fruits.", temperature=0.0)
+    assert reply.stop_reason == "repetition"
+    assert 0 < reply.usage.output_tokens < 320 and reply.usage.saved_tokens == 320 - reply.usage.output_tokens
+    assert bundled_runner.stats()["running"] == 0

@@ -66,6 +66,15 @@ def test_guard_cuts_a_server_that_ignores_max_tokens(openai_server):
     guard.backend.close()
 
 
+def test_a_looping_server_is_stopped_by_repetition_sync_and_async(openai_server):
+    backend = OpenAICompatible(openai_server.base_url, "endless", tokenizer="gpt-4o")
+    guard = Guard(backend, max_output_tokens=500, prices=FREE)
+    for reply in (guard.complete("go"), asyncio.run(guard.acomplete("go"))):
+        assert reply.stop_reason == "repetition" and reply.text == " word"  # one copy kept
+        assert 0 < reply.usage.output_tokens < 500 and reply.usage.saved_tokens == 500 - reply.usage.output_tokens
+    guard.backend.close()
+
+
 def test_http_error_is_raised_and_metered(openai_server):
     backend = OpenAICompatible(openai_server.base_url, "fail", tokenizer="gpt-4o")
     guard = Guard(backend, budget=Budget(tokens=10_000), prices=FREE)

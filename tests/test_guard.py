@@ -3,14 +3,15 @@ tokenizers, real SQLite and plain-function backends."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import warnings
 
 import pytest
 
-from tokenguard import Budget, Guard, Ledger, Reply
+from tokenguard import Budget, Guard, InvalidRequest, Ledger, Reply
 from tokenguard.accounting import Pricing, UnknownPriceWarning
-from tokenguard.backends import BundledRunner, Function
+from tokenguard.backends import BundledRunner, Function, OpenAICompatible
 from tokenguard.errors import BudgetExceeded, ConfigError, InputTooLong, TokenGuardError
 from tokenguard.tokens import DEFAULT_MODEL_NAME, get_tokenizer
 
@@ -151,7 +152,7 @@ def test_usd_budget_per_user_and_several_budgets_at_once():
 def test_two_budgets_with_one_name_in_one_store_are_refused(tmp_path):
     path = tmp_path / "b.sqlite"
     with pytest.raises(ConfigError, match="share one store"):
-        Guard(Calls(), budget=[Budget(tokens=5, store=path), Budget(tokens=9, store=path)])
+        Guard(Calls(), model="gpt-4o", budget=[Budget(tokens=5, store=path), Budget(tokens=9, store=path)])
 
 
 def test_backend_error_midway_meters_what_was_seen_and_settles_it():
@@ -267,10 +268,11 @@ def test_unknown_price_is_none_and_a_usd_budget_refuses_it():
     assert refused.ledger.records()[0]["stop_reason"] == "error"
 
 
-def test_bundled_model_is_the_default_tokenizer_and_free():
-    guard = Guard(Calls("Bonjour"))
+def test_a_function_s_model_must_be_named_not_guessed():
+    with pytest.raises(ConfigError, match="pass model="):
+        Guard(Calls("Bonjour"))
+    guard = Guard(Calls("Bonjour"), model=DEFAULT_MODEL_NAME)
     reply = guard.complete("hi")
-    assert guard.model == DEFAULT_MODEL_NAME
     assert reply.usage.input_tokens == get_tokenizer(DEFAULT_MODEL_NAME).count_messages(reply.messages)
     assert reply.usage.cost_usd == 0.0
 
@@ -309,3 +311,62 @@ def test_callable_backend_wraps_functions_without_max_tokens():
     backend = Function(lambda messages: "hi")
     guard = Guard(backend, model="gpt-4o", max_output_tokens=3)
     assert guard.complete("x").text == "hi"
+
+
+def test_a_prompt_that_cannot_be_counted_is_refused_before_the_backend():
+    fn = Calls()
+    budget = Budget(tokens=10_000)
+    guard = Guard(fn, model="gpt-4o", budget=budget)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]
+    with pytest.raises(TokenGuardError, match="cannot count"):
+        guard.complete(image)
+    assert fn.calls == []  # nothing was spent on a call the ledger could not meter
+    (row,) = guard.ledger.records()
+    assert row["stop_reason"] == "error" and "cannot count" in row["error"]
+    assert budget.spent()["reserved_tokens"] == 0
+    with pytest.raises(InvalidRequest, match="no content"):
+        guard.complete([{"role": "user", "content": None}])
+
+
+def test_a_per_user_budget_refuses_a_call_without_a_user():
+    fn = Calls()
+    guard = Guard(fn, model="gpt-4o", budget=Budget(tokens=10_000, per="user"))
+    with pytest.raises(InvalidRequest, match="names no user"):
+        guard.complete("hi")
+    assert fn.calls == [] and guard.ledger.records()[0]["stop_reason"] == "error"
+    assert guard.complete("hi", user="ada").text == fn.reply
+
+
+def test_sessions_behave_alike_in_chat_and_chat_stream_and_only_there_carry_history():
+    fn = Calls("Noted.")
+    guard = Guard(fn, model="gpt-4o")
+    guard.chat("My name is Ada.", session="s")
+    with guard.chat_stream("What is my name?", session="s") as stream:
+        assert "".join(stream) == "Noted."
+    assert stream.reply.messages[0] == {"role": "user", "content": "My name is Ada."}
+    assert len(guard.history.get("s")) == 4  # both turns, each with its reply
+    guard.complete("Unrelated.", session="s")  # session= names it; history is chat's
+    assert "".join(guard.stream("Also unrelated.", session="s")) == "Noted."
+    assert len(guard.history.get("s")) == 4
+    assert fn.calls[-1][0] == [{"role": "user", "content": "Also unrelated."}]
+
+    async def turn():
+        return await guard.achat_stream("And now?", session="s").aread()
+
+    assert asyncio.run(turn()).messages[:4] == guard.history.get("s")[:4]
+    assert len(guard.history.get("s")) == 6
+
+
+def test_a_guard_closes_what_it_holds(tmp_path):
+    backend = OpenAICompatible("http://127.0.0.1:9/v1", "gpt-4o")
+    _ = backend.client  # opened
+    with Guard(backend, ledger=tmp_path / "l.sqlite") as guard:
+        assert guard.backend is backend
+    assert backend._client is None and guard.ledger.store.db._conn is None
+
+
+@pytest.mark.slow
+def test_a_llama_runner_is_a_backend_as_it_is(bundled_runner):
+    guard = Guard(bundled_runner, max_output_tokens=4)
+    assert isinstance(guard.backend, BundledRunner) and guard.backend.runner is bundled_runner
+    assert guard.complete("Say hi.").usage.output_tokens <= 4

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from tokenguard import Budget, Guard
+from tokenguard import Budget, Guard, InputTooLong
+from tokenguard.backends import Backend, Chunk
 from tokenguard.errors import BudgetExceeded
 from tokenguard.tokens import get_tokenizer
 
@@ -121,3 +123,64 @@ def test_async_stream_aclose():
 
     first, reply = asyncio.run(run())
     assert first == "a" and reply.stop_reason == "cancelled"
+
+
+class LoadsSlowly(Backend):
+    """A backend whose first use loads something (as the bundled model does); it
+    records which thread did the loading."""
+
+    name = "slow-loader"
+    model = "gpt-4o"
+
+    def __init__(self) -> None:
+        self.warmed_on: list[int] = []
+
+    def warmup(self) -> None:
+        self.warmed_on.append(threading.get_ident())
+
+    def stream(self, messages, params):
+        yield Chunk(text="ok", finish_reason="stop")
+
+    async def astream(self, messages, params):
+        yield Chunk(text="ok", finish_reason="stop")
+
+
+class RecordingBudget(Budget):
+    """A real budget that records the threads its reservations ran on."""
+
+    threads: list[int]
+
+    def reserve(self, *args, **kwargs):
+        self.threads.append(threading.get_ident())
+        return super().reserve(*args, **kwargs)
+
+
+def test_nothing_blocking_runs_on_the_event_loop(tmp_path):
+    backend = LoadsSlowly()
+    budget = RecordingBudget(tokens=10_000, store=tmp_path / "budget.sqlite")
+    budget.threads = []
+    guard = Guard(backend, budget=budget, ledger=tmp_path / "ledger.sqlite")
+
+    async def run():
+        loop_thread = threading.get_ident()
+        replies = [await guard.acomplete("hi"), await guard.achat("hi", session="s")]
+        replies.append(await guard.astream("hi").aread())
+        return loop_thread, replies
+
+    loop_thread, replies = asyncio.run(run())
+    assert [r.text for r in replies] == ["ok"] * 3
+    assert len(backend.warmed_on) == 3 and loop_thread not in backend.warmed_on  # loading: off the loop
+    assert len(budget.threads) == 3 and loop_thread not in budget.threads  # SQLite reservations: off the loop
+    assert len(guard.ledger) == 3
+
+
+def test_a_refusal_surfaces_at_the_first_iteration_of_an_async_stream():
+    guard = Guard(async_pieces, model="gpt-4o", max_input_tokens=5)
+
+    async def run():
+        stream = guard.astream("word " * 50)  # nothing runs yet
+        with pytest.raises(InputTooLong):
+            await anext(stream)
+
+    asyncio.run(run())
+    assert guard.ledger.records()[0]["stop_reason"] == "input_too_long"

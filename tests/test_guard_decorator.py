@@ -14,25 +14,35 @@ from tokenguard.tokens import get_tokenizer
 TOK = get_tokenizer("gpt-4o")
 
 
-def test_plain_function_of_a_prompt_string():
+def test_a_prompt_string_reaches_the_function_as_messages():
     seen = []
 
     @guard(model="gpt-4o", max_output_tokens=64)
-    def ask(prompt):
-        seen.append(prompt)
+    def ask(messages):
+        seen.append(messages)
         return "Paris"
 
     reply = ask("Capital of France?", user="ada", tags=["geo"])
     assert isinstance(reply, Reply) and reply.text == "Paris"
-    assert seen == ["Capital of France?"]  # the function gets its input as the caller gave it
+    # As everywhere in the guard: a prompt string is one user message (a function written
+    # for an OpenAI client would fail on a bare string).
+    assert seen == [[{"role": "user", "content": "Capital of France?"}]]
     assert reply.usage.input_tokens == TOK.count_messages(reply.messages)
     row = ask.guard.ledger.records()[0]
     assert row["user"] == "ada" and row["tags"] == ["geo"]
     assert ask.__name__ == "ask"
 
 
-def test_bare_decorator_and_extra_arguments():
-    @guard
+def test_a_bare_decorator_cannot_know_the_model():
+    with pytest.raises(ConfigError, match="pass model="):
+
+        @guard
+        def ask(messages):
+            return "x"
+
+
+def test_extra_arguments_reach_the_function():
+    @guard(model="gpt-4o")
     def ask(messages, style, *, temperature=0.0):
         return f"{style}:{temperature}:{messages[-1]['content']}"
 
@@ -94,7 +104,7 @@ def test_decorator_enforces_input_cap_and_budget_before_calling():
     calls = []
 
     @guard(model="gpt-4o", max_input_tokens=20, max_output_tokens=10, budget=Budget(tokens=60))
-    def ask(messages):
+    def ask(messages, max_tokens):
         calls.append(messages)
         return "ok"
 
@@ -108,6 +118,25 @@ def test_decorator_enforces_input_cap_and_budget_before_calling():
     assert len(calls) < 10
     rows = ask.guard.ledger.records()
     assert rows[0]["stop_reason"] == "input_too_long" and rows[-1]["stop_reason"] == "budget_exceeded"
+
+
+def test_with_a_budget_the_function_must_take_the_output_cap():
+    with pytest.raises(ConfigError, match="takes no max_tokens"):
+
+        @guard(model="gpt-4o", max_output_tokens=5, budget=Budget(tokens=200))
+        def ask(messages):
+            return "a reply the server made as long as it liked"
+
+    handed = []
+
+    @guard(model="gpt-4o", max_output_tokens=5, budget=Budget(tokens=200))
+    def capped(messages, max_tokens):
+        handed.append(max_tokens)
+        return "ok"
+
+    capped("hi")
+    capped("hi", max_tokens=3)
+    assert handed == [5, 3]
 
 
 def test_decorator_takes_no_backend():

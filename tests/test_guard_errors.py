@@ -85,9 +85,11 @@ def test_bad_options_raise_config_error():
     with pytest.raises(ConfigError, match="backend must be"):
         Guard(42)
     with pytest.raises(ConfigError, match="max_output_tokens"):
-        Guard(lambda m: "", max_output_tokens=-1)
+        Guard(lambda m: "", model="gpt-4o", max_output_tokens=-1)
     with pytest.raises(ConfigError, match="max_input_tokens"):
-        Guard(lambda m: "", max_input_tokens=-1)
+        Guard(lambda m: "", model="gpt-4o", max_input_tokens=-1)
+    with pytest.raises(ConfigError, match="pass model="):
+        Guard(lambda m: "")  # a function's model cannot be guessed
     with pytest.raises(ConfigError, match="takes no backend"):
         tg.guard(backend=lambda m: "")
     with pytest.raises(ConfigError, match="a ledger store is None, a path or a LedgerStore"):

@@ -13,11 +13,11 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
-from tokenguard.backends import Backend, Chunk, Function
+from tokenguard.backends import Backend, BundledRunner, Chunk, Function
 from tokenguard.context import SessionHistory
 from tokenguard.errors import ConfigError, InvalidRequest, UnknownTokenizer
 from tokenguard.pipeline import (
@@ -30,6 +30,7 @@ from tokenguard.pipeline import (
     Generation,
     GuardStream,
     Meter,
+    Opened,
     Outcome,
     OutputCap,
     RememberStep,
@@ -39,22 +40,26 @@ from tokenguard.pipeline import (
     Settle,
     as_messages,
 )
-from tokenguard.tokens import DEFAULT_MODEL_NAME, Tokenizer, get_tokenizer
+from tokenguard.tokens import Tokenizer, get_tokenizer
 
 __all__ = ["Guard"]
 
 Messages = Sequence[Mapping[str, Any]]
 _DEFAULT_STOP = RepetitionStop()
-_Stream = TypeVar("_Stream", GuardStream, AsyncGuardStream)
+
+
+def _is_llama_runner(obj: object) -> bool:
+    # Checked by name: importing the runner (and torch) only to ask would be slow.
+    return type(obj).__name__ == "LlamaRunner" and type(obj).__module__.startswith("tokenguard.runner")
 
 
 def _as_backend(backend: object) -> Backend:
     if backend is None:
-        from tokenguard.backends import BundledRunner
-
         return BundledRunner()
     if isinstance(backend, Backend):
         return backend
+    if _is_llama_runner(backend):
+        return BundledRunner(backend)  # type: ignore[arg-type]
     if callable(backend):
         return Function(backend)
     raise ConfigError(
@@ -87,9 +92,10 @@ class Guard:
     """Meter, bound and record every call to a backend.
 
     ``backend=None`` is the bundled runner on its default model (loaded on first use);
-    a plain function is wrapped in :class:`~tokenguard.backends.Function`. ``model``
-    names the model for prices and the ledger, and the tokenizer for backends that do
-    not report their own (default: the backend's model, else the bundled model).
+    a :class:`~tokenguard.runner.LlamaRunner` is served as it is; a plain function is
+    wrapped in :class:`~tokenguard.backends.Function`. ``model`` names the model for
+    prices and the ledger, and the tokenizer for backends that do not report their own
+    (default: the backend's model; a function's model must be given).
 
     ``max_input_tokens`` refuses longer inputs with :class:`~tokenguard.InputTooLong`;
     ``max_output_tokens`` caps every reply, on backends that ignore it too. ``budget``
@@ -100,7 +106,7 @@ class Guard:
     on by default; ``None`` turns it off). ``scope``, ``fit``, ``cache`` and
     ``remember`` plug in steps of :mod:`tokenguard.pipeline`.
 
-    >>> guard = Guard(lambda messages: "hello", max_output_tokens=16)
+    >>> guard = Guard(lambda messages: "hello", model="gpt-4o", max_output_tokens=16)
     >>> guard.complete("hi").text
     'hello'
     """
@@ -126,7 +132,13 @@ class Guard:
         if max_output_tokens < 0:
             raise ConfigError("max_output_tokens must be >= 0")
         self.backend: Backend = _as_backend(backend)
-        self.model: str = model or self.backend.model or DEFAULT_MODEL_NAME
+        known = model or self.backend.model
+        if known is None:
+            raise ConfigError(
+                "the guard cannot tell which model this function calls, so it could neither count "
+                "its tokens nor price them: pass model= (for example Guard(fn, model='gpt-4o'))"
+            )
+        self.model: str = known
         self.max_output_tokens = max_output_tokens
         self.pricing = Pricing(prices)
         self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
@@ -194,6 +206,7 @@ class Guard:
         max_out = _max_tokens(params.pop("max_tokens", None), self.max_output_tokens)
         params["max_tokens"] = max_out
         backend = backend or self.backend
+        backend.warmup()  # a model's first load is not part of this call's latency
         if session is not None and backend.accepts_session:
             params["session"] = session
         return Call(
@@ -212,19 +225,26 @@ class Guard:
     def open_stream(self, call: Call) -> GuardStream:
         """Run a prepared call: admission, cache and budgets now, before the backend is
         called; generation as the stream is read; meter, settle and remember when it ends."""
-        return self._open(call, GuardStream, lambda: iter(call.backend.stream(call.messages, call.params)))
+        return GuardStream(self._open(call, lambda: iter(call.backend.stream(call.messages, call.params))))
 
-    def open_astream(self, call: Call) -> AsyncGuardStream:
-        """The async twin of :meth:`open_stream`."""
-        return self._open(call, AsyncGuardStream, lambda: aiter(call.backend.astream(call.messages, call.params)))
+    def open_astream(self, call: Call | Callable[[], Call]) -> AsyncGuardStream:
+        """The async twin of :meth:`open_stream`. The stream opens on its first
+        iteration, in a worker thread; ``call`` may be a function that prepares the
+        call, so that preparing (a tokenizer's or a model's first load) runs there too."""
 
-    def _open(
-        self, call: Call, stream_type: type[_Stream], open_chunks: Callable[[], Iterator[Chunk] | AsyncIterator[Chunk]]
-    ) -> _Stream:
+        def open_() -> Opened:
+            prepared = call if isinstance(call, Call) else call()
+            return self._open(
+                prepared, lambda: aiter(prepared.backend.astream(prepared.messages, prepared.params))
+            )
+
+        return AsyncGuardStream(open_)
+
+    def _open(self, call: Call, open_chunks: Callable[[], Iterator[Chunk] | AsyncIterator[Chunk]]) -> Opened:
         hit = self._before(call)
         if hit is not None:
             self._remember(call, hit)
-            return stream_type.finished(hit)
+            return Opened(call.request_id, reply=hit)
         generation = Generation([watcher.watch(call) for watcher in self.watchers])
         on_end = functools.partial(self._finish, call)
         try:
@@ -232,7 +252,7 @@ class Guard:
         except BaseException as error:
             on_end(generation.outcome(error))
             raise
-        return stream_type(call.request_id, chunks, generation, on_end)
+        return Opened(call.request_id, chunks, generation, on_end)
 
     def _before(self, call: Call) -> Reply | None:
         """Steps admit..reserve; a cache hit is metered and returned. A refusal is
@@ -244,6 +264,9 @@ class Guard:
                 self.scope(call)
             if self.fit is not None:
                 self.fit(call)
+            # Count the prompt now: a prompt that cannot be counted is refused here, before
+            # anything is spent, rather than metered as 0 tokens after the backend ran.
+            call.count_input()
             if self.cache is not None:
                 hit = self.cache.lookup(call)
                 if hit is not None:
@@ -257,7 +280,10 @@ class Guard:
         return None
 
     def _finish(self, call: Call, outcome: Outcome) -> Reply:
-        """Steps meter, settle and remember: once per call, whatever happened."""
+        """Steps meter, settle and remember: once per call, whatever happened. A count
+        that fails is recorded in the call's row and then raised: a ledger never says
+        0 tokens for a call that had them without saying why."""
+        failed_before = outcome.error
         usage = self.meter.usage(call, outcome)
         reply = Reply(
             text=outcome.text,
@@ -272,6 +298,8 @@ class Guard:
         finally:
             if self.settle is not None:
                 self.settle(call, usage)
+        if outcome.error is not None and outcome.error is not failed_before:
+            raise outcome.error
         if outcome.succeeded:
             self._remember(call, reply)
         return reply
@@ -281,6 +309,11 @@ class Guard:
             step(call, reply)
 
     # -- public API ---------------------------------------------------------------------
+    #
+    # Sessions: ``session=`` on every method names the session for the ledger, for
+    # per-session budgets and for the bundled runner's KV reuse. Only the chat methods
+    # also carry the session's history: they send its earlier turns with the new
+    # message and add the turn and its reply to it when the call succeeds.
 
     def stream(
         self,
@@ -293,7 +326,9 @@ class Guard:
     ) -> GuardStream:
         """Stream the reply as text pieces; the stream's ``.reply`` holds the
         :class:`Reply` once iteration ends. Admission and budgets are checked here,
-        before the backend is called."""
+        before the backend is called. Use it as a context manager (``with
+        guard.stream(...) as s``) when you may stop early: leaving the block closes the
+        backend and settles the budget at once, not when the stream is collected."""
         return self.open_stream(self.prepare(prompt_or_messages, user=user, session=session, tags=tags, **params))
 
     def complete(
@@ -312,6 +347,19 @@ class Guard:
         """
         return self.stream(prompt_or_messages, user=user, session=session, tags=tags, **params).read()
 
+    def chat_stream(
+        self,
+        message: str | Mapping[str, Any],
+        *,
+        session: str,
+        user: str | None = None,
+        tags: Any = None,
+        **params: Any,
+    ) -> GuardStream:
+        """:meth:`chat`, streamed: the session's history goes along, and the turn is
+        added to it when the stream ends well."""
+        return self.open_stream(self._chat_call(message, session, user, tags, params))
+
     def chat(
         self,
         message: str | Mapping[str, Any],
@@ -323,7 +371,7 @@ class Guard:
     ) -> Reply:
         """Send ``message`` in ``session``, whose earlier turns go along with it; the
         turn and its reply are added to the session's history when the call succeeds."""
-        return self.open_stream(self._chat_call(message, session, user, tags, params)).read()
+        return self.chat_stream(message, session=session, user=user, tags=tags, **params).read()
 
     def _chat_call(
         self, message: object, session: str, user: str | None, tags: Any, params: dict[str, Any]
@@ -342,8 +390,12 @@ class Guard:
         tags: Any = None,
         **params: Any,
     ) -> AsyncGuardStream:
-        """The async twin of :meth:`stream`: ``async for piece in guard.astream(...)``."""
-        return self.open_astream(self.prepare(prompt_or_messages, user=user, session=session, tags=tags, **params))
+        """The async twin of :meth:`stream`: ``async for piece in guard.astream(...)``.
+        Nothing blocks the event loop: the call is prepared, admitted and reserved in a
+        worker thread on the first iteration, which also raises any refusal."""
+        return self.open_astream(
+            functools.partial(self.prepare, prompt_or_messages, user=user, session=session, tags=tags, **params)
+        )
 
     async def acomplete(
         self,
@@ -357,6 +409,18 @@ class Guard:
         """The async twin of :meth:`complete`."""
         return await self.astream(prompt_or_messages, user=user, session=session, tags=tags, **params).aread()
 
+    def achat_stream(
+        self,
+        message: str | Mapping[str, Any],
+        *,
+        session: str,
+        user: str | None = None,
+        tags: Any = None,
+        **params: Any,
+    ) -> AsyncGuardStream:
+        """The async twin of :meth:`chat_stream`."""
+        return self.open_astream(functools.partial(self._chat_call, message, session, user, tags, params))
+
     async def achat(
         self,
         message: str | Mapping[str, Any],
@@ -367,7 +431,30 @@ class Guard:
         **params: Any,
     ) -> Reply:
         """The async twin of :meth:`chat`."""
-        return await self.open_astream(self._chat_call(message, session, user, tags, params)).aread()
+        return await self.achat_stream(message, session=session, user=user, tags=tags, **params).aread()
+
+    def warmup(self) -> None:
+        """Load now what the first call would otherwise wait for: the backend's model
+        and the tokenizer the guard counts with."""
+        self.backend.warmup()
+        _ = self.tokenizer
+
+    def close(self) -> None:
+        """Release what the guard holds open: the backend's connections or model, the
+        ledger's database connection. Also what leaving ``with Guard(...) as guard:``
+        does."""
+        close = getattr(self.backend, "close", None)
+        try:
+            if close is not None:
+                close()
+        finally:
+            self.ledger.close()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Guard({self.backend!r}, model={self.model!r})"

@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Literal
 
-from tokenguard.errors import BudgetExceeded, ConfigError, TokenGuardError
+from tokenguard.errors import BudgetExceeded, ConfigError, InvalidRequest, TokenGuardError
 from tokenguard.stores import BudgetStore, MemoryBudgetStore, SQLiteBudgetStore
 
 __all__ = ["Budget", "Per", "Reservation", "Window", "open_budget_store"]
@@ -156,8 +156,15 @@ class Budget:
     ) -> Reservation:
         """Hold ``tokens`` and ``usd`` (the call's worst case) or raise
         :class:`~tokenguard.BudgetExceeded`. ``usd=None`` means the price is unknown,
-        which a USD budget refuses rather than guess.
+        which a USD budget refuses rather than guess. A per-user (per-session) budget
+        refuses a call without a user (session) with :class:`~tokenguard.InvalidRequest`
+        rather than pool every anonymous caller into one scope.
         """
+        if (self.per == "user" and not user) or (self.per == "session" and not session):
+            raise InvalidRequest(
+                f"budget {self.name!r} is per {self.per}, but the call names no {self.per}: pass "
+                f"{self.per}=... on the call, or make the budget per='global' to pool every caller"
+            )
         if self.usd is not None and usd is None:
             raise TokenGuardError(
                 f"budget {self.name!r} limits USD but the model's price is unknown; "

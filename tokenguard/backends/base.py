@@ -77,6 +77,12 @@ class Backend(Protocol):
         let the guard use the one named by ``Guard(model=...)``."""
         return None
 
+    def warmup(self) -> None:
+        """Load and prepare what the first call would otherwise pay for (a model's
+        weights); the guard calls it before it starts timing a call, so load time stays
+        out of call latency. Default: nothing."""
+        return None
+
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         """Generate a reply to ``messages`` with ``params`` (``max_tokens`` always set)."""
         ...

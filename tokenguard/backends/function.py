@@ -83,9 +83,11 @@ async def _achunks(result: Any) -> AsyncIterator[Chunk]:
 class Function(Backend):
     """Wrap ``fn(messages, *, max_tokens, **params)`` as a backend.
 
-    ``fn`` may be sync or async and return a ``str``, an iterator (or async iterator) of
-    ``str`` pieces, an OpenAI chat completion (object or dict, whose ``usage`` is used)
-    or a stream of OpenAI chunks. ``max_tokens`` is passed only when ``fn`` accepts it.
+    ``fn`` is handed a list of OpenAI-style messages (a prompt string becomes one user
+    message, as everywhere in the guard) and may be sync or async and return a ``str``,
+    an iterator (or async iterator) of ``str`` pieces, an OpenAI chat completion (object
+    or dict, whose ``usage`` is used) or a stream of OpenAI chunks. ``max_tokens`` is
+    passed only when ``fn`` accepts it.
     The guard meters it with the tokenizer named by ``Guard(model=...)``.
 
     >>> backend = Function(lambda messages, max_tokens: "hi")
@@ -99,28 +101,21 @@ class Function(Backend):
         self.fn = fn
         self.model = model
         self.is_async = _is_async(fn)
-        self._takes_max_tokens = _accepts(fn, "max_tokens")
+        #: Whether ``fn`` can be handed the output cap; one that cannot may generate past it.
+        self.takes_max_tokens = _accepts(fn, "max_tokens")
         self._args: tuple[Any, ...] = ()
-        self._prompt: str | None = None
 
-    def bind(self, *args: Any, prompt: str | None = None) -> Function:
-        """The same backend, calling ``fn(messages, *args, ...)``. With ``prompt``,
-        ``fn`` is handed that string itself in place of the one user message it became
-        (as long as no step changed the messages): a decorated function takes what its
-        caller gave it."""
+    def bind(self, *args: Any) -> Function:
+        """The same backend, calling ``fn(messages, *args, ...)``."""
         bound = copy.copy(self)
         bound._args = args
-        bound._prompt = prompt
         return bound
 
     def _call(self, messages: Sequence[Message], params: Params) -> Any:
         kwargs = dict(params)
-        if not self._takes_max_tokens:
+        if not self.takes_max_tokens:
             kwargs.pop("max_tokens", None)
-        given: Any = messages
-        if self._prompt is not None and list(messages) == [{"role": "user", "content": self._prompt}]:
-            given = self._prompt
-        return self.fn(given, *self._args, **kwargs)
+        return self.fn(list(messages), *self._args, **kwargs)
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         if self.is_async:

@@ -14,7 +14,7 @@ from tokenguard.pipeline.remember import RememberTurn
 from tokenguard.pipeline.reserve import Reserve
 from tokenguard.pipeline.settle import Settle
 from tokenguard.pipeline.steps import CacheStep, ChunkWatcher, FitStep, RememberStep, ScopeStep, Stop, Watch
-from tokenguard.pipeline.stream import AsyncGuardStream, GuardStream
+from tokenguard.pipeline.stream import AsyncGuardStream, GuardStream, Opened
 
 __all__ = [
     "Admit",
@@ -27,6 +27,7 @@ __all__ = [
     "Generation",
     "GuardStream",
     "Meter",
+    "Opened",
     "Outcome",
     "OutputCap",
     "RememberStep",

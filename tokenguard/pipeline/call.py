@@ -24,8 +24,13 @@ def _check_message(index: int, message: object) -> dict[str, Any]:
     if not isinstance(role, str) or not role:
         raise InvalidRequest(f"message {index} has no 'role' (a non-empty string such as 'user')")
     content = message.get("content")
-    is_parts = isinstance(content, list) and all(isinstance(part, Mapping) for part in content)
-    if content is not None and not isinstance(content, str) and not is_parts:
+    if content is None:
+        # Only an assistant message may carry no text (its tool calls say what it did).
+        if role != "assistant":
+            raise InvalidRequest(f"message {index} ({role}) has no content; only an assistant message may omit it")
+    elif not isinstance(content, str) and not (
+        isinstance(content, list) and all(isinstance(part, Mapping) for part in content)
+    ):
         raise InvalidRequest(
             f"message {index} ({role}) has content of type {type(content).__name__}; "
             "content is a string or a list of parts such as {'type': 'text', 'text': ...}"
@@ -38,7 +43,7 @@ def as_messages(prompt_or_messages: object) -> list[dict[str, Any]]:
 
     Raises :class:`~tokenguard.InvalidRequest` for anything else: ``None``, a single
     message dict (wrap it in a list), a message without a role, content that is
-    neither a string nor a list of parts.
+    neither a string nor a list of parts, or no content outside an assistant message.
     """
     if isinstance(prompt_or_messages, str):
         return [{"role": "user", "content": prompt_or_messages}]

@@ -24,7 +24,8 @@ class Meter:
         costs nothing. A stream a watcher ended early saved (an estimate) the rest of
         its ``max_output_tokens``.
 
-        Never raises: when counting fails, the usage is empty and the failure becomes
+        Never raises: when counting fails, the usage holds only the prompt (counted
+        before the backend ran), its cost is unknown, and the failure becomes
         ``outcome.error``, so the call's row is still written.
         """
         if not outcome.spent:
@@ -43,7 +44,8 @@ class Meter:
             )
         except Exception as count_error:  # noqa: BLE001 - the row must still be written
             outcome.error = outcome.error or count_error
-            return self.priced(call, 0, 0, cost_usd=0.0)
+            # What is known: the prompt (counted before the backend ran); the cost is not.
+            return Usage(input_tokens=call.input_tokens or 0, latency_s=time.perf_counter() - call.started)
         if outcome.stopped_early:
             usage.saved_tokens = max(call.max_output_tokens - output_tokens, 0)
         return usage

@@ -4,47 +4,55 @@ Both streams are thin shells around one :class:`~tokenguard.pipeline.generate.Ge
 they pull the backend's chunks (with ``next`` or ``await anext``), feed them to it,
 close the backend when it says stop, and hand its :class:`Outcome` to ``on_end`` exactly
 once: at the end, on an error, on ``close()``, or when an abandoned stream is collected.
+The async stream does every blocking step (opening: admission, budgets, a model's
+first load; ending: the ledger and the budgets' settlement) in a worker thread, so
+the event loop never waits on SQLite or on a model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from tokenguard.accounting import Reply
 from tokenguard.backends import Chunk
 from tokenguard.pipeline.generate import Generation, Outcome
 
-__all__ = ["AsyncGuardStream", "GuardStream"]
+__all__ = ["AsyncGuardStream", "GuardStream", "Opened"]
 
 _DONE: Any = object()
-S = TypeVar("S", bound="_Stream")
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A call the guard has started: the backend's chunks, the generation that watches
+    them and the callback that ends the call; or, for an answer that needed no
+    backend (a cache hit), the finished ``reply``."""
+
+    request_id: str
+    chunks: Any = None
+    generation: Generation | None = None
+    on_end: Callable[[Outcome], Reply] | None = None
+    reply: Reply | None = None
 
 
 class _Stream:
     """What both streams share: the generation, the end callback and the final reply."""
 
-    def __init__(
-        self,
-        request_id: str,
-        chunks: Any,
-        generation: Generation | None,
-        on_end: Callable[[Outcome], Reply] | None,
-        reply: Reply | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self._chunks = chunks
-        self._generation = generation
-        self._on_end = on_end
-        #: The final reply, set once the stream has ended (at once for a cache hit).
-        self.reply: Reply | None = reply
-        self._hit_text = reply.text if reply is not None and reply.text else None
+    def __init__(self, opened: Opened) -> None:
+        self._adopt(opened)
 
-    @classmethod
-    def finished(cls: type[S], reply: Reply) -> S:
-        """A stream of a reply that is already whole (a cache hit): its text, once."""
-        return cls(reply.request_id, None, None, None, reply)
+    def _adopt(self, opened: Opened) -> None:
+        self.request_id = opened.request_id
+        self._chunks = opened.chunks
+        self._generation = opened.generation
+        self._on_end = opened.on_end
+        #: The final reply, set once the stream has ended (at once for a cache hit).
+        self.reply: Reply | None = opened.reply
+        self._hit_text = opened.reply.text if opened.reply is not None and opened.reply.text else None
 
     def _replay(self) -> str | None:
         """The text of an already whole reply, the first time only."""
@@ -52,8 +60,8 @@ class _Stream:
         return text
 
     def _end(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
-        if self.reply is None:
-            assert self._generation is not None and self._on_end is not None
+        if self.reply is None and self._generation is not None:  # else: never started, nothing to record
+            assert self._on_end is not None
             self.reply = self._on_end(self._generation.outcome(error, cancelled=cancelled))
 
     def __del__(self) -> None:
@@ -129,20 +137,36 @@ class GuardStream(_Stream):
 
 
 class AsyncGuardStream(_Stream):
-    """The async twin of :class:`GuardStream`: ``async for piece in guard.astream(...)``."""
+    """The async twin of :class:`GuardStream`: ``async for piece in guard.astream(...)``.
+
+    The guard opens it on first iteration, in a worker thread, so refusals
+    (:class:`~tokenguard.InputTooLong`, :class:`~tokenguard.BudgetExceeded`) are raised
+    by the first ``anext``.
+    """
 
     _chunks: AsyncIterator[Chunk] | None
+
+    def __init__(self, opened: Opened | Callable[[], Opened]) -> None:
+        self._open: Callable[[], Opened] | None = None
+        if isinstance(opened, Opened):
+            super().__init__(opened)
+        else:
+            super().__init__(Opened(""))
+            self._open = opened
 
     def __aiter__(self) -> AsyncGuardStream:
         return self
 
     async def __anext__(self) -> str:
-        if self.reply is not None:
+        if self._open is not None:
+            open_, self._open = self._open, None
+            self._adopt(await asyncio.to_thread(open_))
+        if self.reply is not None or self._generation is None:
             text = self._replay()
             if text is None:
                 raise StopAsyncIteration
             return text
-        assert self._chunks is not None and self._generation is not None
+        assert self._chunks is not None
         generation = self._generation
         try:
             while not generation.stopped:
@@ -158,11 +182,16 @@ class AsyncGuardStream(_Stream):
             try:
                 await self._close_backend()
             finally:
-                self._end(error)
+                await self._aend(error)
             raise
         await self._close_backend()
-        self._end()
+        await self._aend()
         raise StopAsyncIteration
+
+    async def _aend(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
+        """End the call off the event loop (the ledger and the budgets may wait on SQLite)."""
+        if self.reply is None:
+            await asyncio.to_thread(self._end, error, cancelled=cancelled)
 
     async def aread(self) -> Reply:
         """Read the rest of the stream; the final :class:`Reply`."""
@@ -179,11 +208,12 @@ class AsyncGuardStream(_Stream):
 
     async def aclose(self) -> None:
         """Stop early: close the backend's stream; the call is metered as cancelled."""
+        self._open = None  # never opened: nothing was started, nothing to record
         if self.reply is None:
             try:
                 await self._close_backend()
             finally:
-                self._end(cancelled=True)
+                await self._aend(cancelled=True)
 
     async def __aenter__(self) -> AsyncGuardStream:
         return self

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokenguard import Budget, Reply, guard
+from tokenguard import Budget, InvalidRequest, Reply, guard, reply_of
 from tokenguard.errors import BudgetExceeded, ConfigError, InputTooLong
 from tokenguard.tokens import get_tokenizer
 
@@ -22,7 +22,9 @@ def test_a_prompt_string_reaches_the_function_as_messages():
         seen.append(messages)
         return "Paris"
 
-    reply = ask("Capital of France?", user="ada", tags=["geo"])
+    answer = ask("Capital of France?", user="ada", tags=["geo"])
+    assert answer == "Paris" and isinstance(answer, str)  # what the function returns, of its type
+    reply = reply_of(answer)
     assert isinstance(reply, Reply) and reply.text == "Paris"
     # As everywhere in the guard: a prompt string is one user message (a function written
     # for an OpenAI client would fail on a bare string).
@@ -46,20 +48,58 @@ def test_extra_arguments_reach_the_function():
     def ask(messages, style, *, temperature=0.0):
         return f"{style}:{temperature}:{messages[-1]['content']}"
 
-    reply = ask([{"role": "user", "content": "hi"}], "terse", temperature=0.5)
-    assert reply.text == "terse:0.5:hi"
+    assert ask([{"role": "user", "content": "hi"}], "terse", temperature=0.5) == "terse:0.5:hi"
 
 
-def test_openai_completion_object_with_usage():
-    def create(messages):
-        return SimpleNamespace(
-            choices=[SimpleNamespace(message=SimpleNamespace(content="Hello"), finish_reason="stop")],
-            usage=SimpleNamespace(prompt_tokens=12, completion_tokens=1, prompt_tokens_details=None),
-        )
+def _completion(text, tool_calls=None, as_dict=False):
+    if as_dict:
+        return {
+            "id": "c1",
+            "choices": [{"message": {"content": text, "tool_calls": tool_calls}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": TOK.count(text)},
+        }
+    return SimpleNamespace(
+        id="c1",
+        choices=[SimpleNamespace(message=SimpleNamespace(content=text, tool_calls=tool_calls), finish_reason="stop")],
+        usage=SimpleNamespace(prompt_tokens=12, completion_tokens=TOK.count(text), prompt_tokens_details=None),
+    )
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_an_openai_completion_comes_back_as_itself_with_its_tool_calls(as_dict):
+    calls = [{"id": "t1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
+    made = []
+
+    def create(messages, max_tokens):
+        made.append(_completion("Hello", calls, as_dict))
+        return made[-1]
 
     ask = guard(model="gpt-4o")(create)
-    reply = ask([{"role": "user", "content": "hi"}])
+    result = ask([{"role": "user", "content": "hi"}])
+    assert type(result) is type(made[0]) or isinstance(result, dict)
+    assert result == made[0] if as_dict else result is made[0]  # untouched: the guard changed nothing
+    reply = reply_of(result)
     assert reply.text == "Hello" and (reply.usage.input_tokens, reply.usage.output_tokens) == (12, 1)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_completion_past_the_cap_comes_back_cut_and_says_length(as_dict):
+    long = "word " * 50
+
+    def create(messages, max_tokens):  # a server that ignores max_tokens
+        return _completion(long, as_dict=as_dict)
+
+    result = guard(model="gpt-4o", max_output_tokens=5)(create)("go")
+    choice = result["choices"][0] if as_dict else result.choices[0]
+    content = choice["message"]["content"] if as_dict else choice.message.content
+    finish = choice["finish_reason"] if as_dict else choice.finish_reason
+    assert TOK.count(content) == 5 and long.startswith(content) and finish == "length"
+    assert reply_of(result).text == content and reply_of(result).stop_reason == "length"
+
+
+def test_reply_of_something_no_guard_returned():
+    with pytest.raises(InvalidRequest):
+        reply_of("a plain string")
 
 
 def test_function_returning_a_chunk_iterator_is_consumed_and_capped():
@@ -92,12 +132,13 @@ def test_async_function_and_async_generator():
         yield "y"
 
     async def run():
-        reply = await ask("hi")
+        answer = await ask("hi")
         s = stream("hi")
-        return reply, [p async for p in s], s.reply
+        return answer, [p async for p in s], s.reply
 
-    reply, pieces, final = asyncio.run(run())
-    assert reply.text == "async" and pieces == ["x", "y"] and final.text == "xy"
+    answer, pieces, final = asyncio.run(run())
+    assert answer == "async" and reply_of(answer).stop_reason == "stop"
+    assert pieces == ["x", "y"] and final.text == "xy"
 
 
 def test_decorator_enforces_input_cap_and_budget_before_calling():

@@ -8,13 +8,69 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from tokenguard._guard import Guard
+from tokenguard.accounting import Reply
 from tokenguard.backends import Function
-from tokenguard.errors import ConfigError
+from tokenguard.backends.openai_format import chunk_from_completion, completion_with_text, is_completion
+from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.pipeline import AsyncGuardStream, Call, GuardStream
 
-__all__ = ["guard"]
+__all__ = ["guard", "reply_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+_REPLY = "__tokenguard_reply__"
+
+
+class _GuardedStr(str):
+    """A ``str`` that carries the guard's reply (see :func:`reply_of`)."""
+
+    __slots__ = (_REPLY,)
+
+
+class _GuardedDict(dict[str, Any]):
+    """A ``dict`` (a chat completion as JSON) that carries the guard's reply."""
+
+    __slots__ = (_REPLY,)
+
+
+def reply_of(result: Any) -> Reply:
+    """The guard's :class:`~tokenguard.Reply` (usage, cost, stop reason, request id)
+    for what a ``@guard``-decorated function returned.
+
+    >>> @guard(model="gpt-4o")
+    ... def ask(messages, max_tokens):
+    ...     return "Paris"
+    >>> reply_of(ask("Capital of France?")).stop_reason
+    'stop'
+    """
+    if isinstance(result, Reply):
+        return result
+    reply = getattr(result, _REPLY, None)
+    if not isinstance(reply, Reply):
+        raise InvalidRequest(f"a {type(result).__name__} that no guarded function returned carries no reply")
+    return reply
+
+
+def _as_returned(raw: Any, reply: Reply) -> Any:
+    """What the function returned, as the guard let it through, with ``reply`` attached:
+    a string or a chat completion (object or dict) of the same type, holding the guard's
+    text (cut at the output cap, a loop's repeats left out). Anything else (a stream the
+    guard read to meter it; nothing, when no call was made) gives the reply itself."""
+    if isinstance(raw, str):
+        out: Any = _GuardedStr(reply.text)
+    elif is_completion(raw):
+        out = raw
+        if chunk_from_completion(raw).text != reply.text:
+            finish = "length" if reply.stop_reason == "length" else None
+            out = completion_with_text(raw, reply.text, finish)
+        if isinstance(out, dict):
+            out = _GuardedDict(out)
+    else:
+        return reply
+    try:
+        object.__setattr__(out, _REPLY, reply)
+    except (AttributeError, TypeError):  # an object that takes no new attributes
+        return reply
+    return out
 
 
 @overload
@@ -35,14 +91,25 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
 
     The decorated function takes the messages or a prompt string (which it is handed
     as one user message, as everywhere in the guard) plus ``user=``, ``session=``,
-    ``tags=`` and returns a :class:`~tokenguard.Reply` (a coroutine of one for an async
-    function); a generator function returns a guarded stream instead. Its ``.guard``
-    attribute is the :class:`Guard` (``ask.guard.ledger``).
+    ``tags=``, and returns what the function returns, of the same type:
+
+    - a string, or an OpenAI chat completion (object or dict, tool calls and all),
+      holding the guard's text: cut at the output cap (``finish_reason="length"``),
+      a loop's repeats left out; :func:`reply_of` gives the guard's
+      :class:`~tokenguard.Reply` (usage, cost, stop reason) for it;
+    - a generator function gives a guarded stream of text pieces, whose ``.reply`` is
+      the Reply once it ends (async generators: an async one);
+    - a function that returns a stream gives the Reply (the guard read the stream to
+      meter it; write a generator function to stream), as does a call answered
+      without the function (a cache step's hit).
+
+    Async functions return a coroutine of the same. The wrapper's ``.guard`` attribute
+    is the :class:`Guard` (``ask.guard.ledger``).
 
     >>> @guard(model="gpt-4o", max_output_tokens=64)
     ... def ask(messages, max_tokens):
     ...     return "Paris"
-    >>> ask("Capital of France?").text
+    >>> ask("Capital of France?")
     'Paris'
     """
     if "backend" in options:
@@ -58,30 +125,34 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
                 "it: add a max_tokens parameter and pass it on (create(..., max_tokens=max_tokens))"
             )
 
-        def prepare(prompt_or_messages: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-            # The function is handed its own positional arguments after the messages.
-            return g.prepare(prompt_or_messages, backend=backend.bind(*args), **kwargs)
+        def prepare(bound: Function, prompt_or_messages: Any, kwargs: dict[str, Any]) -> Call:
+            return g.prepare(prompt_or_messages, backend=bound, **kwargs)
 
         wrapper: Callable[..., Any]
         if inspect.isasyncgenfunction(fn):
 
             def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> AsyncGuardStream:
-                return g.open_astream(functools.partial(prepare, prompt_or_messages, args, kwargs))
+                bound = backend.bind(*args)  # the function's own positional arguments follow the messages
+                return g.open_astream(functools.partial(prepare, bound, prompt_or_messages, kwargs))
 
         elif backend.is_async:
 
             async def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
-                return await g.open_astream(functools.partial(prepare, prompt_or_messages, args, kwargs)).aread()
+                bound = backend.bind(*args)
+                reply = await g.open_astream(functools.partial(prepare, bound, prompt_or_messages, kwargs)).aread()
+                return _as_returned(bound.result, reply)
 
         elif inspect.isgeneratorfunction(fn):
 
             def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> GuardStream:
-                return g.open_stream(prepare(prompt_or_messages, args, kwargs))
+                return g.open_stream(prepare(backend.bind(*args), prompt_or_messages, kwargs))
 
         else:
 
             def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
-                return g.open_stream(prepare(prompt_or_messages, args, kwargs)).read()
+                bound = backend.bind(*args)
+                reply = g.open_stream(prepare(bound, prompt_or_messages, kwargs)).read()
+                return _as_returned(bound.result, reply)
 
         guarded: Any = functools.update_wrapper(wrapper, fn)
         guarded.guard = g

@@ -59,9 +59,7 @@ def _chunks(result: Any) -> Iterator[Chunk]:
 
 
 async def _achunks(result: Any) -> AsyncIterator[Chunk]:
-    """Chunks of whatever an async function returned (or awaited to)."""
-    if inspect.isawaitable(result):
-        result = await result
+    """Chunks of whatever an async function returned (awaited)."""
     if hasattr(result, "__aiter__"):
         try:
             async for item in result:
@@ -103,19 +101,24 @@ class Function(Backend):
         self.is_async = _is_async(fn)
         #: Whether ``fn`` can be handed the output cap; one that cannot may generate past it.
         self.takes_max_tokens = _accepts(fn, "max_tokens")
+        #: What ``fn`` returned on this backend's last call (awaited, for an async ``fn``):
+        #: meaningful on a per-call copy from :meth:`bind`.
+        self.result: Any = None
         self._args: tuple[Any, ...] = ()
 
     def bind(self, *args: Any) -> Function:
         """The same backend, calling ``fn(messages, *args, ...)``."""
         bound = copy.copy(self)
         bound._args = args
+        bound.result = None
         return bound
 
     def _call(self, messages: Sequence[Message], params: Params) -> Any:
         kwargs = dict(params)
         if not self.takes_max_tokens:
             kwargs.pop("max_tokens", None)
-        return self.fn(list(messages), *self._args, **kwargs)
+        self.result = self.fn(list(messages), *self._args, **kwargs)
+        return self.result
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         if self.is_async:
@@ -125,7 +128,10 @@ class Function(Backend):
 
     async def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
         if self.is_async:
-            async for chunk in _achunks(self._call(messages, params)):
+            result = self._call(messages, params)
+            if inspect.isawaitable(result):
+                result = self.result = await result
+            async for chunk in _achunks(result):
                 yield chunk
             return
         # A sync function blocks: call it, and iterate what it returns, off the loop.

@@ -3,11 +3,18 @@ as dicts (JSON) or as objects (the ``openai`` package's models) alike."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from tokenguard.backends.base import BackendUsage, Chunk
 
-__all__ = ["chunk_from_completion", "chunk_from_stream_item", "is_completion", "usage_from"]
+__all__ = [
+    "chunk_from_completion",
+    "chunk_from_stream_item",
+    "completion_with_text",
+    "is_completion",
+    "usage_from",
+]
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -16,6 +23,13 @@ def _get(obj: Any, name: str) -> Any:
     if isinstance(obj, dict):
         return obj.get(name)
     return getattr(obj, name, None)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    if isinstance(obj, dict):
+        obj[name] = value
+    else:
+        setattr(obj, name, value)
 
 
 def _int(value: Any) -> int | None:
@@ -66,6 +80,22 @@ def chunk_from_completion(obj: Any) -> Chunk:
         finish_reason=_get(choice, "finish_reason"),
         usage=usage_from(obj),
     )
+
+
+def completion_with_text(obj: Any, text: str, finish_reason: str | None = None) -> Any:
+    """A copy of a chat completion (object or dict) whose first choice says ``text``
+    instead, and ends with ``finish_reason`` when one is given; all else (tool calls,
+    ids, usage) as it was."""
+    copied = copy.deepcopy(obj)
+    choice = _first_choice(copied)
+    message = _get(choice, "message")
+    if message is not None:
+        _set(message, "content", text)
+    else:
+        _set(choice, "text", text)  # legacy completions
+    if finish_reason is not None:
+        _set(choice, "finish_reason", finish_reason)
+    return copied
 
 
 def chunk_from_stream_item(item: Any) -> Chunk:

@@ -6,7 +6,7 @@
 """
 
 from tokenguard import accounting, backends, context, pipeline, stores, tokens
-from tokenguard._decorator import guard, reply_of
+from tokenguard._decorator import Guarded, guard, reply_of
 from tokenguard._guard import Guard
 from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, Price, Reply, UnknownPriceWarning, Usage
@@ -38,6 +38,7 @@ __all__ = [
     "BudgetExceeded",
     "ConfigError",
     "Guard",
+    "Guarded",
     "HFTokenizer",
     "InputTooLong",
     "InvalidRequest",

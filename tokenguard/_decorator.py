@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, overload
 
 from tokenguard._guard import Guard
 from tokenguard.accounting import Reply
@@ -14,10 +14,46 @@ from tokenguard.backends.openai_format import chunk_from_completion, completion_
 from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.pipeline import AsyncGuardStream, Call, GuardStream
 
-__all__ = ["guard", "reply_of"]
+__all__ = ["Guarded", "guard", "reply_of"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+R_co = TypeVar("R_co", covariant=True)
 _REPLY = "__tokenguard_reply__"
+
+
+class Guarded(Protocol[R_co]):
+    """A ``@guard``-decorated function, as type checkers see it: called with the
+    messages (or a prompt string), its own further arguments, and ``user=``,
+    ``session=``, ``tags=``; it returns ``R_co``, what the function returns (see
+    :func:`guard`). ``.guard`` is its :class:`~tokenguard.Guard`."""
+
+    guard: Guard
+
+    def __call__(
+        self,
+        prompt_or_messages: str | Sequence[Mapping[str, Any]],
+        /,
+        *args: Any,
+        user: str | None = None,
+        session: str | None = None,
+        tags: Any = None,
+        **params: Any,
+    ) -> R_co: ...
+
+
+class _Decorator(Protocol):
+    """What ``guard(**options)`` returns: a decorator typed like :func:`guard`."""
+
+    @overload
+    def __call__(self, fn: Callable[..., AsyncIterator[Any]], /) -> Guarded[AsyncGuardStream]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Coroutine[Any, Any, T]], /) -> Guarded[Coroutine[Any, Any, T]]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Generator[Any, Any, Any]], /) -> Guarded[GuardStream]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Iterator[Any]], /) -> Guarded[GuardStream | Reply]: ...
+    @overload
+    def __call__(self, fn: Callable[..., T], /) -> Guarded[T]: ...
 
 
 class _GuardedStr(str):
@@ -73,12 +109,21 @@ def _as_returned(raw: Any, reply: Reply) -> Any:
     return out
 
 
+# The function's kind decides what its guarded twin returns (see the docstring). A
+# function typed as returning an Iterator may be a generator function (a guarded
+# stream) or return a stream (the Reply): type checkers cannot tell them apart.
 @overload
-def guard(fn: F, /) -> Callable[..., Any]: ...
-
-
+def guard(fn: Callable[..., AsyncIterator[Any]], /) -> Guarded[AsyncGuardStream]: ...
 @overload
-def guard(fn: None = None, /, **options: Any) -> Callable[[F], Callable[..., Any]]: ...
+def guard(fn: Callable[..., Coroutine[Any, Any, T]], /) -> Guarded[Coroutine[Any, Any, T]]: ...
+@overload
+def guard(fn: Callable[..., Generator[Any, Any, Any]], /) -> Guarded[GuardStream]: ...
+@overload
+def guard(fn: Callable[..., Iterator[Any]], /) -> Guarded[GuardStream | Reply]: ...
+@overload
+def guard(fn: Callable[..., T], /) -> Guarded[T]: ...
+@overload
+def guard(fn: None = None, /, **options: Any) -> _Decorator: ...
 
 
 def guard(fn: Any = None, /, **options: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
-from tokenguard.backends import Backend, BundledRunner, Chunk, Function
+from tokenguard.backends import Backend, BundledRunner, Chunk, Function, OpenAICompatible
 from tokenguard.context import SessionHistory
 from tokenguard.errors import ConfigError, InvalidRequest, UnknownTokenizer
 from tokenguard.pipeline import (
@@ -53,13 +53,23 @@ def _is_llama_runner(obj: object) -> bool:
     return type(obj).__name__ == "LlamaRunner" and type(obj).__module__.startswith("tokenguard.runner")
 
 
-def _as_backend(backend: object) -> Backend:
+def _is_openai_client(obj: object) -> bool:
+    # The official client (openai.OpenAI or AsyncOpenAI), told by its module and shape.
+    return type(obj).__module__.startswith("openai") and hasattr(obj, "chat") and hasattr(obj, "base_url")
+
+
+def _as_backend(backend: object, model: str | None) -> Backend:
     if backend is None:
         return BundledRunner()
     if isinstance(backend, Backend):
         return backend
     if _is_llama_runner(backend):
         return BundledRunner(backend)  # type: ignore[arg-type]
+    if _is_openai_client(backend):
+        if model is None:
+            raise ConfigError("an OpenAI client serves many models: pass model= (for example model='gpt-4o-mini')")
+        client: Any = backend
+        return OpenAICompatible(str(client.base_url), model, client.api_key or None)
     if callable(backend):
         return Function(backend)
     raise ConfigError(
@@ -92,8 +102,10 @@ class Guard:
     """Meter, bound and record every call to a backend.
 
     ``backend=None`` is the bundled runner on its default model (loaded on first use);
-    a :class:`~tokenguard.runner.LlamaRunner` is served as it is; a plain function is
-    wrapped in :class:`~tokenguard.backends.Function`. ``model`` names the model for
+    a :class:`~tokenguard.runner.LlamaRunner` is served as it is; an ``openai.OpenAI``
+    client becomes an :class:`~tokenguard.backends.OpenAICompatible` backend on its
+    ``base_url`` and key (``model=`` says which model); a plain function is wrapped in
+    :class:`~tokenguard.backends.Function`. ``model`` names the model for
     prices and the ledger, and the tokenizer for backends that do not report their own
     (default: the backend's model; a function's model must be given).
 
@@ -131,7 +143,7 @@ class Guard:
     ) -> None:
         if max_output_tokens < 0:
             raise ConfigError("max_output_tokens must be >= 0")
-        self.backend: Backend = _as_backend(backend)
+        self.backend: Backend = _as_backend(backend, model)
         known = model or self.backend.model
         if known is None:
             raise ConfigError(

@@ -1,0 +1,57 @@
+"""The official `openai` client, as a new user writes it, against a real OpenAI-compatible
+server on 127.0.0.1: decorated, or handed to the Guard as a backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+from openai_server import PROMPT_TOKENS, REPLY_WORDS
+
+import tokenguard as tg
+
+MODEL = "gpt-4o"
+
+
+def test_the_readme_decorator_hands_the_cap_to_the_server_and_keeps_the_budget(openai_server):
+    client = openai.OpenAI(base_url=openai_server.base_url, api_key="sk-test")
+    budget = tg.Budget(tokens=200, per="user")
+
+    @tg.guard(model=MODEL, max_output_tokens=5, budget=budget)
+    def ask(messages, max_tokens):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)
+
+    completion = ask("Say hello.", user="alice")
+    assert isinstance(completion, ChatCompletion)  # what the function returned, choices and all
+    sent = openai_server.requests[-1]["body"]
+    assert sent["max_tokens"] == 5 and sent["messages"] == [{"role": "user", "content": "Say hello."}]
+    reply = tg.reply_of(completion)
+    assert reply.text == completion.choices[0].message.content == "".join(REPLY_WORDS[:5])
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (PROMPT_TOKENS, 5)
+    assert budget.spent(user="alice")["tokens"] == PROMPT_TOKENS + 5 <= 200
+
+
+def test_an_async_client_gets_messages_from_a_prompt_string(openai_server):
+    client = openai.AsyncOpenAI(base_url=openai_server.base_url, api_key="sk-test")
+
+    @tg.guard(model=MODEL, max_output_tokens=64)
+    async def aask(messages, max_tokens):
+        return await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)
+
+    completion = asyncio.run(aask("Say hi"))
+    assert completion.choices[0].message.content == "".join(REPLY_WORDS)
+    assert openai_server.requests[-1]["body"]["messages"] == [{"role": "user", "content": "Say hi"}]
+    assert tg.reply_of(completion).stop_reason == "stop"
+
+
+def test_an_openai_client_is_a_backend_given_its_model(openai_server):
+    client = openai.OpenAI(base_url=openai_server.base_url, api_key="sk-test")
+    with pytest.raises(tg.ConfigError, match="pass model="):
+        tg.Guard(client)
+    with tg.Guard(client, model=MODEL) as guard:
+        reply = guard.complete("hi", user="ada")
+    assert reply.text == "".join(REPLY_WORDS)
+    request = openai_server.requests[-1]
+    assert request["body"]["model"] == MODEL and request["headers"]["Authorization"] == "Bearer sk-test"

@@ -1,5 +1,5 @@
 """The public surface and the package's layering: what `import tokenguard` offers, and
-that imports point down the layers (DESIGN.md) without cycles."""
+that imports point down the layers (docs/architecture.md) without cycles."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@
 2
 """
 
+import logging as _logging
+
 from tokenguard import accounting, backends, context, pipeline, stores, tokens
 from tokenguard._decorator import Guarded, guard, reply_of
 from tokenguard._guard import Guard
@@ -31,6 +33,10 @@ from tokenguard.tokens import (
 )
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where to: nothing is printed unless it asks
+# (logging.basicConfig(level=logging.INFO) shows the bundled model loading).
+_logging.getLogger("tokenguard").addHandler(_logging.NullHandler())
 
 __all__ = [
     "BackendError",

@@ -1,6 +1,6 @@
 """The :class:`Guard`: one metered, bounded pipeline around any backend.
 
-The guard only composes the steps of :mod:`tokenguard.pipeline` (DESIGN.md): admit,
+The guard only composes the steps of :mod:`tokenguard.pipeline` (docs/architecture.md): admit,
 scope, fit, cache, reserve, generate, meter, settle, remember. A step the user does
 not configure is absent.
 """

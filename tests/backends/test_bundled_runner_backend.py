@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import pytest
 
@@ -55,3 +57,21 @@ def test_guard_chat_sessions_reuse_the_runners_kv(bundled_runner):
     assert second.usage.cached_input_tokens > 0  # turn 2 prefilled only what was new
     assert guard.ledger.records()[-1]["cached_input_tokens"] == second.usage.cached_input_tokens
     bundled_runner.end_session("colors")
+
+
+@pytest.mark.slow
+def test_warmup_loads_the_bundled_model_once_and_logs_it(caplog, default_gguf):
+    caplog.set_level(logging.INFO, logger="tokenguard")
+    backend = BundledRunner(kv_cache_bytes=64 << 20)  # a fresh load, with a small KV pool
+    backend.warmup()
+    runner = backend.runner
+    try:
+        backend.warmup()  # loaded: returns at once
+        assert backend.runner is runner
+        info = [r.getMessage() for r in caplog.records if r.name.startswith("tokenguard.")]
+        assert info[0] == f"loading model {default_gguf} (gguf, {runner.precision.name} on {runner.device})"
+        assert re.fullmatch(rf"loaded {default_gguf.name} in \d+\.\d s \(134\.5 M parameters, 98\.4 MB on disk\)",
+                            info[1])
+        assert len(info) == 2
+    finally:
+        runner.close()

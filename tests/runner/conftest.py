@@ -53,14 +53,15 @@ def default_gguf() -> Path:
 def runner_fp32():
     from tokenguard.runner import LlamaRunner
 
-    return LlamaRunner(dtype="float32")
+    runner = LlamaRunner(dtype="float32")
+    yield runner
+    runner.close()
 
 
 @pytest.fixture(scope="session")
-def runner_auto():
-    from tokenguard.runner import LlamaRunner
-
-    return LlamaRunner()
+def runner_auto(bundled_runner):
+    """The bundled model in the default mode: the session's one copy (loading takes seconds)."""
+    return bundled_runner
 
 
 @pytest.fixture(scope="session")

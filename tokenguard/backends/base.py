@@ -65,6 +65,7 @@ class Backend(Protocol):
     - ``is_async``: the backend's own work is async; the guard's async methods are its
       natural path (a sync call runs it on a private event loop).
     - :meth:`tokenizer`: the tokenizer whose counts match the backend.
+    - :meth:`warmup`: load what the first call would otherwise pay for.
     """
 
     name: str

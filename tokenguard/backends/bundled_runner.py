@@ -48,6 +48,13 @@ class BundledRunner(Backend):
                     self._runner = LlamaRunner(**self._options)
         return self._runner
 
+    def warmup(self) -> None:
+        """Load the runner now (model weights, engine, KV pool) unless it is loaded;
+        after the first call this returns at once. Measured on CPU, a loaded runner's
+        first generation is no slower than its second, so loading is all there is to do.
+        """
+        _ = self.runner  # the property loads on first access, under its lock
+
     def tokenizer(self) -> Tokenizer:
         if self._runner is not None:
             return self._runner.tokenizer

@@ -75,6 +75,10 @@ class Transformers(Backend):
             self.model = getattr(getattr(model_or_path, "config", None), "_name_or_path", None) or None
         self._lock = threading.Lock()
 
+    def warmup(self) -> None:
+        """Load the model and its tokenizer (once), before a call's clock starts."""
+        self._load()
+
     def _load(self) -> tuple[Any, Any]:
         with self._lock:
             if self._model is None or self._hf_tokenizer is None:

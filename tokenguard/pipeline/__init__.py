@@ -1,6 +1,6 @@
 """The guard's pipeline: :class:`Call`, the step protocols and one module per step.
 
-A request's path (DESIGN.md): admit, scope, fit, cache, reserve, generate (chunk
+A request's path (docs/architecture.md): admit, scope, fit, cache, reserve, generate (chunk
 watchers), meter, settle, remember. :class:`~tokenguard.Guard` composes these; a
 feature plugs in as a step of the matching protocol.
 """

@@ -1,6 +1,6 @@
 """The shapes of the pipeline's steps, for the features that plug into it.
 
-``Guard`` calls each configured step at its place in the pipeline (DESIGN.md):
+``Guard`` calls each configured step at its place in the pipeline (docs/architecture.md):
 admit, scope, fit, cache, reserve, generate (its chunk watchers), meter, settle,
 remember. A step the user does not configure is absent, not a no-op.
 """

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -26,6 +28,9 @@ from tokenguard.runner.model import (
     LlamaModel,
     Precision,
     build_model,
+    checkpoint_bytes,
+    checkpoint_format,
+    is_default_model,
     load_checkpoint,
     resolve_device,
     resolve_model_path,
@@ -33,7 +38,9 @@ from tokenguard.runner.model import (
 )
 from tokenguard.runner.result import GenerationResult, ReplyText
 from tokenguard.runner.sampling import SamplingParams
-from tokenguard.tokens import Message, TemplatedTokenizer, get_tokenizer
+from tokenguard.tokens import DEFAULT_MODEL_NAME, Message, TemplatedTokenizer, get_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class TextStream(Iterator[str]):
@@ -122,6 +129,10 @@ class LlamaRunner:
     ``kv_cache_bytes`` sizes the KV pool (default: 1 GiB on CPU, at most a tenth of RAM;
     40% of free memory on CUDA).
 
+    Construction loads the model, which takes seconds: it is logged at INFO on the
+    ``tokenguard.runner`` loggers (the file, then how long it took), each stage at DEBUG.
+    Once constructed, the first call costs what later ones do (measured on CPU).
+
     >>> runner = LlamaRunner()
     >>> runner.chat([{"role": "user", "content": "Say hello"}], max_tokens=16).text  # doctest: +SKIP
     'Hello! How can I help you today?'
@@ -133,6 +144,9 @@ class LlamaRunner:
         self.model_path: Path = resolve_model_path(model)
         self.device: torch.device = resolve_device(device)
         self.precision: Precision = resolve_precision(dtype, self.device)
+        start = time.perf_counter()
+        logger.info("loading model %s (%s, %s on %s)", self.model_path, checkpoint_format(self.model_path),
+                    self.precision.name, self.device)
 
         def build() -> LlamaModel:
             config, weights = load_checkpoint(self.model_path)
@@ -143,15 +157,25 @@ class LlamaRunner:
                              kv_cache_bytes=kv_cache_bytes)
         self.model: LlamaModel = self.engine.model
         self.config: LlamaConfig = self.model.config
-        tokenizer = get_tokenizer(str(self.model_path))
+        self.tokenizer: TemplatedTokenizer = self._load_tokenizer(is_default_model(model))
+        self.stop_token_ids: frozenset[int] = self.tokenizer.eos_token_ids
+        logger.info("loaded %s in %.1f s (%s parameters, %sB on disk)", self.model_path.name,
+                    time.perf_counter() - start, _si(self.config.num_parameters),
+                    _si(checkpoint_bytes(self.model_path)))
+
+    def _load_tokenizer(self, default: bool) -> TemplatedTokenizer:
+        """The model file's tokenizer. The default model's is fetched by its name: the one
+        the guard already loaded to count the prompt, not a second copy."""
+        start = time.perf_counter()
+        tokenizer = get_tokenizer(DEFAULT_MODEL_NAME if default else str(self.model_path))
         if not isinstance(tokenizer, TemplatedTokenizer) or tokenizer.vocab_size > self.config.vocab_size:
             self.engine.shutdown()
             raise UnsupportedModel(
                 f"{self.model_path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit the model "
                 f"({self.config.vocab_size} tokens)"
             )
-        self.tokenizer: TemplatedTokenizer = tokenizer
-        self.stop_token_ids: frozenset[int] = tokenizer.eos_token_ids
+        logger.debug("tokenizer of %s ready in %.1f s", self.model_path.name, time.perf_counter() - start)
+        return tokenizer
 
     @property
     def context_length(self) -> int:
@@ -319,6 +343,14 @@ class LlamaRunner:
             self.engine.cancel(seq, keep_session=True)
             return piece, True
         return piece, False
+
+
+def _si(n: int) -> str:
+    """``n`` with an SI prefix for a log line: ``134.5 M``, ``98.4 M``, ``107.1 k``."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= factor:
+            return f"{n / factor:.1f} {prefix}"
+    return f"{n} "
 
 
 def _drain(stream: TextStream) -> GenerationResult:

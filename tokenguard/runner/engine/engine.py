@@ -9,6 +9,7 @@ of every sequence, samples, and frees or keeps each finished sequence's KV block
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ from tokenguard.runner.engine.sequence import Sequence, Status
 from tokenguard.runner.engine.sessions import SessionStore
 from tokenguard.runner.model import LlamaModel
 from tokenguard.runner.sampling import Sampler, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -107,8 +110,12 @@ class Engine:
         num_blocks = budget // (per_token * BLOCK_SIZE)
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_bytes={budget} holds no block of {BLOCK_SIZE} tokens ({per_token} B each)")
+        start = time.perf_counter()
         self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks, BLOCK_SIZE,
                                   model.dtype, self.device)
+        logger.debug("KV cache: %d blocks of %d tokens (%d token slots, %.0f MiB) on %s, allocated in %.1f s",
+                     num_blocks, BLOCK_SIZE, num_blocks * BLOCK_SIZE, num_blocks * BLOCK_SIZE * per_token / 2**20,
+                     self.device, time.perf_counter() - start)
         self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions, self.cache.copy_slots,
                                    max_batched_tokens=max_batched_tokens, max_running=max_running)
 

@@ -10,7 +10,13 @@ from tokenguard.runner.model.build import build_model
 from tokenguard.runner.model.config import LlamaConfig, RopeScaling
 from tokenguard.runner.model.kv_cache import ContiguousKVCache, KVCache
 from tokenguard.runner.model.llama import LlamaModel
-from tokenguard.runner.model.loader import load_checkpoint, resolve_model_path
+from tokenguard.runner.model.loader import (
+    checkpoint_bytes,
+    checkpoint_format,
+    is_default_model,
+    load_checkpoint,
+    resolve_model_path,
+)
 from tokenguard.runner.model.precision import PRECISIONS, Precision, resolve_device, resolve_precision
 from tokenguard.runner.model.weights import GGMLTensor, Weight
 
@@ -25,6 +31,9 @@ __all__ = [
     "RopeScaling",
     "Weight",
     "build_model",
+    "checkpoint_bytes",
+    "checkpoint_format",
+    "is_default_model",
     "load_checkpoint",
     "resolve_device",
     "resolve_model_path",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -26,10 +29,17 @@ from tokenguard.runner.model.quant import (
 )
 from tokenguard.runner.model.weights import GGMLTensor, Weight, to_dense
 
+logger = logging.getLogger(__name__)
+
 
 def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Precision,
                 device: torch.device | str = "cpu") -> LlamaModel:
-    """The model of ``weights`` (HF names) with linear layers in ``precision``'s format."""
+    """The model of ``weights`` (HF names) with linear layers in ``precision``'s format.
+
+    Converting a large float checkpoint to int4 or int8 takes a while: progress is
+    logged at DEBUG every quarter of the layers.
+    """
+    start = time.perf_counter()
     weights = dict(weights)
 
     def take(name: str) -> Weight:
@@ -81,6 +91,7 @@ def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Prec
         )
         layers.append(DecoderLayer(attn, ffn, norm(p + "input_layernorm.weight"),
                                    norm(p + "post_attention_layernorm.weight")))
+        _log_progress(i + 1, config.num_layers, precision, start)
     head_weight = weights.pop("lm_head.weight", None)
     if head_weight is None and not config.tie_word_embeddings:
         raise UnsupportedModel("checkpoint has no lm_head.weight and does not tie embeddings")
@@ -107,7 +118,17 @@ def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Prec
     )
     if weights:
         raise UnsupportedModel(f"checkpoint has tensors the Llama model does not use: {sorted(weights)[:5]}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    logger.debug("built the model (%s on %s) in %.1f s", precision.name, device, time.perf_counter() - start)
+    return model
+
+
+def _log_progress(done: int, total: int, precision: Precision, start: float) -> None:
+    """Log at DEBUG after every quarter of the layers (and the last one)."""
+    step = max(1, -(-total // 4))
+    if done % step == 0 or done == total:
+        logger.debug("converted layer %d/%d to %s (%.1f s)", done, total, precision.name,
+                     time.perf_counter() - start)
 
 
 def _concat_rows(parts: list[Weight]) -> Weight:

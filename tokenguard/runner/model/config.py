@@ -51,6 +51,15 @@ class LlamaConfig:
                 f"{self.num_heads} attention heads are not a multiple of {self.num_kv_heads} KV heads"
             )
 
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the model this config describes (embeddings and the output
+        head counted once when tied), whatever format stores them."""
+        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = d * (q + 2 * kv) + q * d + 3 * d * self.intermediate_size + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * per_layer + d + head
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> LlamaConfig:
         """Read a Hugging Face ``config.json`` dictionary of a ``llama`` model."""

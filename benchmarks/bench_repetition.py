@@ -97,20 +97,8 @@ def record() -> None:
     print(f"wrote {len(items)} looping outputs to {path}")
 
 
-def first_stop(text: str, piece_chars: int = PIECE_CHARS) -> int | None:
-    """How many characters of ``text`` streamed before RepetitionStop ended it."""
-    watch = tg.RepetitionStop().watch()
-    seen = 0
-    for piece in corpus.pieces(text, piece_chars):
-        verdict = watch.feed(piece)
-        if not isinstance(verdict, str):
-            return seen + len(verdict.keep)
-        seen += len(piece)
-    return None
-
-
 def false_stops(samples: list[corpus.Sample]) -> list[str]:
-    return [s.name for s in samples if first_stop(s.text, 16) is not None]
+    return [s.name for s in samples if corpus.first_stop(s.text, 16) is not None]
 
 
 def main() -> None:
@@ -142,7 +130,7 @@ def main() -> None:
     to_stop = []
     missed = []
     for sample in looping:
-        stopped_at = first_stop(sample.text)
+        stopped_at = corpus.first_stop(sample.text, PIECE_CHARS)
         assert sample.loop_start is not None
         if stopped_at is None:
             missed.append(sample.name)

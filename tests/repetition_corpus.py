@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenguard import RepetitionStop
+
 DATA = Path(__file__).parent / "data" / "repetition"
 _REAL_TEXT_CHARS = 20_000  # the head of each real text, to keep the corpus quick
 
@@ -134,3 +136,16 @@ def pieces(text: str, size: int) -> Iterator[str]:
     """``text`` as a stream of ``size``-character pieces."""
     for start in range(0, len(text), size):
         yield text[start : start + size]
+
+
+def first_stop(text: str, size: int) -> int | None:
+    """How many characters of ``text``, streamed in ``size``-character pieces, passed
+    before :class:`~tokenguard.RepetitionStop` ended it (``None``: it never did)."""
+    watch = RepetitionStop().watch()
+    seen = 0
+    for piece in pieces(text, size):
+        verdict = watch.feed(piece)
+        if not isinstance(verdict, str):
+            return seen + len(verdict.keep)
+        seen += len(piece)
+    return None

@@ -20,21 +20,10 @@ PREFIX = "Here is a haiku about budgets:\n\nNumbers in a row,\n"
 LINE = "A budget is a canvas of choices,\n"
 
 
-def _first_stop(text: str, size: int) -> int | None:
-    watch = RepetitionStop().watch()
-    seen = 0
-    for piece in corpus.pieces(text, size):
-        verdict = watch.feed(piece)
-        if not isinstance(verdict, str):
-            return seen + len(verdict.keep)
-        seen += len(piece)
-    return None
-
-
 @pytest.mark.parametrize("size", [1, 7, 1_000_000])
 def test_natural_texts_are_never_stopped(size):
     samples = corpus.handwritten_natural() if size == 1 else corpus.natural(real_limit=25)
-    stopped = [s.name for s in samples if _first_stop(s.text, size) is not None]
+    stopped = [s.name for s in samples if corpus.first_stop(s.text, size) is not None]
     assert stopped == [], f"false stops: {stopped}"
 
 
@@ -42,7 +31,7 @@ def test_every_loop_stops_within_120_tokens_of_its_start():
     samples = corpus.looping()
     assert len(corpus.recorded_loops()) >= 5  # the bundled model's own loops are part of it
     for sample in samples:
-        stopped_at = _first_stop(sample.text, 4)
+        stopped_at = corpus.first_stop(sample.text, 4)
         assert stopped_at is not None, f"missed: {sample.name}"
         assert sample.loop_start is not None
         spent = SMOLLM.count(sample.text[sample.loop_start : max(stopped_at, sample.loop_start)])

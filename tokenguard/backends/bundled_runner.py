@@ -33,6 +33,7 @@ class BundledRunner(Backend):
         from tokenguard.tokens import DEFAULT_MODEL_NAME
 
         self._runner = runner
+        self._owns_runner = runner is None  # a runner passed in is its owner's to close
         self._options = {"model": model, "device": device, "dtype": dtype, **runner_options}
         self.model = model or DEFAULT_MODEL_NAME
         self._lock = threading.Lock()
@@ -54,6 +55,14 @@ class BundledRunner(Backend):
         first generation is no slower than its second, so loading is all there is to do.
         """
         _ = self.runner  # the property loads on first access, under its lock
+
+    def close(self) -> None:
+        """Stop the runner this backend built (its engine thread, its KV pool); a later
+        call builds it again. A runner passed in is left to its owner."""
+        with self._lock:
+            runner, self._runner = self._runner, (None if self._owns_runner else self._runner)
+        if runner is not None and self._owns_runner:
+            runner.close()
 
     def tokenizer(self) -> Tokenizer:
         if self._runner is not None:

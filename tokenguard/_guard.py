@@ -18,7 +18,7 @@ from typing import Any
 from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
 from tokenguard.backends import Backend, BundledRunner, Chunk, Function, OpenAICompatible
-from tokenguard.context import SessionHistory
+from tokenguard.context import ContextStrategy, SessionHistory, TailOnly
 from tokenguard.errors import ConfigError, InvalidRequest, UnknownTokenizer
 from tokenguard.pipeline import (
     Admit,
@@ -26,6 +26,7 @@ from tokenguard.pipeline import (
     CacheStep,
     Call,
     ChunkWatcher,
+    Fit,
     FitStep,
     Generation,
     GuardStream,
@@ -46,6 +47,7 @@ __all__ = ["Guard"]
 
 Messages = Sequence[Mapping[str, Any]]
 _DEFAULT_STOP = RepetitionStop()
+_DEFAULT_CONTEXT = TailOnly()
 
 
 def _is_llama_runner(obj: object) -> bool:
@@ -115,8 +117,13 @@ class Guard:
     :class:`~tokenguard.Ledger` (``None``: in memory, so ``guard.ledger`` always exists);
     ``prices`` sets ``{model: (usd_per_mtok_in, usd_per_mtok_out)}``. ``stop`` watches
     every reply for loops and ends a looping one (a :class:`~tokenguard.RepetitionStop`,
-    on by default; ``None`` turns it off). ``scope``, ``fit``, ``cache`` and
-    ``remember`` plug in steps of :mod:`tokenguard.pipeline`.
+    on by default; ``None`` turns it off). ``context`` fits each call's messages into
+    ``min(window - max_output_tokens, max_context_tokens)`` tokens, where the window is
+    the backend's (the bundled runner's context length) and ``max_context_tokens`` your
+    own limit; the default :class:`~tokenguard.context.TailOnly` keeps the system
+    messages and the newest turns, and does nothing when neither bound is known.
+    ``max_input_tokens`` caps what the caller sends (for :meth:`chat`, the new turn).
+    ``scope``, ``cache`` and ``remember`` plug in steps of :mod:`tokenguard.pipeline`.
 
     >>> guard = Guard(lambda messages: "hello", model="gpt-4o", max_output_tokens=16)
     >>> guard.complete("hi").text
@@ -136,7 +143,8 @@ class Guard:
         tokenizer: Tokenizer | str | None = None,
         stop: ChunkWatcher | None = _DEFAULT_STOP,
         scope: ScopeStep | None = None,
-        fit: FitStep | None = None,
+        context: ContextStrategy | None = _DEFAULT_CONTEXT,
+        max_context_tokens: int | None = None,
         cache: CacheStep | None = None,
         remember: RememberStep | None = None,
         history: SessionHistory | None = None,
@@ -163,7 +171,9 @@ class Guard:
         # The pipeline, in order. None = the step is absent.
         self.admit: Admit | None = Admit(max_input_tokens) if max_input_tokens is not None else None
         self.scope = scope
-        self.fit = fit
+        self.fit: FitStep | None = (
+            Fit(context, max_context_tokens=max_context_tokens) if context is not None else None
+        )
         self.cache = cache
         self.reserve: Reserve | None = Reserve(self.budgets, self.pricing) if self.budgets else None
         self.watchers: list[ChunkWatcher] = [OutputCap(), *([stop] if stop is not None else [])]

@@ -84,6 +84,11 @@ class Backend(Protocol):
         out of call latency. Default: nothing."""
         return None
 
+    def context_window(self) -> int | None:
+        """How many tokens the model reads and writes in one call (prompt and reply),
+        or ``None`` (the default) when the backend cannot tell."""
+        return None
+
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         """Generate a reply to ``messages`` with ``params`` (``max_tokens`` always set)."""
         ...

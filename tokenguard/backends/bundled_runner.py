@@ -56,6 +56,10 @@ class BundledRunner(Backend):
         """
         _ = self.runner  # the property loads on first access, under its lock
 
+    def context_window(self) -> int:
+        """The model's context length (from its GGUF or config), loading it if needed."""
+        return self.runner.context_length
+
     def close(self) -> None:
         """Stop the runner this backend built (its engine thread, its KV pool); a later
         call builds it again. A runner passed in is left to its owner."""

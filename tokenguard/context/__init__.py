@@ -1,6 +1,8 @@
-"""What a conversation carries from turn to turn: session histories (context strategies
-that fit them into a model's window join here)."""
+"""What a conversation carries from turn to turn: session histories, and the context
+strategies that fit a conversation into a model's window (:class:`TailOnly` first)."""
 
 from tokenguard.context.history import SessionHistory
+from tokenguard.context.strategy import ContextStrategy, turns
+from tokenguard.context.tail_only import TailOnly
 
-__all__ = ["SessionHistory"]
+__all__ = ["ContextStrategy", "SessionHistory", "TailOnly", "turns"]

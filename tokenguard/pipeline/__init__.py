@@ -7,6 +7,7 @@ feature plugs in as a step of the matching protocol.
 
 from tokenguard.pipeline.admit import Admit
 from tokenguard.pipeline.call import Call, as_messages
+from tokenguard.pipeline.fit import Fit
 from tokenguard.pipeline.generate import Generation, Outcome
 from tokenguard.pipeline.meter import Meter
 from tokenguard.pipeline.output_cap import CapWatch, OutputCap
@@ -23,6 +24,7 @@ __all__ = [
     "Call",
     "CapWatch",
     "ChunkWatcher",
+    "Fit",
     "FitStep",
     "Generation",
     "GuardStream",

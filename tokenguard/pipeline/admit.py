@@ -29,6 +29,9 @@ class Admit:
     Each message's text is first counted with ``count_until``, whose work is bounded by
     the limit (a 100 MB message costs what a few tens of kilobytes do); only an input
     that passes is counted exactly, chat template included, and checked again.
+
+    The input is what the caller sent: its messages, or for a chat call the new turn
+    (the session's history was admitted turn by turn, and the fit step bounds it).
     """
 
     def __init__(self, max_input_tokens: int) -> None:
@@ -38,14 +41,15 @@ class Admit:
 
     def __call__(self, call: Call) -> None:
         limit = self.max_input_tokens
+        messages = call.messages if call.turn is None else [call.turn]
         seen = 0
-        for message in call.messages:
+        for message in messages:
             seen += call.tokenizer.count_until(_text_of(message.get("content")), limit - seen)
             if seen > limit:
                 raise InputTooLong(
                     limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens"
                 )
-        exact = call.count_input()
+        exact = call.count_input() if call.turn is None else call.tokenizer.count_messages(messages)
         if exact > limit:
             raise InputTooLong(
                 limit,

@@ -1,0 +1,120 @@
+"""TailOnly: its guarantees as properties over random histories, with real tokenizers
+(OpenAI's accounting and the bundled model's chat template), and its cost on a long one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokenguard import Guard, InputTooLong, get_tokenizer
+from tokenguard.context import TailOnly, turns
+
+TOKENIZERS = {name: get_tokenizer(name) for name in ("gpt-4o", "SmolLM2-135M-Instruct")}
+TEXT = st.lists(
+    st.sampled_from([*"abc xyz,.!?\n", "人工智能", "🚀", "的", "é", "<|im_start|>"]), max_size=40
+).map("".join)
+
+
+@st.composite
+def histories(draw, call_content=None):
+    """A conversation: an optional system message, then turns of user and assistant
+    messages, some assistants calling tools whose results follow; sometimes one huge
+    message. ``call_content``: a tool-calling message's content (SmolLM2's template
+    cannot render None)."""
+    messages = []
+    if draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(TEXT)})
+    for n in range(draw(st.integers(1, 12))):
+        messages.append({"role": "user", "content": draw(TEXT)})
+        if draw(st.integers(0, 3)) == 0:
+            ids = [f"call_{n}_{k}" for k in range(draw(st.integers(1, 2)))]
+            calls = [{"id": i, "type": "function", "function": {"name": "look", "arguments": "{}"}} for i in ids]
+            messages.append({"role": "assistant", "content": call_content, "tool_calls": calls})
+            messages += [{"role": "tool", "tool_call_id": i, "content": draw(TEXT)} for i in ids]
+        messages.append({"role": "assistant", "content": draw(TEXT) * draw(st.sampled_from([1, 1, 1, 30]))})
+    messages.append({"role": "user", "content": draw(TEXT)})
+    return messages
+
+
+def _check(history, fitted, budget, tokenizer):
+    assert tokenizer.count_messages(fitted) <= budget
+    assert [m for m in history if m["role"] == "system"] == [m for m in fitted if m["role"] == "system"]
+    assert fitted[-1] == history[-1]  # the newest user message, whole
+    # Order kept: the result is a subsequence of the history.
+    position = 0
+    for message in fitted:
+        position = history.index(message, position) + 1
+    # A tool result never travels without its call, nor a call without its results.
+    call_ids = {c["id"] for m in fitted for c in m.get("tool_calls") or ()}
+    result_ids = {m["tool_call_id"] for m in fitted if m["role"] == "tool"}
+    assert call_ids == result_ids
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), budget=st.integers(5, 400))
+def test_every_guarantee_holds(name, data, budget):
+    tokenizer = TOKENIZERS[name]
+    history = data.draw(histories(call_content=None if name == "gpt-4o" else ""))
+    before = copy.deepcopy(history)
+    try:
+        fitted = TailOnly().fit(history, budget, tokenizer)
+    except InputTooLong:
+        systems = [m for m in history if m["role"] == "system"]
+        assert tokenizer.count_messages([*systems, history[-1]]) > budget
+    else:
+        _check(history, fitted, budget, tokenizer)
+    assert history == before  # the input is not changed
+
+
+def test_a_long_history_costs_what_is_kept():
+    tokenizer = TOKENIZERS["gpt-4o"]
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(5_000):
+        history += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    strategy = TailOnly()
+    fitted = strategy.fit(history, 500, tokenizer)
+    assert tokenizer.count_messages(fitted) <= 500 and fitted[0]["role"] == "system"
+    assert fitted[-1] == history[-1] and len(fitted) > 20
+    assert len(strategy._counts) <= len(fitted) + 2  # only the turns it looked at were counted
+    assert strategy.fit(history, 500, tokenizer) == fitted  # and a second fit is the same
+
+
+def test_an_orphan_tool_result_is_never_sent():
+    history = [
+        {"role": "tool", "tool_call_id": "gone", "content": "42"},
+        {"role": "user", "content": "and?"},
+    ]
+    assert turns(history)[0][0]["role"] == "tool"
+    assert TailOnly().fit(history, 1_000, TOKENIZERS["gpt-4o"]) == [history[-1]]
+
+
+def _echo(messages, max_tokens):
+    return "noted " * 5
+
+
+def test_a_guard_fits_a_long_chat_into_max_context_tokens():
+    guard = Guard(_echo, model="gpt-4o", max_context_tokens=120, max_input_tokens=40)
+    tokenizer = TOKENIZERS["gpt-4o"]
+    for i in range(40):
+        reply = guard.chat(f"Fact number {i}: the sky is blue.", session="s")
+        assert reply.usage.input_tokens == tokenizer.count_messages(reply.messages) <= 120
+        assert reply.messages[-1]["content"] == f"Fact number {i}: the sky is blue."
+    assert len(guard.history.get("s")) == 80  # the history keeps everything; the prompt does not
+    with pytest.raises(InputTooLong):  # max_input_tokens caps the new turn, not the history
+        guard.chat("word " * 100, session="s")
+
+
+@pytest.mark.slow
+def test_the_bundled_model_s_window_bounds_the_prompt(bundled_runner):
+    from tokenguard.backends import BundledRunner
+
+    guard = Guard(BundledRunner(bundled_runner), max_output_tokens=8, max_context_tokens=150)
+    assert guard.fit is not None
+    for i in range(12):
+        reply = guard.chat(f"Remember the number {i}.", session="w", temperature=0.0)
+        assert reply.usage.input_tokens <= 150
+    assert guard.fit.budget(guard.prepare("x")) == min(150, bundled_runner.context_length - 8)

@@ -34,7 +34,11 @@ test: $(VENV)/.test
 	$(PY) -m mypy
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
+# Peers a benchmark compares against: installed here only, never package dependencies.
+BENCH_PEERS := langchain-core
+
 bench: $(VENV)/.test
+	$(PIP) install --quiet $(BENCH_PEERS)
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 clean:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from tokenguard.tokens import Tokenizer
 
-__all__ = ["ContextStrategy", "Turn", "turns"]
+__all__ = ["ContextStrategy", "Turn", "turn_indices_from_end", "turns"]
 
 Turn = list[dict[str, Any]]
 """Messages that stay or go together: one message, or an assistant message that calls
@@ -29,24 +29,27 @@ class ContextStrategy(Protocol):
         ...
 
 
+def turn_indices_from_end(messages: Sequence[Mapping[str, Any]]) -> Iterator[list[int]]:
+    """The turns of ``messages`` as lists of indices, newest first, read lazily from
+    the end (a strategy that keeps the newest turns reads no further than it keeps).
+
+    Tool results join the assistant message right before them that called tools; a
+    tool result with no such call (its call was dropped from the history) belongs to
+    no turn, so it is never sent alone.
+    """
+    results: list[int] = []
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if message.get("role") == "tool":
+            results.append(i)
+            continue
+        if results and message.get("tool_calls"):
+            yield [i, *reversed(results)]
+        else:
+            yield [i]
+        results = []
+
+
 def turns(messages: Sequence[Mapping[str, Any]]) -> list[Turn]:
-    """``messages`` cut into turns: a tool result joins the assistant message that
-    called it (by ``tool_call_id``, or the nearest open call when it names none), so
-    that no result is ever sent without its call."""
-    result: list[Turn] = []
-    open_calls: dict[str, Turn] = {}
-    for message in messages:
-        copy = dict(message)
-        if copy.get("role") == "tool" and result:
-            owner = open_calls.get(str(copy.get("tool_call_id"))) or (
-                result[-1] if result[-1][0].get("tool_calls") else None
-            )
-            if owner is not None:
-                owner.append(copy)
-                continue
-        turn = [copy]
-        result.append(turn)
-        for call in copy.get("tool_calls") or ():
-            if isinstance(call, Mapping) and call.get("id") is not None:
-                open_calls[str(call["id"])] = turn
-    return result
+    """``messages`` cut into turns, in order (see :func:`turn_indices_from_end`)."""
+    return [[dict(messages[i]) for i in turn] for turn in reversed(list(turn_indices_from_end(messages)))]

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenguard.context.strategy import Turn, turns
+from tokenguard.context.strategy import Turn, turn_indices_from_end
 from tokenguard.errors import InputTooLong
 from tokenguard.tokens import Tokenizer
 
@@ -58,15 +58,17 @@ class TailOnly:
         return cost
 
     def fit(self, messages: Sequence[Mapping[str, Any]], max_tokens: int, tokenizer: Tokenizer) -> list[dict[str, Any]]:
-        all_turns = turns(messages)
-        pinned = [i for i, turn in enumerate(all_turns) if turn[0].get("role") == "system"]
-        users = [i for i, turn in enumerate(all_turns) if turn[0].get("role") == "user"]
-        newest = users[-1] if users else len(all_turns) - 1
-        kept = set(pinned) | set(range(newest, len(all_turns)))  # the newest user turn and all after it
+        def chosen(indices: list[int]) -> list[dict[str, Any]]:
+            return [dict(messages[i]) for i in sorted(indices)]
 
-        def chosen(indices: set[int]) -> list[dict[str, Any]]:
-            return [message for i in sorted(indices) for message in all_turns[i]]
-
+        pinned = [i for i, message in enumerate(messages) if message.get("role") == "system"]
+        newest_first = turn_indices_from_end(messages)
+        kept = list(pinned)
+        for turn in newest_first:  # the newest user message and whatever follows it
+            if messages[turn[0]].get("role") != "system":
+                kept += turn
+                if messages[turn[0]].get("role") == "user":
+                    break
         need = tokenizer.count_messages(chosen(kept))
         if need > max_tokens:
             raise InputTooLong(
@@ -76,19 +78,19 @@ class TailOnly:
             )
         empty = tokenizer.count_messages([])
         total = need
-        older: list[int] = []
-        for i in range(newest - 1, -1, -1):  # newest first; stop at the first that does not fit
-            if i in kept or all_turns[i][0].get("role") == "tool":
-                continue  # pinned already; or a tool result whose call is gone: never sent alone
-            cost = self._cost(tokenizer, all_turns[i], empty)
+        older: list[list[int]] = []
+        for turn in newest_first:  # on from there; stop at the first turn that does not fit
+            if messages[turn[0]].get("role") == "system":
+                continue
+            cost = self._cost(tokenizer, [dict(messages[i]) for i in turn], empty)
             if total + cost > max_tokens:
                 break
             total += cost
-            older.append(i)
+            older.append(turn)
         # The sum is exact for OpenAI's accounting; a chat template may join turns in a
         # way that costs a little more, so check the whole and shed the oldest if needed.
         while True:
-            result = chosen(kept | set(older))
+            result = chosen(kept + [i for turn in older for i in turn])
             if not older or tokenizer.count_messages(result) <= max_tokens:
                 return result
             older.pop()

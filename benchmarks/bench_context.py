@@ -51,6 +51,18 @@ def main() -> None:
     except ImportError:
         trim_messages = None
         print("  langchain-core is not installed (make bench installs it): tokenguard only")
+    else:
+        lc_messages = convert_to_messages(messages)
+
+        def lc_count(msgs: list) -> int:
+            """The same accounting as tokenguard's, on LangChain's message objects."""
+            roles = {"human": "user", "ai": "assistant", "system": "system"}
+            return tokenizer.count_messages([{"role": roles[m.type], "content": m.content} for m in msgs])
+
+        def lc_fit(budget: int) -> list:
+            return trim_messages(lc_messages, max_tokens=budget, token_counter=lc_count, strategy="last",
+                                 include_system=True, start_on="human")
+
     for budget in (512, 1024, 2048):
         strategy = TailOnly()
         ours = strategy.fit(messages, budget, tokenizer)
@@ -58,18 +70,8 @@ def main() -> None:
         line = (f"  budget {budget:>4}: TailOnly {ours_ms:8.2f} ms, {len(ours):3d} messages, "
                 f"{tokenizer.count_messages(ours)} tokens")
         if trim_messages is not None:
-            lc_messages = convert_to_messages(messages)
-
-            def lc_count(msgs: list) -> int:
-                return tokenizer.count_messages([{"role": m.type.replace("human", "user").replace(
-                    "ai", "assistant"), "content": m.content} for m in msgs])
-
-            def lc_fit(b: int = budget) -> list:
-                return trim_messages(lc_messages, max_tokens=b, token_counter=lc_count, strategy="last",
-                                     include_system=True, start_on="human")
-
-            theirs = lc_fit()
-            theirs_ms = per_fit_ms(lc_fit, args.repeats)
+            theirs = lc_fit(budget)
+            theirs_ms = per_fit_ms(lambda b=budget: lc_fit(b), args.repeats)
             line += (f" | trim_messages {theirs_ms:8.2f} ms, {len(theirs):3d} messages, {lc_count(theirs)} tokens"
                      f" | {theirs_ms / ours_ms:6.0f}x faster")
         print(line)

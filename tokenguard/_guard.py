@@ -123,6 +123,8 @@ class Guard:
     own limit; the default :class:`~tokenguard.context.TailOnly` keeps the system
     messages and the newest turns, and does nothing when neither bound is known.
     ``max_input_tokens`` caps what the caller sends (for :meth:`chat`, the new turn).
+    A chat session's history expires ``session_ttl_s`` after its last use (``None``:
+    never); :meth:`touch` is a heartbeat and :meth:`end_session` frees it at once.
     ``scope``, ``cache`` and ``remember`` plug in steps of :mod:`tokenguard.pipeline`.
 
     >>> guard = Guard(lambda messages: "hello", model="gpt-4o", max_output_tokens=16)
@@ -148,6 +150,7 @@ class Guard:
         cache: CacheStep | None = None,
         remember: RememberStep | None = None,
         history: SessionHistory | None = None,
+        session_ttl_s: float | None = 3600.0,
     ) -> None:
         if max_output_tokens < 0:
             raise ConfigError("max_output_tokens must be >= 0")
@@ -163,7 +166,7 @@ class Guard:
         self.pricing = Pricing(prices)
         self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self.budgets: list[Budget] = [] if budget is None else [budget] if isinstance(budget, Budget) else list(budget)
-        self.history = history if history is not None else SessionHistory()
+        self.history = history if history is not None else SessionHistory(ttl_s=session_ttl_s)
         self._tokenizer_spec = tokenizer
         self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self._tokenizer_lock = threading.Lock()
@@ -454,6 +457,17 @@ class Guard:
     ) -> Reply:
         """The async twin of :meth:`chat`."""
         return await self.achat_stream(message, session=session, user=user, tags=tags, **params).aread()
+
+    def touch(self, session: str) -> bool:
+        """Keep ``session``'s history alive without a call (a heartbeat); ``False`` when
+        it is unknown or has expired."""
+        return self.history.touch(session)
+
+    def end_session(self, session: str) -> None:
+        """Forget ``session`` now: its chat history and what the backend keeps for it
+        (the bundled runner's KV blocks)."""
+        self.history.clear(session)
+        self.backend.end_session(session)
 
     def warmup(self) -> None:
         """Load now what the first call would otherwise wait for: the backend's model

@@ -84,6 +84,11 @@ class Backend(Protocol):
         out of call latency. Default: nothing."""
         return None
 
+    def end_session(self, session: str) -> None:
+        """Free what the backend keeps for ``session`` (the bundled runner's KV
+        blocks) now. Default: nothing is kept, nothing to free."""
+        return None
+
     def context_window(self) -> int | None:
         """How many tokens the model reads and writes in one call (prompt and reply),
         or ``None`` (the default) when the backend cannot tell."""

@@ -56,6 +56,11 @@ class BundledRunner(Backend):
         """
         _ = self.runner  # the property loads on first access, under its lock
 
+    def end_session(self, session: str) -> None:
+        """Free the session's KV blocks now (nothing to do before the runner loads)."""
+        if self._runner is not None:
+            self._runner.end_session(session)
+
     def context_window(self) -> int:
         """The model's context length (from its GGUF or config), loading it if needed."""
         return self.runner.context_length

@@ -1,10 +1,14 @@
-"""Chat history per session, for ``Guard.chat``: bounded in sessions and messages."""
+"""Chat history per session, for ``Guard.chat``: bounded in sessions, messages and time."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
+
+from tokenguard.errors import ConfigError
 
 __all__ = ["SessionHistory"]
 
@@ -13,30 +17,68 @@ class SessionHistory:
     """Messages of each session, least recently used sessions evicted first.
 
     A session keeps at most ``max_messages``; beyond that its oldest turns go (a leading
-    system message stays). Fitting history into a model's window is the fit step's job;
-    this bound only keeps memory finite.
+    system message stays). A session unused for ``ttl_s`` seconds expires (``None``:
+    never); every read, append or :meth:`touch` is a use. Fitting history into a
+    model's window is the fit step's job; these bounds only keep memory finite.
+    ``clock`` is where time comes from (``time.monotonic``).
     """
 
-    def __init__(self, max_sessions: int = 10_000, max_messages: int = 1_000) -> None:
+    def __init__(
+        self,
+        max_sessions: int = 10_000,
+        max_messages: int = 1_000,
+        *,
+        ttl_s: float | None = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_sessions < 1 or max_messages < 1:
+            raise ConfigError("max_sessions and max_messages must be >= 1")
+        if ttl_s is not None and ttl_s <= 0:
+            raise ConfigError(f"ttl_s must be > 0 or None, got {ttl_s}")
         self.max_sessions = max_sessions
         self.max_messages = max_messages
+        self.ttl_s = ttl_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._sessions: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        # session -> (messages, last use); least recently used first.
+        self._sessions: OrderedDict[str, tuple[list[dict[str, Any]], float]] = OrderedDict()
+
+    def _expire(self, now: float) -> None:
+        """Drop the sessions whose last use is older than the TTL: they sit at the
+        front (least recently used), so this costs what it drops."""
+        if self.ttl_s is None:
+            return
+        while self._sessions:
+            _, (_, used) = next(iter(self._sessions.items()))
+            if now - used < self.ttl_s:
+                return
+            self._sessions.popitem(last=False)
+
+    def _use(self, session: str, now: float) -> list[dict[str, Any]] | None:
+        entry = self._sessions.get(session)
+        if entry is None:
+            return None
+        self._sessions[session] = (entry[0], now)
+        self._sessions.move_to_end(session)
+        return entry[0]
 
     def get(self, session: str) -> list[dict[str, Any]]:
-        """A copy of the session's messages (empty for a new session)."""
+        """A copy of the session's messages (empty for a new or expired session)."""
         with self._lock:
-            messages = self._sessions.get(session)
-            if messages is None:
-                return []
-            self._sessions.move_to_end(session)
-            return list(messages)
+            now = self._clock()
+            self._expire(now)
+            messages = self._use(session, now)
+            return [] if messages is None else list(messages)
 
     def append(self, session: str, *messages: dict[str, Any]) -> None:
         """Add messages to the end of the session's history."""
         with self._lock:
-            history = self._sessions.setdefault(session, [])
-            self._sessions.move_to_end(session)
+            now = self._clock()
+            self._expire(now)
+            history = self._use(session, now)
+            if history is None:
+                history = []
+                self._sessions[session] = (history, now)
             history.extend(messages)
             excess = len(history) - self.max_messages
             if excess > 0:
@@ -45,6 +87,13 @@ class SessionHistory:
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
 
+    def touch(self, session: str) -> bool:
+        """Keep ``session`` alive (a heartbeat); ``False`` when it is unknown or expired."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            return self._use(session, now) is not None
+
     def clear(self, session: str) -> None:
         """Forget a session."""
         with self._lock:
@@ -52,4 +101,5 @@ class SessionHistory:
 
     def __len__(self) -> int:
         with self._lock:
+            self._expire(self._clock())
             return len(self._sessions)

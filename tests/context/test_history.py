@@ -1,0 +1,76 @@
+"""Session histories: bounded in sessions, messages and time; expiry and ending a
+session free the history, and the bundled runner's KV blocks with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenguard import ConfigError, Guard
+from tokenguard.backends import BundledRunner
+from tokenguard.context import SessionHistory
+
+
+class Clock:
+    """Time for the test to move (the history's TTL logic is what is tested)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _turn(i: int) -> tuple[dict, dict]:
+    return {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}
+
+
+def test_a_session_expires_ttl_after_its_last_use_and_a_heartbeat_keeps_it():
+    clock = Clock()
+    history = SessionHistory(ttl_s=10, clock=clock)
+    history.append("a", *_turn(1))
+    history.append("b", *_turn(1))
+    clock.now = 8
+    assert history.touch("a")  # a heartbeat at 8
+    clock.now = 12
+    assert len(history.get("a")) == 2  # used 4 s ago
+    assert history.get("b") == [] and not history.touch("b")  # unused for 12 s: gone
+    clock.now = 30
+    assert len(history) == 0
+
+
+def test_sessions_and_messages_are_bounded():
+    history = SessionHistory(max_sessions=3, max_messages=4, ttl_s=None)
+    history.append("s", {"role": "system", "content": "Be brief."})
+    for i in range(10):
+        history.append("s", *_turn(i))
+    kept = history.get("s")
+    assert len(kept) == 4 and kept[0]["role"] == "system" and kept[-1]["content"] == "a9"
+    for name in ("x", "y", "z"):
+        history.append(name, *_turn(0))
+    assert len(history) == 3 and history.get("s") == []  # the least recently used went
+
+
+def test_bad_bounds_are_config_errors():
+    with pytest.raises(ConfigError):
+        SessionHistory(ttl_s=0)
+    with pytest.raises(ConfigError):
+        SessionHistory(max_sessions=0)
+
+
+def test_end_session_forgets_the_history():
+    guard = Guard(lambda messages, max_tokens: "ok", model="gpt-4o", session_ttl_s=60)
+    guard.chat("hi", session="s")
+    assert guard.history.ttl_s == 60 and guard.touch("s")
+    guard.end_session("s")
+    assert guard.history.get("s") == [] and not guard.touch("s")
+
+
+@pytest.mark.slow
+def test_end_session_frees_the_runner_s_kv_blocks(bundled_runner):
+    guard = Guard(BundledRunner(bundled_runner), max_output_tokens=4)
+    free_before = bundled_runner.stats()["kv_blocks_free"]
+    guard.chat("Say hi.", session="kv-test")
+    assert bundled_runner.stats()["kv_blocks_free"] < free_before  # the session keeps its KV
+    guard.end_session("kv-test")
+    assert bundled_runner.stats()["kv_blocks_free"] == free_before
+    assert guard.history.get("kv-test") == []

@@ -166,7 +166,9 @@ class Guard:
         self.pricing = Pricing(prices)
         self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self.budgets: list[Budget] = [] if budget is None else [budget] if isinstance(budget, Budget) else list(budget)
-        self.history = history if history is not None else SessionHistory(ttl_s=session_ttl_s)
+        self.history = (
+            history if history is not None else SessionHistory(ttl_s=session_ttl_s, on_expire=self.backend.end_session)
+        )
         self._tokenizer_spec = tokenizer
         self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self._tokenizer_lock = threading.Lock()

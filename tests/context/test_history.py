@@ -38,6 +38,18 @@ def test_a_session_expires_ttl_after_its_last_use_and_a_heartbeat_keeps_it():
     assert len(history) == 0
 
 
+def test_expired_and_evicted_sessions_are_reported_for_freeing():
+    clock = Clock()
+    freed: list[str] = []
+    history = SessionHistory(max_sessions=2, ttl_s=10, on_expire=freed.append, clock=clock)
+    history.append("a", *_turn(1))
+    history.append("b", *_turn(1))
+    history.append("c", *_turn(1))  # over max_sessions: "a", the least recently used, goes
+    assert freed == ["a"]
+    clock.now = 11
+    assert history.get("c") == [] and sorted(freed) == ["a", "b", "c"]
+
+
 def test_sessions_and_messages_are_bounded():
     history = SessionHistory(max_sessions=3, max_messages=4, ttl_s=None)
     history.append("s", {"role": "system", "content": "Be brief."})
@@ -63,6 +75,20 @@ def test_end_session_forgets_the_history():
     assert guard.history.ttl_s == 60 and guard.touch("s")
     guard.end_session("s")
     assert guard.history.get("s") == [] and not guard.touch("s")
+
+
+@pytest.mark.slow
+def test_an_expired_session_frees_the_runner_s_kv_blocks(bundled_runner):
+    clock = Clock()
+    backend = BundledRunner(bundled_runner)
+    history = SessionHistory(ttl_s=5, on_expire=backend.end_session, clock=clock)
+    guard = Guard(backend, max_output_tokens=4, history=history)
+    free_before = bundled_runner.stats()["kv_blocks_free"]
+    guard.chat("Say hi.", session="expiring")
+    assert bundled_runner.stats()["kv_blocks_free"] < free_before
+    clock.now = 6
+    assert not guard.touch("expiring")  # expired: its history and its KV blocks are freed
+    assert bundled_runner.stats()["kv_blocks_free"] == free_before
 
 
 @pytest.mark.slow

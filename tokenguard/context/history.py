@@ -20,7 +20,9 @@ class SessionHistory:
     system message stays). A session unused for ``ttl_s`` seconds expires (``None``:
     never); every read, append or :meth:`touch` is a use. Fitting history into a
     model's window is the fit step's job; these bounds only keep memory finite.
-    ``clock`` is where time comes from (``time.monotonic``).
+    ``on_expire(session)`` is called for each session that expires or is evicted (the
+    guard frees what its backend keeps for it), outside the history's lock. ``clock``
+    is where time comes from (``time.monotonic``).
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class SessionHistory:
         max_messages: int = 1_000,
         *,
         ttl_s: float | None = 3600.0,
+        on_expire: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_sessions < 1 or max_messages < 1:
@@ -38,21 +41,29 @@ class SessionHistory:
         self.max_sessions = max_sessions
         self.max_messages = max_messages
         self.ttl_s = ttl_s
+        self._on_expire = on_expire
         self._clock = clock
         self._lock = threading.Lock()
         # session -> (messages, last use); least recently used first.
         self._sessions: OrderedDict[str, tuple[list[dict[str, Any]], float]] = OrderedDict()
 
-    def _expire(self, now: float) -> None:
-        """Drop the sessions whose last use is older than the TTL: they sit at the
-        front (least recently used), so this costs what it drops."""
+    def _expire(self, now: float, gone: list[str]) -> None:
+        """Drop the sessions whose last use is older than the TTL, adding their names
+        to ``gone``: they sit at the front (least recently used), so this costs what it
+        drops."""
         if self.ttl_s is None:
             return
         while self._sessions:
-            _, (_, used) = next(iter(self._sessions.items()))
+            session, (_, used) = next(iter(self._sessions.items()))
             if now - used < self.ttl_s:
                 return
             self._sessions.popitem(last=False)
+            gone.append(session)
+
+    def _forget(self, gone: list[str]) -> None:
+        if self._on_expire is not None:
+            for session in gone:
+                self._on_expire(session)
 
     def _use(self, session: str, now: float) -> list[dict[str, Any]] | None:
         entry = self._sessions.get(session)
@@ -64,17 +75,21 @@ class SessionHistory:
 
     def get(self, session: str) -> list[dict[str, Any]]:
         """A copy of the session's messages (empty for a new or expired session)."""
+        gone: list[str] = []
         with self._lock:
             now = self._clock()
-            self._expire(now)
+            self._expire(now, gone)
             messages = self._use(session, now)
-            return [] if messages is None else list(messages)
+            copy = [] if messages is None else list(messages)
+        self._forget(gone)
+        return copy
 
     def append(self, session: str, *messages: dict[str, Any]) -> None:
         """Add messages to the end of the session's history."""
+        gone: list[str] = []
         with self._lock:
             now = self._clock()
-            self._expire(now)
+            self._expire(now, gone)
             history = self._use(session, now)
             if history is None:
                 history = []
@@ -85,14 +100,18 @@ class SessionHistory:
                 start = 1 if history and history[0].get("role") == "system" else 0
                 del history[start : start + excess]
             while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+                gone.append(self._sessions.popitem(last=False)[0])
+        self._forget(gone)
 
     def touch(self, session: str) -> bool:
         """Keep ``session`` alive (a heartbeat); ``False`` when it is unknown or expired."""
+        gone: list[str] = []
         with self._lock:
             now = self._clock()
-            self._expire(now)
-            return self._use(session, now) is not None
+            self._expire(now, gone)
+            alive = self._use(session, now) is not None
+        self._forget(gone)
+        return alive
 
     def clear(self, session: str) -> None:
         """Forget a session."""
@@ -100,6 +119,9 @@ class SessionHistory:
             self._sessions.pop(session, None)
 
     def __len__(self) -> int:
+        gone: list[str] = []
         with self._lock:
-            self._expire(self._clock())
-            return len(self._sessions)
+            self._expire(self._clock(), gone)
+            size = len(self._sessions)
+        self._forget(gone)
+        return size

@@ -12,6 +12,7 @@ import pytest
 from tokenguard import Budget, Ledger, TokenGuardError
 from tokenguard.errors import StoreError
 from tokenguard.stores import (
+    LEDGER_COLUMNS,
     SQLITE_SETTINGS,
     SQLiteBudgetStore,
     SQLiteDatabase,
@@ -78,7 +79,8 @@ def test_a_forked_child_opens_its_own_connection(tmp_path):
 def test_an_in_memory_database_is_private(tmp_path):
     a = SQLiteLedgerStore(None)
     b = SQLiteLedgerStore(None)
-    row = {name: None for name in ("request_id", "ts")} | {"request_id": "x", "ts": 1.0}
+    row = dict.fromkeys(LEDGER_COLUMNS) | {"request_id": "x", "ts": 1.0, "input_tokens": 0,
+                                            "output_tokens": 0, "cached_input_tokens": 0, "saved_tokens": 0}
     a.append(row)
     assert a.count() == 1 and b.count() == 0
 

@@ -36,6 +36,9 @@ class Fit:
 
     def __call__(self, call: Call) -> None:
         budget = self.budget(call)
-        if budget is not None:
-            call.messages = self.strategy.fit(call.messages, budget, call.tokenizer)
+        if budget is None:
+            return
+        fitted = self.strategy.fit(call.messages, budget, call.tokenizer)
+        if fitted != call.messages:  # a prompt that already fit keeps its count
+            call.messages = fitted
             call.input_tokens = None  # counted again, exactly, after fitting

@@ -16,6 +16,8 @@ __all__ = ["SQLiteLedgerStore"]
 
 _NAMES = list(LEDGER_COLUMNS)
 _SELECT = ", ".join(f'"{name}"' for name in _NAMES)
+# Rows come with every column (the LedgerStore contract), so one statement serves all.
+_INSERT = f"INSERT INTO calls ({_SELECT}) VALUES ({', '.join('?' * len(_NAMES))})"
 
 
 def _create(conn: sqlite3.Connection) -> None:
@@ -62,11 +64,8 @@ class SQLiteLedgerStore:
         return self.db.path
 
     def append(self, row: Mapping[str, Any]) -> None:
-        names = list(row)
-        columns = ", ".join(f'"{name}"' for name in names)
-        sql = f"INSERT INTO calls ({columns}) VALUES ({', '.join('?' * len(names))})"
         with self.db.connection() as conn:
-            conn.execute(sql, [row[n] for n in names])
+            conn.execute(_INSERT, [row[name] for name in _NAMES])
             self._writes += 1
             if self.max_rows is not None and self._writes % 1024 == 0:
                 conn.execute("DELETE FROM calls WHERE id <= (SELECT MAX(id) FROM calls) - ?", (self.max_rows,))

@@ -210,12 +210,18 @@ def test_stress_sessions_cancels_and_expiry_leak_no_blocks(tiny_llama):
 
 def test_admission_waits_for_company_except_at_low_load():
     window = 0.05
-    # Busy a moment ago: wait the window after the first arrival for others to join.
-    assert admission_deadline(first_arrival=10.0, idle_since=9.99, num_waiting=1, window_s=window) == 10.05
+    # Busy with several sequences a moment ago: wait the window for others to join.
+    assert admission_deadline(first_arrival=10.0, idle_since=9.99, num_waiting=1, window_s=window,
+                              last_peak=8) == 10.05
     # Several waiting: batch them, even after a long idle spell.
-    assert admission_deadline(first_arrival=10.0, idle_since=0.0, num_waiting=3, window_s=window) == 10.05
+    assert admission_deadline(first_arrival=10.0, idle_since=0.0, num_waiting=3, window_s=window,
+                              last_peak=1) == 10.05
     # Idle for longer than the window and a lone request: start at once.
-    assert admission_deadline(first_arrival=10.0, idle_since=5.0, num_waiting=1, window_s=window) == 10.0
+    assert admission_deadline(first_arrival=10.0, idle_since=5.0, num_waiting=1, window_s=window,
+                              last_peak=8) == 10.0
+    # A client sending one request after another (one sequence at a time): start at once.
+    assert admission_deadline(first_arrival=10.0, idle_since=9.99, num_waiting=1, window_s=window,
+                              last_peak=1) == 10.0
 
 
 def test_stats_report_the_engine_state(runner):

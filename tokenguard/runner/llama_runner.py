@@ -127,7 +127,9 @@ class LlamaRunner:
     prefills what is new; a session is dropped ``session_ttl_s`` after its last use, by
     :meth:`end_session`, or (least recently used first) when memory runs short.
     ``kv_cache_bytes`` sizes the KV pool (default: 1 GiB on CPU, at most a tenth of RAM;
-    40% of free memory on CUDA).
+    40% of free memory on CUDA). On CUDA, decode steps are captured in CUDA graphs, one
+    per batch-size and context-length bucket the first time it is needed (tens of
+    milliseconds each); ``cuda_graphs=False`` runs every step eagerly.
 
     Construction loads the model, which takes seconds: it is logged at INFO on the
     ``tokenguard.runner`` loggers (the file, then how long it took), each stage at DEBUG.
@@ -140,7 +142,8 @@ class LlamaRunner:
 
     def __init__(self, model: str | Path | None = None, device: str | torch.device = "auto",
                  dtype: str | torch.dtype = "auto", *, batch_window_ms: float = 50,
-                 session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None) -> None:
+                 session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.model_path: Path = resolve_model_path(model)
         self.device: torch.device = resolve_device(device)
         self.precision: Precision = resolve_precision(dtype, self.device)
@@ -154,7 +157,7 @@ class LlamaRunner:
 
         # The engine thread builds the model: all parallel torch work stays in one thread.
         self.engine = Engine(build, batch_window_ms=batch_window_ms, session_ttl_s=session_ttl_s,
-                             kv_cache_bytes=kv_cache_bytes)
+                             kv_cache_bytes=kv_cache_bytes, cuda_graphs=cuda_graphs)
         self.model: LlamaModel = self.engine.model
         self.config: LlamaConfig = self.model.config
         self.tokenizer: TemplatedTokenizer = self._load_tokenizer(is_default_model(model))

@@ -21,6 +21,7 @@ import torch
 
 from tokenguard.errors import ConfigError, TokenGuardError
 from tokenguard.runner.engine.block_manager import BlockManager
+from tokenguard.runner.engine.decode_graphs import DecodeGraphs
 from tokenguard.runner.engine.paged_cache import PagedKVCache, SequenceSlice
 from tokenguard.runner.engine.scheduler import Scheduler
 from tokenguard.runner.engine.sequence import Sequence, Status
@@ -61,14 +62,17 @@ def default_kv_cache_bytes(device: torch.device) -> int:
         return _DEFAULT_CPU_KV_BYTES
 
 
-def admission_deadline(first_arrival: float, idle_since: float, num_waiting: int, window_s: float) -> float:
+def admission_deadline(first_arrival: float, idle_since: float, num_waiting: int, window_s: float,
+                       last_peak: int) -> float:
     """When an idle engine should start on its waiting requests.
 
     Normally ``window_s`` after the first arrival, so a burst batches together. At low
-    load - the engine had been idle longer than the window and one request waits - at
-    once: a lone request pays no latency for company that is not coming.
+    load - one request waits, and the engine had been idle longer than the window or
+    ran one sequence at a time when last busy (``last_peak``, as a client sending one
+    request after another does) - at once: a lone request pays no latency for company
+    that is not coming.
     """
-    if num_waiting == 1 and first_arrival - idle_since > window_s:
+    if num_waiting == 1 and (first_arrival - idle_since > window_s or last_peak <= 1):
         return first_arrival
     return first_arrival + window_s
 
@@ -77,18 +81,26 @@ class Engine:
     """Continuous batching over one model, with a paged KV cache and session reuse."""
 
     def __init__(self, build_model: Callable[[], LlamaModel], *, batch_window_ms: float = 50,
-                 session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None, max_batched_tokens: int = 512,
-                 max_running: int = 64) -> None:
+                 session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None,
+                 max_batched_tokens: int | None = None, max_running: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         """Start the engine thread, which builds the model with ``build_model`` and then
         serves. Every parallel torch operation on the model runs in that one thread:
         with OpenMP, a second thread's parallel work runs at about half speed once
-        another thread of the process has run some."""
+        another thread of the process has run some.
+
+        ``max_batched_tokens`` (tokens per step) and ``max_running`` (sequences per step)
+        default to 512 and 64 on CPU, 2048 and 256 on CUDA. ``cuda_graphs`` replays
+        decode steps from CUDA graphs (see :mod:`.decode_graphs`); False runs every step
+        eagerly. It has no effect on CPU."""
         self.batch_window_s = batch_window_ms / 1000
         self.sessions = SessionStore(session_ttl_s)
-        self._settings = (kv_cache_bytes, max_batched_tokens, max_running)
+        self._settings = (kv_cache_bytes, max_batched_tokens, max_running, cuda_graphs)
+        self.decode_graphs: DecodeGraphs | None = None
         self._cv = threading.Condition()
         self._in_flight: set[int] = set()
         self._idle_since = time.monotonic()
+        self._peak_running = self._last_peak = 0  # most sequences at once: this busy spell, the last one
         self._closed = False
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -101,10 +113,13 @@ class Engine:
 
     def _start(self, build_model: Callable[[], LlamaModel]) -> None:
         """Build the model and size the KV pool (in the engine thread)."""
-        kv_cache_bytes, max_batched_tokens, max_running = self._settings
+        kv_cache_bytes, max_batched_tokens, max_running, cuda_graphs = self._settings
         self.model = model = build_model()
         config = model.config
         self.device = model.inv_freq.device
+        on_cuda = self.device.type == "cuda"
+        max_batched_tokens = max_batched_tokens or (2048 if on_cuda else 512)
+        max_running = max_running or (256 if on_cuda else 64)
         per_token = PagedKVCache.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, model.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
         num_blocks = budget // (per_token * BLOCK_SIZE)
@@ -118,6 +133,11 @@ class Engine:
                      self.device, time.perf_counter() - start)
         self.scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), self.sessions, self.cache.copy_slots,
                                    max_batched_tokens=max_batched_tokens, max_running=max_running)
+        if cuda_graphs and on_cuda:
+            self.decode_graphs = DecodeGraphs(model, self.cache, max_batch=max_running,
+                                              max_context=min(config.max_position_embeddings,
+                                                              self.scheduler.capacity_tokens),
+                                              capture=True)
 
     def _run(self, build_model: Callable[[], LlamaModel]) -> None:
         try:
@@ -208,6 +228,7 @@ class Engine:
                     return
                 self._admission_window()
                 batch = self.scheduler.schedule()
+                self._peak_running = max(self._peak_running, len(self.scheduler.running))
                 self._in_flight = {seq.seq_id for seq, _ in batch}
             try:
                 logits = self._forward(batch)
@@ -223,6 +244,7 @@ class Engine:
                 self._advance(batch, logits)
                 if not self.scheduler.has_work():
                     self._idle_since = time.monotonic()
+                    self._last_peak, self._peak_running = self._peak_running, 0
 
     def _admission_window(self) -> None:
         """At an idle engine, wait up to the window so that requests arriving together
@@ -230,7 +252,7 @@ class Engine:
         if self.scheduler.running or not self.scheduler.waiting:
             return
         deadline = admission_deadline(self.scheduler.waiting[0].arrival, self._idle_since,
-                                      len(self.scheduler.waiting), self.batch_window_s)
+                                      len(self.scheduler.waiting), self.batch_window_s, self._last_peak)
         while not self._closed and len(self.scheduler.waiting) < self.scheduler.max_running:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -240,6 +262,11 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Float32 logits ``[sampling sequences, vocab]`` of one step over ``batch``."""
+        graphs = self.decode_graphs
+        if graphs is not None and all(n == seq.num_uncached == 1 for seq, n in batch) and graphs.fits(
+                len(batch), max(len(seq.tokens) for seq, _ in batch)):
+            return graphs.run([seq.tokens[-1] for seq, _ in batch], [len(seq.tokens) for seq, _ in batch],
+                              [seq.block_table for seq, _ in batch])
         ids: list[int] = []
         positions: list[int] = []
         slices: list[SequenceSlice] = []
@@ -257,20 +284,25 @@ class Engine:
         return self.model.compute_logits(hidden[sample_rows])
 
     def _advance(self, batch: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
-        row = 0
+        sampling: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
         for seq, n in batch:
             seq.num_cached += n
             if seq.num_cached < len(seq.tokens):
                 continue  # a prompt chunk: the prompt is not finished yet
-            token_logits = logits[row]
-            row += 1
+            sampling.append((seq, len(sampling)))
+        # Plain greedy rows take one argmax over the batch: one host sync per step, not per sequence.
+        greedy = logits.argmax(-1).tolist() if any(_plain_greedy(seq) for seq, _ in sampling) else []
+        for seq, row in sampling:
             if seq.cancelled:
                 self.scheduler.finish(seq, keep_session=seq.keep_session_on_cancel)
                 continue
-            if seq.sampler is None:
-                seq.sampler = Sampler(seq.params, self.model.config.vocab_size, seq.tokens[: seq.prompt_len],
-                                      self.device)
-            token = seq.sampler(token_logits)
+            if _plain_greedy(seq):
+                token = greedy[row]
+            else:
+                if seq.sampler is None:
+                    seq.sampler = Sampler(seq.params, self.model.config.vocab_size, seq.tokens[: seq.prompt_len],
+                                          self.device)
+                token = seq.sampler(logits[row])
             seq.tokens.append(token)
             seq.emit(("token", token))
             if token in seq.stop_token_ids:
@@ -290,3 +322,7 @@ class Engine:
             seq.emit(("error", error))
             self.scheduler.finish(seq, keep_session=False)
 
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with no repetition penalty: the token is the argmax, no sampler needed."""
+    return seq.params.greedy and seq.params.repetition_penalty == 1.0

@@ -1,7 +1,8 @@
 """Keys and values of many sequences in one pre-allocated pool of blocks.
 
-The pool is ``[layers, kv_heads, num_blocks * block_size, head_dim]``: a token's slot
-is ``block * block_size + offset``. Before each forward the scheduler describes the
+The pool is ``[layers, kv_heads, (num_blocks + 1) * block_size, head_dim]``: a token's
+slot is ``block * block_size + offset``; the last block is a spare that no sequence
+owns, where the padding rows of fixed-shape steps write. Before each forward the scheduler describes the
 flat batch with :meth:`PagedKVCache.prepare` - for every sequence, in batch order,
 its block table, how many tokens are already cached and how many are new - and each
 layer's :meth:`attend` writes the new keys and values into their slots, reads every
@@ -39,10 +40,11 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        shape = (num_layers, num_kv_heads, (num_blocks + 1) * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.spare_block = num_blocks  # owned by no sequence (see the module docstring)
         self.device = torch.device(device)
         self._write: Context = slice(0, 0)
         self._prefills: list[tuple[int, int, int, Context]] = []  # (first row, new, cached, context)

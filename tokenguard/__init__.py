@@ -23,6 +23,7 @@ from tokenguard.errors import (
     TokenGuardError,
     UnknownTokenizer,
 )
+from tokenguard.pipeline.tree import scope
 from tokenguard.tokens import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -70,6 +71,7 @@ __all__ = [
     "guard",
     "pipeline",
     "reply_of",
+    "scope",
     "stores",
     "tokens",
 ]

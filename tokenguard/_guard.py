@@ -39,7 +39,11 @@ from tokenguard.pipeline import (
     Reserve,
     ScopeStep,
     Settle,
+    TrimForwarded,
     as_messages,
+    current_frame,
+    framed,
+    running_frame,
 )
 from tokenguard.tokens import Tokenizer, get_tokenizer
 
@@ -48,6 +52,7 @@ __all__ = ["Guard"]
 Messages = Sequence[Mapping[str, Any]]
 _DEFAULT_STOP = RepetitionStop()
 _DEFAULT_CONTEXT = TailOnly()
+_DEFAULT_SCOPE = TrimForwarded()
 
 
 def _is_llama_runner(obj: object) -> bool:
@@ -125,7 +130,15 @@ class Guard:
     ``max_input_tokens`` caps what the caller sends (for :meth:`chat`, the new turn).
     A chat session's history expires ``session_ttl_s`` after its last use (``None``:
     never); :meth:`touch` is a heartbeat and :meth:`end_session` frees it at once.
-    ``scope``, ``cache`` and ``remember`` plug in steps of :mod:`tokenguard.pipeline`.
+    Calls nest: a guarded call made while another runs (inside a ``@guard`` function,
+    in asyncio tasks it starts, in threads started with ``contextvars.copy_context()``)
+    is its child, and its ledger row says so (``depth``, ``parent_id``, ``root_id``).
+    ``scope`` trims what a child forwards: the default
+    :class:`~tokenguard.pipeline.TrimForwarded` keeps the child's own new messages and
+    the most relevant context its ancestors already sent, within a share (1/4) of its
+    parent's input (see :func:`~tokenguard.scope`); ``scope=None`` sends everything and
+    still links the tree. ``cache`` and ``remember`` plug in steps of
+    :mod:`tokenguard.pipeline`.
 
     >>> guard = Guard(lambda messages: "hello", model="gpt-4o", max_output_tokens=16)
     >>> guard.complete("hi").text
@@ -144,7 +157,7 @@ class Guard:
         prices: Mapping[str, PriceSpec] | None = None,
         tokenizer: Tokenizer | str | None = None,
         stop: ChunkWatcher | None = _DEFAULT_STOP,
-        scope: ScopeStep | None = None,
+        scope: ScopeStep | None = _DEFAULT_SCOPE,
         context: ContextStrategy | None = _DEFAULT_CONTEXT,
         max_context_tokens: int | None = None,
         cache: CacheStep | None = None,
@@ -228,7 +241,8 @@ class Guard:
         """A new :class:`~tokenguard.pipeline.Call`, checked but not started: the first
         half of :meth:`stream`, for integrations (the ``@guard`` decorator, a server)
         that run it with :meth:`open_stream` or :meth:`open_astream`. ``backend``
-        replaces the guard's for this call."""
+        replaces the guard's for this call. The call is placed in the call tree here:
+        prepared while another guarded call runs, it is that call's child."""
         messages = as_messages(prompt_or_messages)
         max_out = _max_tokens(params.pop("max_tokens", None), self.max_output_tokens)
         params["max_tokens"] = max_out
@@ -247,6 +261,7 @@ class Guard:
             user=user,
             session=session,
             tags=tags,
+            outer=current_frame(),
         )
 
     def open_stream(self, call: Call) -> GuardStream:
@@ -268,14 +283,17 @@ class Guard:
         return AsyncGuardStream(open_)
 
     def _open(self, call: Call, open_chunks: Callable[[], Iterator[Chunk] | AsyncIterator[Chunk]]) -> Opened:
+        given = call.messages  # the steps replace the list, never change it
         hit = self._before(call)
         if hit is not None:
             self._remember(call, hit)
             return Opened(call.request_id, reply=hit)
         generation = Generation([watcher.watch(call) for watcher in self.watchers])
         on_end = functools.partial(self._finish, call)
+        # The backend runs in the call's frame, so guarded calls it makes are its children.
+        frame = running_frame(call, given) if call.messages is given else running_frame(call, given, call.messages)
         try:
-            chunks = open_chunks()
+            chunks = framed(frame, open_chunks)
         except BaseException as error:
             on_end(generation.outcome(error))
             raise

@@ -88,6 +88,41 @@ def test_old_files_gain_new_columns(tmp_path):
     assert set(recs[1]) == set(COLUMNS)
 
 
+# The schema before the call tree (depth, parent_id, root_id, scope) was recorded.
+_BEFORE_CALL_TREES = {
+    "request_id": "TEXT NOT NULL", "ts": "REAL NOT NULL", "user": "TEXT", "session": "TEXT", "model": "TEXT",
+    "backend": "TEXT", "input_tokens": "INTEGER NOT NULL DEFAULT 0", "output_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0", "saved_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cost_usd": "REAL", "latency_s": "REAL", "stop_reason": "TEXT", "tags": "TEXT", "error": "TEXT",
+}
+
+
+def test_a_file_from_before_call_trees_keeps_its_rows_as_root_calls(tmp_path):
+    path = tmp_path / "before.sqlite"
+    conn = sqlite3.connect(path)
+    cols = ", ".join(f'"{name}" {sql}' for name, sql in _BEFORE_CALL_TREES.items())
+    conn.execute(f"CREATE TABLE calls (id INTEGER PRIMARY KEY, {cols})")
+    conn.executemany(
+        "INSERT INTO calls (request_id, ts, model, input_tokens, output_tokens) VALUES (?, ?, 'gpt-4o', ?, 1)",
+        [(f"old{i}", float(i), 10 + i) for i in range(3)],
+    )
+    conn.commit()
+    conn.close()
+
+    ledger = Ledger(path)
+    old = ledger.records()
+    assert [row["request_id"] for row in old] == ["old0", "old1", "old2"]
+    assert [row["input_tokens"] for row in old] == [10, 11, 12]
+    assert all(row["depth"] == 0 and row["parent_id"] is None and row["scope"] is None for row in old)
+    assert [row["root_id"] for row in old] == ["old0", "old1", "old2"]  # each was a root call
+    ledger.write(_row(4, request_id="child", depth=1, parent_id="old2", root_id="old2", scope="s"))
+    ledger.close()
+    again = Ledger(path)  # opening it again adds nothing and changes nothing
+    assert [row["request_id"] for row in again.records(root_id="old2")] == ["old2", "child"]
+    assert again.records(depth=1)[0]["scope"] == "s"
+    assert again.totals()["calls"] == 4
+
+
 def test_in_memory_ledger_is_bounded():
     ledger = Ledger(max_rows=1000)
     for i in range(3000):

@@ -79,7 +79,7 @@ def test_a_long_history_costs_what_is_kept():
     fitted = strategy.fit(history, 500, tokenizer)
     assert tokenizer.count_messages(fitted) <= 500 and fitted[0]["role"] == "system"
     assert fitted[-1] == history[-1] and len(fitted) > 20
-    assert len(strategy._counts) <= len(fitted) + 2  # only the turns it looked at were counted
+    assert len(strategy._costs) <= len(fitted) + 2  # only the turns it looked at were counted
     assert strategy.fit(history, 500, tokenizer) == fitted  # and a second fit is the same
 
 

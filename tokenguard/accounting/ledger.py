@@ -28,7 +28,7 @@ __all__ = ["COLUMNS", "Ledger"]
 
 #: The ledger's columns and their SQL types.
 COLUMNS = LEDGER_COLUMNS
-_INTEGERS = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens")
+_INTEGERS = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "depth")
 _IN_MEMORY_MAX_ROWS = 100_000
 
 
@@ -47,7 +47,9 @@ def _query(filters: Mapping[str, Any]) -> LedgerQuery:
 
 class Ledger:
     """A durable record of calls: time, ids, user, session, tags, model, backend,
-    input/output/cached tokens, cost, latency, stop reason and error.
+    input/output/cached tokens, cost, latency, stop reason and error, and where the
+    call sat in its call tree (``depth``, ``parent_id``, ``root_id``, ``scope``):
+    ``records(root_id=...)`` is one whole tree of nested calls.
 
     ``store`` is ``None`` (in this process, at most ``max_rows`` rows, the oldest
     dropped first), a path to a SQLite file (every row kept unless ``max_rows`` is

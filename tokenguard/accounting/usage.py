@@ -16,6 +16,8 @@ class Usage:
     ``cost_usd`` is ``None`` when the model's price is unknown, never a guess.
     ``saved_tokens`` estimates the output tokens not generated because the guard ended
     the stream early (a repetition stop): the rest of ``max_output_tokens``.
+    ``depth`` is the call's place in its call tree: 0 for a root call, 1 for a guarded
+    call made while a root call ran (see :func:`~tokenguard.scope`), and so on.
     """
 
     input_tokens: int = 0
@@ -24,6 +26,7 @@ class Usage:
     cost_usd: float | None = None
     latency_s: float = 0.0
     saved_tokens: int = 0
+    depth: int = 0
 
     @property
     def total_tokens(self) -> int:

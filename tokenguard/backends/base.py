@@ -9,6 +9,7 @@ the policy: counting, caps, budgets and the ledger.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,8 @@ async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 64) 
 
     Closing the async iterator asks the worker to stop after its current item and close
     the blocking iterator there (generators are closed in the thread that runs them).
+    The worker runs in a copy of the caller's context (as ``asyncio.to_thread`` does),
+    so context variables, such as the guard's call tree, reach the blocking code.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
@@ -143,7 +146,7 @@ async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 64) 
                 close()
         put(_END)
 
-    loop.run_in_executor(None, run)
+    loop.run_in_executor(None, contextvars.copy_context().run, run)
     try:
         while True:
             item, error = await queue.get()

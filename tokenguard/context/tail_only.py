@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenguard.context.strategy import Turn, turn_indices_from_end
+from tokenguard.context.strategy import TurnCosts, pinned_indices, turn_indices_from_end
 from tokenguard.errors import InputTooLong
 from tokenguard.tokens import Tokenizer
 
 __all__ = ["TailOnly"]
-
-_CACHE_SIZE = 65_536  # per-turn counts remembered, least recently used dropped first
-
-
-def _key(tokenizer: Tokenizer, turn: Turn) -> str:
-    text = json.dumps(turn, sort_keys=True, ensure_ascii=False, default=str)
-    return f"{tokenizer.name}:{hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=16).hexdigest()}"
 
 
 class TailOnly:
@@ -39,36 +28,14 @@ class TailOnly:
     """
 
     def __init__(self) -> None:
-        self._counts: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _cost(self, tokenizer: Tokenizer, turn: Turn, empty: int) -> int:
-        """What ``turn`` adds to a prompt (its framing included), remembered."""
-        key = _key(tokenizer, turn)
-        with self._lock:
-            cost = self._counts.get(key)
-            if cost is not None:
-                self._counts.move_to_end(key)
-                return cost
-        cost = max(tokenizer.count_messages(turn) - empty, 0)
-        with self._lock:
-            self._counts[key] = cost
-            while len(self._counts) > _CACHE_SIZE:
-                self._counts.popitem(last=False)
-        return cost
+        self._costs = TurnCosts()
 
     def fit(self, messages: Sequence[Mapping[str, Any]], max_tokens: int, tokenizer: Tokenizer) -> list[dict[str, Any]]:
         def chosen(indices: list[int]) -> list[dict[str, Any]]:
             return [dict(messages[i]) for i in sorted(indices)]
 
-        pinned = [i for i, message in enumerate(messages) if message.get("role") == "system"]
         newest_first = turn_indices_from_end(messages)
-        kept = list(pinned)
-        for turn in newest_first:  # the newest user message and whatever follows it
-            if messages[turn[0]].get("role") != "system":
-                kept += turn
-                if messages[turn[0]].get("role") == "user":
-                    break
+        kept = pinned_indices(messages, newest_first)
         need = tokenizer.count_messages(chosen(kept))
         if need > max_tokens:
             raise InputTooLong(
@@ -82,7 +49,7 @@ class TailOnly:
         for turn in newest_first:  # on from there; stop at the first turn that does not fit
             if messages[turn[0]].get("role") == "system":
                 continue
-            cost = self._cost(tokenizer, [dict(messages[i]) for i in turn], empty)
+            cost = self._costs(tokenizer, [dict(messages[i]) for i in turn], empty)
             if total + cost > max_tokens:
                 break
             total += cost

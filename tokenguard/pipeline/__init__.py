@@ -2,7 +2,9 @@
 
 A request's path (docs/architecture.md): admit, scope, fit, cache, reserve, generate (chunk
 watchers), meter, settle, remember. :class:`~tokenguard.Guard` composes these; a
-feature plugs in as a step of the matching protocol.
+feature plugs in as a step of the matching protocol. :mod:`~tokenguard.pipeline.tree`
+holds the call tree that nested calls and :func:`tokenguard.scope` build; step 2,
+:class:`TrimForwarded` (module ``scope``), trims what nested calls forward.
 """
 
 from tokenguard.pipeline.admit import Admit
@@ -13,11 +15,14 @@ from tokenguard.pipeline.meter import Meter
 from tokenguard.pipeline.output_cap import CapWatch, OutputCap
 from tokenguard.pipeline.remember import RememberTurn
 from tokenguard.pipeline.reserve import Reserve
+from tokenguard.pipeline.scope import TrimForwarded
 from tokenguard.pipeline.settle import Settle
 from tokenguard.pipeline.steps import CacheStep, ChunkWatcher, FitStep, RememberStep, ScopeStep, Stop, Watch
 from tokenguard.pipeline.stream import AsyncGuardStream, GuardStream, Opened
+from tokenguard.pipeline.tree import DEFAULT_SHARE, Frame, Scope, current_frame, framed, running_frame
 
 __all__ = [
+    "DEFAULT_SHARE",
     "Admit",
     "AsyncGuardStream",
     "CacheStep",
@@ -26,6 +31,7 @@ __all__ = [
     "ChunkWatcher",
     "Fit",
     "FitStep",
+    "Frame",
     "Generation",
     "GuardStream",
     "Meter",
@@ -35,9 +41,14 @@ __all__ = [
     "RememberStep",
     "RememberTurn",
     "Reserve",
+    "Scope",
     "ScopeStep",
     "Settle",
     "Stop",
+    "TrimForwarded",
     "Watch",
     "as_messages",
+    "current_frame",
+    "framed",
+    "running_frame",
 ]

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from tokenguard.context import content_text
 from tokenguard.errors import ConfigError, InputTooLong
 from tokenguard.pipeline.call import Call
 
 __all__ = ["Admit"]
-
-
-def _text_of(content: Any) -> str:
-    """The text of a message's content: a string, or the text parts of a part list."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part.get("text", "") if isinstance(part, dict) else str(part) for part in content
-        )
-    return str(content)
 
 
 class Admit:
@@ -44,7 +30,7 @@ class Admit:
         messages = call.messages if call.turn is None else [call.turn]
         seen = 0
         for message in messages:
-            seen += call.tokenizer.count_until(_text_of(message.get("content")), limit - seen)
+            seen += call.tokenizer.count_until(content_text(message.get("content")), limit - seen)
             if seen > limit:
                 raise InputTooLong(
                     limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens"

@@ -12,6 +12,7 @@ from tokenguard.errors import InvalidRequest
 if TYPE_CHECKING:
     from tokenguard.accounting import Reservation
     from tokenguard.backends import Backend
+    from tokenguard.pipeline.tree import Frame
     from tokenguard.tokens import Tokenizer
 
 __all__ = ["Call", "as_messages"]
@@ -69,6 +70,10 @@ class Call:
 
     ``turn`` is the new user message of a :meth:`~tokenguard.Guard.chat` call: the
     remember step adds it and the reply to the session's history when the call succeeds.
+    ``outer`` is the :class:`~tokenguard.pipeline.tree.Frame` the call was made in: the
+    guarded call it is nested in and the innermost scope, if any (``None``: a root call
+    outside every scope); :attr:`depth`, :attr:`parent_id` and :attr:`root_id` link the
+    call into its tree.
     """
 
     request_id: str
@@ -87,6 +92,28 @@ class Call:
     #: Exact prompt size, once counted (see :meth:`count_input`).
     input_tokens: int | None = None
     reservations: list[Reservation] = field(default_factory=list)
+    outer: Frame | None = None
+
+    @property
+    def depth(self) -> int:
+        """0 for a root call, 1 for a call made while a root call runs, and so on."""
+        return self.outer.depth + 1 if self.outer is not None else 0
+
+    @property
+    def parent_id(self) -> str | None:
+        """The ``request_id`` of the guarded call this one is nested in (``None``: a root)."""
+        return self.outer.request_id if self.outer is not None else None
+
+    @property
+    def root_id(self) -> str:
+        """The ``request_id`` of the root call of this call's tree (its own, for a root)."""
+        root = self.outer.root_id if self.outer is not None else None
+        return root if root is not None else self.request_id
+
+    @property
+    def scope_name(self) -> str | None:
+        """The name of the innermost :func:`~tokenguard.scope` the call was made in."""
+        return self.outer.name if self.outer is not None else None
 
     def count_input(self) -> int:
         """The exact prompt size of ``messages`` (chat template and reply priming

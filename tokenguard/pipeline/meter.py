@@ -45,7 +45,9 @@ class Meter:
         except Exception as count_error:  # noqa: BLE001 - the row must still be written
             outcome.error = outcome.error or count_error
             # What is known: the prompt (counted before the backend ran); the cost is not.
-            return Usage(input_tokens=call.input_tokens or 0, latency_s=time.perf_counter() - call.started)
+            return Usage(
+                input_tokens=call.input_tokens or 0, latency_s=time.perf_counter() - call.started, depth=call.depth
+            )
         if outcome.stopped_early:
             usage.saved_tokens = max(call.max_output_tokens - output_tokens, 0)
         return usage
@@ -69,10 +71,12 @@ class Meter:
             cached_input_tokens=cached_input_tokens,
             cost_usd=cost_usd,
             latency_s=time.perf_counter() - call.started,
+            depth=call.depth,
         )
 
     def __call__(self, call: Call, usage: Usage, stop_reason: str, error: BaseException | None = None) -> None:
-        """Write the call's ledger row."""
+        """Write the call's ledger row, linked into its call tree (``depth``,
+        ``parent_id``, ``root_id``) whether or not the scope step trims."""
         self.ledger.write(
             {
                 "request_id": call.request_id,
@@ -90,5 +94,9 @@ class Meter:
                 "stop_reason": stop_reason,
                 "tags": call.tags,
                 "error": None if error is None else f"{type(error).__name__}: {error}"[:2000],
+                "depth": call.depth,
+                "parent_id": call.parent_id,
+                "root_id": call.root_id,
+                "scope": call.scope_name,
             }
         )

@@ -19,7 +19,9 @@ __all__ = ["CacheStep", "ChunkWatcher", "FitStep", "RememberStep", "ScopeStep", 
 
 @runtime_checkable
 class ScopeStep(Protocol):
-    """Step 2: a nested call takes its parent's scope (depth, a smaller budget, context)."""
+    """Step 2: a nested call takes its parent's scope: a smaller budget and only the
+    context it needs (``call.outer`` says where it sits in its call tree). The default
+    is :class:`~tokenguard.pipeline.TrimForwarded`."""
 
     def __call__(self, call: Call) -> None: ...
 

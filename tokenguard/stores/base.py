@@ -100,6 +100,13 @@ LEDGER_COLUMNS: dict[str, str] = {
     "stop_reason": "TEXT",
     "tags": "TEXT",
     "error": "TEXT",
+    # The call tree (nested guarded calls): 0 for a root call; the request_id of the
+    # call it was made in and of its tree's root call (its own, for a root); the name
+    # of the innermost tokenguard.scope() it ran in.
+    "depth": "INTEGER NOT NULL DEFAULT 0",
+    "parent_id": "TEXT",
+    "root_id": "TEXT",
+    "scope": "TEXT",
 }
 #: The columns :meth:`LedgerStore.totals` sums.
 LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "cost_usd", "latency_s")

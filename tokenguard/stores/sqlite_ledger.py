@@ -20,14 +20,33 @@ _SELECT = ", ".join(f'"{name}"' for name in _NAMES)
 _INSERT = f"INSERT INTO calls ({_SELECT}) VALUES ({', '.join('?' * len(_NAMES))})"
 
 
+# What a column added to an older file holds in that file's rows, where its default
+# would be wrong: every call recorded before the call tree existed was a root call.
+_BACKFILL = {"root_id": "UPDATE calls SET root_id = request_id WHERE root_id IS NULL"}
+
+
+def _missing(conn: sqlite3.Connection) -> list[str]:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+    return [name for name in LEDGER_COLUMNS if name not in have]
+
+
 def _create(conn: sqlite3.Connection) -> None:
     cols = ", ".join(f'"{name}" {sql}' for name, sql in LEDGER_COLUMNS.items())
     conn.execute(f"CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, {cols})")
-    have = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
-    for name, sql in LEDGER_COLUMNS.items():
-        if name not in have:  # a file written by an older version: add the column
-            default_sql = sql.replace("NOT NULL", "") if "DEFAULT" not in sql else sql
-            conn.execute(f'ALTER TABLE calls ADD COLUMN "{name}" {default_sql}')
+    if _missing(conn):  # a file written by an older version: add the columns
+        # Under the write lock, so that two processes opening it at once do not both add them.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for name in _missing(conn):
+                sql = LEDGER_COLUMNS[name]
+                default_sql = sql.replace("NOT NULL", "") if "DEFAULT" not in sql else sql
+                conn.execute(f'ALTER TABLE calls ADD COLUMN "{name}" {default_sql}')
+                if name in _BACKFILL:
+                    conn.execute(_BACKFILL[name])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
     conn.execute("CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts)")
 
 

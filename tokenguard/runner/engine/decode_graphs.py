@@ -107,7 +107,10 @@ class FixedShapeDecode:
         size = self.cache.block_size
         self._index = (self.tables[:, :, None] * size + self._offsets).view(self.batch, self.context)
         self._write = self._index.gather(1, positions[:, None]).squeeze(1)
-        self._mask = (self._context_positions[None, :] < self.lengths[:, None])[:, None, None, :]
+        # Additive, in the attention dtype, made once per step rather than from a boolean mask in every layer.
+        padding = self._context_positions[None, :] >= self.lengths[:, None]
+        self._mask = torch.zeros(padding.shape, dtype=self.model.dtype, device=padding.device).masked_fill(
+            padding, float("-inf"))[:, None, None, :]
         hidden = self.model(self.ids, positions, self)
         return self.model.compute_logits(hidden)
 

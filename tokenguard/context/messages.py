@@ -1,0 +1,55 @@
+"""What every strategy reads of a message: its canonical form, its fingerprint, its text."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["FINGERPRINT_FIELDS", "canonical", "content_text", "fingerprint", "message_text"]
+
+#: The fields that make two messages the same message: who said it, what it says, and
+#: the tool fields that tie a tool call to its results. Anything else a message carries
+#: (provider hints such as ``cache_control``) does not change what the model reads.
+FINGERPRINT_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+def canonical(value: object) -> bytes:
+    """One byte string per value: JSON with sorted keys, so equal messages (or turns)
+    give equal bytes whatever order their keys were written in."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def fingerprint(message: Mapping[str, Any]) -> str:
+    """A short hash of the message's :data:`FINGERPRINT_FIELDS`: the same message sent
+    again, by any caller, has the same fingerprint."""
+    fields = {name: message[name] for name in FINGERPRINT_FIELDS if message.get(name) is not None}
+    return hashlib.blake2b(canonical(fields), digest_size=16).hexdigest()
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a part list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return str(content)
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """What a message says: its content's text and, for a tool call, the called
+    functions' names and arguments."""
+    text = content_text(message.get("content"))
+    calls = message.get("tool_calls")
+    if not calls:
+        return text
+    parts = [text]
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping):
+            parts += [str(function.get("name") or ""), str(function.get("arguments") or "")]
+    return "\n".join(parts)

@@ -289,24 +289,6 @@ def test_file_ledger_by_path(tmp_path):
     assert len(Ledger(tmp_path / "l.sqlite").records()) == 1
 
 
-def test_a_cache_step_answers_without_the_backend():
-    """The cache step here is a stand-in: this test is about the guard calling it."""
-
-    class OneAnswerCache:
-        def lookup(self, call):
-            if call.messages[-1]["content"] == "cached?":
-                return Reply("yes", "cached", call.messages, request_id=call.request_id, model=call.model)
-            return None
-
-    fn = Calls("from backend")
-    guard = Guard(fn, model="gpt-4o", cache=OneAnswerCache())
-    assert guard.complete("cached?").text == "yes"
-    assert list(guard.stream("cached?")) == ["yes"]
-    assert guard.complete("other").text == "from backend"
-    assert len(fn.calls) == 1
-    assert [r["stop_reason"] for r in guard.ledger.records()] == ["cached", "cached", "stop"]
-
-
 def test_callable_backend_wraps_functions_without_max_tokens():
     backend = Function(lambda messages: "hi")
     guard = Guard(backend, model="gpt-4o", max_output_tokens=3)

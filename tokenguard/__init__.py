@@ -7,7 +7,7 @@
 
 import logging as _logging
 
-from tokenguard import accounting, backends, context, pipeline, stores, tokens
+from tokenguard import accounting, backends, cache, context, pipeline, stores, tokens
 from tokenguard._decorator import Guarded, guard, reply_of
 from tokenguard._guard import Guard
 from tokenguard._repetition import RepetitionStop
@@ -64,6 +64,7 @@ __all__ = [
     "Usage",
     "accounting",
     "backends",
+    "cache",
     "context",
     "count_tokens",
     "errors",

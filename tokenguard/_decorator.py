@@ -86,12 +86,13 @@ def reply_of(result: Any) -> Reply:
     return reply
 
 
-def _as_returned(raw: Any, reply: Reply) -> Any:
+def _as_returned(raw: Any, reply: Reply, returns_str: bool = False) -> Any:
     """What the function returned, as the guard let it through, with ``reply`` attached:
     a string or a chat completion (object or dict) of the same type, holding the guard's
-    text (cut at the output cap, a loop's repeats left out). Anything else (a stream the
-    guard read to meter it; nothing, when no call was made) gives the reply itself."""
-    if isinstance(raw, str):
+    text (cut at the output cap, a loop's repeats left out). A cache hit (the function
+    was not called) of a function that returns strings is a string too. Anything else
+    (a stream the guard read to meter it; a hit of any other function) gives the reply."""
+    if isinstance(raw, str) or (raw is None and reply.cached and returns_str):
         out: Any = _GuardedStr(reply.text)
     elif is_completion(raw):
         out = raw
@@ -107,6 +108,15 @@ def _as_returned(raw: Any, reply: Reply) -> Any:
     except (AttributeError, TypeError):  # an object that takes no new attributes
         return reply
     return out
+
+
+def _annotated_str(fn: Any) -> bool:
+    """Whether ``fn`` is annotated to return ``str`` (also as a string annotation)."""
+    try:
+        annotation = inspect.signature(fn).return_annotation
+    except (TypeError, ValueError):
+        return False
+    return annotation is str or annotation == "str"
 
 
 # The function's kind decides what its guarded twin returns (see the docstring). A
@@ -162,6 +172,8 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
 
     def decorate(fn: Any) -> Any:
         backend = Function(fn)
+        # Whether the function returns strings (annotated so, or seen to): its cache hits are strings too.
+        returns_str = [_annotated_str(fn)]
         g = Guard(backend, **options)
         if g.budgets and not backend.takes_max_tokens:
             raise ConfigError(
@@ -185,7 +197,8 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
             async def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
                 bound = backend.bind(*args)
                 reply = await g.open_astream(functools.partial(prepare, bound, prompt_or_messages, kwargs)).aread()
-                return _as_returned(bound.result, reply)
+                returns_str[0] = returns_str[0] or isinstance(bound.result, str)
+                return _as_returned(bound.result, reply, returns_str[0])
 
         elif inspect.isgeneratorfunction(fn):
 
@@ -197,7 +210,8 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
             def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
                 bound = backend.bind(*args)
                 reply = g.open_stream(prepare(bound, prompt_or_messages, kwargs)).read()
-                return _as_returned(bound.result, reply)
+                returns_str[0] = returns_str[0] or isinstance(bound.result, str)
+                return _as_returned(bound.result, reply, returns_str[0])
 
         guarded: Any = functools.update_wrapper(wrapper, fn)
         guarded.guard = g

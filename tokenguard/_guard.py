@@ -137,8 +137,11 @@ class Guard:
     :class:`~tokenguard.pipeline.TrimForwarded` keeps the child's own new messages and
     the most relevant context its ancestors already sent, within a share (1/4) of its
     parent's input (see :func:`~tokenguard.scope`); ``scope=None`` sends everything and
-    still links the tree. ``cache`` and ``remember`` plug in steps of
-    :mod:`tokenguard.pipeline`.
+    still links the tree. ``cache`` is a :mod:`tokenguard.cache` cache or a list of them,
+    looked up in order after the prompt is fitted: a hit skips the backend and bills
+    nothing (``reply.cached``, ``stop_reason`` ``"cache"``, the original cost in
+    ``usage.saved_tokens`` / ``saved_usd``); complete replies are stored in each.
+    ``remember`` plugs in a step of :mod:`tokenguard.pipeline`.
 
     >>> guard = Guard(lambda messages: "hello", model="gpt-4o", max_output_tokens=16)
     >>> guard.complete("hi").text
@@ -160,7 +163,7 @@ class Guard:
         scope: ScopeStep | None = _DEFAULT_SCOPE,
         context: ContextStrategy | None = _DEFAULT_CONTEXT,
         max_context_tokens: int | None = None,
-        cache: CacheStep | None = None,
+        cache: CacheStep | Sequence[CacheStep] | None = None,
         remember: RememberStep | None = None,
         history: SessionHistory | None = None,
         session_ttl_s: float | None = 3600.0,
@@ -192,12 +195,14 @@ class Guard:
         self.fit: FitStep | None = (
             Fit(context, max_context_tokens=max_context_tokens) if context is not None else None
         )
-        self.cache = cache
+        self.caches: list[CacheStep] = [] if cache is None else [cache] if isinstance(cache, CacheStep) else list(cache)
         self.reserve: Reserve | None = Reserve(self.budgets, self.pricing) if self.budgets else None
         self.watchers: list[ChunkWatcher] = [OutputCap(), *([stop] if stop is not None else [])]
         self.meter = Meter(self.ledger, self.pricing)
         self.settle: Settle | None = Settle() if self.budgets else None
-        self.remember: list[RememberStep] = [RememberTurn(self.history), *([remember] if remember else [])]
+        self.remember: list[RememberStep] = [
+            RememberTurn(self.history), *(c.store for c in self.caches), *([remember] if remember else [])
+        ]
 
     @property
     def max_input_tokens(self) -> int | None:
@@ -312,10 +317,10 @@ class Guard:
             # Count the prompt now: a prompt that cannot be counted is refused here, before
             # anything is spent, rather than metered as 0 tokens after the backend ran.
             call.count_input()
-            if self.cache is not None:
-                hit = self.cache.lookup(call)
+            for cache in self.caches:  # in order: the first hit answers
+                hit = cache.lookup(call)
                 if hit is not None:
-                    self.meter(call, hit.usage, hit.stop_reason)
+                    self.meter(call, hit.usage, hit.stop_reason, cached=True)
                     return hit
             if self.reserve is not None:
                 self.reserve(call)

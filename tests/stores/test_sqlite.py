@@ -81,7 +81,7 @@ def test_an_in_memory_database_is_private(tmp_path):
     b = SQLiteLedgerStore(None)
     row = dict.fromkeys(LEDGER_COLUMNS) | {"request_id": "x", "ts": 1.0, "input_tokens": 0,
                                             "output_tokens": 0, "cached_input_tokens": 0, "saved_tokens": 0,
-                                            "depth": 0}
+                                            "depth": 0, "cached": 0}
     a.append(row)
     assert a.count() == 1 and b.count() == 0
 

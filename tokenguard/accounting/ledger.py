@@ -28,7 +28,7 @@ __all__ = ["COLUMNS", "Ledger"]
 
 #: The ledger's columns and their SQL types.
 COLUMNS = LEDGER_COLUMNS
-_INTEGERS = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "depth")
+_INTEGERS = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "depth", "cached")
 _IN_MEMORY_MAX_ROWS = 100_000
 
 

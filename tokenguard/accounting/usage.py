@@ -14,8 +14,10 @@ class Usage:
 
     ``input_tokens`` includes ``cached_input_tokens`` (as in OpenAI's ``usage``).
     ``cost_usd`` is ``None`` when the model's price is unknown, never a guess.
-    ``saved_tokens`` estimates the output tokens not generated because the guard ended
-    the stream early (a repetition stop): the rest of ``max_output_tokens``.
+    ``saved_tokens`` is what the guard spared: for a cache hit, the tokens of the call
+    that stored the answer (a hit itself bills none); for a stream ended early (a
+    repetition stop), an estimate: the rest of ``max_output_tokens``. ``saved_usd`` is
+    their price (``None`` when the model's price is unknown).
     ``depth`` is the call's place in its call tree: 0 for a root call, 1 for a guarded
     call made while a root call ran (see :func:`~tokenguard.scope`), and so on.
     """
@@ -26,6 +28,7 @@ class Usage:
     cost_usd: float | None = None
     latency_s: float = 0.0
     saved_tokens: int = 0
+    saved_usd: float | None = 0.0
     depth: int = 0
 
     @property
@@ -49,7 +52,8 @@ class Reply:
 
     ``stop_reason`` is ``"stop"`` (the model finished), ``"length"`` (it hit
     ``max_output_tokens``), ``"cancelled"``, ``"error"``, or a reason a later step adds.
-    ``messages`` is exactly what was sent to the backend.
+    ``messages`` is exactly what was sent to the backend. ``cached`` is ``True`` when
+    the answer came from a cache (``stop_reason`` ``"cache"``): the backend was not called.
     """
 
     text: str
@@ -58,6 +62,7 @@ class Reply:
     usage: Usage = field(default_factory=Usage)
     request_id: str = ""
     model: str | None = None
+    cached: bool = False
 
     def __str__(self) -> str:
         return self.text

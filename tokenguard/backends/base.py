@@ -67,12 +67,16 @@ class Backend(Protocol):
       natural path (a sync call runs it on a private event loop).
     - :meth:`tokenizer`: the tokenizer whose counts match the backend.
     - :meth:`warmup`: load what the first call would otherwise pay for.
+    - ``greedy_by_default``: a request that sets no ``temperature`` decodes greedily
+      (the same answer every time), so a cache may keep it.
+    - :meth:`cache_identity`: what, besides the request, decides the answer.
     """
 
     name: str
     model: str | None
     accepts_session: bool = False
     is_async: bool = False
+    greedy_by_default: bool = False
 
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer whose counts match this backend, or ``None`` (the default) to
@@ -89,6 +93,12 @@ class Backend(Protocol):
         """Free what the backend keeps for ``session`` (the bundled runner's KV
         blocks) now. Default: nothing is kept, nothing to free."""
         return None
+
+    def cache_identity(self) -> object:
+        """JSON-able data that, with the messages and parameters, decides the answer:
+        a cache never serves one backend's answer to a call on another. Default: the
+        backend's kind and model."""
+        return [self.name, self.model]
 
     def context_window(self) -> int | None:
         """How many tokens the model reads and writes in one call (prompt and reply),

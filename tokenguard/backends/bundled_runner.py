@@ -27,6 +27,8 @@ class BundledRunner(Backend):
     name = "runner"
     #: The guard passes ``session=``: the runner keeps the session's KV between turns.
     accepts_session = True
+    #: The runner decodes greedily unless a ``temperature`` is given.
+    greedy_by_default = True
 
     def __init__(self, runner: LlamaRunner | None = None, *, model: str | None = None, device: str = "auto",
                  dtype: str = "auto", **runner_options: Any) -> None:
@@ -48,6 +50,12 @@ class BundledRunner(Backend):
 
                     self._runner = LlamaRunner(**self._options)
         return self._runner
+
+    def cache_identity(self) -> object:
+        """The model file and precision: an int4 model's answer is not a float32 one's."""
+        if not self._owns_runner and self._runner is not None:
+            return [self.name, str(self._runner.model_path), self._runner.precision.name]
+        return [self.name, self.model, self._options["dtype"]]
 
     def warmup(self) -> None:
         """Load the runner now (model weights, engine, KV pool) unless it is loaded;

@@ -138,5 +138,12 @@ class Function(Backend):
         async for chunk in aiter_in_thread(lambda: self.stream(messages, params)):
             yield chunk
 
+    def cache_identity(self) -> object:
+        """Which function, and the arguments bound to it: two decorated functions never
+        share answers, nor one function called with different arguments."""
+        fn = self.fn
+        return [self.name, f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}", self.model,
+                list(self._args)]
+
     def __repr__(self) -> str:
         return f"Function({getattr(self.fn, '__qualname__', self.fn)!r})"

@@ -151,6 +151,10 @@ class OpenAICompatible(Backend):
             weakref.WeakKeyDictionary()
         )
 
+    def cache_identity(self) -> object:
+        """The server and the model: two servers may serve different models by one name."""
+        return [self.name, self.base_url, self.model]
+
     def tokenizer(self) -> Tokenizer | None:
         from tokenguard.tokens import get_tokenizer
 

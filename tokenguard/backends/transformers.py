@@ -50,6 +50,8 @@ class Transformers(Backend):
     """
 
     name = "transformers"
+    #: Sampling only when a ``temperature`` above 0 is given.
+    greedy_by_default = True
 
     def __init__(
         self,
@@ -74,6 +76,9 @@ class Transformers(Backend):
         else:
             self.model = getattr(getattr(model_or_path, "config", None), "_name_or_path", None) or None
         self._lock = threading.Lock()
+
+    def cache_identity(self) -> object:
+        return [self.name, self.model, self.dtype]
 
     def warmup(self) -> None:
         """Load the model and its tokenizer (once), before a call's clock starts."""

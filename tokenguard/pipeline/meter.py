@@ -50,6 +50,7 @@ class Meter:
             )
         if outcome.stopped_early:
             usage.saved_tokens = max(call.max_output_tokens - output_tokens, 0)
+            usage.saved_usd = self.pricing.cost(call.model, 0, usage.saved_tokens)
         return usage
 
     def priced(
@@ -74,9 +75,11 @@ class Meter:
             depth=call.depth,
         )
 
-    def __call__(self, call: Call, usage: Usage, stop_reason: str, error: BaseException | None = None) -> None:
+    def __call__(self, call: Call, usage: Usage, stop_reason: str, error: BaseException | None = None, *,
+                 cached: bool = False) -> None:
         """Write the call's ledger row, linked into its call tree (``depth``,
-        ``parent_id``, ``root_id``) whether or not the scope step trims."""
+        ``parent_id``, ``root_id``) whether or not the scope step trims; ``cached``
+        marks an answer served from a cache."""
         self.ledger.write(
             {
                 "request_id": call.request_id,
@@ -89,6 +92,8 @@ class Meter:
                 "output_tokens": usage.output_tokens,
                 "cached_input_tokens": usage.cached_input_tokens,
                 "saved_tokens": usage.saved_tokens,
+                "saved_usd": usage.saved_usd,
+                "cached": cached,
                 "cost_usd": usage.cost_usd,
                 "latency_s": usage.latency_s,
                 "stop_reason": stop_reason,

@@ -40,6 +40,10 @@ class CacheStep(Protocol):
 
     def lookup(self, call: Call) -> Reply | None: ...
 
+    def store(self, call: Call, reply: Reply) -> None:
+        """Step 9: keep ``reply`` as the answer to ``call`` (when it is worth keeping)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Stop:

@@ -95,6 +95,8 @@ LEDGER_COLUMNS: dict[str, str] = {
     "output_tokens": "INTEGER NOT NULL DEFAULT 0",
     "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0",
     "saved_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "saved_usd": "REAL",
+    "cached": "INTEGER NOT NULL DEFAULT 0",  # 1: answered from a cache, the backend not called
     "cost_usd": "REAL",
     "latency_s": "REAL",
     "stop_reason": "TEXT",
@@ -109,7 +111,8 @@ LEDGER_COLUMNS: dict[str, str] = {
     "scope": "TEXT",
 }
 #: The columns :meth:`LedgerStore.totals` sums.
-LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "cost_usd", "latency_s")
+LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "saved_usd", "cost_usd",
+                 "latency_s")
 
 
 @dataclass(frozen=True, slots=True)

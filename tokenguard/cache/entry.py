@@ -1,0 +1,67 @@
+"""A cached answer as stored, and the reply a hit becomes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from tokenguard.accounting.usage import Reply, Usage
+
+if TYPE_CHECKING:
+    from tokenguard.pipeline.call import Call
+
+FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """What a call answered and what it cost, filed under its partition.
+
+    Stored as JSON, not pickled: reading an entry never runs code, and an entry that
+    does not parse is simply a miss.
+    """
+
+    partition: str
+    text: str
+    stop_reason: str
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    request_id: str
+    created: float
+
+    @classmethod
+    def of(cls, partition: str, reply: Reply) -> CachedAnswer:
+        usage = reply.usage
+        return cls(partition, reply.text, reply.stop_reason, reply.model, usage.input_tokens, usage.output_tokens,
+                   usage.cost_usd, reply.request_id, time.time())
+
+    def dumps(self) -> str:
+        return json.dumps({"format": FORMAT, **asdict(self)}, ensure_ascii=False)
+
+    @classmethod
+    def loads(cls, data: object) -> CachedAnswer:
+        """Parse a stored entry; ``ValueError`` when it is not one."""
+        if not isinstance(data, (str, bytes)):
+            raise ValueError(f"a cache entry is JSON text, got {type(data).__name__}")
+        fields = json.loads(data)
+        if not isinstance(fields, dict) or fields.pop("format", None) != FORMAT:
+            raise ValueError("not a tokenguard cache entry of this format")
+        try:
+            answer = cls(**fields)
+        except TypeError as e:
+            raise ValueError(f"cache entry fields: {e}") from None
+        if not (isinstance(answer.text, str) and isinstance(answer.input_tokens, int)
+                and isinstance(answer.output_tokens, int)):
+            raise ValueError("cache entry has fields of the wrong type")
+        return answer
+
+    def reply(self, call: Call) -> Reply:
+        """The reply a hit gives ``call``: this answer's text, nothing billed, and the
+        original call's tokens and cost as savings."""
+        usage = Usage(cost_usd=0.0, saved_tokens=self.input_tokens + self.output_tokens, saved_usd=self.cost_usd,
+                      depth=call.depth, latency_s=time.perf_counter() - call.started)
+        return Reply(self.text, "cache", list(call.messages), usage, call.request_id, self.model, cached=True)

@@ -1,0 +1,128 @@
+"""``ExactCache``: a byte-identical request gets the stored answer, at no token cost."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import diskcache
+
+from tokenguard.cache.entry import CachedAnswer
+from tokenguard.cache.key import CacheScope, check_scope, digest, fingerprint, is_deterministic, partition
+from tokenguard.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from tokenguard.accounting.usage import Reply
+    from tokenguard.pipeline.call import Call
+
+logger = logging.getLogger(__name__)
+
+#: Replies worth serving again: the model finished, or stopped at the requested length.
+CACHEABLE_STOPS = frozenset({"stop", "length"})
+
+
+class ExactCache:
+    """Answers of earlier calls, keyed by everything that changes the answer.
+
+    ``path`` is a directory shared by every process and thread that opens it (diskcache:
+    SQLite, ``shards`` files so concurrent writers rarely wait on each other); entries
+    survive restarts. ``path=None`` keeps a private cache for this object only, in a
+    temporary directory removed by :meth:`close` or at exit. ``ttl`` (seconds) expires
+    entries; once the cache holds ``size_limit`` bytes the oldest-stored entries go first.
+
+    ``scope`` partitions entries: ``"user"`` (default: a reply is only served to the same
+    ``user=``; calls without one share the anonymous partition), ``"session"`` (the same
+    ``session=``; calls without a session are not cached) or ``"global"``. Only
+    deterministic requests are cached - ``temperature=0``, or none given to a backend
+    that decodes greedily by default - unless ``cache_sampled=True``.
+
+    >>> guard = Guard(cache=ExactCache("~/.cache/myapp/answers"))  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path | None = None, *, ttl: float | None = None, size_limit: int = 1 << 30,
+                 scope: CacheScope = "user", cache_sampled: bool = False, shards: int = 8) -> None:
+        if ttl is not None and not ttl > 0:
+            raise ConfigError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        if size_limit < 1 or shards < 1:
+            raise ConfigError(f"size_limit and shards must be positive, got {size_limit} and {shards}")
+        self.scope = check_scope(scope)
+        self.ttl = ttl
+        self.cache_sampled = cache_sampled
+        directory = None if path is None else Path(path).expanduser()
+        try:
+            self._store = diskcache.FanoutCache(
+                None if directory is None else str(directory), shards=shards, timeout=1.0, size_limit=size_limit,
+                eviction_policy="least-recently-stored")
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open the cache directory {directory}: {e}") from e
+        self.path = Path(self._store.directory)
+        self._cleanup = (weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+                         if directory is None else None)
+
+    def key(self, call: Call) -> str | None:
+        """The entry key of ``call``, or ``None`` when the call is not cacheable."""
+        where = partition(call, self.scope)
+        if where is None or not (self.cache_sampled or is_deterministic(call)):
+            return None
+        return digest([where, fingerprint(call)])
+
+    def lookup(self, call: Call) -> Reply | None:
+        """The stored answer to ``call`` as a zero-cost reply, or ``None``. An entry that
+        cannot be read is a miss (logged as a warning and dropped), never an error."""
+        key = self.key(call)
+        if key is None:
+            return None
+        try:
+            data = self._store.get(key)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as e:
+            logger.warning("cache %s unreadable, treated as a miss: %s", self.path, e)
+            return None
+        if data is None:
+            return None
+        try:
+            answer = CachedAnswer.loads(data)
+        except ValueError as e:
+            logger.warning("dropping a corrupted cache entry in %s: %s", self.path, e)
+            self._store.delete(key)
+            return None
+        if answer.partition != partition(call, self.scope):
+            return None  # never across partitions, whatever the key says
+        return answer.reply(call)
+
+    def store(self, call: Call, reply: Reply) -> None:
+        """File ``reply`` as the answer to ``call`` when it is a complete, fresh answer to
+        a cacheable request. A write that fails is logged, not raised: the reply stands."""
+        key = self.key(call)
+        if key is None or reply.cached or reply.stop_reason not in CACHEABLE_STOPS:
+            return
+        answer = CachedAnswer.of(partition(call, self.scope) or "", reply)
+        try:
+            self._store.set(key, answer.dumps(), expire=self.ttl)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as e:
+            logger.warning("could not write to cache %s: %s", self.path, e)
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        self._store.clear()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def close(self) -> None:
+        """Close the cache files (and remove a private cache's directory)."""
+        self._store.close()
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> ExactCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ExactCache({str(self.path)!r}, scope={self.scope!r}, ttl={self.ttl!r})"

@@ -1,0 +1,83 @@
+"""What a cached answer is filed under: a tenant partition and a request fingerprint.
+
+The partition is a hard boundary: an entry is only ever returned to calls of the same
+partition (``"user"``: the same ``user=``; ``"session"``: the same ``session=``;
+``"global"``: everyone). The fingerprint covers everything that changes the answer:
+the backend (for a decorated function, which function and its bound arguments), the
+model, every message that is sent (system prompt and tool messages included), and every
+generation parameter (``tools``, ``tool_choice``, ``response_format``, ``temperature``,
+``max_tokens``, ...). Only the ``session`` routing hint is left out: it changes where
+the KV lives, not the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any, Literal
+
+from tokenguard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokenguard.pipeline.call import Call
+
+CacheScope = Literal["user", "session", "global"]
+SCOPES: tuple[CacheScope, ...] = ("user", "session", "global")
+_NOT_ANSWER_PARAMS = frozenset({"session"})
+
+
+def check_scope(scope: str) -> CacheScope:
+    if scope not in SCOPES:
+        raise ConfigError(f"cache scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    return scope
+
+
+def partition(call: Call, scope: CacheScope) -> str | None:
+    """The partition ``call`` reads and writes in, or ``None`` when it has none (a
+    session-scoped cache and a call without ``session=``: such calls are not cached)."""
+    if scope == "global":
+        return "global"
+    if scope == "session":
+        return None if call.session is None else f"session:{call.session}"
+    return f"user:{call.user or ''}"
+
+
+def is_deterministic(call: Call) -> bool:
+    """Whether the request asks for the same answer every time: ``temperature=0``, or
+    no temperature given to a backend that decodes greedily by default."""
+    temperature = call.params.get("temperature")
+    if temperature is None:
+        return call.backend.greedy_by_default
+    return bool(temperature == 0)
+
+
+def fingerprint(call: Call) -> str:
+    """A hex digest of everything in ``call`` that changes the answer."""
+    request = {
+        "backend": call.backend.cache_identity(),
+        "model": call.model,
+        "messages": call.messages,
+        "params": {k: v for k, v in sorted(call.params.items()) if k not in _NOT_ANSWER_PARAMS},
+    }
+    return digest(request)
+
+
+def digest(value: Any) -> str:
+    """SHA-256 of ``value``'s canonical JSON (sorted keys; objects JSON cannot encode by
+    their JSON schema when they have one, else their ``repr``)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    schema = getattr(value, "model_json_schema", None)  # a pydantic model class as response_format
+    if callable(schema):
+        try:
+            return {"schema": schema()}
+        except Exception:  # noqa: BLE001 - fall back to the repr below
+            pass
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(repr, value))
+    if isinstance(value, (tuple, bytes)):
+        return list(value) if isinstance(value, tuple) else value.hex()
+    return repr(value)

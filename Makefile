@@ -44,7 +44,7 @@ bench: $(VENV)/.test
 # The GPU check runs on a GPU machine's own Python (3.12, torch with CUDA, transformers)
 # with no network: `make gpu-pack` here downloads the wheels it lacks into .gpu-wheels/;
 # there, `make gpu-check` installs them beside the tree and runs benchmarks/gpu_check.py.
-GPU_WHEELS := gguf==0.19.0
+GPU_WHEELS := gguf==0.19.0 diskcache==5.6.3
 
 gpu-pack:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \

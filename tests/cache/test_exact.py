@@ -4,18 +4,20 @@ plain-function backends that count how often they run."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokenguard as tg
 from tokenguard import Guard, Ledger
-from tokenguard.cache import ExactCache
+from tokenguard.cache import ExactCache, SemanticCache
 from tokenguard.errors import StoreError
 
 GREEDY = {"temperature": 0}
@@ -134,16 +136,22 @@ def test_scopes_partition_users_and_sessions(tmp_path):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(calls=st.lists(st.tuples(st.sampled_from(["alice", "bob", None]), st.sampled_from(["s1", "s2", None]),
                                 st.sampled_from(["Q1", "Q2"])), min_size=1, max_size=12),
-       scope=st.sampled_from(["user", "session", "global"]))
-def test_no_entry_crosses_its_partition(calls, scope):
+       scope=st.sampled_from(["user", "session", "global"]), kind=st.sampled_from(["exact", "semantic"]))
+def test_no_entry_crosses_its_partition(calls, scope, kind):
     """Whatever the order of calls, a hit only ever returns an answer first given in the
-    same partition: each answer names the user and session that produced it."""
+    same partition: each answer names the user and session that produced it. The
+    semantic cache embeds with a constant vector here, so every question is every
+    other's nearest neighbour: only the partition keeps them apart."""
     caller = {"tag": ""}  # who is asking, known to the function but not part of the request
 
     def answer(messages, *, max_tokens, **params):
         return f"{caller['tag']}|{messages[-1]['content']}"
 
-    with ExactCache(scope=scope) as cache:
+    def constant(texts):
+        return np.ones((len(texts), 8), dtype=np.float32)
+
+    make = ExactCache if kind == "exact" else functools.partial(SemanticCache, embedder=constant, same_details=False)
+    with make(scope=scope) as cache:
         guard = Guard(answer, model="gpt-4o-mini", cache=cache)
         for user, session, question in calls:
             caller["tag"] = f"{user}/{session}"
@@ -179,7 +187,7 @@ def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):
     path = tmp_path / "shared"
     script = textwrap.dedent(f"""
         from tokenguard import Guard
-        from tokenguard.cache import ExactCache
+        from tokenguard.cache import ExactCache, SemanticCache
         def answers(messages, *, max_tokens, temperature):
             return "written by the other process"
         with ExactCache({str(path)!r}) as cache:

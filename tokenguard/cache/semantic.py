@@ -227,6 +227,8 @@ class SemanticCache:
                 logger.warning("dropping a corrupted semantic cache entry in %s: %s", self.path, e)
                 self._drop([entry_id])
                 continue
+            if answer.partition != partition(call, self.scope):
+                continue  # never across partitions, whatever the index says
             return answer.reply(call)
         return None
 

@@ -17,10 +17,11 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tokenguard.accounting.report import Moment, Report, as_timestamp, report_keys
 from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.stores import LEDGER_COLUMNS, LedgerQuery, LedgerStore, MemoryLedgerStore, SQLiteLedgerStore
 
@@ -130,6 +131,27 @@ class Ledger:
         """
         totals = self.store.totals(_query(filters))
         return {name: value if name == "cost_usd" else (value or 0) for name, value in totals.items()}
+
+    def report(
+        self, by: str | Iterable[str] = "model", since: Moment = None, until: Moment = None, **filters: Any
+    ) -> Report:
+        """The calls grouped by ``by`` and summed: a :class:`~tokenguard.accounting.Report`.
+
+        ``by`` is one or more of ``user``, ``session``, ``model``, ``backend``, ``tag``,
+        ``day``, ``hour`` (UTC), ``depth``, ``stop_reason`` (a list or ``"user,model"``).
+        ``since``/``until`` bound the calls' start to ``[since, until)``: epoch seconds,
+        an ISO date or date-time (UTC unless it has an offset), a ``datetime`` or a
+        ``date``. Other ``filters`` are column equalities, as for :meth:`records`.
+
+        >>> ledger = Ledger()
+        >>> _ = ledger.write({"user": "ann", "model": "gpt-4o", "input_tokens": 9, "cost_usd": 0.01})
+        >>> [(row["user"], row["calls"], row["input_tokens"]) for row in ledger.report(by="user")]
+        [('ann', 1, 9)]
+        """
+        keys = report_keys(by)  # checked before the ledger is read
+        start, end = as_timestamp(since), as_timestamp(until)
+        bounds = {name: value for name, value in (("since", start), ("until", end)) if value is not None}
+        return Report.from_records(self.records(**filters, **bounds), keys, since=start, until=end)
 
     def __len__(self) -> int:
         return self.store.count()

@@ -1,0 +1,302 @@
+"""The ``tokenguard`` command line (also ``python -m tokenguard``).
+
+- ``tokenguard count FILE|- [--model gpt-4o]``: the exact token count of a file or of
+  standard input, and what that text costs as input where the model's price is known.
+- ``tokenguard report LEDGER [--by user] [--since T] [--until T] [--format
+  table|csv|json|html] [-o FILE]``: a ledger file's usage, grouped and summed
+  (:meth:`tokenguard.Ledger.report`).
+
+Every subcommand is one :class:`Command` in :data:`COMMANDS`, the one place the parser
+is built from: a later ``chat`` or ``demo`` is a ``Command`` appended there.
+
+A mistake (a bad option, an unknown model, a missing file) prints one line to stderr
+and exits 2; an unexpected failure prints one line and exits 1. Neither prints a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import importlib.metadata
+import os
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from tokenguard.accounting import Ledger, Pricing
+from tokenguard.accounting.report import REPORT_KEYS, Report, as_timestamp, format_usd, report_keys
+from tokenguard.errors import TokenGuardError
+from tokenguard.tokens import get_tokenizer
+
+__all__ = ["COMMANDS", "CliError", "Command", "build_parser", "main"]
+
+PROG = "tokenguard"
+#: Exit codes: done; an unexpected failure; a mistake in the command (or its input).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A mistake the user can fix, said in one line (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (usage stays behind ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, its one-line summary (``tokenguard --help``), its
+    description (``tokenguard NAME --help``), what adds its arguments and what runs it
+    (returning the exit code)."""
+
+    name: str
+    summary: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- count ---------------------------------------------------------------------------------
+
+
+def _configure_count(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a text file, or - to read standard input")
+    parser.add_argument(
+        "-m", "--model", default="gpt-4o",
+        help="a model name, an encoding (o200k_base, cl100k_base) or a tokenizer file: .model, tokenizer.json, "
+             ".gguf (default: gpt-4o)",
+    )
+    parser.add_argument(
+        "--encoding", default="utf-8-sig",
+        help="the text's encoding (default: UTF-8, a leading byte-order mark not counted); "
+             "bytes that do not decode are an error, not guessed",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the number of tokens")
+
+
+def _read_text(name: str, encoding: str) -> str:
+    """The whole of a file (or of stdin for ``-``), decoded strictly: a count of text
+    with replaced bytes would not be the count of the file."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CliError(f"unknown encoding {encoding!r}") from None
+    if name == "-":
+        source, data = "standard input", _read_stdin()
+    else:
+        source = name
+        try:
+            data = Path(name).read_bytes()
+        except FileNotFoundError:
+            raise CliError(f"no such file: {name}") from None
+        except IsADirectoryError:
+            raise CliError(f"{name} is a directory, not a file") from None
+        except OSError as error:
+            raise CliError(f"cannot read {name}: {error.strerror or error}") from None
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        shown = "UTF-8" if encoding == "utf-8-sig" else encoding
+        raise CliError(
+            f"{source} is not {shown} text (byte {error.start} does not decode); "
+            "pass --encoding, e.g. --encoding latin-1"
+        ) from None
+
+
+def _read_stdin() -> bytes | str:
+    """Standard input's bytes (its text, when it is a text stream without bytes)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    return buffer.read() if buffer is not None else sys.stdin.read()
+
+
+def _run_count(args: argparse.Namespace) -> int:
+    tokenizer = get_tokenizer(args.model)  # an unknown model fails before stdin is read
+    tokens = tokenizer.count(_read_text(args.file, args.encoding))
+    if args.quiet:
+        print(tokens)
+        return EXIT_OK
+    source = "standard input" if args.file == "-" else args.file
+    named = args.model if tokenizer.name == args.model else f"{args.model}, tokenizer {tokenizer.name}"
+    print(f"{tokens:,} tokens in {source} ({named})")
+    cost = Pricing().cost(args.model, tokens, 0, warn=False)
+    if cost is None:
+        print(f"input cost: unknown (no price is known for {args.model})")
+    else:
+        print(f"input cost: {format_usd(cost)} (this text sent as input, at {args.model}'s price)")
+    return EXIT_OK
+
+
+COUNT = Command(
+    name="count",
+    summary="exact token count of a file or stdin, with its input cost where the price is known",
+    description="Count the tokens of a text file (or of standard input, with -) exactly, offline, with the "
+                "model's own tokenizer, and price it as input where the model's price is known.",
+    configure=_configure_count,
+    run=_run_count,
+)
+
+
+# -- report --------------------------------------------------------------------------------
+
+_FORMATS = ("table", "csv", "json", "html")
+
+
+def _configure_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ledger", metavar="LEDGER", help="a SQLite ledger file (Ledger(path), Guard(ledger=path))")
+    parser.add_argument(
+        "--by", action="append", metavar="KEY",
+        help=f"group by one or more of: {', '.join(REPORT_KEYS)}; repeat it or separate with commas "
+             "(default: model)",
+    )
+    parser.add_argument(
+        "--since", metavar="TIME",
+        help="only calls made at or after TIME: a date (2025-06-01), a date-time (2025-06-01T14:00, UTC unless "
+             "it has an offset) or epoch seconds",
+    )
+    parser.add_argument("--until", metavar="TIME", help="only calls made before TIME (same forms as --since)")
+    parser.add_argument(
+        "-f", "--format", choices=_FORMATS,
+        help="table (aligned text), csv, json or html (one file with a chart; needs tokenguard[reports] and -o); "
+             "default: from the -o file's suffix, else table",
+    )
+    parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+
+
+def _existing_ledger(name: str) -> Path:
+    """The ledger file ``name``, checked read-only: opening a missing path would create
+    an empty ledger, and opening another SQLite file would add a table to it."""
+    path = Path(name)
+    if not path.exists():
+        raise CliError(f"no ledger at {name}")
+    if path.is_dir():
+        raise CliError(f"{name} is a directory, not a ledger file")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as error:
+        raise CliError(f"{name} is not a SQLite ledger ({error})") from None
+    if "calls" not in tables:
+        raise CliError(f"{name} is a SQLite file but not a tokenguard ledger (it has no 'calls' table)")
+    return path
+
+
+def _format(args: argparse.Namespace) -> str:
+    if args.format is not None:
+        return str(args.format)
+    suffix = Path(args.output).suffix.lower().lstrip(".") if args.output else ""
+    return suffix if suffix in _FORMATS else "table"
+
+
+def _render(report: Report, fmt: str) -> str:
+    renderers: dict[str, Callable[[], str]] = {
+        "table": report.to_text,
+        "csv": report.to_csv,
+        "json": report.to_json,
+        "html": report.to_html,
+    }
+    return renderers[fmt]()
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    fmt = _format(args)
+    if fmt == "html" and args.output is None:
+        raise CliError("--format html writes a file: add -o FILE")
+    by = report_keys(args.by or ["model"])
+    since, until = as_timestamp(args.since), as_timestamp(args.until)
+    with Ledger(_existing_ledger(args.ledger)) as ledger:
+        report = ledger.report(by, since=since, until=until)
+    text = _render(report, fmt)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise CliError(f"cannot write {args.output}: {error.strerror or error}") from None
+        print(f"wrote {args.output}: {len(report)} rows, {report.totals['calls']} calls", file=sys.stderr)
+    return EXIT_OK
+
+
+REPORT = Command(
+    name="report",
+    summary="a ledger's usage grouped by user, session, model, tag, day, ...",
+    description="Sum a ledger's calls per group: calls, tokens, cost (unknown, never 0, where a price is "
+                "unknown), savings, cache hit rate, p50/p95 latency, errors and refusals.",
+    configure=_configure_report,
+    run=_run_report,
+)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+#: Every subcommand, in the order ``--help`` lists them.
+COMMANDS: list[Command] = [COUNT, REPORT]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tokenguard")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in :data:`COMMANDS`."""
+    parser = _Parser(prog=PROG, description="Exact offline token counts and usage reports of tokenguard ledgers.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.summary, description=command.description)
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _fail(command: str | None, message: str, code: int) -> int:
+    print(f"{PROG}{f' {command}' if command else ''}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``tokenguard report ... | head``): send what is left to
+    /dev/null, so that Python's exit does not report the closed pipe."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.error(f"choose a command: {', '.join(command.name for command in COMMANDS)}")
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", _INTERRUPTED)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_FAILED
+    except (CliError, TokenGuardError, OSError) as error:
+        return _fail(args.command, _one_line(error), EXIT_USAGE)
+    except Exception as error:  # noqa: BLE001 - a command line prints one line, never a traceback
+        return _fail(args.command, f"unexpected {type(error).__name__}: {_one_line(error)}", EXIT_FAILED)

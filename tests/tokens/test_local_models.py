@@ -164,3 +164,25 @@ def test_sentencepiece_gguf_vocabulary_matches_sentencepiece(sentencepiece_gguf:
         assert ours.encode(text) == reference.encode(text), text
     assert ours.decode(ours.encode(texts[2])) == texts[2]
     assert ours.bos_token_id == 1 and ours.add_bos
+
+
+def test_a_complete_byte_level_vocabulary_bounds_characters_per_token() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab |= {"ĠĠ": len(vocab), "ĠĠĠĠ": len(vocab) + 1}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "Ġ"), ("ĠĠ", "ĠĠ")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer = tg.HFTokenizer(backend, name="tiny-byte-level")
+    assert tokenizer._max_token_chars == 4  # no token stands for more than 4 bytes
+    assert tokenizer.count(" " * 40) == 10
+    assert tokenizer.count_until(" " * 100_000, 10) > 10
+
+
+def test_smollm2_drops_some_control_bytes_so_its_length_proves_nothing(smollm: TemplatedTokenizer) -> None:
+    # The vocabulary has no token for the bytes 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d (as
+    # transformers' own tokenizer): such text counts 0 tokens however long it is, so
+    # count_until may not call a long text over the limit by its length alone.
+    assert smollm._max_token_chars is None
+    assert smollm.count("\x04" * 10) == 0
+    assert smollm.count_until("\x04" * 1_000_000, 5) == 0  # a run of them is counted, not read

@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 import tiktoken_ext.openai_public as openai_public
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokenguard as tg
 from tokenguard.tokens import openai as tg_openai
@@ -128,7 +130,8 @@ def test_non_text_parts_and_bad_messages_raise_clear_errors() -> None:
 
 
 def test_huge_whitespace_run_does_not_crash() -> None:
-    # tiktoken's own regex engine panics on runs this long; we fall back to a Python split.
+    # tiktoken's own regex engine panics on runs this long; they never reach it (see
+    # tests/stress/test_no_panic.py for the silent stderr).
     tokenizer = tg.get_tokenizer("o200k_base")
     text = " " * 1_600_000 + "end"
     assert tokenizer.count(text) == len(tokenizer._encode_piecewise(text))
@@ -136,6 +139,67 @@ def test_huge_whitespace_run_does_not_crash() -> None:
 
 
 def test_piecewise_encoding_matches_tiktoken() -> None:
+    # The regex-module split: the reference the no-panic tests compare against, and the
+    # fallback of a TiktokenTokenizer built on an encoding with another pattern.
     tokenizer = tg.get_tokenizer("cl100k_base")
     text = "Hello,  world!\n\n  def f(x):\n\treturn x**2  # 12345 人工智能 🤖\r\n   "
     assert tokenizer._encode_piecewise(text) == tokenizer.encoding.encode_ordinary(text)
+
+
+# -- long runs of blanks never reach tiktoken's regex ----------------------------------
+
+RUN_UNITS = [" ", "\t", "\n", " \t", " \n", "\u3000"]
+BEFORE = ["", "a", "!", "x\n", "人"]
+AFTER = ["", "a", "!", "人", "1", "\n", "/"]
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_blank_runs_split_exactly_on_every_small_case(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the threshold at 4, every run of 4 or more blanks takes the split path:
+    # runs of 0..300 of each unit, before words, punctuation, CJK, digits, line breaks
+    # and the end of the text, must encode exactly as plain tiktoken does.
+    monkeypatch.setattr(tg_openai, "LONG_BLANKS", 4)
+    tokenizer = tg.get_tokenizer(name)
+    assert isinstance(tokenizer, tg.TiktokenTokenizer)
+    plain = tokenizer.encoding.encode_ordinary
+    for unit in RUN_UNITS:
+        for k in range(301):
+            run = (unit * k)[:k]
+            for before in BEFORE:
+                for after in AFTER:
+                    text = before + run + after
+                    assert tokenizer._encode_plain(text) == plain(text), (before, unit, k, after)
+
+
+blanks_and_more = st.text(alphabet=st.sampled_from(list(" \t\n\r\u3000\xa0ab!/.1人😀'")), max_size=120)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=blanks_and_more)
+def test_blank_runs_split_exactly_anywhere(text: str) -> None:
+    for name in ("o200k_base", "cl100k_base"):
+        tokenizer = tg.get_tokenizer(name)
+        assert isinstance(tokenizer, tg.TiktokenTokenizer)
+        old = tg_openai.LONG_BLANKS
+        tg_openai.LONG_BLANKS = 2
+        try:
+            split = tokenizer._encode_plain(text)
+        finally:
+            tg_openai.LONG_BLANKS = old
+        assert split == tokenizer.encoding.encode_ordinary(text)
+
+
+def test_whitespace_is_what_tiktoken_patterns_call_whitespace() -> None:
+    import regex
+
+    everything = "".join(map(chr, range(0x110000)))
+    expected = set(regex.findall(r"\s", everything))
+    assert set(tg_openai.WHITESPACE) == expected
+    assert len(tg_openai.WHITESPACE) == len(expected) == 25
+
+
+def test_the_longest_token_bounds_count_until() -> None:
+    for name in ("o200k_base", "cl100k_base"):
+        tokenizer = tg.get_tokenizer(name)
+        assert tokenizer._max_token_chars == 128
+        assert tokenizer.count(" " * 128) == 1

@@ -2,19 +2,27 @@
 
 A family supplies ``encode``/``decode`` of plain text, its special tokens and its
 chat-message accounting; the bounded and exact helpers built on them (``count``,
-``count_until``, ``truncate``, ``encode_trusted``) live here once.
+``count_until``, ``truncate``, ``encode_trusted``, ``count_trusted``) live here once.
+
+Hostile text costs what ordinary text costs: long runs of one character are counted
+without tokenizing them (:mod:`tokenguard.tokens.runs`), and ``count_until`` stops
+reading where the text's length alone proves it is over the limit.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from tokenguard.errors import InvalidRequest, TokenGuardError
 from tokenguard.tokens.chat_template import RenderedChat
+from tokenguard.tokens.runs import MIN_RUN, RunCounter
+
+_T = TypeVar("_T")
 
 Message = Mapping[str, Any]
 
@@ -24,8 +32,9 @@ _CHARS_PER_TOKEN_WINDOW = 8
 _MIN_WINDOW = 64
 # How far back from a window's end the text beyond it may still change tokenization.
 # Merges in every family we ship stop at pre-token boundaries (whitespace, punctuation,
-# script changes); a cut can disturb only the pre-token it falls in, so the tokens of
-# the window's last _UNSETTLED_CHARS characters, plus one, bound what the cut can add.
+# script changes), and inside a long pre-token they reach only a bounded distance
+# from a cut; so the tokens of the window's last _UNSETTLED_CHARS characters, plus
+# one, bound what the cut can add.
 _UNSETTLED_CHARS = 64
 
 
@@ -65,6 +74,27 @@ class Tokenizer(ABC):
     def special_tokens(self) -> Mapping[str, int]:
         """Control tokens by their text, e.g. ``{"<|endoftext|>": 100257}``."""
 
+    # -- what a family may refine -------------------------------------------------------
+
+    def _count_plain(self, text: str) -> int:
+        """Exact number of tokens of plain ``text`` (``len(_encode_plain(text))``);
+        a family with a cheaper exact count overrides it."""
+        return len(self._encode_plain(text))
+
+    def _token_texts(self) -> Iterable[str]:
+        """The text each plain token stands for, used to find the characters whose runs
+        the vocabulary packs into long tokens. Families list their vocabulary faster."""
+        for i in range(self.vocab_size):
+            if i not in self._special_ids:
+                yield self.decode([i])
+
+    @cached_property
+    def _max_token_chars(self) -> int | None:
+        """The most characters of input one token can stand for, where the family can
+        prove a bound (no normalizer that shrinks text, no token for an unknown run);
+        ``None`` where it cannot. ``count_until`` uses it to stop reading."""
+        return None
+
     # -- shared behaviour -----------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -74,20 +104,20 @@ class Tokenizer(ABC):
         [24912, 2375]
         """
         _check_text(text)
-        try:
-            return self._encode_plain(text)
-        except (UnicodeEncodeError, RuntimeError, TypeError):
-            # Lone surrogates cannot cross into the native tokenizers; SentencePiece
-            # reports them as a RuntimeError, tokenizers as a TypeError. Anything else
-            # is re-raised.
-            cleaned = _replace_surrogates(text)
-            if cleaned == text:
-                raise
-            return self._encode_plain(cleaned)
+        return self._native(self._encode_plain, text)
 
     def count(self, text: str) -> int:
-        """Exact number of tokens in plain ``text``."""
-        return len(self.encode(text))
+        """Exact number of tokens in plain ``text``.
+
+        Runs of at least ``MIN_RUN`` copies of one character are counted by the
+        pumping rule of :mod:`tokenguard.tokens.runs` rather than tokenized, so a
+        megabyte of spaces costs what a few hundred of them do.
+        """
+        _check_text(text)
+        extra = 0
+        if len(text) >= MIN_RUN:
+            text, extra = self._runs.compress(text)
+        return self._native(self._count_plain, text) + extra
 
     def count_until(self, text: str, limit: int) -> int:
         """``count(text)`` when it is at most ``limit``; otherwise some number above it.
@@ -95,17 +125,29 @@ class Tokenizer(ABC):
         The work is bounded by the limit, not by the text: rejecting a 100 MB string
         against a 4,000-token cap tokenizes a few tens of kilobytes. Windows of the
         text's head double until the tokens they settle exceed the limit or the window
-        covers the whole text (then the count is exact).
+        covers the whole text (then the count is exact). Where no token stands for more
+        than ``_max_token_chars`` characters, a text longer than that many per allowed
+        token is over the limit by its length alone: the doubling stops after the first
+        window (which settles most texts by itself), so text that packs many
+        characters into each token (a megabyte of spaces) costs no more than prose.
         """
         _check_text(text)
-        if limit < 0:
-            raise InvalidRequest(f"limit must be >= 0, got {limit}")
+        limit = _check_count(limit, "limit")
         size = max(_MIN_WINDOW, _CHARS_PER_TOKEN_WINDOW * (limit + 1))
+        if size < len(text) and not text.isascii():
+            # The window's allowance is really in bytes: a token seldom holds less than
+            # one byte, and CJK or emoji pack 3-4 into a character. Narrowing the window
+            # for such text keeps its first look as cheap as prose's.
+            width = len(text[:size].encode("utf-8", "surrogatepass")) / size
+            size = max(_MIN_WINDOW, int(size / width))
+        bound = self._max_token_chars
         while size < len(text):
             head = text[:size]
             settled = self.count(head) - self.count(head[-_UNSETTLED_CHARS:]) - 1
             if settled > limit:
                 return settled
+            if bound is not None and len(text) > bound * (limit + 1):
+                return len(text) // bound  # at least limit + 1 tokens: none holds more than `bound` characters
             size *= 2
         return self.count(text)
 
@@ -114,8 +156,7 @@ class Tokenizer(ABC):
         within ``max_tokens`` tokens. Cuts fall between characters, never inside one.
         """
         _check_text(text)
-        if max_tokens < 0:
-            raise InvalidRequest(f"max_tokens must be >= 0, got {max_tokens}")
+        max_tokens = _check_count(max_tokens, "max_tokens")
         if side not in ("right", "left"):
             raise InvalidRequest(f'side must be "right" or "left", got {side!r}')
 
@@ -143,24 +184,63 @@ class Tokenizer(ABC):
         a :class:`RenderedChat` keeps its user text hidden until the plain pieces are
         encoded, so only the template's own control tokens are parsed.
         """
-        rendered = text if isinstance(text, RenderedChat) else RenderedChat(text, [])
         ids: list[int] = []
+        for part in self._trusted_parts(text):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids += self.encode(part)
+        return ids
+
+    def count_trusted(self, text: str | RenderedChat) -> int:
+        """``len(encode_trusted(text))``, with the plain pieces counted by :meth:`count`
+        (so long runs in user text cost nothing extra)."""
+        return sum(1 if isinstance(part, int) else self.count(part) for part in self._trusted_parts(text))
+
+    def _trusted_parts(self, text: str | RenderedChat) -> Iterator[str | int]:
+        """The pieces of trusted text in order: plain text (the user's originals put
+        back) and the ids of the control tokens between them."""
+        rendered = text if isinstance(text, RenderedChat) else RenderedChat(text, [])
         pos = 0
         pattern = self._special_pattern
         for match in pattern.finditer(rendered.text) if pattern is not None else ():
             if match.start() > pos:
-                ids += self.encode(rendered.restore(rendered.text[pos : match.start()]))
-            ids.append(self.special_tokens[match.group()])
+                yield rendered.restore(rendered.text[pos : match.start()])
+            yield self.special_tokens[match.group()]
             pos = match.end()
         if pos < len(rendered.text):
-            ids += self.encode(rendered.restore(rendered.text[pos:]))
-        return ids
+            yield rendered.restore(rendered.text[pos:])
 
     @cached_property
     def _special_pattern(self) -> re.Pattern[str] | None:
         # Longest first, so that "<|im_start|>" wins over a shorter token it contains.
         names = sorted(self.special_tokens, key=len, reverse=True)
         return re.compile("|".join(map(re.escape, names))) if names else None
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(self.special_tokens.values())
+
+    @cached_property
+    def _runs(self) -> RunCounter:
+        # Built on first use of a long text: finding the run characters reads the vocabulary.
+        return RunCounter(lambda text: self._native(self._count_plain, text), self._token_texts())
+
+    def _native(self, call: Callable[[str], _T], text: str) -> _T:
+        """``call(text)`` on the family's native tokenizer, with lone surrogates counted
+        as U+FFFD (as tiktoken does). A text the native tokenizer refuses for another
+        reason raises :class:`TokenGuardError` naming the tokenizer."""
+        try:
+            return call(text)
+        except (UnicodeEncodeError, RuntimeError, TypeError) as error:
+            # Lone surrogates cannot cross into the native tokenizers; SentencePiece
+            # reports them as a RuntimeError, tokenizers as a TypeError.
+            cleaned = _replace_surrogates(text)
+            if cleaned == text:
+                raise TokenGuardError(
+                    f"{self.name} could not tokenize the text: {type(error).__name__}: {error}"
+                ) from error
+            return call(cleaned)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -174,13 +254,26 @@ def check_messages(messages: Sequence[Message]) -> Sequence[Message]:
         if not isinstance(message, Mapping):
             raise InvalidRequest(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
         if "role" not in message:
-            raise TokenGuardError(f"message {i} has no 'role'")
+            raise InvalidRequest(f"message {i} has no 'role'")
     return messages
 
 
 def _check_text(text: object) -> None:
     if not isinstance(text, str):
         raise InvalidRequest(f"expected text as str, got {type(text).__name__}")
+
+
+def _check_count(value: object, name: str) -> int:
+    """``value`` as a token count: an integer >= 0 (a bool is not one)."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]  # checked at run time
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None:
+        raise InvalidRequest(f"{name} must be an integer >= 0, got {value!r}")
+    if number < 0:
+        raise InvalidRequest(f"{name} must be >= 0, got {number}")
+    return number
 
 
 def _replace_surrogates(text: str) -> str:

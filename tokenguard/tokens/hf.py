@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,31 @@ class HFTokenizer(TemplatedTokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
+    def _token_texts(self) -> Iterable[str]:
+        ids = [[i] for i in range(self.backend.get_vocab_size(with_added_tokens=False))]
+        return self.backend.decode_batch(ids, skip_special_tokens=True)
+
+    @cached_property
+    def _max_token_chars(self) -> int | None:
+        """The longest token, in bytes, of a byte-level BPE without a normalizer (GPT-2,
+        Llama 3, SmolLM, Qwen...) whose vocabulary holds all 256 bytes: there every
+        byte of the text lands in a token that is a vocabulary entry or an added token,
+        and a character is at least one byte. Other pipelines can shrink text (a
+        normalizer, an unknown byte dropped) or fold an unknown run into one token: no
+        bound."""
+        spec = json.loads(self.backend.to_str())
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        if spec.get("normalizer") is not None or model.get("type") != "BPE":
+            return None
+        vocab = model.get("vocab") or {}
+        if not any(step.get("type") == "ByteLevel" for step in steps):
+            return None
+        if not all(_BYTE_CHARS[byte] in vocab for byte in _UTF8_BYTES):
+            return None  # e.g. SmolLM2's vocabulary has no token for the bytes 0x04, 0x06, ...
+        added = [len(token["content"]) for token in spec.get("added_tokens") or ()]
+        return max([len(token) for token in vocab] + added)
+
     @property
     def special_tokens(self) -> Mapping[str, int]:
         return self._special
@@ -90,6 +116,19 @@ class HFTokenizer(TemplatedTokenizer):
             add_bos=bool(config.get("add_bos_token", False)),
             end_of_turn_tokens=[t for t in extra_eos if t],
         )
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte in a
+    byte-level vocabulary (printable Latin-1 bytes stand for themselves)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+_BYTE_CHARS = _byte_chars()
+# Bytes that UTF-8 text can hold (never 0xC0, 0xC1 or 0xF5-0xFF).
+_UTF8_BYTES = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

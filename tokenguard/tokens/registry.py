@@ -69,8 +69,12 @@ def _load(key: str) -> Tokenizer:
                 f"(it ships {', '.join(OFFLINE_ENCODINGS)})"
             )
         return TiktokenTokenizer(get_encoding(encoding), model=key)
-    path = Path(key).expanduser()
-    if path.exists():
+    try:
+        path = Path(key).expanduser()
+        exists = path.exists()
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, an unknown ~user, a name too long for the OS
+        exists = False
+    if exists:
         return _load_file(path)
     raise UnknownTokenizer(f"unknown tokenizer {key!r}; expected {_ACCEPTED}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import sentencepiece
@@ -38,6 +38,10 @@ class SentencePieceTokenizer(TemplatedTokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.decode(list(ids))
+
+    def _token_texts(self) -> Iterable[str]:
+        sp = self.processor
+        return (sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.get_piece_size()) if not sp.is_control(i))
 
     @property
     def special_tokens(self) -> Mapping[str, int]:

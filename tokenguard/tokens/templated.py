@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenguard.tokens.base import Message, Tokenizer, check_messages
-from tokenguard.tokens.chat_template import ChatTemplateError, render_chat
+from tokenguard.tokens.chat_template import ChatTemplateError, RenderedChat, render_chat
 
 
 class TemplatedTokenizer(Tokenizer):
@@ -50,12 +50,48 @@ class TemplatedTokenizer(Tokenizer):
         """Ids of ``messages`` rendered through the model's chat template, BOS included
         when the model wants one. Control-token text inside messages stays plain text.
         """
+        ids = self.encode_trusted(self._render(messages, add_generation_prompt, template_vars))
+        if self._wants_bos(ids[:1]):
+            ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]  # _wants_bos checked it
+        return ids
+
+    def count_messages(self, messages: Sequence[Message]) -> int:
+        """``len(encode_chat(messages))``, with the messages' text counted by
+        :meth:`count` rather than encoded (long runs in it cost nothing extra)."""
+        rendered = self._render(messages, True, None)
+        total = 0
+        first: list[int] | None = None  # the prompt's first id, once known
+        for part in self._trusted_parts(rendered):
+            if isinstance(part, int):
+                total += 1
+                if first is None:
+                    first = [part]
+                continue
+            if first is None and self.bos_token_id is not None and self.bos_token_id not in self._special_ids:
+                # A BOS that is not a control token might come from plain text: look.
+                ids = self.encode(part)
+                total += len(ids)
+                first = ids[:1] or None
+                continue
+            n = self.count(part)
+            total += n
+            if first is None and n:
+                first = [-1]  # a plain-text id, never a control token such as BOS
+        return total + self._wants_bos(first or [])
+
+    def _wants_bos(self, first: list[int]) -> bool:
+        """Whether a prompt starting with the ids ``first`` still needs its BOS."""
+        return self.add_bos and self.bos_token_id is not None and first != [self.bos_token_id]
+
+    def _render(
+        self, messages: Sequence[Message], add_generation_prompt: bool, template_vars: Mapping[str, Any] | None
+    ) -> RenderedChat:
         if self.chat_template is None:
             raise ChatTemplateError(
                 f"{self.name} has no chat template; count plain text with count(), "
                 "or pass chat_template= when loading the tokenizer"
             )
-        rendered = render_chat(
+        return render_chat(
             self.chat_template,
             check_messages(messages),
             special_tokens=self.special_tokens,
@@ -66,10 +102,3 @@ class TemplatedTokenizer(Tokenizer):
                 **(template_vars or {}),
             },
         )
-        ids = self.encode_trusted(rendered)
-        if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
-            ids.insert(0, self.bos_token_id)
-        return ids
-
-    def count_messages(self, messages: Sequence[Message]) -> int:
-        return len(self.encode_chat(messages))

@@ -25,7 +25,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(PY) examples/demo.py
+	$(PY) -m tokenguard demo
 
 # Lint and types first (fast), then the suite. pytest exits 5 when it collects no
 # test: not a failure of the project.

@@ -193,7 +193,7 @@ def test_help_for_every_command(command, capsys):
 def test_no_command_and_bad_options_are_one_line_errors(capsys):
     assert main([]) == 2
     assert one_error_line(capsys.readouterr().err, "") == (
-        "tokenguard: error: choose a command: count, report (see tokenguard --help)")
+        "tokenguard: error: choose a command: count, report, chat, demo (see tokenguard --help)")
     assert main(["count"]) == 2
     assert "the following arguments are required: FILE" in one_error_line(capsys.readouterr().err, "count")
     assert main(["frobnicate"]) == 2
@@ -210,3 +210,54 @@ def test_python_m_tokenguard_help_version_and_errors(tmp_path):
     assert one_error_line(failed.stderr, "report") == f"tokenguard report: error: no ledger at {missing}"
     unknown = tokenguard("count", "-", "--model", "no-such-model", stdin=b"hi")
     assert unknown.returncode == 2 and "unknown tokenizer 'no-such-model'" in one_error_line(unknown.stderr, "count")
+
+
+# -- chat and demo -------------------------------------------------------------------------
+
+BUNDLED = "SmolLM2-135M-Instruct"
+
+
+def test_chat_and_demo_help_describe_their_options(capsys):
+    assert main(["chat", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option in ("--model PATH", "--max-tokens N", "--session NAME", "--max-context-tokens N", "--ledger FILE",
+                   "/new", "/quit"):
+        assert option in out
+    assert main(["demo", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no-progress" in out and "cache hit" in out and "budget refusal" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "/no/such/model.gguf"], "no model at /no/such/model.gguf"),
+    (["--max-tokens", "0"], "argument --max-tokens: expected a number >= 1, got 0"),
+    (["--max-context-tokens", "many"], "argument --max-context-tokens: expected a whole number, got 'many'"),
+])
+def test_chat_mistakes_are_one_line_errors_before_any_model_loads(args, message, capsys):
+    assert main(["chat", *args]) == 2
+    assert message in one_error_line(capsys.readouterr().err, "chat")
+
+
+@pytest.mark.slow
+def test_chat_reads_turns_from_stdin_and_meters_each_answer(tmp_path):
+    question = "What is two plus two? Answer with a number."
+    ledger = tmp_path / "chat.sqlite"
+    stdin = f"{question}\n\n/new\n{question}\n/quit\nnever read\n".encode()
+    done = tokenguard("chat", "--max-tokens", "12", "--session", "t1", "--ledger", str(ledger), stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    meters = [line for line in done.stdout.splitlines() if line.startswith("[in ")]
+    assert len(meters) == 2, done.stdout
+    first, again = meters
+    exact = count_tokens([{"role": "user", "content": question}], model=BUNDLED)  # chat template included
+    assert first.startswith(f"[in {exact} · out ")
+    assert " · tail-only · cache miss · $0.000000 · " in first
+    assert "(a new conversation)" in done.stdout
+    assert again.startswith("[in 0 · out 0 · tail-only · cache hit, saved ")  # /new: the same first turn
+    # The session total: the hit billed nothing, so it is still the first answer's total.
+    assert first.rsplit("· ", 1)[1] == again.rsplit("· ", 1)[1]
+    with Ledger(ledger) as written:
+        rows = written.records()
+    assert [(r["session"], r["cached"], r["input_tokens"]) for r in rows] == [("t1", 0, exact), ("t1", 1, 0)]
+    report = tokenguard("report", str(ledger), "--by", "session")
+    assert report.returncode == 0 and "t1" in report.stdout

@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
@@ -46,6 +46,9 @@ from tokenguard.pipeline import (
     running_frame,
 )
 from tokenguard.tokens import Tokenizer, get_tokenizer
+
+if TYPE_CHECKING:
+    from tokenguard.telemetry import OTelMeter
 
 __all__ = ["Guard"]
 
@@ -141,7 +144,11 @@ class Guard:
     looked up in order after the prompt is fitted: a hit skips the backend and bills
     nothing (``reply.cached``, ``stop_reason`` ``"cache"``, the original cost in
     ``usage.saved_tokens`` / ``saved_usd``); complete replies are stored in each.
-    ``remember`` plugs in a step of :mod:`tokenguard.pipeline`.
+    ``remember`` plugs in a step of :mod:`tokenguard.pipeline`. ``telemetry`` sends each
+    call's usage to OpenTelemetry in the GenAI semantic conventions
+    (:mod:`tokenguard.telemetry`): ``"auto"`` (default) when ``opentelemetry-api`` is
+    installed, to the global providers, which record nothing until you configure an SDK;
+    ``False`` never; an :class:`~tokenguard.telemetry.OTelMeter` to its own providers.
 
     >>> guard = Guard(lambda messages: "hello", model="gpt-4o", max_output_tokens=16)
     >>> guard.complete("hi").text
@@ -167,6 +174,7 @@ class Guard:
         remember: RememberStep | None = None,
         history: SessionHistory | None = None,
         session_ttl_s: float | None = 3600.0,
+        telemetry: bool | str | OTelMeter | None = "auto",
     ) -> None:
         if max_output_tokens < 0:
             raise ConfigError("max_output_tokens must be >= 0")
@@ -198,7 +206,10 @@ class Guard:
         self.caches: list[CacheStep] = [] if cache is None else [cache] if isinstance(cache, CacheStep) else list(cache)
         self.reserve: Reserve | None = Reserve(self.budgets, self.pricing) if self.budgets else None
         self.watchers: list[ChunkWatcher] = [OutputCap(), *([stop] if stop is not None else [])]
-        self.meter = Meter(self.ledger, self.pricing)
+        from tokenguard.telemetry import telemetry_observer  # loaded with the first guard, as the runner is
+
+        self.telemetry: OTelMeter | None = telemetry_observer(telemetry)
+        self.meter = Meter(self.ledger, self.pricing, [self.telemetry] if self.telemetry is not None else [])
         self.settle: Settle | None = Settle() if self.budgets else None
         self.remember: list[RememberStep] = [
             RememberTurn(self.history), *(c.store for c in self.caches), *([remember] if remember else [])

@@ -5,9 +5,13 @@
 - ``tokenguard report LEDGER [--by user] [--since T] [--until T] [--format
   table|csv|json|html] [-o FILE]``: a ledger file's usage, grouped and summed
   (:meth:`tokenguard.Ledger.report`).
+- ``tokenguard chat [--model PATH] [--max-tokens N] [--session NAME] ...``: an
+  interactive chat on the bundled model (or a GGUF file or Hugging Face folder), reading
+  lines from standard input, with a meter line after each answer.
+- ``tokenguard demo``: the scripted tour of :mod:`tokenguard.demo` on the bundled model.
 
 Every subcommand is one :class:`Command` in :data:`COMMANDS`, the one place the parser
-is built from: a later ``chat`` or ``demo`` is a ``Command`` appended there.
+is built from.
 
 A mistake (a bad option, an unknown model, a missing file) prints one line to stderr
 and exits 2; an unexpected failure prints one line and exits 1. Neither prints a
@@ -23,7 +27,7 @@ import importlib.metadata
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -238,10 +242,146 @@ REPORT = Command(
 )
 
 
+# -- chat ----------------------------------------------------------------------------------
+
+_QUIT = ("/quit", "/exit")
+_NEW = "/new"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _configure_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-m", "--model", metavar="PATH",
+        help="a .gguf file or a Hugging Face checkpoint folder of the Llama family "
+             "(default: the bundled SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--max-tokens", type=_positive, default=256, metavar="N",
+                        help="the most tokens an answer may have (default: 256)")
+    parser.add_argument("--session", default="chat", metavar="NAME",
+                        help="the session's name in the ledger (default: chat)")
+    parser.add_argument("--max-context-tokens", type=_positive, metavar="N",
+                        help="fit the history into N prompt tokens (default: the model's window)")
+    parser.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
+    parser.add_argument("--ledger", metavar="FILE",
+                        help="also write every call to this SQLite ledger (read it with tokenguard report)")
+
+
+def _read_lines() -> Iterator[str]:
+    """Standard input's lines, prompting for each when a person types them."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            if interactive:
+                print()
+            return
+        yield line.strip()
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from tokenguard._guard import Guard
+    from tokenguard.backends import BundledRunner
+    from tokenguard.cache import ExactCache
+    from tokenguard.demo import loading, meter_line, strategy_name
+
+    if args.model is not None and not Path(args.model).exists():
+        raise CliError(f"no model at {args.model} (pass a .gguf file or a checkpoint folder)")
+    backend = BundledRunner(model=args.model)
+    session, total = args.session, 0
+    with contextlib.ExitStack() as stack:
+        cache = ExactCache()
+        stack.callback(cache.close)
+        guard = Guard(backend, max_output_tokens=args.max_tokens, max_context_tokens=args.max_context_tokens,
+                      prices={backend.model: (0.0, 0.0)}, cache=cache, ledger=args.ledger)
+        stack.callback(guard.close)  # the model and the ledger
+        with loading(1) as step:
+            step(f"model {Path(backend.model).name}", guard.warmup)
+        strategy = strategy_name(guard)
+        print(f"chatting with {Path(backend.model).name} (session {session!r}); /new starts over, /quit or "
+              "end of input ends", file=sys.stderr)
+        for line in _read_lines():
+            if not line:
+                continue
+            if line in _QUIT:
+                break
+            if line == _NEW:
+                guard.end_session(session)
+                print("(a new conversation)", flush=True)
+                continue
+            history = guard.history.get(session)
+            if not history and args.system:
+                guard.history.append(session, {"role": "system", "content": args.system})
+                history = guard.history.get(session)
+            print("assistant> ", end="", flush=True)
+            try:
+                with guard.chat_stream(line, session=session) as stream:
+                    for piece in stream:
+                        print(piece, end="", flush=True)
+                reply = stream.reply
+            except TokenGuardError as error:  # a refused turn (too long, ...): the chat goes on
+                print()
+                print(f"{PROG} chat: error: {_one_line(error)}", file=sys.stderr)
+                continue
+            print()
+            if reply is None:
+                continue
+            total += reply.usage.total_tokens
+            print(meter_line(reply, strategy=strategy, cache=True, session_tokens=total, given=len(history) + 1),
+                  flush=True)
+    return EXIT_OK
+
+
+CHAT = Command(
+    name="chat",
+    summary="an interactive chat on the bundled model, with a meter line after each answer",
+    description="Chat on the bundled SmolLM2-135M-Instruct (or --model PATH), offline, one line of standard "
+                "input per turn; /new starts a new conversation, /quit or end of input ends. After each answer "
+                "a meter line shows its exact input and output tokens, the context strategy, the cache, the "
+                "cost and the session's total.",
+    configure=_configure_chat,
+    run=_run_chat,
+)
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no loading bar on stderr")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from tokenguard.demo import run
+
+    return run(progress=not args.no_progress)
+
+
+DEMO = Command(
+    name="demo",
+    summary="a scripted session on the bundled model: counts, context, cache, loop stop, budget, nesting, report",
+    description="Run a scripted multi-turn session on the bundled model (about a minute on a laptop CPU) that "
+                "shows, with the numbers it measures: exact token counts (Chinese included), context fitting, a "
+                "cache hit, a repetition stop, a budget refusal and a nested call, then the ledger's cost report.",
+    configure=_configure_demo,
+    run=_run_demo,
+)
+
+
 # -- the command line ----------------------------------------------------------------------
 
 #: Every subcommand, in the order ``--help`` lists them.
-COMMANDS: list[Command] = [COUNT, REPORT]
+COMMANDS: list[Command] = [COUNT, REPORT, CHAT, DEMO]
 
 
 def _version() -> str:
@@ -253,7 +393,11 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command in :data:`COMMANDS`."""
-    parser = _Parser(prog=PROG, description="Exact offline token counts and usage reports of tokenguard ledgers.")
+    parser = _Parser(
+        prog=PROG,
+        description="Exact offline token counts, usage reports of tokenguard ledgers, and a metered chat and demo "
+                    "on the bundled model.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tokenguard.accounting import Ledger, Pricing, Usage
 from tokenguard.pipeline.call import Call
 from tokenguard.pipeline.generate import Outcome
 
-__all__ = ["Meter"]
+__all__ = ["Meter", "MeterObserver"]
+
+logger = logging.getLogger(__name__)
+
+#: Told of every row the meter writes: ``observer(call, row, error)`` (telemetry,
+#: :class:`tokenguard.telemetry.OTelMeter`).
+MeterObserver = Callable[[Call, Mapping[str, Any], BaseException | None], None]
 
 
 class Meter:
-    """Build a call's :class:`~tokenguard.Usage` and append one row to the ledger."""
+    """Build a call's :class:`~tokenguard.Usage` and append one row to the ledger;
+    then tell each of ``observers`` (telemetry) of the row. An observer that fails is
+    logged, never raised into the call."""
 
-    def __init__(self, ledger: Ledger, pricing: Pricing) -> None:
+    def __init__(self, ledger: Ledger, pricing: Pricing, observers: Sequence[MeterObserver] = ()) -> None:
         self.ledger = ledger
         self.pricing = pricing
+        self.observers = list(observers)
 
     def usage(self, call: Call, outcome: Outcome) -> Usage:
         """The call's usage: the backend's own counts where it reported them, else
@@ -80,28 +92,34 @@ class Meter:
         """Write the call's ledger row, linked into its call tree (``depth``,
         ``parent_id``, ``root_id``) whether or not the scope step trims; ``cached``
         marks an answer served from a cache."""
-        self.ledger.write(
-            {
-                "request_id": call.request_id,
-                "ts": call.ts,
-                "user": call.user,
-                "session": call.session,
-                "model": call.model,
-                "backend": call.backend.name,
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "cached_input_tokens": usage.cached_input_tokens,
-                "saved_tokens": usage.saved_tokens,
-                "saved_usd": usage.saved_usd,
-                "cached": cached,
-                "cost_usd": usage.cost_usd,
-                "latency_s": usage.latency_s,
-                "stop_reason": stop_reason,
-                "tags": call.tags,
-                "error": None if error is None else f"{type(error).__name__}: {error}"[:2000],
-                "depth": call.depth,
-                "parent_id": call.parent_id,
-                "root_id": call.root_id,
-                "scope": call.scope_name,
-            }
-        )
+        row = {
+            "request_id": call.request_id,
+            "ts": call.ts,
+            "user": call.user,
+            "session": call.session,
+            "model": call.model,
+            "backend": call.backend.name,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "saved_tokens": usage.saved_tokens,
+            "saved_usd": usage.saved_usd,
+            "cached": cached,
+            "cost_usd": usage.cost_usd,
+            "latency_s": usage.latency_s,
+            "stop_reason": stop_reason,
+            "tags": call.tags,
+            "error": None if error is None else f"{type(error).__name__}: {error}"[:2000],
+            "depth": call.depth,
+            "parent_id": call.parent_id,
+            "root_id": call.root_id,
+            "scope": call.scope_name,
+        }
+        try:
+            self.ledger.write(row)
+        finally:
+            for observer in self.observers:
+                try:
+                    observer(call, row, error)
+                except Exception:  # telemetry never fails a call
+                    logger.warning("a meter observer failed on call %s", call.request_id, exc_info=True)

@@ -110,6 +110,8 @@ def test_same_details_reads_numbers_words_and_order():
     assert same_details("What is 2+2?", "what's 2 + 2")
     assert same_details("Convert 5 km to miles", "Please convert five km to miles!")
     assert same_details("三公里是多少米？", "3公里是多少米")
+    assert same_details("二〇二四年春节是几月几号？", "2024年春节是几月几号")  # a year, digit by digit
+    assert not same_details("二〇二四年春节是几月几号？", "二〇一四年春节是几月几号？")
     assert not same_details("Convert 5 km to miles", "Convert 5 miles to km")
     assert not same_details("What is 7 minus 3?", "What is 3 minus 7?")
     assert not same_details("Which foods contain gluten?", "Which foods don't contain gluten?")

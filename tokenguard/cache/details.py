@@ -116,7 +116,10 @@ def _detail(token: str) -> str | None:
 
 
 def _zh_number(numeral: str) -> int:
-    """A Chinese numeral's value: 三 -> 3, 十五 -> 15, 两百 -> 200, 三万五千 -> 35000."""
+    """A Chinese numeral's value: 三 -> 3, 十五 -> 15, 两百 -> 200, 三万五千 -> 35000; digits
+    without units read digit by digit, as years are written: 二〇二四 -> 2024."""
+    if not any(char in _ZH_UNITS for char in numeral):
+        return int("".join(str(_ZH_DIGITS[char]) for char in numeral))
     total = section = digit = 0
     for char in numeral:
         if char in _ZH_DIGITS:

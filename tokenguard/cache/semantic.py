@@ -45,6 +45,8 @@ def _create(conn: sqlite3.Connection) -> None:
         "question TEXT NOT NULL, vector BLOB NOT NULL, answer TEXT NOT NULL, created REAL NOT NULL, expires REAL)"
     )
     conn.execute("CREATE INDEX IF NOT EXISTS entries_grp ON entries(grp, id)")
+    # Expiry is checked on every store: without this, a scan of the whole table.
+    conn.execute("CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires) WHERE expires IS NOT NULL")
 
 
 class _Group:
@@ -187,8 +189,8 @@ class SemanticCache:
     # -- internals -------------------------------------------------------------------------
 
     def _ask(self, call: Call, *, remember: bool = True) -> _Asked | None:
-        """The call's group and question, with the question's vector once its group has
-        entries (``None``: the call is not cacheable)."""
+        """The call's group, question and the question's vector (``None``: the call is
+        not cacheable)."""
         where = partition(call, self.scope)
         last = call.messages[-1]
         question = content_text(last.get("content")).strip() if last.get("role") == "user" else ""

@@ -13,6 +13,13 @@ if TYPE_CHECKING:
     from tokenguard.pipeline.call import Call
 
 FORMAT = 1
+#: Replies worth serving again: the model finished, or stopped at the requested length.
+CACHEABLE_STOPS = frozenset({"stop", "length"})
+
+
+def worth_keeping(reply: Reply) -> bool:
+    """A complete, fresh answer: not itself served from a cache, not cut or failed."""
+    return not reply.cached and reply.stop_reason in CACHEABLE_STOPS
 
 
 @dataclass(frozen=True, slots=True)

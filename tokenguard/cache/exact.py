@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import diskcache
 
-from tokenguard.cache.entry import CachedAnswer
-from tokenguard.cache.key import CacheScope, check_scope, digest, fingerprint, is_deterministic, partition
+from tokenguard.cache.entry import CachedAnswer, worth_keeping
+from tokenguard.cache.key import CacheScope, cached_partition, check_scope, digest, fingerprint
 from tokenguard.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
@@ -20,9 +20,6 @@ if TYPE_CHECKING:
     from tokenguard.pipeline.call import Call
 
 logger = logging.getLogger(__name__)
-
-#: Replies worth serving again: the model finished, or stopped at the requested length.
-CACHEABLE_STOPS = frozenset({"stop", "length"})
 
 
 class ExactCache:
@@ -65,17 +62,21 @@ class ExactCache:
 
     def key(self, call: Call) -> str | None:
         """The entry key of ``call``, or ``None`` when the call is not cacheable."""
-        where = partition(call, self.scope)
-        if where is None or not (self.cache_sampled or is_deterministic(call)):
-            return None
-        return digest([where, fingerprint(call)])
+        filed = self._filed(call)
+        return None if filed is None else filed[1]
+
+    def _filed(self, call: Call) -> tuple[str, str] | None:
+        """``(partition, entry key)`` of ``call``, or ``None`` when it is not cacheable."""
+        where = cached_partition(call, self.scope, self.cache_sampled)
+        return None if where is None else (where, digest([where, fingerprint(call)]))
 
     def lookup(self, call: Call) -> Reply | None:
         """The stored answer to ``call`` as a zero-cost reply, or ``None``. An entry that
         cannot be read is a miss (logged as a warning and dropped), never an error."""
-        key = self.key(call)
-        if key is None:
+        filed = self._filed(call)
+        if filed is None:
             return None
+        where, key = filed
         try:
             data = self._store.get(key)
         except (OSError, sqlite3.Error, diskcache.Timeout) as e:
@@ -89,19 +90,18 @@ class ExactCache:
             logger.warning("dropping a corrupted cache entry in %s: %s", self.path, e)
             self._store.delete(key)
             return None
-        if answer.partition != partition(call, self.scope):
+        if answer.partition != where:
             return None  # never across partitions, whatever the key says
         return answer.reply(call)
 
     def store(self, call: Call, reply: Reply) -> None:
         """File ``reply`` as the answer to ``call`` when it is a complete, fresh answer to
         a cacheable request. A write that fails is logged, not raised: the reply stands."""
-        if reply.cached or reply.stop_reason not in CACHEABLE_STOPS:
+        filed = self._filed(call) if worth_keeping(reply) else None
+        if filed is None:
             return
-        key = self.key(call)
-        if key is None:
-            return
-        answer = CachedAnswer.of(partition(call, self.scope) or "", reply)
+        where, key = filed
+        answer = CachedAnswer.of(where, reply)
         try:
             self._store.set(key, answer.dumps(), expire=self.ttl)
         except (OSError, sqlite3.Error, diskcache.Timeout) as e:

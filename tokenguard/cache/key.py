@@ -42,6 +42,15 @@ def partition(call: Call, scope: CacheScope) -> str | None:
     return f"user:{call.user or ''}"
 
 
+def cached_partition(call: Call, scope: CacheScope, cache_sampled: bool) -> str | None:
+    """The partition a cache files ``call`` under, or ``None`` when the call is not
+    cached: it has no partition, or it may sample (unless ``cache_sampled``)."""
+    where = partition(call, scope)
+    if where is None or not (cache_sampled or is_deterministic(call)):
+        return None
+    return where
+
+
 def is_deterministic(call: Call) -> bool:
     """Whether the request asks for the same answer every time: ``temperature=0``, or
     no temperature given to a backend that decodes greedily by default."""
@@ -80,6 +89,6 @@ def _jsonable(value: Any) -> Any:
             pass
     if isinstance(value, (set, frozenset)):
         return sorted(map(repr, value))
-    if isinstance(value, (tuple, bytes)):
-        return list(value) if isinstance(value, tuple) else value.hex()
+    if isinstance(value, bytes):
+        return value.hex()
     return repr(value)

@@ -15,9 +15,8 @@ import numpy as np
 
 from tokenguard.cache.details import same_details
 from tokenguard.cache.embedder import as_embedder, require_semantic_packages
-from tokenguard.cache.entry import CachedAnswer
-from tokenguard.cache.exact import CACHEABLE_STOPS
-from tokenguard.cache.key import CacheScope, check_scope, digest, fingerprint, is_deterministic, partition
+from tokenguard.cache.entry import CachedAnswer, worth_keeping
+from tokenguard.cache.key import CacheScope, cached_partition, check_scope, digest, fingerprint
 from tokenguard.context.messages import content_text
 from tokenguard.errors import ConfigError, StoreError
 from tokenguard.stores.sqlite import SQLiteDatabase
@@ -91,6 +90,7 @@ class _Group:
 class _Asked:
     """What a lookup worked out about a call, for the store that follows a miss."""
 
+    partition: str
     group: str
     question: str
     vector: np.ndarray
@@ -167,13 +167,12 @@ class SemanticCache:
         """Keep ``reply`` for questions like ``call``'s when it is a complete, fresh answer
         to a cacheable request. A failed write is logged, not raised."""
         asked = self._asked.pop(call.request_id, None)
-        if reply.cached or reply.stop_reason not in CACHEABLE_STOPS:
+        if not worth_keeping(reply):
             return
         asked = asked or self._ask(call, remember=False)
         if asked is None:
             return
-        where = partition(call, self.scope) or ""
-        answer = CachedAnswer.of(where, reply).dumps()
+        answer = CachedAnswer.of(asked.partition, reply).dumps()
         expires = None if self.ttl is None else time.time() + self.ttl
         try:
             with self._lock:
@@ -191,16 +190,16 @@ class SemanticCache:
     def _ask(self, call: Call, *, remember: bool = True) -> _Asked | None:
         """The call's group, question and the question's vector (``None``: the call is
         not cacheable)."""
-        where = partition(call, self.scope)
+        where = cached_partition(call, self.scope, self.cache_sampled)
         last = call.messages[-1]
         question = content_text(last.get("content")).strip() if last.get("role") == "user" else ""
-        if where is None or not question or not (self.cache_sampled or is_deterministic(call)):
+        if where is None or not question:
             return None
         group = digest([where, fingerprint(call, skip_last=True)])
         vector = self._embed([question])[0]
         if self._dim is None:
             self._dim = len(vector)
-        asked = _Asked(group, question, vector)
+        asked = _Asked(where, group, question, vector)
         if remember:
             self._asked[call.request_id] = asked
             while len(self._asked) > _PENDING_MAX:  # calls that never reached store()
@@ -229,7 +228,7 @@ class SemanticCache:
                 logger.warning("dropping a corrupted semantic cache entry in %s: %s", self.path, e)
                 self._drop([entry_id])
                 continue
-            if answer.partition != partition(call, self.scope):
+            if answer.partition != asked.partition:
                 continue  # never across partitions, whatever the index says
             return answer.reply(call)
         return None

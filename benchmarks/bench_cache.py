@@ -71,7 +71,7 @@ import numpy as np
 from tokenguard import Guard, Ledger, Reply
 from tokenguard.accounting.usage import Usage
 from tokenguard.cache import CachedAnswer, ExactCache, SemanticCache, same_details
-from tokenguard.cache.embedder import as_embedder, require_semantic_packages
+from tokenguard.context.embedder import as_embedder, require_vector_packages
 from tokenguard.errors import MissingDependency
 
 MODEL = "gpt-4o-mini"
@@ -493,7 +493,7 @@ def bench_semantic_latency(model: Any, root: Path, entries: int, lookups: int, s
 
 def bench_semantic(root: Path, entries: int, lookups: int, seed: int) -> None:
     try:
-        require_semantic_packages(default_embedder=True)
+        require_vector_packages("the semantic benchmark", "semantic", default_embedder=True)
     except MissingDependency as e:
         print(f"semantic cache: skipped: {e}")
         return

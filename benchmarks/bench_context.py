@@ -1,12 +1,22 @@
-"""Tail-only context fitting against LangChain's ``trim_messages`` on a long history.
+"""Context strategies: what each keeps of a long conversation, and what it costs.
 
-    .venv/bin/python benchmarks/bench_context.py [--turns 10000]
+    .venv/bin/python benchmarks/bench_context.py [--turns 10000] [--no-summary] [--seeds 3]
 
-Both keep the newest messages that fit a token budget, counted with the same
-tokenizer (gpt-4o's, OpenAI's message accounting). Prints time per fit (after a first
-fit, as a chat calls it turn after turn), whether each result is within budget, and how
-many messages each kept (target: at least 50x faster, as many messages or more, within
-budget). ``langchain-core`` is a benchmark-only peer: ``make bench`` installs it.
+1. Recall: a generated conversation of 320 turns with 40 planted facts
+   (``context_facts.py``) and later questions about them, half reworded. For each
+   strategy at budgets of 512, 1024 and 2048 tokens (the bundled model's tokenizer and
+   chat template): the share of questions whose evidence is in the fitted prompt,
+   tokens sent, time per fit. The baseline is a plain dense top-k pack (MiniLM + FAISS
+   flat: the system message, the k turns nearest to the question in their order, the
+   question; no tail, no words, no neighbours). Target: Retrieval keeps the evidence
+   for at least 90% of the questions at 1024 tokens and beats the baseline. Summary
+   asks the bundled model for its summaries (``--no-summary`` skips it: slow on CPU).
+2. Tail-only fit time against LangChain's ``trim_messages`` on a long history: both
+   keep the newest messages that fit, counted with the same tokenizer (gpt-4o's).
+   Target: at least 50x faster, as many messages or more, within budget.
+   ``langchain-core`` is a benchmark-only peer: ``make bench`` installs it.
+3. The bundled runner's decode speed in the same process, before and after retrieval
+   fits (embedding and FAISS work between turns).
 """
 
 from __future__ import annotations
@@ -16,8 +26,15 @@ import platform
 import time
 from collections.abc import Callable
 
+import numpy as np
+from context_facts import Conversation, conversation
+
 import tokenguard as tg
-from tokenguard.context import TailOnly
+from tokenguard.context import Retrieval, Summary, TailOnly
+from tokenguard.context.embedder import as_embedder
+from tokenguard.context.vectors import flat_index
+
+BUDGETS = (512, 1024, 2048)
 
 
 def history(turns: int) -> list[dict[str, str]]:
@@ -37,11 +54,112 @@ def per_fit_ms(fit: Callable[[], object], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
+class DenseTopK:
+    """The baseline: the system message, the ``k`` older messages nearest to the
+    question (MiniLM, a flat FAISS index), in their order, and the question; as many
+    of those k as fit."""
+
+    def __init__(self, k: int = 8) -> None:
+        self.k = k
+        self.embed = as_embedder(None)
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def fit(self, messages: list[dict], max_tokens: int, tokenizer: tg.Tokenizer) -> list[dict]:
+        system, older, question = messages[:1], messages[1:-1], messages[-1]
+        new = [m["content"] for m in older if m["content"] not in self._vectors]
+        if new:
+            self._vectors.update(zip(new, self.embed(new), strict=True))
+        index = flat_index(self._vectors[older[0]["content"]].shape[0])
+        index.add(np.stack([self._vectors[m["content"]] for m in older]))
+        _, rows = index.search(self.embed([question["content"]]), self.k)
+        kept: list[int] = []
+        for row in rows[0]:
+            trial = sorted([*kept, int(row)])
+            if tokenizer.count_messages([*system, *(older[i] for i in trial), question]) <= max_tokens:
+                kept = trial
+        return [*system, *(older[i] for i in kept), question]
+
+
+def recall_table(conv: Conversation, strategies: dict[str, object], tokenizer: tg.Tokenizer) -> None:
+    print(f"  {'strategy':<14}{'budget':>7}{'evidence kept':>15}{'tokens sent':>13}{'ms per fit':>12}")
+    for budget in BUDGETS:
+        for name, strategy in strategies.items():
+            kept = sent = 0
+            elapsed = 0.0
+            for question in conv.questions:
+                messages = [*conv.messages[: question.position], {"role": "user", "content": question.text}]
+                start = time.perf_counter()
+                fitted = strategy.fit(messages, budget, tokenizer)  # type: ignore[attr-defined]
+                elapsed += time.perf_counter() - start
+                kept += question.answer in "\n".join(str(m.get("content")) for m in fitted)
+                sent += tokenizer.count_messages(fitted)
+            n = len(conv.questions)
+            print(f"  {name:<14}{budget:>7}{kept / n:>14.0%} {sent // n:>12}{elapsed / n * 1e3:>12.1f}")
+
+
+class _Summarizer:
+    """Summary's model calls through a guard on the bundled model (greedy, metered)."""
+
+    def __init__(self, guard: tg.Guard) -> None:
+        self.guard = guard
+
+    def __call__(self, messages: list[dict], max_tokens: int, backend: object, tag: str) -> str:
+        return self.guard.complete(messages, max_tokens=max_tokens, tags=tag, temperature=0.0).text
+
+
+class _GuardedSummary:
+    def __init__(self, guard: tg.Guard) -> None:
+        self.summary = Summary(keep_recent_tokens=256, max_summary_tokens=192)
+        self.generate = _Summarizer(guard)
+
+    def fit(self, messages: list[dict], max_tokens: int, tokenizer: tg.Tokenizer) -> list[dict]:
+        return self.summary.fit(messages, max_tokens, tokenizer, session=str(max_tokens), generate=self.generate)
+
+
+def decode_speed(runner: object, tokenizer: tg.Tokenizer, conv: Conversation) -> None:
+    prompt = tokenizer.encode("Write a short story about a lighthouse keeper.")
+
+    def tok_s() -> float:
+        best = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            out = runner.generate(prompt, max_tokens=64, temperature=0.0)  # type: ignore[attr-defined]
+            best = max(best, len(out.token_ids) / (time.perf_counter() - start))
+        return best
+
+    before = tok_s()
+    retrieval = Retrieval()
+    for question in conv.questions[:5]:
+        retrieval.fit([*conv.messages[: question.position], {"role": "user", "content": question.text}], 1024,
+                      tokenizer)
+    after = tok_s()
+    print(f"  decode, 64 new tokens: {before:.0f} tok/s alone, {after:.0f} tok/s after retrieval fits in the same "
+          f"process ({after / before:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=1, help="planted-fact conversations to measure recall on")
+    parser.add_argument("--no-summary", action="store_true", help="skip Summary (it runs the bundled model)")
     args = parser.parse_args()
+
+    from tokenguard.runner import LlamaRunner
+
+    runner = LlamaRunner()
+    bundled = runner.tokenizer
+    guard = tg.Guard(runner, max_output_tokens=256)
+    decode_speed(runner, bundled, conversation())
+    for seed in range(args.seeds):
+        conv = conversation(seed=seed)
+        print(f"recall of planted facts: {len(conv.messages)} messages, {len(conv.questions)} questions "
+              f"(seed {seed}; {bundled.name}'s chat template)")
+        strategies: dict[str, object] = {"TailOnly": TailOnly(), "dense top-8": DenseTopK(), "Retrieval": Retrieval()}
+        if not args.no_summary and seed == 0:
+            strategies["Summary"] = _GuardedSummary(guard)
+        recall_table(conv, strategies, bundled)
+
     tokenizer = tg.get_tokenizer("gpt-4o")
     messages = history(args.turns)
     print(f"tail-only fit of a {len(messages)}-message history ({platform.processor() or platform.machine()}, "

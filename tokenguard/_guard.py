@@ -95,6 +95,17 @@ def _as_turn(message: object) -> dict[str, Any]:
     raise InvalidRequest(f"a chat message is a string or a message dict, got {type(message).__name__}")
 
 
+def _with_tag(tags: Any, tag: str) -> Any:
+    """``tags`` with ``tag`` added, in the form they were given (see ``Ledger.report``)."""
+    if tags is None or tags == "":
+        return tag
+    if isinstance(tags, Mapping):
+        return {**tags, "tokenguard": tag}
+    if isinstance(tags, (list, tuple)):
+        return [*tags, tag]
+    return [tags, tag]
+
+
 def _max_tokens(asked: object, cap: int) -> int:
     """The call's output cap: ``max_tokens=`` may lower the guard's, never raise it."""
     if asked is None:
@@ -190,9 +201,9 @@ class Guard:
         self.pricing = Pricing(prices)
         self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self.budgets: list[Budget] = [] if budget is None else [budget] if isinstance(budget, Budget) else list(budget)
-        self.history = (
-            history if history is not None else SessionHistory(ttl_s=session_ttl_s, on_expire=self.backend.end_session)
-        )
+        self.history = history if history is not None else SessionHistory(ttl_s=session_ttl_s)
+        if self.history.on_expire is None:  # what expires is freed everywhere the guard keeps it
+            self.history.on_expire = self._forget_session
         self._tokenizer_spec = tokenizer
         self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self._tokenizer_lock = threading.Lock()
@@ -201,7 +212,9 @@ class Guard:
         self.admit: Admit | None = Admit(max_input_tokens) if max_input_tokens is not None else None
         self.scope = scope
         self.fit: FitStep | None = (
-            Fit(context, max_context_tokens=max_context_tokens) if context is not None else None
+            Fit(context, max_context_tokens=max_context_tokens, side_call=self._side_call)
+            if context is not None
+            else None
         )
         self.caches: list[CacheStep] = [] if cache is None else [cache] if isinstance(cache, CacheStep) else list(cache)
         self.reserve: Reserve | None = Reserve(self.budgets, self.pricing) if self.budgets else None
@@ -369,6 +382,32 @@ class Guard:
         for step in self.remember:
             step(call, reply)
 
+    def _side_call(self, parent: Call, messages: list[dict[str, Any]], max_tokens: int, backend: Any, tag: str) -> str:
+        """A model call made on ``parent``'s behalf (a context strategy's summary): a
+        call of its own in the ledger, tagged ``tag``, for the same user and session and
+        against the same budgets; ``backend=None`` asks the guard's own backend."""
+        backend = self.backend if backend is None else _as_backend(backend, None)
+        call = self.prepare(
+            messages,
+            user=parent.user,
+            session=parent.session,
+            tags=_with_tag(parent.tags, tag),
+            backend=backend,
+            max_tokens=max_tokens,
+        )
+        call.params.pop("session", None)  # its own prompt: it must not take over the session's KV cache
+        if backend is not self.backend and backend.model is not None:
+            call.model = backend.model
+        return self.open_stream(call).read().text
+
+    def _forget_session(self, session: str) -> None:
+        """Free what the backend and the context strategy keep for ``session``."""
+        try:
+            self.backend.end_session(session)
+        finally:
+            if isinstance(self.fit, Fit):
+                self.fit.end_session(session)
+
     # -- public API ---------------------------------------------------------------------
     #
     # Sessions: ``session=`` on every method names the session for the ledger, for
@@ -500,10 +539,11 @@ class Guard:
         return self.history.touch(session)
 
     def end_session(self, session: str) -> None:
-        """Forget ``session`` now: its chat history and what the backend keeps for it
-        (the bundled runner's KV blocks)."""
+        """Forget ``session`` now: its chat history, what the backend keeps for it (the
+        bundled runner's KV blocks) and what the context strategy keeps (a summary, an
+        index of turns)."""
         self.history.clear(session)
-        self.backend.end_session(session)
+        self._forget_session(session)
 
     def warmup(self) -> None:
         """Load now what the first call would otherwise wait for: the backend's model

@@ -48,7 +48,7 @@ class Answers:
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("sentence_transformers")
-    from tokenguard.cache.embedder import as_embedder
+    from tokenguard.context.embedder import as_embedder
 
     embed = as_embedder(None)
     embed(["warm up"])  # load the model once for the module

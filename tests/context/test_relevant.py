@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 
+from guarantees import TOKENIZERS, check_guarantees, histories
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tail_only import TOKENIZERS, _check, histories
 
 from tokenguard import InputTooLong
 from tokenguard.context import ContextStrategy, Relevant, fingerprint
@@ -31,7 +31,7 @@ def test_every_guarantee_holds_with_messages_to_keep(data, budget, fill):
         except InputTooLong:
             pass
         else:
-            _check(history, fitted, budget, tokenizer)
+            check_guarantees(history, fitted, budget, tokenizer)
             for i in keep:  # kept, unless it is a tool result without its call (never sent)
                 assert history[i] in fitted or history[i]["role"] == "tool"
             if fill is not None:

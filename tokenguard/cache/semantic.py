@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokenguard.cache.details import same_details
-from tokenguard.cache.embedder import as_embedder, require_semantic_packages
 from tokenguard.cache.entry import CachedAnswer, worth_keeping
 from tokenguard.cache.key import CacheScope, cached_partition, check_scope, digest, fingerprint
+from tokenguard.context.embedder import as_embedder, require_vector_packages
 from tokenguard.context.messages import content_text
 from tokenguard.errors import ConfigError, StoreError
 from tokenguard.stores.sqlite import SQLiteDatabase
@@ -126,7 +126,7 @@ class SemanticCache:
             raise ConfigError(f"threshold is a cosine similarity in (0, 1], got {threshold!r}")
         if max_entries < 1 or (ttl is not None and not ttl > 0):
             raise ConfigError(f"max_entries must be positive and ttl positive or None, got {max_entries}, {ttl!r}")
-        require_semantic_packages(default_embedder=embedder is None)
+        require_vector_packages("the semantic cache", "semantic", default_embedder=embedder is None)
         self.scope = check_scope(scope)
         self.threshold, self.max_entries, self.ttl = threshold, max_entries, ttl
         self.same_details, self.cache_sampled = same_details, cache_sampled

@@ -41,7 +41,7 @@ class SessionHistory:
         self.max_sessions = max_sessions
         self.max_messages = max_messages
         self.ttl_s = ttl_s
-        self._on_expire = on_expire
+        self.on_expire = on_expire
         self._clock = clock
         self._lock = threading.Lock()
         # session -> (messages, last use); least recently used first.
@@ -61,9 +61,9 @@ class SessionHistory:
             gone.append(session)
 
     def _forget(self, gone: list[str]) -> None:
-        if self._on_expire is not None:
+        if self.on_expire is not None:
             for session in gone:
-                self._on_expire(session)
+                self.on_expire(session)
 
     def _use(self, session: str, now: float) -> list[dict[str, Any]] | None:
         entry = self._sessions.get(session)

@@ -96,7 +96,6 @@ class Relevant:
         score = [sum(weight[word] for word in words) for words in shared]
         ranked = sorted(range(len(candidates)), key=lambda k: (-score[k], k))  # k = 0 is the newest
 
-        empty = tokenizer.count_messages([])
         total = need
         taken: list[list[int]] = []  # most relevant first
         for k in ranked:
@@ -107,7 +106,7 @@ class Relevant:
             # Bounded work: a turn whose text alone is over what is left is not counted whole.
             if len(text) > left and tokenizer.count_until(text, left) > left:
                 continue
-            cost = self._costs(tokenizer, [dict(messages[i]) for i in candidates[k]], empty)
+            cost = self._costs(tokenizer, [dict(messages[i]) for i in candidates[k]])
             if cost <= left:
                 total += cost
                 taken.append(candidates[k])

@@ -5,15 +5,30 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from tokenguard.context.messages import canonical
+from tokenguard.context.messages import canonical, fingerprint
+from tokenguard.errors import ConfigError
 from tokenguard.tokens import Tokenizer
 
-__all__ = ["ContextStrategy", "Turn", "TurnCosts", "pinned_indices", "turn_indices_from_end", "turns"]
+__all__ = [
+    "ContextStrategy",
+    "ConversationStrategy",
+    "Generate",
+    "Sessions",
+    "Turn",
+    "TurnCosts",
+    "conversation_key",
+    "pinned_indices",
+    "turn_indices_from_end",
+    "turns",
+]
+
+S = TypeVar("S")
 
 _CACHE_SIZE = 65_536  # per-turn counts remembered, least recently used dropped first
+_EMPTY_SYSTEM = {"role": "system", "content": ""}
 
 Turn = list[dict[str, Any]]
 """Messages that stay or go together: one message, or an assistant message that calls
@@ -33,6 +48,78 @@ class ContextStrategy(Protocol):
 
     def fit(self, messages: Sequence[Mapping[str, Any]], max_tokens: int, tokenizer: Tokenizer) -> list[dict[str, Any]]:
         ...
+
+
+Generate = Callable[[list[dict[str, Any]], int, Any, str], str]
+"""A model call a strategy needs (a summary): the messages to send, the reply's token
+cap, the backend to ask (``None``: the guard's own) and a tag for the ledger; the
+reply's text comes back. The guard makes it a metered call of its own."""
+
+
+@runtime_checkable
+class ConversationStrategy(ContextStrategy, Protocol):
+    """A strategy that remembers each conversation between fits (a running summary, an
+    index of turns). The guard passes the call's ``session`` (``None``: the conversation
+    is told by its first message) and a :data:`Generate` for the model calls the
+    strategy makes, and calls :meth:`end_session` when a session ends or expires, so
+    that what the strategy keeps for it is freed."""
+
+    def fit(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_tokens: int,
+        tokenizer: Tokenizer,
+        *,
+        session: str | None = None,
+        generate: Generate | None = None,
+    ) -> list[dict[str, Any]]:
+        ...
+
+    def end_session(self, session: str) -> None:
+        ...
+
+
+def conversation_key(messages: Sequence[Mapping[str, Any]], session: str | None) -> str:
+    """What a strategy files a conversation's state under: its session, or without one
+    the fingerprint of its first non-system message (a conversation resent whole, turn
+    after turn, keeps its first message)."""
+    if session is not None:
+        return f"session:{session}"
+    first = next((m for m in messages if m.get("role") != "system"), {})
+    return f"conversation:{fingerprint(first)}"
+
+
+class Sessions(Generic[S]):
+    """Per-conversation state of a strategy, at most ``max_sessions`` of them, the least
+    recently used dropped first (a session's own state is bounded by the strategy)."""
+
+    def __init__(self, max_sessions: int) -> None:
+        if max_sessions < 1:
+            raise ConfigError("max_sessions must be >= 1")
+        self.max_sessions = max_sessions
+        self._states: OrderedDict[str, S] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, new: Callable[[], S]) -> S:
+        """The state filed under ``key``, made by ``new()`` the first time."""
+        with self._lock:
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = new()
+                while len(self._states) > self.max_sessions:
+                    self._states.popitem(last=False)
+            else:
+                self._states.move_to_end(key)
+            return state
+
+    def drop(self, key: str) -> None:
+        """Forget the state filed under ``key``."""
+        with self._lock:
+            self._states.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._states)
 
 
 def turn_indices_from_end(messages: Sequence[Mapping[str, Any]]) -> Iterator[list[int]]:
@@ -90,16 +177,17 @@ class TurnCosts:
         self._counts: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, tokenizer: Tokenizer, turn: Turn, empty: int) -> int:
-        """The tokens ``turn`` adds to a prompt whose empty form costs ``empty``
-        (``tokenizer.count_messages([])``)."""
+    def __call__(self, tokenizer: Tokenizer, turn: Turn) -> int:
+        """The tokens ``turn`` adds to a prompt. Counted beside an empty system message:
+        a chat template that puts in a default system prompt when there is none (as
+        SmolLM2's does) would otherwise charge it to every turn."""
         key = f"{tokenizer.name}:{hashlib.blake2b(canonical(turn), digest_size=16).hexdigest()}"
         with self._lock:
             cost = self._counts.get(key)
             if cost is not None:
                 self._counts.move_to_end(key)
                 return cost
-        cost = max(tokenizer.count_messages(turn) - empty, 0)
+        cost = max(tokenizer.count_messages([_EMPTY_SYSTEM, *turn]) - tokenizer.count_messages([_EMPTY_SYSTEM]), 0)
         with self._lock:
             self._counts[key] = cost
             while len(self._counts) > self.size:

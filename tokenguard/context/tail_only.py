@@ -31,6 +31,12 @@ class TailOnly:
         self._costs = TurnCosts()
 
     def fit(self, messages: Sequence[Mapping[str, Any]], max_tokens: int, tokenizer: Tokenizer) -> list[dict[str, Any]]:
+        return [dict(messages[i]) for i in self.select(messages, max_tokens, tokenizer)]
+
+    def select(self, messages: Sequence[Mapping[str, Any]], max_tokens: int, tokenizer: Tokenizer) -> list[int]:
+        """The indices of the messages :meth:`fit` keeps, in order: the system messages
+        and a run of the newest turns (strategies that add older context start here)."""
+
         def chosen(indices: list[int]) -> list[dict[str, Any]]:
             return [dict(messages[i]) for i in sorted(indices)]
 
@@ -43,13 +49,12 @@ class TailOnly:
                 f"the system messages and the newest user message take {need} tokens, over the "
                 f"{max_tokens} the context may use",
             )
-        empty = tokenizer.count_messages([])
         total = need
         older: list[list[int]] = []
         for turn in newest_first:  # on from there; stop at the first turn that does not fit
             if messages[turn[0]].get("role") == "system":
                 continue
-            cost = self._costs(tokenizer, [dict(messages[i]) for i in turn], empty)
+            cost = self._costs(tokenizer, [dict(messages[i]) for i in turn])
             if total + cost > max_tokens:
                 break
             total += cost
@@ -57,9 +62,9 @@ class TailOnly:
         # The sum is exact for OpenAI's accounting; a chat template may join turns in a
         # way that costs a little more, so check the whole and shed the oldest if needed.
         while True:
-            result = chosen(kept + [i for turn in older for i in turn])
-            if not older or tokenizer.count_messages(result) <= max_tokens:
-                return result
+            indices = sorted(kept + [i for turn in older for i in turn])
+            if not older or tokenizer.count_messages(chosen(indices)) <= max_tokens:
+                return indices
             older.pop()
 
     def __repr__(self) -> str:

@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
-from tokenguard.context import ContextStrategy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from tokenguard.context import ContextStrategy, ConversationStrategy
 from tokenguard.errors import ConfigError
 from tokenguard.pipeline.call import Call
 
-__all__ = ["Fit"]
+__all__ = ["Fit", "SideCall"]
+
+SideCall = Callable[[Call, list[dict[str, Any]], int, Any, str], str]
+"""How the guard makes a model call on a call's behalf (a strategy's summary): the
+call it serves, then what :data:`~tokenguard.context.Generate` takes (messages, token
+cap, backend, tag); the reply's text comes back."""
 
 
 class Fit:
     """Fit ``call.messages`` with a context strategy into
     ``min(window - max_output_tokens, max_context_tokens)`` tokens, whichever are known:
     the window is the backend's (asked once, when the first call runs, so a model is
-    loaded by then), ``max_context_tokens`` the user's own limit."""
+    loaded by then), ``max_context_tokens`` the user's own limit. A
+    :class:`~tokenguard.context.ConversationStrategy` is also given the call's session
+    and, through ``side_call``, a way to ask a model (metered as a call of its own)."""
 
     def __init__(
-        self, strategy: ContextStrategy, *, window: int | None = None, max_context_tokens: int | None = None
+        self,
+        strategy: ContextStrategy,
+        *,
+        window: int | None = None,
+        max_context_tokens: int | None = None,
+        side_call: SideCall | None = None,
     ) -> None:
         if max_context_tokens is not None and max_context_tokens < 1:
             raise ConfigError("max_context_tokens must be >= 1")
         self.strategy = strategy
         self.window = window
         self.max_context_tokens = max_context_tokens
+        self.side_call = side_call
 
     def budget(self, call: Call) -> int | None:
         """The tokens the call's prompt may take, or ``None`` when nothing bounds it."""
@@ -38,7 +55,17 @@ class Fit:
         budget = self.budget(call)
         if budget is None:
             return
-        fitted = self.strategy.fit(call.messages, budget, call.tokenizer)
+        strategy = self.strategy
+        if isinstance(strategy, ConversationStrategy):
+            generate = functools.partial(self.side_call, call) if self.side_call is not None else None
+            fitted = strategy.fit(call.messages, budget, call.tokenizer, session=call.session, generate=generate)
+        else:
+            fitted = strategy.fit(call.messages, budget, call.tokenizer)
         if fitted != call.messages:  # a prompt that already fit keeps its count
             call.messages = fitted
             call.input_tokens = None  # counted again, exactly, after fitting
+
+    def end_session(self, session: str) -> None:
+        """Free what the strategy keeps for ``session`` (a summary, an index)."""
+        if isinstance(self.strategy, ConversationStrategy):
+            self.strategy.end_session(session)

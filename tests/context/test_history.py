@@ -3,6 +3,9 @@ session free the history, and the bundled runner's KV blocks with it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tokenguard import ConfigError, Guard
@@ -100,3 +103,44 @@ def test_end_session_frees_the_runner_s_kv_blocks(bundled_runner):
     guard.end_session("kv-test")
     assert bundled_runner.stats()["kv_blocks_free"] == free_before
     assert guard.history.get("kv-test") == []
+
+
+def test_a_persistent_history_survives_a_restart_and_is_shared_by_processes(tmp_path):
+    path = tmp_path / "sessions.sqlite"
+    first = SessionHistory(path=path)
+    first.append("s", {"role": "user", "content": "人工智能 🚀"}, {"role": "assistant", "content": "ok"})
+    script = (
+        "from tokenguard.context import SessionHistory\n"
+        f"SessionHistory(path={str(path)!r}).append('s', {{'role': 'user', 'content': 'from another process'}})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    restarted = SessionHistory(path=path)
+    assert [m["content"] for m in restarted.get("s")] == ["人工智能 🚀", "ok", "from another process"]
+    restarted.clear("s")
+    assert SessionHistory(path=path).get("s") == []
+
+
+def test_a_persistent_history_keeps_its_bounds_in_the_file(tmp_path):
+    clock = Clock()
+    path = tmp_path / "sessions.sqlite"
+    history = SessionHistory(max_sessions=2, max_messages=3, ttl_s=10, clock=clock, path=path)
+    for session in ("a", "b", "c"):
+        clock.now += 1
+        history.append(session, *({"role": "user", "content": str(i)} for i in range(5)))
+    assert len(history) == 2
+    assert SessionHistory(path=path, clock=clock).get("a") == []  # the least recently used is gone from the file
+    assert [m["content"] for m in SessionHistory(path=path, clock=clock).get("c")] == ["2", "3", "4"]
+    clock.now = 30
+    assert SessionHistory(ttl_s=10, clock=clock, path=path).get("b") == []  # expired, even after a restart
+    assert len(SessionHistory(ttl_s=10, clock=clock, path=path)) == 0
+
+
+def test_a_guard_continues_a_persisted_chat_after_a_restart(tmp_path):
+    path = tmp_path / "sessions.sqlite"
+
+    def echo(messages, max_tokens):
+        return f"seen {len(messages)}"
+
+    Guard(echo, model="gpt-4o", history=SessionHistory(path=path)).chat("My name is Ada.", session="ada")
+    reply = Guard(echo, model="gpt-4o", history=SessionHistory(path=path)).chat("Who am I?", session="ada")
+    assert reply.text == "seen 3" and reply.messages[0]["content"] == "My name is Ada."

@@ -173,3 +173,18 @@ def test_a_guard_chat_recalls_and_frees_the_index_when_the_session_ends_or_expir
     clock.now = 11
     assert not guard.touch("b")  # expired: its history and its index are freed
     assert len(strategy._memories) == 0
+
+
+@pytest.mark.slow
+def test_a_chat_on_the_bundled_model_recalls_an_old_fact(bundled_runner):
+    from tokenguard.backends import BundledRunner
+
+    guard = Guard(BundledRunner(bundled_runner), context=Retrieval(k=4), max_context_tokens=200, max_output_tokens=8)
+    guard.chat("My locker code at the gym is 4417.", session="r", temperature=0.0)
+    for i in range(12):
+        guard.chat(f"Say one word about {TOPICS[i % len(TOPICS)]}.", session="r", temperature=0.0)
+    reply = guard.chat("What is my gym locker code?", session="r", temperature=0.0)
+    assert reply.usage.input_tokens == guard.tokenizer.count_messages(reply.messages) <= 200
+    recalled = [m["content"] for m in reply.messages if m["role"] == "system"]
+    assert any(text.startswith(RECALLED_HEADER) and "4417" in text for text in recalled)
+    assert len(guard.history.get("r")) == 28  # the history keeps everything; the prompt recalls

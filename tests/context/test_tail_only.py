@@ -79,3 +79,13 @@ def test_the_bundled_model_s_window_bounds_the_prompt(bundled_runner):
         reply = guard.chat(f"Remember the number {i}.", session="w", temperature=0.0)
         assert reply.usage.input_tokens <= 150
     assert guard.fit.budget(guard.prepare("x")) == min(150, bundled_runner.context_length - 8)
+
+
+def test_an_api_model_s_window_comes_from_the_catalogue():
+    guard = Guard(_echo, model="gpt-4o", max_output_tokens=100)
+    assert guard.fit is not None and guard.fit.budget(guard.prepare("x")) == 128_000 - 100
+    unknown = Guard(_echo, model="my-own-model", tokenizer="gpt-4o")
+    assert unknown.fit is not None and unknown.fit.budget(unknown.prepare("x")) is None  # nothing bounds it
+    # A short prompt that fits is sent as it is and counted once, not fitted.
+    reply = guard.complete([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert len(reply.messages) == 2

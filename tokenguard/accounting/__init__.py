@@ -3,7 +3,7 @@ reservations, the usage ledger, its reports and prices."""
 
 from tokenguard.accounting.budget import Budget, Per, Reservation, Window, open_budget_store
 from tokenguard.accounting.ledger import COLUMNS, Ledger
-from tokenguard.accounting.pricing import Price, PriceSpec, Pricing, UnknownPriceWarning
+from tokenguard.accounting.pricing import Price, PriceSpec, Pricing, UnknownPriceWarning, context_window
 from tokenguard.accounting.report import REPORT_KEYS, Report
 from tokenguard.accounting.usage import Reply, Usage
 
@@ -22,5 +22,6 @@ __all__ = [
     "UnknownPriceWarning",
     "Usage",
     "Window",
+    "context_window",
     "open_budget_store",
 ]

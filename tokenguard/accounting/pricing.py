@@ -11,6 +11,7 @@ user-set prices; the bundled model costs 0. A model with no known price costs
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
@@ -124,9 +125,9 @@ def _priceable(model: Any) -> bool:
     return True
 
 
-def _catalog_rate(model: str) -> _CatalogRate | None:
-    """Find ``model`` (or ``provider/model``) in genai-prices; ``None`` when absent or
-    priced by units that token counts cannot give."""
+def _catalog_model(model: str) -> tuple[Any, Any] | None:
+    """``(provider, model info)`` of ``model`` (or ``provider/model``) in genai-prices'
+    catalogue, or ``None`` when it is not there."""
     try:
         from genai_prices.data_snapshot import get_snapshot
     except ImportError:  # pragma: no cover - a core dependency
@@ -138,11 +139,30 @@ def _catalog_rate(model: str) -> _CatalogRate | None:
         candidates.append((rest, provider_name))
     for ref, provider_id in candidates:
         try:
-            provider, info = snapshot.find_provider_model(ref, None, provider_id, None)
+            found: tuple[Any, Any] = snapshot.find_provider_model(ref, None, provider_id, None)
         except LookupError:
             continue
-        return _CatalogRate(info, provider) if _priceable(info) else None
+        return found
     return None
+
+
+def _catalog_rate(model: str) -> _CatalogRate | None:
+    """Find ``model`` (or ``provider/model``) in genai-prices; ``None`` when absent or
+    priced by units that token counts cannot give."""
+    found = _catalog_model(model)
+    if found is None:
+        return None
+    provider, info = found
+    return _CatalogRate(info, provider) if _priceable(info) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def context_window(model: str) -> int | None:
+    """The context window of an API model, in tokens, from genai-prices' catalogue
+    (``"gpt-4o"``: 128,000); ``None`` when the catalogue does not know it."""
+    found = _catalog_model(model)
+    window = getattr(found[1], "context_window", None) if found is not None else None
+    return int(window) if window else None
 
 
 def _as_price(spec: PriceSpec) -> Price:

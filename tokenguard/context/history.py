@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -9,8 +10,19 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenguard.errors import ConfigError
+from tokenguard.stores.sqlite_sessions import SQLiteSessionStore
 
 __all__ = ["SessionHistory"]
+
+
+def _bounded(history: list[dict[str, Any]], max_messages: int) -> list[dict[str, Any]]:
+    """``history`` with its oldest messages gone beyond ``max_messages`` (a leading
+    system message stays)."""
+    excess = len(history) - max_messages
+    if excess > 0:
+        start = 1 if history and history[0].get("role") == "system" else 0
+        del history[start : start + excess]
+    return history
 
 
 class SessionHistory:
@@ -22,7 +34,12 @@ class SessionHistory:
     model's window is the fit step's job; these bounds only keep memory finite.
     ``on_expire(session)`` is called for each session that expires or is evicted (the
     guard frees what its backend keeps for it), outside the history's lock. ``clock``
-    is where time comes from (``time.monotonic``).
+    is where time comes from (``time.time``).
+
+    ``path`` keeps the histories in a SQLite file (:class:`~tokenguard.stores.sqlite_sessions.SQLiteSessionStore`)
+    as well: they survive a restart, and processes sharing the file share the
+    sessions (each append is one transaction). The same bounds hold there: sessions
+    unused for ``ttl_s`` and all but the ``max_sessions`` most recently used are deleted.
     """
 
     def __init__(
@@ -32,7 +49,8 @@ class SessionHistory:
         *,
         ttl_s: float | None = 3600.0,
         on_expire: Callable[[str], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        path: str | os.PathLike[str] | None = None,
     ) -> None:
         if max_sessions < 1 or max_messages < 1:
             raise ConfigError("max_sessions and max_messages must be >= 1")
@@ -44,7 +62,9 @@ class SessionHistory:
         self.on_expire = on_expire
         self._clock = clock
         self._lock = threading.Lock()
-        # session -> (messages, last use); least recently used first.
+        self._store = SQLiteSessionStore(path) if path is not None else None
+        # session -> (messages, last use); least recently used first. With a store, the
+        # sessions this process used (the store holds the messages that count).
         self._sessions: OrderedDict[str, tuple[list[dict[str, Any]], float]] = OrderedDict()
 
     def _expire(self, now: float, gone: list[str]) -> None:
@@ -79,10 +99,25 @@ class SessionHistory:
         with self._lock:
             now = self._clock()
             self._expire(now, gone)
-            messages = self._use(session, now)
+            messages = self._load(session, now) if self._store is not None else self._use(session, now)
             copy = [] if messages is None else list(messages)
         self._forget(gone)
         return copy
+
+    def _load(self, session: str, now: float) -> list[dict[str, Any]] | None:
+        """The session's messages from the store, marked used; ``None`` when it is
+        unknown or expired there (then it is deleted)."""
+        assert self._store is not None
+        found = self._store.load(session, used=now)
+        if found is None:
+            return None
+        messages, used = found
+        if self.ttl_s is not None and now - used >= self.ttl_s:
+            self._store.delete(session)
+            return None
+        self._sessions[session] = (messages, now)
+        self._sessions.move_to_end(session)
+        return messages
 
     def append(self, session: str, *messages: dict[str, Any]) -> None:
         """Add messages to the end of the session's history."""
@@ -90,15 +125,20 @@ class SessionHistory:
         with self._lock:
             now = self._clock()
             self._expire(now, gone)
-            history = self._use(session, now)
-            if history is None:
-                history = []
+            if self._store is not None:
+                new = session not in self._sessions
+                def add(old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                    return _bounded(old + list(messages), self.max_messages)
+
+                history = self._store.update(session, add, now)
                 self._sessions[session] = (history, now)
-            history.extend(messages)
-            excess = len(history) - self.max_messages
-            if excess > 0:
-                start = 1 if history and history[0].get("role") == "system" else 0
-                del history[start : start + excess]
+                self._sessions.move_to_end(session)
+                if new:  # the store's own bounds, across every process that shares it
+                    unused_since = now - self.ttl_s if self.ttl_s is not None else None
+                    self._store.prune(unused_since=unused_since, keep=self.max_sessions)
+            else:
+                history = self._use(session, now) or []
+                self._sessions[session] = (_bounded(history + list(messages), self.max_messages), now)
             while len(self._sessions) > self.max_sessions:
                 gone.append(self._sessions.popitem(last=False)[0])
         self._forget(gone)
@@ -109,7 +149,10 @@ class SessionHistory:
         with self._lock:
             now = self._clock()
             self._expire(now, gone)
-            alive = self._use(session, now) is not None
+            if self._store is not None:
+                alive = self._load(session, now) is not None
+            else:
+                alive = self._use(session, now) is not None
         self._forget(gone)
         return alive
 
@@ -117,11 +160,19 @@ class SessionHistory:
         """Forget a session."""
         with self._lock:
             self._sessions.pop(session, None)
+            if self._store is not None:
+                self._store.delete(session)
 
     def __len__(self) -> int:
         gone: list[str] = []
         with self._lock:
-            self._expire(self._clock(), gone)
-            size = len(self._sessions)
+            now = self._clock()
+            self._expire(now, gone)
+            if self._store is not None:
+                self._store.prune(unused_since=now - self.ttl_s if self.ttl_s is not None else None,
+                                  keep=self.max_sessions)
+                size = len(self._store)
+            else:
+                size = len(self._sessions)
         self._forget(gone)
         return size

@@ -6,7 +6,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from tokenguard.context import ContextStrategy, ConversationStrategy
+from tokenguard.accounting import context_window
+from tokenguard.context import ContextStrategy, ConversationStrategy, content_text
 from tokenguard.errors import ConfigError
 from tokenguard.pipeline.call import Call
 
@@ -21,8 +22,9 @@ cap, backend, tag); the reply's text comes back."""
 class Fit:
     """Fit ``call.messages`` with a context strategy into
     ``min(window - max_output_tokens, max_context_tokens)`` tokens, whichever are known:
-    the window is the backend's (asked once, when the first call runs, so a model is
-    loaded by then), ``max_context_tokens`` the user's own limit. A
+    the window is the backend's (asked when the first call runs, so a model is loaded
+    by then), else the catalogue's for the call's model (API models, from genai-prices),
+    ``max_context_tokens`` the user's own limit. A
     :class:`~tokenguard.context.ConversationStrategy` is also given the call's session
     and, through ``side_call``, a way to ask a model (metered as a call of its own)."""
 
@@ -46,6 +48,8 @@ class Fit:
         window = self.window
         if window is None:
             window = self.window = call.backend.context_window()
+        if window is None:
+            window = context_window(call.model)
         limits = [limit for limit in (self.max_context_tokens,) if limit is not None]
         if window is not None:
             limits.append(window - call.max_output_tokens)
@@ -54,6 +58,11 @@ class Fit:
     def __call__(self, call: Call) -> None:
         budget = self.budget(call)
         if budget is None:
+            return
+        # A short prompt is counted whole (metering needs that count anyway) and, when
+        # it fits, sent as it is; a long history goes to the strategy, which counts
+        # only what it keeps.
+        if sum(len(content_text(m.get("content"))) for m in call.messages) <= budget and call.count_input() <= budget:
             return
         strategy = self.strategy
         if isinstance(strategy, ConversationStrategy):

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from tokenguard import ConfigError, Guard, InputTooLong
 from tokenguard.context import Retrieval, TailOnly
 from tokenguard.context.embedder import as_embedder
-from tokenguard.context.history import SessionHistory
 from tokenguard.context.retrieval import DOCUMENTS_HEADER, RECALLED_HEADER, terms
 
 pytest.importorskip("faiss")
@@ -120,8 +119,8 @@ def test_indexes_are_bounded_per_session_and_in_sessions():
     history = [*_chat({}, turns=40), {"role": "user", "content": "What about the garden?"}]
     for session in ("a", "b", "c"):
         strategy.fit(history, 200, GPT, session=session)
-    assert len(strategy._memories) == 2  # the least recently used session went
-    memory = strategy._memories.get("session:c", lambda: None)
+    assert len(strategy._states) == 2  # the least recently used session went
+    memory = strategy._states.get("session:c", lambda: None)
     assert len(memory.items) == 10 and memory._index.ntotal == 10  # the oldest turns went
     fitted = strategy.fit(history, 200, GPT, session="c")  # still fits and recalls after eviction
     assert GPT.count_messages(fitted) <= 200
@@ -146,33 +145,13 @@ def test_bad_arguments_are_refused_clearly():
         Retrieval(documents="one string")  # type: ignore[arg-type]
 
 
-def _echo(messages, max_tokens):
-    return "noted"
-
-
-def test_a_guard_chat_recalls_and_frees_the_index_when_the_session_ends_or_expires():
-    class Clock:
-        now = 0.0
-
-        def __call__(self):
-            return self.now
-
-    clock = Clock()
-    strategy = Retrieval(k=2)
-    guard = Guard(_echo, model="gpt-4o", context=strategy, max_context_tokens=150,
-                  history=SessionHistory(ttl_s=10, clock=clock))
-    for session in ("a", "b"):
-        guard.chat("My locker code at the gym is 4417.", session=session)
-        for i in range(20):
-            guard.chat(f"Let's talk about {TOPICS[i % len(TOPICS)]}, item {i}.", session=session)
+def test_a_guard_chat_recalls_an_old_fact():
+    guard = Guard(lambda messages, max_tokens: "noted", model="gpt-4o", context=Retrieval(k=2), max_context_tokens=150)
+    guard.chat("My locker code at the gym is 4417.", session="a")
+    for i in range(20):
+        guard.chat(f"Let's talk about {TOPICS[i % len(TOPICS)]}, item {i}.", session="a")
     reply = guard.chat("What is my gym locker code?", session="a")
     assert reply.usage.input_tokens <= 150 and "4417" in reply.messages[0]["content"]
-    assert len(strategy._memories) == 2
-    guard.end_session("a")
-    assert len(strategy._memories) == 1
-    clock.now = 11
-    assert not guard.touch("b")  # expired: its history and its index are freed
-    assert len(strategy._memories) == 0
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from tokenguard import Budget, BudgetExceeded, ConfigError, Guard, InputTooLong
 from tokenguard.context import Summary, TailOnly
-from tokenguard.context.history import SessionHistory
 from tokenguard.context.summary import INSTRUCTION, SUMMARY_HEADER
 
 GPT = TOKENIZERS["gpt-4o"]
@@ -151,28 +150,6 @@ def test_summaries_are_metered_calls_against_the_same_budget():
     assert rows[-1]["stop_reason"] == "budget_exceeded" and any(row["tags"] == "summary" for row in rows)
     assert small.spent(user="bob")["tokens"] == sum(row["input_tokens"] + row["output_tokens"] for row in rows
                                                     if row["stop_reason"] != "budget_exceeded")
-
-
-def test_a_session_s_summary_is_freed_when_it_ends_or_expires():
-    class Clock:
-        now = 0.0
-
-        def __call__(self):
-            return self.now
-
-    clock = Clock()
-    strategy = Summary(keep_recent_tokens=40)
-    guard = Guard(_backend, model="gpt-4o", context=strategy, max_context_tokens=150,
-                  history=SessionHistory(ttl_s=10, clock=clock))
-    for session in ("a", "b"):
-        for i in range(15):
-            guard.chat(f"Note {i}: the code for gym {i} is {1000 + 7 * i}.", session=session)
-    assert len(strategy._running) == 2
-    guard.end_session("a")
-    assert len(strategy._running) == 1
-    clock.now = 11
-    assert not guard.touch("b")  # expired: its history and its summary are freed
-    assert len(strategy._running) == 0
 
 
 @pytest.mark.slow

@@ -249,7 +249,7 @@ class Retrieval:
         self.max_turns = max_turns
         self.documents = list(documents or [])
         self._tail = TailOnly()
-        self._memories: Sessions[_Memory] = Sessions(max_sessions)
+        self._states: Sessions[_Memory] = Sessions(max_sessions)
         self._chunked: dict[str, _Memory] = {}  # the documents' chunks, per tokenizer
         self._chunk_lock = threading.Lock()
 
@@ -283,7 +283,7 @@ class Retrieval:
         if room <= 0 or not (older or self.documents):
             return chosen(everything)
 
-        memory = self._memories.get(conversation_key(messages, session), lambda: _Memory(self.max_turns))
+        memory = self._states.get(conversation_key(messages, session), lambda: _Memory(self.max_turns))
         keys = [_key(messages, turn) for turn in older]
         question = self._question(messages, pinned)
         vector = self.embed([question])[0] if question else None
@@ -400,7 +400,7 @@ class Retrieval:
 
     def end_session(self, session: str) -> None:
         """Free ``session``'s index of turns."""
-        self._memories.drop(conversation_key((), session))
+        self._states.drop(conversation_key((), session))
 
     def __repr__(self) -> str:
         return f"Retrieval(k={self.k}, keep_recent_tokens={self.keep_recent_tokens}, documents={len(self.documents)})"

@@ -87,7 +87,7 @@ class Summary:
         self.max_summary_tokens = max_summary_tokens
         self.chunk_tokens = chunk_tokens
         self._tail = TailOnly()
-        self._running: Sessions[_Running] = Sessions(max_sessions)
+        self._states: Sessions[_Running] = Sessions(max_sessions)
 
     def fit(
         self,
@@ -116,7 +116,7 @@ class Summary:
         chunk = min(self.chunk_tokens, max_tokens - framing)
         if chunk < 16:
             return chosen(everything)  # no room to summarise in: the newest turns alone
-        running = self._running.get(conversation_key(messages, session), _Running)
+        running = self._states.get(conversation_key(messages, session), _Running)
         with running.lock:
             self._fold(running, messages, fold, tail, tokenizer, generate, chunk, size)
             text = running.text
@@ -211,7 +211,7 @@ class Summary:
 
     def end_session(self, session: str) -> None:
         """Forget ``session``'s summary."""
-        self._running.drop(conversation_key((), session))
+        self._states.drop(conversation_key((), session))
 
     def __repr__(self) -> str:
         return (

@@ -14,6 +14,7 @@ from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, Price, Reply, UnknownPriceWarning, Usage
 from tokenguard.errors import (
     BackendError,
+    BackendTimeout,
     BudgetExceeded,
     ConfigError,
     InputTooLong,
@@ -41,6 +42,7 @@ _logging.getLogger("tokenguard").addHandler(_logging.NullHandler())
 
 __all__ = [
     "BackendError",
+    "BackendTimeout",
     "Budget",
     "BudgetExceeded",
     "ConfigError",

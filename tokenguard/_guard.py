@@ -44,6 +44,7 @@ from tokenguard.pipeline import (
     current_frame,
     framed,
     running_frame,
+    with_deadline,
 )
 from tokenguard.tokens import Tokenizer, get_tokenizer
 
@@ -160,6 +161,10 @@ class Guard:
     (:mod:`tokenguard.telemetry`): ``"auto"`` (default) when ``opentelemetry-api`` is
     installed, to the global providers, which record nothing until you configure an SDK;
     ``False`` never; an :class:`~tokenguard.telemetry.OTelMeter` to its own providers.
+    ``timeout`` bounds, in seconds, how long a call's backend may take from the start of
+    its stream to its last piece: past it the stream ends with
+    :class:`~tokenguard.BackendTimeout`, the call is metered as an error and its
+    reservation released (``None``, the default: no limit of the guard's own).
 
     >>> guard = Guard(lambda messages: "hello", model="gpt-4o", max_output_tokens=16)
     >>> guard.complete("hi").text
@@ -186,9 +191,13 @@ class Guard:
         history: SessionHistory | None = None,
         session_ttl_s: float | None = 3600.0,
         telemetry: bool | str | OTelMeter | None = "auto",
+        timeout: float | None = None,
     ) -> None:
         if max_output_tokens < 0:
             raise ConfigError("max_output_tokens must be >= 0")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ConfigError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        self.timeout = timeout
         self.backend: Backend = _as_backend(backend, model)
         known = model or self.backend.model
         if known is None:
@@ -323,6 +332,8 @@ class Guard:
         frame = running_frame(call, given) if call.messages is given else running_frame(call, given, call.messages)
         try:
             chunks = framed(frame, open_chunks)
+            if self.timeout is not None:
+                chunks = with_deadline(chunks, self.timeout)
         except BaseException as error:
             on_end(generation.outcome(error))
             raise

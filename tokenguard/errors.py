@@ -75,6 +75,11 @@ class BackendError(TokenGuardError):
         super().__init__(message)
 
 
+class BackendTimeout(BackendError, TimeoutError):
+    """The backend did not finish within the guard's ``timeout``: it hung, or generated
+    for too long. The call is metered as an error and its reservation released."""
+
+
 class StoreError(TokenGuardError, OSError):
     """A ledger or budget file cannot be opened or used: its path is a directory, its
     folder cannot be made, it is not a SQLite database, or it stayed locked past the busy

@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 from tokenguard.backends.base import BackendUsage, Chunk
+from tokenguard.errors import BackendError
 
 __all__ = [
     "chunk_from_completion",
@@ -65,6 +66,8 @@ def _first_choice(obj: Any) -> Any:
     choices = _get(obj, "choices")
     if not choices:
         return None
+    if isinstance(choices, (str, bytes, dict)) or not hasattr(choices, "__getitem__"):
+        raise BackendError(f"a malformed completion: 'choices' must be a list, got {type(choices).__name__}")
     return choices[0]
 
 
@@ -103,6 +106,10 @@ def chunk_from_stream_item(item: Any) -> Chunk:
     holds the text; the last chunk may hold only ``usage``)."""
     if isinstance(item, str):
         return Chunk(text=item)
+    if not is_completion(item) and usage_from(item) is None:
+        raise BackendError(
+            f"a malformed stream item: {type(item).__name__} is neither text nor an OpenAI stream chunk"
+        )
     choice = _first_choice(item)
     delta = _get(choice, "delta")
     text = _get(delta, "content")

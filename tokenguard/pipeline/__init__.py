@@ -9,6 +9,7 @@ holds the call tree that nested calls and :func:`tokenguard.scope` build; step 2
 
 from tokenguard.pipeline.admit import Admit
 from tokenguard.pipeline.call import Call, as_messages
+from tokenguard.pipeline.deadline import with_deadline
 from tokenguard.pipeline.fit import Fit
 from tokenguard.pipeline.generate import Generation, Outcome
 from tokenguard.pipeline.meter import Meter
@@ -51,4 +52,5 @@ __all__ = [
     "current_frame",
     "framed",
     "running_frame",
+    "with_deadline",
 ]

@@ -1,0 +1,114 @@
+"""Backend faults: a backend that raises, hangs past the guard's timeout, returns
+malformed data or breaks its stream midway. Each time a ledger row is written, the
+reservation is released, the session's history is unchanged, and the next call works."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from tokenguard import BackendError, BackendTimeout, Budget, ConfigError, Guard, TokenGuardError
+
+RELEASE = threading.Event()  # lets the hung backends' worker threads finish at the end
+
+
+@pytest.fixture(autouse=True)
+def _release_hung_backends():
+    RELEASE.clear()
+    yield
+    RELEASE.set()
+
+
+def _healthy(messages, max_tokens):
+    return "fine"
+
+
+def _raises(messages, max_tokens):
+    raise RuntimeError("the model server fell over")
+
+
+def _hangs(messages, max_tokens):
+    RELEASE.wait()
+    return "too late"
+
+
+def _breaks_midway(messages, max_tokens):
+    yield "half an ans"
+    raise ConnectionResetError("connection reset by peer")
+
+
+def _hangs_midway(messages, max_tokens):
+    yield "first piece"
+    RELEASE.wait()
+    yield "never seen"
+
+
+def _malformed(messages, max_tokens):
+    return {"choices": "not what anyone expects"}
+
+
+async def _hangs_async(messages, max_tokens):
+    await asyncio.sleep(3600)
+    return "too late"
+
+
+FAULTS = {
+    "raises": (_raises, Exception),
+    "breaks midway": (_breaks_midway, Exception),
+    "malformed": (_malformed, TokenGuardError),
+    "hangs": (_hangs, BackendTimeout),
+    "hangs midway": (_hangs_midway, BackendTimeout),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_faulty_backend_leaves_a_row_no_reservation_and_a_clean_history(fault):
+    backend, expected = FAULTS[fault]
+    answers = {"fault": backend, "ok": _healthy}
+    mode = {"now": "ok"}
+
+    def switch(messages, max_tokens):
+        return answers[mode["now"]](messages, max_tokens)
+
+    budget = Budget(tokens=10_000, per="user")
+    guard = Guard(switch, model="gpt-4o", budget=budget, timeout=0.5)
+    guard.chat("hello", session="s", user="ann")
+    before = guard.history.get("s")
+    mode["now"] = "fault"
+    with pytest.raises(expected):
+        guard.chat("and now?", session="s", user="ann")
+    rows = guard.ledger.records()
+    assert len(rows) == 2 and rows[-1]["error"] and rows[-1]["stop_reason"] == "error"
+    assert budget.spent(user="ann")["reserved_tokens"] == 0  # released, not held
+    assert budget.spent(user="ann")["tokens"] == sum(r["input_tokens"] + r["output_tokens"] for r in rows)
+    assert guard.history.get("s") == before  # the failed turn is not in the history
+    mode["now"] = "ok"
+    assert guard.chat("again?", session="s", user="ann").text == "fine"  # the next call works
+    assert len(guard.history.get("s")) == len(before) + 2
+
+
+def test_a_hung_stream_times_out_and_is_metered():
+    guard = Guard(_hangs_midway, model="gpt-4o", timeout=0.3)
+    stream = guard.stream("tell me")
+    assert next(stream) == "first piece"
+    with pytest.raises(BackendTimeout, match=r"timeout of 0\.3 s"):
+        next(stream)
+    assert stream.reply is not None and stream.reply.stop_reason == "error"
+    assert stream.reply.usage.output_tokens > 0  # what arrived before the hang is metered
+
+
+def test_an_async_backend_that_hangs_times_out():
+    guard = Guard(_hangs_async, model="gpt-4o", timeout=0.3)
+    with pytest.raises(BackendTimeout):
+        asyncio.run(guard.acomplete("tell me"))
+    assert guard.ledger.records()[-1]["stop_reason"] == "error"
+
+
+def test_a_backend_error_is_a_tokenguard_error_and_a_timeout_a_timeout_error():
+    assert issubclass(BackendTimeout, BackendError) and issubclass(BackendTimeout, TimeoutError)
+    with pytest.raises(ConfigError, match="timeout"):
+        Guard(_healthy, model="gpt-4o", timeout=0)
+    with pytest.raises(ConfigError, match="timeout"):
+        Guard(_healthy, model="gpt-4o", timeout=True)  # type: ignore[arg-type]

@@ -1,0 +1,111 @@
+"""A time limit on a backend's stream, for the backend that hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, TypeVar
+
+from tokenguard.errors import BackendTimeout
+
+__all__ = ["with_deadline"]
+
+T = TypeVar("T")
+_DONE: Any = object()
+_POLL_S = 0.05  # how often a blocked worker checks whether the stream was closed
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _expired(timeout: float) -> BackendTimeout:
+    return BackendTimeout(f"the backend did not finish within the guard's timeout of {timeout:g} s")
+
+
+class _DeadlineIterator(Iterator[T]):
+    """Steps ``chunks`` in a worker thread and waits for each step at most until the
+    deadline: a ``next`` that blocks for ever cannot be interrupted in its own thread.
+    Once the stream ends or is closed, the worker closes the backend's stream itself
+    (a generator can only be closed by the thread that may be running it); a worker
+    stuck in a backend that never answers is a daemon thread and leaves with the process."""
+
+    def __init__(self, chunks: Iterator[T], timeout: float) -> None:
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=64)
+        self._closed = threading.Event()
+        self._worker = threading.Thread(target=self._pull, args=(chunks,), name="tokenguard-deadline", daemon=True)
+        self._worker.start()
+
+    def _pull(self, chunks: Iterator[T]) -> None:
+        try:
+            for chunk in chunks:
+                if not self._put(chunk):
+                    break
+            else:
+                self._put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
+            self._put(_Failed(error))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, item: Any) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> T:
+        left = self._deadline - time.monotonic()
+        try:
+            item = self._queue.get(timeout=max(left, 0.0))
+        except queue.Empty:
+            self.close()
+            raise _expired(self._timeout) from None
+        if item is _DONE:
+            raise StopIteration
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class _AsyncDeadlineIterator(AsyncIterator[T]):
+    """Awaits each step of ``chunks`` at most until the deadline; on expiry the step is
+    cancelled, which an async backend handles as a closed stream."""
+
+    def __init__(self, chunks: AsyncIterator[T], timeout: float) -> None:
+        self._chunks = chunks
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+
+    async def __anext__(self) -> T:
+        try:
+            return await asyncio.wait_for(anext(self._chunks), max(self._deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise _expired(self._timeout) from None
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def with_deadline(chunks: Iterator[T] | AsyncIterator[T], timeout: float) -> Iterator[T] | AsyncIterator[T]:
+    """``chunks``, ended with :class:`~tokenguard.BackendTimeout` once ``timeout``
+    seconds have passed from now before the stream's last step."""
+    if isinstance(chunks, AsyncIterator):
+        return _AsyncDeadlineIterator(chunks, timeout)
+    return _DeadlineIterator(chunks, timeout)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tokenguard import InputTooLong
 from tokenguard.runner import KVCacheTooSmall, LlamaRunner
 from tokenguard.runner.engine.engine import Engine, admission_deadline
 from tokenguard.runner.sampling import SamplingParams
@@ -201,11 +202,17 @@ def test_stress_sessions_cancels_and_expiry_leak_no_blocks(tiny_llama):
 
                 asyncio.run(go())
 
+    threads_before = threading.active_count()
     in_threads(client, list(range(16)))
+    with pytest.raises(InputTooLong):  # a request longer than the context is refused...
+        stressed.generate("far too long " * 200, max_tokens=8)
+    assert stressed.generate("still fine", max_tokens=4).token_ids  # ...and the engine goes on
     assert stressed.stats()["running"] == 0 and stressed.stats()["waiting"] == 0
     assert wait_until(lambda: stressed.stats()["sessions"] == 0, timeout=15)
     assert stressed.stats()["kv_blocks_free"] == total
     stressed.close()
+    # No thread outlives the work: the clients' are joined, and closing stops the engine's.
+    assert wait_until(lambda: threading.active_count() < threads_before, timeout=10)
 
 
 def test_admission_waits_for_company_except_at_low_load():

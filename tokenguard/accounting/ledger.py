@@ -23,7 +23,15 @@ from typing import Any
 
 from tokenguard.accounting.report import Moment, Report, as_timestamp, report_keys
 from tokenguard.errors import ConfigError, InvalidRequest
-from tokenguard.stores import LEDGER_COLUMNS, LedgerQuery, LedgerStore, MemoryLedgerStore, SQLiteLedgerStore
+from tokenguard.stores import (
+    LEDGER_COLUMNS,
+    LedgerQuery,
+    LedgerStore,
+    MemoryLedgerStore,
+    RedisLedgerStore,
+    SQLiteLedgerStore,
+    is_redis_url,
+)
 
 __all__ = ["COLUMNS", "Ledger"]
 
@@ -53,8 +61,9 @@ class Ledger:
     ``records(root_id=...)`` is one whole tree of nested calls.
 
     ``store`` is ``None`` (in this process, at most ``max_rows`` rows, the oldest
-    dropped first), a path to a SQLite file (every row kept unless ``max_rows`` is
-    set), or a :class:`~tokenguard.stores.LedgerStore`. Safe to share between threads;
+    dropped first), a path to a SQLite file or a ``redis://`` URL (one ledger that
+    several hosts write; every row kept unless ``max_rows`` is set), or a
+    :class:`~tokenguard.stores.LedgerStore`. Safe to share between threads;
     every process opens its own connection to the same file.
     """
 
@@ -63,6 +72,8 @@ class Ledger:
     ) -> None:
         if store is None:
             self.store: LedgerStore = MemoryLedgerStore(max_rows=max_rows or _IN_MEMORY_MAX_ROWS)
+        elif is_redis_url(store):
+            self.store = RedisLedgerStore(store, max_rows=max_rows)
         elif isinstance(store, (str, os.PathLike)):
             self.store = SQLiteLedgerStore(store, max_rows=max_rows)
         elif isinstance(store, LedgerStore):

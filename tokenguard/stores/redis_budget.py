@@ -1,0 +1,487 @@
+"""Budget spend in Redis, shared by every process on every host that names the same
+server and prefix.
+
+Each operation is one Lua script, so Redis runs it atomically: no other client's
+command runs between a reservation's check and its write. The keys of one budget scope
+(``budget`` + ``key``, e.g. ``"user/day/tokens"`` + ``"user:alice|2025-06-01"``) are::
+
+    <prefix>budget:<len(budget)>:<budget>:<key>:spend     hash  t, u (spent tokens, nano-USD)
+                                                                rt, ru (held by open reservations)
+    <prefix>budget:<len(budget)>:<budget>:<key>:holds     zset  reservation id -> expiry (ms, server clock)
+    <prefix>budget:<len(budget)>:<budget>:<key>:amounts   hash  reservation id -> "<tokens> <nano_usd>"
+    <prefix>budget-reservation:<id>                       string the scope's key base; outlives the hold
+
+A hold expires ``reservation_ttl_s`` after it was taken or last renewed, by the Redis
+server's clock (hosts' clocks never matter). The process that holds it renews it every
+third of that, so a call may run for as long as it needs; a process that dies stops
+renewing, and its holds stop counting once they expire: every script that reads a
+scope's totals first drops its expired holds (a sorted-set range on the expiry) from
+``rt``/``ru``. A call whose hold expired anyway (its process was stalled past the TTL)
+still counts what it spent when it settles, for ``settle_grace_s`` after the expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+import weakref
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+
+from tokenguard.errors import ConfigError
+from tokenguard.stores.base import Refusal
+from tokenguard.stores.redis_client import DEFAULT_PREFIX, RedisConnection, RedisURL, StoreUnavailable
+
+__all__ = ["RedisBudgetStore"]
+
+logger = logging.getLogger(__name__)
+
+#: Lua numbers are doubles: amounts and limits are compared exactly up to 2**53 (9e15
+#: tokens, or $9,007,199 in nano-USD). Larger ones are refused rather than rounded.
+MAX_EXACT = 2**53
+
+# -- the scripts ------------------------------------------------------------------------
+#
+# KEYS of the scope scripts: 1 spend, 2 holds, 3 amounts, 4 the reservation's record.
+
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function num(v)
+  return tonumber(v) or 0
+end
+-- HINCRBY with an integer's exact decimal text (never "-0" or an exponent).
+local function add(key, field, n)
+  if n ~= 0 then redis.call('HINCRBY', key, field, string.format('%d', n)) end
+end
+local function amount_of(text)
+  local t, u = string.match(text, '^(%-?%d+) (%-?%d+)$')
+  return tonumber(t), tonumber(u)
+end
+-- Remove a hold and what it held from the scope's totals.
+local function drop_hold(spend, holds, amounts, id, text)
+  local t, u = amount_of(text)
+  add(spend, 'rt', -t)
+  add(spend, 'ru', -u)
+  redis.call('HDEL', amounts, id)
+  redis.call('ZREM', holds, id)
+end
+-- Drop every hold whose expiry has passed: its process stopped renewing it. Each hold
+-- is dropped once, so this costs O(1) per reservation over its life.
+local function prune(spend, holds, amounts, now)
+  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
+  for _, id in ipairs(expired) do
+    local text = redis.call('HGET', amounts, id)
+    if text then drop_hold(spend, holds, amounts, id, text) else redis.call('ZREM', holds, id) end
+  end
+end
+-- A finished window's keys expire some time after its end ('' = never). An expiry
+-- already past is not set: Redis would delete what was just written.
+local function expire_scope(keys, at, now)
+  if at ~= '' and tonumber(at) > now then
+    for i = 1, 3 do redis.call('PEXPIREAT', keys[i], at) end
+  end
+end
+"""
+
+# ARGV: id, tokens, nano_usd, limit_tokens ('' none), limit_nano_usd ('' none), ttl_ms,
+# record_ttl_ms, scope, expire_at_ms ('' never).
+# Returns {'ok'}, or {unit, needed, left}: the same decision as base.check_reservation.
+_RESERVE = _LUA_COMMON + """
+local now = now_ms()
+local owner = redis.call('GET', KEYS[4])
+if owner then
+  -- A repeat of this reservation (a retry after a lost reply) changes nothing.
+  if owner == ARGV[8] then return {'ok'} end
+  return redis.error_reply('reservation id ' .. ARGV[1] .. ' is already used by another budget scope')
+end
+prune(KEYS[1], KEYS[2], KEYS[3], now)
+local totals = redis.call('HMGET', KEYS[1], 't', 'u', 'rt', 'ru')
+local spent_t, spent_u, held_t, held_u = num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4])
+local tokens, nano_usd = tonumber(ARGV[2]), tonumber(ARGV[3])
+if ARGV[4] ~= '' and spent_t + held_t + tokens > tonumber(ARGV[4]) then
+  return {'tokens', tokens, tonumber(ARGV[4]) - spent_t - held_t}
+end
+if ARGV[5] ~= '' and spent_u + held_u + nano_usd > tonumber(ARGV[5]) then
+  return {'nano_usd', nano_usd, tonumber(ARGV[5]) - spent_u - held_u}
+end
+add(KEYS[1], 'rt', tokens)
+add(KEYS[1], 'ru', nano_usd)
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])
+redis.call('SET', KEYS[4], ARGV[8], 'PX', ARGV[7])
+expire_scope(KEYS, ARGV[9], now)
+return {'ok'}
+"""
+
+# ARGV: id, tokens, nano_usd, scope, expire_at_ms. Returns 1 if it spent, 0 if the
+# reservation was already settled or released (or never made here).
+_SETTLE = _LUA_COMMON + """
+local now = now_ms()
+local text = redis.call('HGET', KEYS[3], ARGV[1])
+if text then
+  drop_hold(KEYS[1], KEYS[2], KEYS[3], ARGV[1], text)
+elseif redis.call('GET', KEYS[4]) ~= ARGV[4] then
+  return 0
+end
+-- Without a hold but with its record, the hold expired while the call ran: the tokens
+-- were spent all the same, so they count.
+redis.call('DEL', KEYS[4])
+add(KEYS[1], 't', tonumber(ARGV[2]))
+add(KEYS[1], 'u', tonumber(ARGV[3]))
+expire_scope(KEYS, ARGV[5], now)
+return 1
+"""
+
+# ARGV: id, scope. Returns 1 if it dropped the reservation, 0 if it was already gone.
+_RELEASE = _LUA_COMMON + """
+if redis.call('GET', KEYS[4]) ~= ARGV[2] then return 0 end
+local text = redis.call('HGET', KEYS[3], ARGV[1])
+if text then drop_hold(KEYS[1], KEYS[2], KEYS[3], ARGV[1], text) end
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+# KEYS: spend, holds, amounts. Returns {t, u, rt, ru} without expired holds.
+_USAGE = _LUA_COMMON + """
+prune(KEYS[1], KEYS[2], KEYS[3], now_ms())
+local totals = redis.call('HMGET', KEYS[1], 't', 'u', 'rt', 'ru')
+return {num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4])}
+"""
+
+# KEYS: holds, record. ARGV: id, ttl_ms, record_ttl_ms. Extends a live hold; 1 if it
+# did, 0 if the hold is gone or already expired (an expired hold is never revived: its
+# room may already be someone else's).
+_RENEW = _LUA_COMMON + """
+local now = now_ms()
+local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expires or tonumber(expires) <= now then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS: spend, holds, amounts. ARGV: tokens, nano_usd, expire_at_ms. Spend without a
+# reservation: a call admitted fail-open while Redis was unreachable settles here.
+_SPEND = _LUA_COMMON + """
+local now = now_ms()
+add(KEYS[1], 't', tonumber(ARGV[1]))
+add(KEYS[1], 'u', tonumber(ARGV[2]))
+expire_scope(KEYS, ARGV[3], now)
+return 1
+"""
+
+
+# -- windows ----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1024)
+def _window_end(window: str) -> datetime | None:
+    """When the UTC window a budget key ends in (``"2025-06-01T13"``, ``"2025-06-01"``,
+    ``"2025-06"``: Budget's hour, day and month) is over; ``None`` for no window."""
+    for fmt, step in (("%Y-%m-%dT%H", timedelta(hours=1)), ("%Y-%m-%d", timedelta(days=1))):
+        try:
+            return datetime.strptime(window, fmt).replace(tzinfo=timezone.utc) + step
+        except ValueError:
+            pass
+    try:
+        start = datetime.strptime(window, "%Y-%m").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+
+
+class _Scope:
+    """The Redis keys of one budget scope (see the module's docstring)."""
+
+    __slots__ = ("amounts", "base", "holds", "spend")
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.spend = f"{base}:spend"
+        self.holds = f"{base}:holds"
+        self.amounts = f"{base}:amounts"
+
+    @property
+    def own(self) -> list[str]:
+        """The scope's own keys: spend, holds, amounts."""
+        return [self.spend, self.holds, self.amounts]
+
+    def keys(self, record: str) -> list[str]:
+        """The scope scripts' KEYS: its own and one reservation's record."""
+        return [*self.own, record]
+
+
+# Stores whose per-process state a forked child must not inherit.
+_STORES: weakref.WeakSet[RedisBudgetStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_STORES):
+        store._forget_process_state()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _renew_loop(ref: weakref.ReferenceType[RedisBudgetStore], stop: threading.Event, interval: float) -> None:
+    """The renewal thread: every ``interval``, extend the holds this process has open.
+    It holds the store only weakly, so a store nobody uses any more is collected."""
+    while not stop.wait(interval):
+        store = ref()
+        if store is None:
+            return
+        store._renew_open_holds()
+        del store
+
+
+class RedisBudgetStore:
+    """A :class:`~tokenguard.stores.BudgetStore` in Redis, which processes on many hosts
+    share. ``Budget(store="redis://host:6379/0")`` selects it; see
+    :mod:`tokenguard.stores.redis_client` for the URL's options, which the keyword
+    arguments override.
+
+    Every operation is one atomic Lua script (loaded once, then called by SHA1): a
+    reservation checks exact input + the output cap against ``spent + held`` and holds
+    it in one step, a settle replaces the hold with the actual use, a release drops it.
+    Decisions are the same as the SQLite store's, down to the refusal's numbers.
+
+    - ``prefix``: every key starts with it (one tenant per prefix).
+    - ``reservation_ttl_s``: a hold this process stops renewing (it died, or was frozen
+      that long) stops counting that long after its last renewal. This process renews
+      its open holds every third of it, in a daemon thread.
+    - ``settle_grace_s``: how long after its hold expired a call can still settle (its
+      spend counted) or release.
+    - ``keep_windows_s``: a windowed budget's keys (``...|2025-06-01``) expire this long
+      after the window ends (``None``: never). A :class:`~tokenguard.Budget` only reads
+      its current window; the ledger keeps the history.
+    - ``fail_open``: while Redis cannot be reached, ``False`` (the default, "fail
+      closed") raises :class:`~tokenguard.stores.StoreUnavailable` from ``reserve``,
+      ``settle`` and ``release``, so a guarded call is refused before its backend runs.
+      ``True`` lets ``reserve`` admit the call unmetered (a warning is logged once per
+      outage): it is settled as plain spend if Redis is back by then, and otherwise not
+      counted at all. Choose it only where an outage must not stop traffic and a
+      budget may be overrun while it lasts. ``usage`` raises either way: there is no
+      number to report.
+
+    Needs Redis >= 6.2 (a primary: the scripts write). Redis Cluster is not supported:
+    a release finds its scope through a key in another slot.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str | None = None,
+        fail_open: bool | None = None,
+        reservation_ttl_s: float | None = None,
+        settle_grace_s: float = 86_400.0,
+        keep_windows_s: float | None = 7 * 86_400.0,
+    ) -> None:
+        parsed = RedisURL.parse(url)
+        self.prefix = prefix if prefix is not None else parsed.prefix if parsed.prefix is not None else DEFAULT_PREFIX
+        self.fail_open = bool(fail_open if fail_open is not None else parsed.fail_open)
+        ttl = reservation_ttl_s if reservation_ttl_s is not None else parsed.reservation_ttl_s
+        self.reservation_ttl_s = 60.0 if ttl is None else float(ttl)
+        if not self.reservation_ttl_s > 0:
+            raise ConfigError(f"reservation_ttl_s must be > 0, got {self.reservation_ttl_s}")
+        if settle_grace_s < 0 or (keep_windows_s is not None and keep_windows_s < 0):
+            raise ConfigError("settle_grace_s and keep_windows_s must be >= 0")
+        self.settle_grace_s = float(settle_grace_s)
+        self.keep_windows_s = keep_windows_s
+        self.redis = RedisConnection(parsed)
+        self._ttl_ms = max(1, round(self.reservation_ttl_s * 1000))
+        self._record_ttl_ms = self._ttl_ms + round(self.settle_grace_s * 1000)
+        self._reserve = self.redis.script(_RESERVE)
+        self._settle = self.redis.script(_SETTLE)
+        self._release = self.redis.script(_RELEASE)
+        self._usage = self.redis.script(_USAGE)
+        self._renew = self.redis.script(_RENEW)
+        self._spend = self.redis.script(_SPEND)
+        self._forget_process_state()
+        _STORES.add(self)
+
+    def _forget_process_state(self) -> None:
+        """This process's own state: the holds it renews, the calls it admitted while
+        Redis was down, its renewal thread. A forked child starts with none of it (the
+        parent still owns those holds)."""
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[str, str]] = {}  # reservation id -> (holds key, record key)
+        self._admitted: set[str] = set()  # reservation ids admitted fail-open
+        self._outage = False
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    # -- keys ------------------------------------------------------------------------
+
+    def _scope(self, budget: str, key: str) -> _Scope:
+        # The budget's length makes the split unambiguous whatever either contains.
+        return _Scope(f"{self.prefix}budget:{len(budget)}:{budget}:{key}")
+
+    def _record(self, reservation_id: str) -> str:
+        return f"{self.prefix}budget-reservation:{reservation_id}"
+
+    def _expire_at_ms(self, key: str) -> str:
+        """When a key's window's state may go, in epoch ms ('' = keep it)."""
+        if self.keep_windows_s is None:
+            return ""
+        end = _window_end(key.rpartition("|")[2])
+        if end is None:
+            return ""
+        return str(round((end.timestamp() + self.keep_windows_s) * 1000))
+
+    # -- outages -----------------------------------------------------------------------
+
+    def _unavailable(self, error: StoreUnavailable, doing: str) -> None:
+        """Fail closed (raise ``error``) or, fail-open, log the outage once and go on."""
+        if not self.fail_open:
+            raise error
+        with self._lock:
+            first, self._outage = not self._outage, True
+        if first:
+            logger.warning("budget store unreachable, admitting calls unmetered (fail_open=True) while %s: %s",
+                           doing, error)
+
+    def _reachable(self) -> None:
+        if self._outage:
+            with self._lock:
+                was, self._outage = self._outage, False
+            if was:
+                logger.warning("budget store %s reachable again", self.redis.url.display)
+
+    # -- the BudgetStore protocol --------------------------------------------------------
+
+    def reserve(
+        self,
+        reservation_id: str,
+        budget: str,
+        key: str,
+        tokens: int,
+        nano_usd: int,
+        limit_tokens: int | None,
+        limit_nano_usd: int | None,
+    ) -> Refusal | None:
+        for value in (tokens, nano_usd, limit_tokens, limit_nano_usd):
+            if value is not None and abs(value) > MAX_EXACT:
+                raise ConfigError(
+                    f"the Redis budget store compares amounts exactly only up to 2**53 (tokens, or nano-USD: "
+                    f"$9,007,199); got {value}"
+                )
+        scope, record = self._scope(budget, key), self._record(reservation_id)
+        args: list[str | int] = [
+            reservation_id, int(tokens), int(nano_usd),
+            "" if limit_tokens is None else int(limit_tokens),
+            "" if limit_nano_usd is None else int(limit_nano_usd),
+            self._ttl_ms, self._record_ttl_ms, scope.base, self._expire_at_ms(key),
+        ]
+        try:
+            reply = self.redis.run(self._reserve, scope.keys(record), args, "reserving")
+        except StoreUnavailable as error:
+            self._unavailable(error, "reserving")
+            with self._lock:
+                self._admitted.add(reservation_id)
+            return None
+        self._reachable()
+        if reply[0] != "ok":
+            return Refusal(str(reply[0]), int(reply[1]), int(reply[2]))
+        with self._lock:
+            self._open[reservation_id] = (scope.holds, record)
+            if self._renewer is None:
+                self._start_renewer()
+        return None
+
+    def settle(self, reservation_id: str, budget: str, key: str, tokens: int, nano_usd: int) -> bool:
+        scope, record = self._scope(budget, key), self._record(reservation_id)
+        with self._lock:  # forgotten first: a hold whose settle fails is left to expire
+            self._open.pop(reservation_id, None)
+            admitted = reservation_id in self._admitted
+            self._admitted.discard(reservation_id)
+        try:
+            if admitted:
+                args: list[str | int] = [int(tokens), int(nano_usd), self._expire_at_ms(key)]
+                self.redis.run(self._spend, scope.own, args, "settling")
+                done = True
+            else:
+                args = [reservation_id, int(tokens), int(nano_usd), scope.base, self._expire_at_ms(key)]
+                done = bool(self.redis.run(self._settle, scope.keys(record), args, "settling"))
+        except StoreUnavailable as error:
+            self._unavailable(error, "settling")
+            return False
+        self._reachable()
+        return done
+
+    def release(self, reservation_id: str) -> bool:
+        record = self._record(reservation_id)
+        with self._lock:
+            self._open.pop(reservation_id, None)
+            if reservation_id in self._admitted:
+                self._admitted.discard(reservation_id)
+                return True
+        try:
+            with self.redis.errors("releasing"):
+                base = self.redis.client.get(record)
+            if base is None:
+                return False
+            reply = self.redis.run(self._release, _Scope(base).keys(record), [reservation_id, base], "releasing")
+        except StoreUnavailable as error:
+            self._unavailable(error, "releasing")
+            return False
+        self._reachable()
+        return bool(reply)
+
+    def usage(self, budget: str, key: str) -> tuple[int, int, int, int]:
+        scope = self._scope(budget, key)
+        t, u, rt, ru = (int(v) for v in self.redis.run(self._usage, scope.own, [], "reading usage"))
+        return t, u, rt, ru
+
+    # -- renewal -----------------------------------------------------------------------
+
+    def _start_renewer(self) -> None:
+        """Start this process's renewal thread (called with ``_lock`` held)."""
+        self._renewer = threading.Thread(
+            target=_renew_loop,
+            args=(weakref.ref(self), self._stop, self.reservation_ttl_s / 3),
+            name=f"tokenguard-redis-renew-{uuid.uuid4().hex[:6]}",
+            daemon=True,
+        )
+        self._renewer.start()
+
+    def _renew_open_holds(self) -> None:
+        """Extend every hold this process still has open, in one pipeline; stop
+        renewing those that are gone or expired."""
+        with self._lock:
+            held = list(self._open.items())
+        if not held:
+            return
+        try:
+            with self.redis.errors("renewing reservations"):
+                pipe = self.redis.client.pipeline(transaction=False)
+                for reservation_id, (holds, record) in held:
+                    self._renew(keys=[holds, record], args=[reservation_id, self._ttl_ms, self._record_ttl_ms],
+                                client=pipe)
+                replies = pipe.execute()
+        except Exception as error:  # noqa: BLE001 - a background thread must not die; the next round retries
+            logger.warning("could not renew budget reservations on %s: %s", self.redis.url.display, error)
+            return
+        lost = [rid for (rid, _), renewed in zip(held, replies, strict=True) if not renewed]
+        if lost:
+            with self._lock:
+                for reservation_id in lost:
+                    self._open.pop(reservation_id, None)
+
+    def close(self) -> None:
+        """Stop renewing (this process's open holds then expire after the TTL) and close
+        the connections; a later call opens them again."""
+        with self._lock:
+            self._stop.set()
+            self._stop, self._renewer = threading.Event(), None
+            self._open.clear()
+        self.redis.close()
+
+    def __repr__(self) -> str:
+        return f"RedisBudgetStore({self.redis.url.display!r}, prefix={self.prefix!r})"

@@ -44,7 +44,7 @@ class _MiniLM:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    self._model = _load_minilm()
+                    self._model = _in_own_thread(_load_minilm)
         return _encode(self._model, texts)
 
 
@@ -73,8 +73,37 @@ _DEFAULT = _MiniLM()
 
 
 def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
-    vectors = model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    vectors = _in_own_thread(
+        lambda: model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    )
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _in_own_thread(work: Callable[[], Any]) -> Any:
+    """``work()``, run in a thread that ends with it.
+
+    Torch's parallel CPU work runs on OpenMP, which gives each thread that starts
+    parallel work a pool of workers kept until that thread exits. Once a process holds
+    more such workers than it has cores, OpenMP stops spinning between parallel regions
+    in every pool, and the bundled runner's engine thread, which runs thousands of
+    small ones per token, decodes at about half speed for good. A thread that ends
+    takes its pool with it, so embedding here leaves the engine's speed as it was.
+    """
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, name="tokenguard-embed")
+    thread.start()
+    thread.join()
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
 
 
 def as_embedder(embedder: object) -> Embedder:

@@ -27,7 +27,7 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) -m tokenguard demo
 
-# The Redis store tests start their own throwaway redis-server (tests/stores/conftest.py);
+# The Redis tests start their own throwaway redis-server (tests/conftest.py);
 # install it where we can (root with apt-get), otherwise those tests skip and say why.
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \

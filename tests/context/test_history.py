@@ -1,5 +1,6 @@
 """Session histories: bounded in sessions, messages and time; expiry and ending a
-session free the history, and the bundled runner's KV blocks with it."""
+session free the history, and the bundled runner's KV blocks with it. The persistent
+ones run twice: in a SQLite file and in Redis (a real redis-server, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -105,8 +106,17 @@ def test_end_session_frees_the_runner_s_kv_blocks(bundled_runner):
     assert guard.history.get("kv-test") == []
 
 
-def test_a_persistent_history_survives_a_restart_and_is_shared_by_processes(tmp_path):
-    path = tmp_path / "sessions.sqlite"
+@pytest.fixture(params=["sqlite", "redis"])
+def stored_at(request, tmp_path):
+    """Where a persistent history lives: a SQLite file, or a Redis URL with a prefix of
+    this test's own (only the Redis run needs the server)."""
+    if request.param == "sqlite":
+        return tmp_path / "sessions.sqlite"
+    return request.getfixturevalue("redis_url")
+
+
+def test_a_persistent_history_survives_a_restart_and_is_shared_by_processes(stored_at):
+    path = stored_at
     first = SessionHistory(path=path)
     first.append("s", {"role": "user", "content": "人工智能 🚀"}, {"role": "assistant", "content": "ok"})
     script = (
@@ -120,9 +130,9 @@ def test_a_persistent_history_survives_a_restart_and_is_shared_by_processes(tmp_
     assert SessionHistory(path=path).get("s") == []
 
 
-def test_a_persistent_history_keeps_its_bounds_in_the_file(tmp_path):
+def test_a_persistent_history_keeps_its_bounds_in_the_file(stored_at):
     clock = Clock()
-    path = tmp_path / "sessions.sqlite"
+    path = stored_at
     history = SessionHistory(max_sessions=2, max_messages=3, ttl_s=10, clock=clock, path=path)
     for session in ("a", "b", "c"):
         clock.now += 1
@@ -135,8 +145,8 @@ def test_a_persistent_history_keeps_its_bounds_in_the_file(tmp_path):
     assert len(SessionHistory(ttl_s=10, clock=clock, path=path)) == 0
 
 
-def test_a_guard_continues_a_persisted_chat_after_a_restart(tmp_path):
-    path = tmp_path / "sessions.sqlite"
+def test_a_guard_continues_a_persisted_chat_after_a_restart(stored_at):
+    path = stored_at
 
     def echo(messages, max_tokens):
         return f"seen {len(messages)}"

@@ -1,4 +1,4 @@
-"""RedisBudgetStore on a real redis-server (tests/stores/conftest.py): the same
+"""RedisBudgetStore on a real redis-server (tests/conftest.py): the same
 decisions as the SQLite and memory stores, URL selection, tenants by prefix, windows,
 holds that expire when their process dies (and only then), and what a budget does
 while Redis cannot be reached: fail closed by default, fail open when asked."""

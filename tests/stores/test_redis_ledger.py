@@ -1,4 +1,4 @@
-"""RedisLedgerStore on a real redis-server (tests/stores/conftest.py): rows read back,
+"""RedisLedgerStore on a real redis-server (tests/conftest.py): rows read back,
 filter and sum as they do from the SQLite ledger; a repeated append writes once;
 ``max_rows`` keeps the newest; a Guard takes a ``redis://`` ledger."""
 

@@ -1,5 +1,5 @@
 """4 processes x 16 threads share one Redis budget and one Redis ledger (a real
-redis-server, tests/stores/conftest.py): the budget is never overspent, nothing stays
+redis-server, tests/conftest.py): the budget is never overspent, nothing stays
 held, and what it counts as spent is exactly what the ledger's rows sum to.
 
 Each call reserves a random worst case, then fails (released, 10%) or writes its ledger

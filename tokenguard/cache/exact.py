@@ -6,6 +6,7 @@ import logging
 import shutil
 import sqlite3
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,9 @@ import diskcache
 
 from tokenguard.cache.entry import CachedAnswer, worth_keeping
 from tokenguard.cache.key import CacheScope, cached_partition, check_scope, digest, fingerprint
+from tokenguard.cache.redis_entries import RedisEntries
 from tokenguard.errors import ConfigError, StoreError
+from tokenguard.stores.redis_client import is_redis_url
 
 if TYPE_CHECKING:
     from tokenguard.accounting.usage import Reply
@@ -30,6 +33,13 @@ class ExactCache:
     survive restarts. ``path=None`` keeps a private cache for this object only, in a
     temporary directory removed by :meth:`close` or at exit. ``ttl`` (seconds) expires
     entries; once the cache holds ``size_limit`` bytes the oldest-stored entries go first.
+
+    A ``redis://`` URL as ``path`` keeps the entries in Redis instead
+    (:mod:`tokenguard.cache.redis_entries`), shared by processes on every host that names
+    the same server and ``prefix`` (a URL option, one tenant per prefix): the same keys
+    and partitions, ``ttl`` as Redis expiry, and ``size_limit`` the same way (bytes of
+    key and value, least recently stored first; the server's ``maxmemory`` stays the
+    operator's). ``shards`` does not apply, and ``path`` is then ``None``.
 
     ``scope`` partitions entries: ``"user"`` (default: a reply is only served to the same
     ``user=``; calls without one share the anonymous partition), ``"session"`` (the same
@@ -49,6 +59,13 @@ class ExactCache:
         self.scope = check_scope(scope)
         self.ttl = ttl
         self.cache_sampled = cache_sampled
+        self._redis: RedisEntries | None = None
+        self.path: Path | None = None
+        self._cleanup: Callable[[], object] | None = None
+        if is_redis_url(path):
+            self._redis = RedisEntries(path, size_limit=size_limit)
+            self._name = self._redis.display
+            return
         directory = None if path is None else Path(path).expanduser()
         try:
             self._store = diskcache.FanoutCache(
@@ -57,6 +74,7 @@ class ExactCache:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open the cache directory {directory}: {e}") from e
         self.path = Path(self._store.directory)
+        self._name = str(self.path)
         self._cleanup = (weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
                          if directory is None else None)
 
@@ -78,17 +96,23 @@ class ExactCache:
             return None
         where, key = filed
         try:
-            data = self._store.get(key)
+            data = self._store.get(key) if self._redis is None else self._redis.get(where, key)
         except (OSError, sqlite3.Error, diskcache.Timeout) as e:
-            logger.warning("cache %s unreadable, treated as a miss: %s", self.path, e)
+            logger.warning("cache %s unreadable, treated as a miss: %s", self._name, e)
             return None
         if data is None:
             return None
         try:
             answer = CachedAnswer.loads(data)
         except ValueError as e:
-            logger.warning("dropping a corrupted cache entry in %s: %s", self.path, e)
-            self._store.delete(key)
+            logger.warning("dropping a corrupted cache entry in %s: %s", self._name, e)
+            if self._redis is None:
+                self._store.delete(key)
+            else:
+                try:
+                    self._redis.delete(where, key)
+                except StoreError as error:  # the next store() replaces it anyway
+                    logger.warning("could not drop it: %s", error)
             return None
         if answer.partition != where:
             return None  # never across partitions, whatever the key says
@@ -103,19 +127,29 @@ class ExactCache:
         where, key = filed
         answer = CachedAnswer.of(where, reply)
         try:
-            self._store.set(key, answer.dumps(), expire=self.ttl)
+            if self._redis is None:
+                self._store.set(key, answer.dumps(), expire=self.ttl)
+            else:
+                self._redis.set(where, key, answer.dumps(), self.ttl)
         except (OSError, sqlite3.Error, diskcache.Timeout) as e:
-            logger.warning("could not write to cache %s: %s", self.path, e)
+            logger.warning("could not write to cache %s: %s", self._name, e)
 
     def clear(self) -> None:
         """Remove every entry."""
-        self._store.clear()
+        if self._redis is not None:
+            self._redis.clear()
+        else:
+            self._store.clear()
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._store) if self._redis is None else len(self._redis)
 
     def close(self) -> None:
-        """Close the cache files (and remove a private cache's directory)."""
+        """Close the cache files (and remove a private cache's directory), or the
+        connections to Redis."""
+        if self._redis is not None:
+            self._redis.close()
+            return
         self._store.close()
         if self._cleanup is not None:
             self._cleanup()
@@ -127,4 +161,4 @@ class ExactCache:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ExactCache({str(self.path)!r}, scope={self.scope!r}, ttl={self.ttl!r})"
+        return f"ExactCache({self._name!r}, scope={self.scope!r}, ttl={self.ttl!r})"

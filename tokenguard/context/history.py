@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenguard.errors import ConfigError
+from tokenguard.stores.redis_client import is_redis_url
+from tokenguard.stores.redis_sessions import RedisSessionStore
 from tokenguard.stores.sqlite_sessions import SQLiteSessionStore
 
 __all__ = ["SessionHistory"]
@@ -40,6 +42,9 @@ class SessionHistory:
     as well: they survive a restart, and processes sharing the file share the
     sessions (each append is one transaction). The same bounds hold there: sessions
     unused for ``ttl_s`` and all but the ``max_sessions`` most recently used are deleted.
+    A ``redis://`` URL keeps them in Redis instead
+    (:class:`~tokenguard.stores.redis_sessions.RedisSessionStore`), shared by processes
+    on many hosts; the URL's ``prefix`` separates tenants.
     """
 
     def __init__(
@@ -62,7 +67,9 @@ class SessionHistory:
         self.on_expire = on_expire
         self._clock = clock
         self._lock = threading.Lock()
-        self._store = SQLiteSessionStore(path) if path is not None else None
+        self._store: SQLiteSessionStore | RedisSessionStore | None = None
+        if path is not None:
+            self._store = RedisSessionStore(path) if is_redis_url(path) else SQLiteSessionStore(path)
         # session -> (messages, last use); least recently used first. With a store, the
         # sessions this process used (the store holds the messages that count).
         self._sessions: OrderedDict[str, tuple[list[dict[str, Any]], float]] = OrderedDict()

@@ -1,4 +1,4 @@
-"""Where budgets and the ledger (and later caches and sessions) keep their state.
+"""Where budgets, the ledger and session histories keep their state.
 
 Each store interface has the same methods in this process (``Memory*``), on one
 machine (``SQLite*``, through the one :class:`SQLiteDatabase` helper) and across hosts
@@ -18,6 +18,7 @@ from tokenguard.stores.memory import MemoryBudgetStore, MemoryLedgerStore
 from tokenguard.stores.redis_budget import RedisBudgetStore
 from tokenguard.stores.redis_client import StoreUnavailable, is_redis_url
 from tokenguard.stores.redis_ledger import RedisLedgerStore
+from tokenguard.stores.redis_sessions import RedisSessionStore
 from tokenguard.stores.sqlite import SQLITE_SETTINGS, SQLiteDatabase, SQLiteSettings
 from tokenguard.stores.sqlite_budget import SQLiteBudgetStore
 from tokenguard.stores.sqlite_ledger import SQLiteLedgerStore
@@ -33,6 +34,7 @@ __all__ = [
     "MemoryLedgerStore",
     "RedisBudgetStore",
     "RedisLedgerStore",
+    "RedisSessionStore",
     "Refusal",
     "SQLiteBudgetStore",
     "SQLiteDatabase",

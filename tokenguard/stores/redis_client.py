@@ -1,11 +1,13 @@
 """What the Redis stores share: their URL, their connection and how Redis errors read.
 
 A ``redis://`` (or ``rediss://``, ``unix://``) URL selects a Redis store wherever a
-budget store or a ledger path is accepted. Besides redis-py's own query options
+budget store, a ledger path, a session history's path or an exact cache's directory is
+accepted. Besides redis-py's own query options
 (``socket_timeout``, ``ssl_cert_reqs``, ...) the URL may carry tokenguard's:
 
 - ``prefix`` (default ``"tokenguard:"``): every key the stores write starts with it,
-  so tenants sharing one Redis never see each other's budgets or ledger;
+  so tenants sharing one Redis never see each other's budgets, ledger, sessions or
+  cached answers;
 - ``fail_open`` (budgets only, default ``false``): what a budget does while Redis
   cannot be reached, see :class:`~tokenguard.stores.RedisBudgetStore`;
 - ``reservation_ttl_s`` (budgets only, default 60): how long a hold outlives the
@@ -135,7 +137,7 @@ def import_redis() -> ModuleType:
             importlib.import_module(f"redis.{submodule}")
         return module
     except ImportError:
-        raise MissingDependency("the redis package (for redis:// budget and ledger stores)", REDIS_INSTALL) from None
+        raise MissingDependency("the redis package (for redis:// stores)", REDIS_INSTALL) from None
 
 
 class RedisConnection:
@@ -147,9 +149,13 @@ class RedisConnection:
     with EVALSHA; redis-py loads it again if the server forgot it) and :meth:`errors`
     turns redis-py's exceptions into :class:`StoreUnavailable` (cannot reach the
     server) or :class:`~tokenguard.StoreError` (the server answered with an error).
+
+    ``encoding_errors`` is how replies that are not UTF-8 decode (redis-py's option):
+    ``"strict"`` raises; a store whose values others could have written (a cache)
+    passes ``"replace"``, so such a value reads as text that fails its own parsing.
     """
 
-    def __init__(self, url: RedisURL) -> None:
+    def __init__(self, url: RedisURL, *, encoding_errors: str = "strict") -> None:
         self.url = url
         self._redis = redis = import_redis()
         try:
@@ -157,6 +163,7 @@ class RedisConnection:
             self.client: Any = redis.Redis.from_url(
                 url.client_url,
                 decode_responses=True,
+                encoding_errors=encoding_errors,
                 socket_connect_timeout=_CONNECT_TIMEOUT_S,
                 socket_timeout=_SOCKET_TIMEOUT_S,
                 health_check_interval=_HEALTH_CHECK_S,

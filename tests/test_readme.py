@@ -15,6 +15,10 @@ from backends.openai_server import OpenAIServer
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
 README_URL = "http://127.0.0.1:8000/v1"
+# The multi-host example's addresses: its upstream becomes the local server, its Redis
+# the tests' throwaway redis-server.
+UPSTREAM_URL = "http://llm.internal:8000/v1"
+REDIS_URL = "redis://redis.internal:6379/0?prefix=acme:"
 
 
 def _bundled(block: str) -> bool:
@@ -22,9 +26,12 @@ def _bundled(block: str) -> bool:
     return "LlamaRunner()" in block or "tg.Guard(max_output_tokens" in block
 
 
-def _run(block: str, server_url: str) -> dict:
+def _run(block: str, server_url: str, redis_url: str | None = None) -> dict:
     namespace = {"client": openai.OpenAI(base_url=server_url, api_key="sk-readme")}
-    exec("import tokenguard as tg\n" + block.replace(README_URL, server_url), namespace)
+    block = block.replace(README_URL, server_url).replace(UPSTREAM_URL, server_url)
+    if redis_url is not None:
+        block = block.replace(REDIS_URL, redis_url)
+    exec("import tokenguard as tg\n" + block, namespace)
     return namespace
 
 
@@ -33,10 +40,11 @@ def test_the_readme_has_examples():
 
 
 @pytest.mark.parametrize("index", [i for i, b in enumerate(BLOCKS) if not _bundled(b)])
-def test_a_readme_example_runs_as_written(index, tmp_path, monkeypatch):
+def test_a_readme_example_runs_as_written(index, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # the examples write budget.sqlite and usage.sqlite
+    redis_url = request.getfixturevalue("redis_url") if REDIS_URL in BLOCKS[index] else None
     with OpenAIServer() as server:
-        namespace = _run(BLOCKS[index], server.base_url)
+        namespace = _run(BLOCKS[index], server.base_url, redis_url)
     if "completion" in namespace:
         assert namespace["tg"].reply_of(namespace["completion"]).stop_reason == "stop"
     if "reply" in namespace:

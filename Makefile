@@ -20,7 +20,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install --quiet -e ".[test,reference,semantic,reports,redis]"
+	$(PIP) install --quiet -e ".[test,reference,semantic,reports,redis,serve]"
 	$(PIP) install --quiet --no-deps $(TEST_DATA)
 	touch $@
 

@@ -193,7 +193,7 @@ def test_help_for_every_command(command, capsys):
 def test_no_command_and_bad_options_are_one_line_errors(capsys):
     assert main([]) == 2
     assert one_error_line(capsys.readouterr().err, "") == (
-        "tokenguard: error: choose a command: count, report, chat, demo (see tokenguard --help)")
+        "tokenguard: error: choose a command: count, report, chat, demo, serve (see tokenguard --help)")
     assert main(["count"]) == 2
     assert "the following arguments are required: FILE" in one_error_line(capsys.readouterr().err, "count")
     assert main(["frobnicate"]) == 2

@@ -9,6 +9,9 @@
   interactive chat on the bundled model (or a GGUF file or Hugging Face folder), reading
   lines from standard input, with a meter line after each answer.
 - ``tokenguard demo``: the scripted tour of :mod:`tokenguard.demo` on the bundled model.
+- ``tokenguard serve [--upstream URL --model M] [--keys FILE] [--budget-tokens N] ...``: an
+  OpenAI-compatible HTTP gateway (:mod:`tokenguard.serve`) over the bundled model or an
+  upstream server; ``tokenguard serve --keys FILE --add-key USER`` issues an API key.
 
 Every subcommand is one :class:`Command` in :data:`COMMANDS`, the one place the parser
 is built from.
@@ -378,10 +381,138 @@ DEMO = Command(
 )
 
 
+# -- serve ---------------------------------------------------------------------------------
+
+_BUDGET_SCOPES = ("user", "session", "global")
+_WINDOWS = ("hour", "day", "month")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _usd(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a price in US dollars, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a price >= 0, got {text}")
+    return value
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group("where and whom to serve")
+    where.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    where.add_argument("--port", type=_port, default=8000, help="the port to listen on (default: 8000; 0 picks one)")
+    where.add_argument("--keys", metavar="FILE",
+                       help="a key file (JSON lines of user and SHA-256 of the key): every request must send "
+                            "'Authorization: Bearer KEY' and is metered for the key's user. Without it the gateway "
+                            "is open and the user is the request's 'user' field")
+    where.add_argument("--add-key", metavar="USER",
+                       help="issue a new key for USER: append its hash to the --keys file (created if missing), "
+                            "print the key once, and exit")
+    backend = parser.add_argument_group("the model")
+    backend.add_argument("--upstream", metavar="URL",
+                         help="an OpenAI-compatible server to forward to (vLLM, TGI, llama.cpp, Ollama, OpenAI), e.g. "
+                              "http://127.0.0.1:8001/v1; its API key is read from $TOKENGUARD_UPSTREAM_API_KEY. "
+                              "Default: the bundled model, run here")
+    backend.add_argument("-m", "--model", metavar="M",
+                         help="with --upstream, the model name it serves (required); without, a .gguf file or Hugging "
+                              "Face folder to run instead of the bundled SmolLM2-135M-Instruct")
+    backend.add_argument("--tokenizer", metavar="NAME",
+                         help="with --upstream, what counts the model's tokens when tokenguard does not know the "
+                              "model: an encoding (o200k_base, ...) or a tokenizer.json, .model or .gguf file")
+    backend.add_argument("--price", nargs=2, type=_usd, metavar=("IN", "OUT"),
+                         help="US dollars per million input and output tokens, where tokenguard does not know the "
+                              "model's price (the bundled model costs 0)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--budget-tokens", type=_whole, metavar="N",
+                        help="a token budget (input + output): a request whose worst case does not fit is refused "
+                             "with 429 before the model runs")
+    limits.add_argument("--budget-per", choices=_BUDGET_SCOPES, default="user",
+                        help="whom the budget limits: each user (default), each session (the X-Session-Id header) "
+                             "or everyone together")
+    limits.add_argument("--budget-window", choices=_WINDOWS,
+                        help="renew the budget every UTC hour, day or month (default: never)")
+    limits.add_argument("--budget-store", metavar="FILE",
+                        help="keep the budget in this SQLite file, shared by processes and kept across restarts "
+                             "(default: in memory)")
+    limits.add_argument("--max-input-tokens", type=_whole, metavar="N",
+                        help="refuse requests whose input is longer (400, context_length_exceeded)")
+    limits.add_argument("--max-output-tokens", type=_whole, default=512, metavar="N",
+                        help="the most tokens an answer may have; a request's max_tokens may lower it (default: 512)")
+    limits.add_argument("--max-body-bytes", type=_positive, default=4 << 20, metavar="N",
+                        help="refuse larger request bodies unread (413; default: 4 MiB)")
+    records = parser.add_argument_group("records")
+    records.add_argument("--ledger", metavar="FILE",
+                         help="write every call to this SQLite ledger (read it with tokenguard report); default: in "
+                              "memory, lost at exit")
+    records.add_argument("--cache", metavar="DIR",
+                         help="answer repeated deterministic requests from this exact cache, per user, at no token "
+                              "cost")
+    records.add_argument("--access-log", action="store_true", help="log every HTTP request on stderr")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from tokenguard.serve import ServeOptions, add_key, serve
+
+    if args.add_key is not None:
+        if args.keys is None:
+            raise CliError("--add-key needs --keys FILE: the key file to add the key to")
+        key = add_key(args.keys, args.add_key)
+        print(key)
+        print(f"added a key for {args.add_key} to {args.keys}; it is shown only now", file=sys.stderr)
+        return EXIT_OK
+    if args.upstream is None and args.model is not None and not Path(args.model).exists():
+        raise CliError(f"no model at {args.model} (pass a .gguf file or a checkpoint folder, or --upstream URL)")
+    if args.upstream is not None and args.model is None:
+        raise CliError("--upstream needs --model: the model name the upstream server serves")
+    options = ServeOptions(
+        host=args.host, port=args.port, keys=args.keys, ledger=args.ledger, budget_tokens=args.budget_tokens,
+        budget_per=args.budget_per, budget_window=args.budget_window, budget_store=args.budget_store,
+        max_input_tokens=args.max_input_tokens, max_output_tokens=args.max_output_tokens, cache=args.cache,
+        upstream=args.upstream, model=args.model, tokenizer=args.tokenizer,
+        price=(args.price[0], args.price[1]) if args.price else None, max_body_bytes=args.max_body_bytes,
+        access_log=args.access_log,
+    )
+    serve(options, announce=lambda line: print(f"{PROG} serve: {line}", file=sys.stderr, flush=True))
+    return EXIT_OK
+
+
+SERVE = Command(
+    name="serve",
+    summary="an OpenAI-compatible HTTP gateway: per-user keys, budgets, cache, ledger and /metrics",
+    description="Serve the bundled model (or, with --upstream, any OpenAI-compatible server) over OpenAI's API: "
+                "POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models, /health and "
+                "Prometheus /metrics. Every request is one guarded call: exact token counts, input and output caps, "
+                "budgets (429 when spent), an exact cache and one ledger row, per user. Needs the web stack: "
+                "pip install 'tokenguard[serve]'.",
+    configure=_configure_serve,
+    run=_run_serve,
+)
+
+
 # -- the command line ----------------------------------------------------------------------
 
 #: Every subcommand, in the order ``--help`` lists them.
-COMMANDS: list[Command] = [COUNT, REPORT, CHAT, DEMO]
+COMMANDS: list[Command] = [COUNT, REPORT, CHAT, DEMO, SERVE]
 
 
 def _version() -> str:
@@ -395,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command in :data:`COMMANDS`."""
     parser = _Parser(
         prog=PROG,
-        description="Exact offline token counts, usage reports of tokenguard ledgers, and a metered chat and demo "
-                    "on the bundled model.",
+        description="Exact offline token counts, usage reports of tokenguard ledgers, a metered chat and demo "
+                    "on the bundled model, and an OpenAI-compatible gateway.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

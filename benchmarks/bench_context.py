@@ -121,12 +121,13 @@ def decode_speed(runner: object, tokenizer: tg.Tokenizer, conv: Conversation) ->
 
     def tok_s() -> float:
         best = 0.0
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             out = runner.generate(prompt, max_tokens=64, temperature=0.0)  # type: ignore[attr-defined]
             best = max(best, len(out.token_ids) / (time.perf_counter() - start))
         return best
 
+    runner.generate(prompt, max_tokens=8)  # type: ignore[attr-defined]  # warm-up
     before = tok_s()
     retrieval = Retrieval()
     for question in conv.questions[:5]:

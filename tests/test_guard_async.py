@@ -184,3 +184,47 @@ def test_a_refusal_surfaces_at_the_first_iteration_of_an_async_stream():
 
     asyncio.run(run())
     assert guard.ledger.records()[0]["stop_reason"] == "input_too_long"
+
+
+class _SlowToOpen(Backend):
+    """Answers "ok"; its warm-up (run while a call opens) waits until the test lets it go."""
+
+    name = "slow-to-open"
+    model = "gpt-4o"
+
+    def __init__(self) -> None:
+        self.opening = threading.Event()
+        self.gate = threading.Event()
+
+    def warmup(self) -> None:
+        self.opening.set()
+        self.gate.wait(10)
+
+    def stream(self, messages, params):
+        yield Chunk(text="ok", finish_reason="stop")
+
+    async def astream(self, messages, params):
+        yield Chunk(text="ok", finish_reason="stop")
+
+
+def test_a_caller_cancelled_while_its_call_opens_still_ends_the_call():
+    backend = _SlowToOpen()
+    budget = Budget(tokens=1_000, per="user")
+    guard = Guard(backend, budget=budget)
+
+    async def main():
+        task = asyncio.create_task(guard.astream("hi", user="ann").aread())
+        await asyncio.to_thread(backend.opening.wait, 10)
+        task.cancel()  # while the call is being opened in its worker thread
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        backend.gate.set()
+        for _ in range(500):  # the opening goes on; what it opened is then ended
+            if guard.ledger.records():
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    rows = guard.ledger.records()
+    assert len(rows) == 1 and rows[0]["stop_reason"] == "cancelled"
+    assert budget.spent(user="ann")["reserved_tokens"] == 0  # the hold was released, not left

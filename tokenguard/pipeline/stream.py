@@ -24,6 +24,9 @@ from tokenguard.pipeline.generate import Generation, Outcome
 __all__ = ["AsyncGuardStream", "GuardStream", "Opened"]
 
 _DONE: Any = object()
+# Tasks ending calls whose callers were cancelled while the call opened: held here so
+# they are not collected before they finish.
+_ABANDONED: set[asyncio.Future[None]] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +163,16 @@ class AsyncGuardStream(_Stream):
     async def __anext__(self) -> str:
         if self._open is not None:
             open_, self._open = self._open, None
-            self._adopt(await asyncio.to_thread(open_))
+            opening = asyncio.ensure_future(asyncio.to_thread(open_))
+            try:
+                # Shielded: the opening runs on in its thread whatever happens here, and
+                # what it opens (a budget hold) must be ended, not dropped.
+                opened = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                _ABANDONED.add(task := asyncio.ensure_future(self._end_abandoned(opening)))
+                task.add_done_callback(_ABANDONED.discard)
+                raise
+            self._adopt(opened)
         if self.reply is not None or self._generation is None:
             text = self._replay()
             if text is None:
@@ -187,6 +199,16 @@ class AsyncGuardStream(_Stream):
         await self._close_backend()
         await self._aend()
         raise StopAsyncIteration
+
+    async def _end_abandoned(self, opening: asyncio.Future[Opened]) -> None:
+        """End, as cancelled, a call whose opening outlived its caller's cancellation;
+        a refusal was metered by the guard already."""
+        try:
+            opened = await opening
+        except BaseException:  # noqa: BLE001 - a refusal: metered where it was raised
+            return
+        self._adopt(opened)
+        await self.aclose()
 
     async def _aend(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
         """End the call off the event loop (the ledger and the budgets may wait on SQLite)."""

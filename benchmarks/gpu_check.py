@@ -17,7 +17,8 @@ then checks ``LlamaRunner`` on the device against ``transformers`` on the same d
    replies exactly as the same turn without a session.
 6. ``cancel stress``: 64 streams cancelled at random points, plus session chats; once
    idle, every KV block is free again.
-7. ``faiss gpu``: ``GpuIndexFlatIP`` against the CPU index, when a GPU FAISS build exists.
+7. ``faiss gpu``: the index ``Retrieval`` builds (``context.vectors.flat_index``, a
+   ``GpuIndexFlatIP`` there) against a CPU index, when a GPU FAISS build exists.
 
 Run on a GPU machine from the repository root (about 2-3 minutes)::
 
@@ -618,7 +619,8 @@ def check_cancel(m: ModelUnderTest, row: Row) -> None:
 
 
 def check_faiss(row: Row) -> None:
-    """GPU flat inner-product search agrees with the CPU index; SKIP without a GPU build."""
+    """The flat index Retrieval builds (``context.vectors.flat_index``: on the GPU when
+    FAISS sees one) agrees with a CPU index; SKIP without a GPU build."""
     try:
         import faiss
     except ImportError:
@@ -629,8 +631,12 @@ def check_faiss(row: Row) -> None:
     rng = np.random.default_rng(0)
     base = rng.standard_normal((100_000, 384), dtype=np.float32)
     queries = rng.standard_normal((1000, 384), dtype=np.float32)
-    resources = faiss.StandardGpuResources()
-    gpu_index = faiss.GpuIndexFlatIP(resources, 384)
+    from tokenguard.context.vectors import flat_index
+
+    gpu_index = flat_index(384)
+    if "Gpu" not in type(gpu_index).__name__:
+        row.status, row.note = "FAIL", f"flat_index built a {type(gpu_index).__name__}, not a GPU index"
+        return
     gpu_index.add(base)
     gpu_index.search(queries[:10], 10)  # warm-up
     start = time.perf_counter()

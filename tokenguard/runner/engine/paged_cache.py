@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,14 +36,26 @@ class SequenceSlice:
 Context = slice | torch.Tensor  # pool slots of a sequence's tokens: a range, or gathered
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On CPU its memory comes from ``calloc`` (through numpy), whose
+    large blocks are pages the kernel zeroes when first touched: a 1 GiB pool costs
+    resident memory only for the blocks sequences have used, not all of it at once."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = torch.empty(0, dtype=dtype).element_size()
+    for n in shape:
+        size *= n
+    return torch.from_numpy(np.zeros(size, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class PagedKVCache:
     """The KV pool, and the layout of the current forward's flat batch."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         shape = (num_layers, num_kv_heads, (num_blocks + 1) * block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, torch.device(device))
+        self.v = _zeros(shape, dtype, torch.device(device))
         self.block_size = block_size
         self.spare_block = num_blocks  # owned by no sequence (see the module docstring)
         self.device = torch.device(device)

@@ -167,3 +167,4 @@ def test_a_chat_on_the_bundled_model_recalls_an_old_fact(bundled_runner):
     recalled = [m["content"] for m in reply.messages if m["role"] == "system"]
     assert any(text.startswith(RECALLED_HEADER) and "4417" in text for text in recalled)
     assert len(guard.history.get("r")) == 28  # the history keeps everything; the prompt recalls
+    guard.end_session("r")  # the runner is shared by the test session: give its KV blocks back

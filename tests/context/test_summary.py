@@ -169,3 +169,4 @@ def test_the_bundled_model_summarises_a_short_history(bundled_runner):
     rows = [row for row in guard.ledger.records() if row["tags"] == "summary"]
     assert rows and all(0 < row["output_tokens"] <= 32 for row in rows)
     assert TailOnly().fit(reply.messages, 160, guard.tokenizer) == reply.messages  # it fits as sent
+    guard.end_session("ada")  # the runner is shared by the test session: give its KV blocks back

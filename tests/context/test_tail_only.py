@@ -79,6 +79,7 @@ def test_the_bundled_model_s_window_bounds_the_prompt(bundled_runner):
         reply = guard.chat(f"Remember the number {i}.", session="w", temperature=0.0)
         assert reply.usage.input_tokens <= 150
     assert guard.fit.budget(guard.prepare("x")) == min(150, bundled_runner.context_length - 8)
+    guard.end_session("w")  # the runner is shared by the test session: give its KV blocks back
 
 
 def test_an_api_model_s_window_comes_from_the_catalogue():

@@ -212,15 +212,23 @@ def reclaim(budget: tg.Budget, user: str | None) -> tuple[int, bool]:
     reserve exactly what is left when nothing is held, and release it. That fits only
     once every hold is gone, and a hold whose process is dead is reclaimed when a
     reservation would otherwise be refused; a hold that stays (a live process's, or a
-    dead one's that is kept) refuses it. Returns the tokens held before, and whether
-    that reservation was refused."""
+    dead one's that is kept) refuses it. Reclaiming settles a hold whose call's ledger
+    row was written, so what is left shrinks: when the first try is refused and no hold
+    is left, it tries once more with what is left now. Returns the tokens held before,
+    and whether the reservation was refused."""
     assert budget.tokens is not None and budget.usd is None, "reclaim() needs a tokens-only budget"
     spent = budget.spent(user=user)
-    try:
-        budget.reserve(budget.tokens - int(spent["tokens"]), user=user).release()
-    except tg.BudgetExceeded:
-        return int(spent["reserved_tokens"]), True
-    return int(spent["reserved_tokens"]), False
+    held = int(spent["reserved_tokens"])
+    for _ in range(2):
+        try:
+            budget.reserve(budget.tokens - int(spent["tokens"]), user=user).release()
+        except tg.BudgetExceeded:
+            spent = budget.spent(user=user)
+            if spent["reserved_tokens"]:
+                break
+        else:
+            return held, False
+    return held, True
 
 
 # -- processes and threads at once ----------------------------------------------------------
@@ -359,10 +367,10 @@ class Trial:
     held_after: int  # tokens still held after reclaiming (must be 0)
     reclaim_refused: list[str]  # scopes where what is left with nothing held could not be reserved
     in_flight: dict[str, list[int]]  # scope -> tokens of rows metered this trial but never reported
-    unsettled: dict[str, int]  # scope -> in-flight calls whose row was written but whose settle the kill cut
-    unsettled_tokens: dict[str, int]  # scope -> the tokens of those rows, which its spend lacks
-    unexplained: list[str]  # scopes whose spend moved by anything but reported + in-flight calls
-    spend_minus_ledger: dict[str, int]  # scope -> spent tokens minus ledger tokens, after this trial
+    settled_on_reclaim: dict[str, int]  # scope -> tokens reclaiming settled: rows the kill cut from their settle
+    uncounted_tokens: dict[str, int]  # scope -> tokens of in-flight rows the spend lacks after reclaiming (0)
+    unexplained: list[str]  # scopes whose spend moved by anything but reported + some in-flight calls
+    spend_minus_ledger: dict[str, int]  # scope -> spent tokens minus ledger tokens, after this trial (0)
 
 
 def _subset_sums(values: Sequence[int]) -> dict[int, int]:
@@ -394,7 +402,10 @@ def kill_trial(workdir: Path, trial: int, rng: random.Random) -> Trial:
     odd ones 0-1 s after it started building its Guard (opening the files, loading the
     tokenizer, the first calls). After the kill: every reported call's ledger row, the
     files' integrity, the holds the dead worker left (reclaimed through the public API,
-    :func:`reclaim`), and how each budget scope's spend moved against the ledger.
+    :func:`reclaim`, in this process once it has a Guard on the same files, as a later
+    worker would: the Guard links its ledger to the budget store, so a hold whose call
+    has a row is settled from that row), and how each budget scope's spend moved
+    against the ledger.
     """
     config = crash_config(workdir, trial)
     ledger = tg.Ledger(config["ledger"])
@@ -437,17 +448,22 @@ def kill_trial(workdir: Path, trial: int, rng: random.Random) -> Trial:
         if rid in by_id and (by_id[rid][0]["user"], tokens_of(by_id[rid][0])) != (user, tokens)
     ]
 
-    reclaimed = [reclaim(b, u) for b, u in scopes]
+    reaper = make_guard(config)  # a later worker's Guard on the same files
+    try:
+        at_kill = spent_now()
+        reclaimed = [reclaim(b, u) for b, u in scopes]
+    finally:
+        reaper.close()
     held_at_kill = sum(held for held, _ in reclaimed)
     reclaim_refused = [f"{b.per}:{u}" for (b, u), (_, refused) in zip(scopes, reclaimed, strict=True) if refused]
     held_after = sum(int(b.spent(user=u)["reserved_tokens"]) for b, u in scopes)
     after = spent_now()
 
-    # Each scope's spend moved by the reported calls plus some of the calls in flight at
-    # the kill (rows written, never reported): those whose settle ran before it.
+    # Each scope's spend moved by the reported calls plus every call in flight at the
+    # kill whose row was written (never reported): settled by its own settle step, or,
+    # when the kill came between its row and its settle, by reclaiming its hold.
     in_flight: dict[str, list[int]] = {}
-    unsettled: dict[str, int] = {}
-    unsettled_tokens: dict[str, int] = {}
+    uncounted_tokens: dict[str, int] = {}
     unexplained: list[str] = []
     for budget, user in scopes:
         scope = f"{budget.per}:{user}"
@@ -455,14 +471,11 @@ def kill_trial(workdir: Path, trial: int, rng: random.Random) -> Trial:
         reported = sum(t for rid, (u, t, _) in report.ok.items() if user is None or u == user)
         pending = [tokens_of(r) for r in new_rows if mine(r) and r["request_id"] not in report.ok and tokens_of(r)]
         in_flight[scope] = pending
-        settled_sums = _subset_sums(pending)
         moved = after[scope] - before[scope] - reported
-        if moved not in settled_sums:
+        if moved not in _subset_sums(pending):
             unexplained.append(f"{scope}: spend moved {after[scope] - before[scope]}, reported {reported}, "
                                f"in flight {pending}")
-        else:
-            unsettled[scope] = len(pending) - settled_sums[moved]
-            unsettled_tokens[scope] = sum(pending) - moved
+        uncounted_tokens[scope] = sum(pending) - moved
     total_ledger = {f"{b.per}:{u}": sum(tokens_of(r) for r in rows if u is None or r["user"] == u) for b, u in scopes}
     return Trial(
         returncode=proc.returncode,
@@ -478,8 +491,8 @@ def kill_trial(workdir: Path, trial: int, rng: random.Random) -> Trial:
         held_after=held_after,
         reclaim_refused=reclaim_refused,
         in_flight=in_flight,
-        unsettled=unsettled,
-        unsettled_tokens=unsettled_tokens,
+        settled_on_reclaim={scope: after[scope] - at_kill[scope] for scope in after},
+        uncounted_tokens=uncounted_tokens,
         unexplained=unexplained,
         spend_minus_ledger={scope: after[scope] - total_ledger[scope] for scope in after},
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenguard._repetition import RepetitionStop
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
+from tokenguard.accounting.budget import link_ledger
 from tokenguard.backends import Backend, BundledRunner, Chunk, Function, OpenAICompatible
 from tokenguard.context import ContextStrategy, SessionHistory, TailOnly
 from tokenguard.errors import ConfigError, InvalidRequest, UnknownTokenizer
@@ -210,6 +211,8 @@ class Guard:
         self.pricing = Pricing(prices)
         self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self.budgets: list[Budget] = [] if budget is None else [budget] if isinstance(budget, Budget) else list(budget)
+        # A hold this process leaves by dying after its call's row is written is settled from that row.
+        link_ledger(self.budgets, self.ledger)
         self.history = history if history is not None else SessionHistory(ttl_s=session_ttl_s)
         if self.history.on_expire is None:  # what expires is freed everywhere the guard keeps it
             self.history.on_expire = self._forget_session

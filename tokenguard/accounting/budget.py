@@ -15,16 +15,30 @@ Checking and spending are therefore one step: concurrent calls cannot overspend.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
+from collections.abc import Hashable, Iterable
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tokenguard.errors import BudgetExceeded, ConfigError, InvalidRequest, TokenGuardError
-from tokenguard.stores import BudgetStore, MemoryBudgetStore, RedisBudgetStore, SQLiteBudgetStore, is_redis_url
+from tokenguard.stores import (
+    BudgetStore,
+    MemoryBudgetStore,
+    MemoryLedgerStore,
+    RedisBudgetStore,
+    SQLiteBudgetStore,
+    SQLiteLedgerStore,
+    is_redis_url,
+)
+from tokenguard.stores.base import reservation_id as call_reservation_id
 
-__all__ = ["Budget", "Per", "Reservation", "Window", "open_budget_store"]
+if TYPE_CHECKING:
+    from tokenguard.accounting.ledger import Ledger
+
+__all__ = ["Budget", "Per", "Reservation", "Window", "charge", "link_ledger", "open_budget_store"]
 
 Per = Literal["global", "user", "session"]
 Window = Literal["hour", "day", "month"]
@@ -36,6 +50,53 @@ _WINDOW_FORMAT: dict[str, str] = {"hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "mon
 
 def _nano(usd: float) -> int:
     return round(usd * _NANO)
+
+
+def charge(tokens: int, usd: float | None) -> tuple[int, int] | None:
+    """What a call that used ``tokens`` (input + output) and ``usd`` spends in a budget,
+    as its store counts it: ``(tokens, nano_usd)``; ``None`` when it spent nothing, so
+    its holds are released. The settle step decides by this, and so does a budget store
+    settling a dead process's hold from the call's ledger row (:func:`link_ledger`)."""
+    if tokens > 0 or usd:
+        return int(tokens), _nano(usd or 0.0)
+    return None
+
+
+def _ledger_charge(ledger: Ledger, request_id: str) -> tuple[int, int] | None:
+    """:func:`charge` of call ``request_id``'s ledger row; ``None`` without a row."""
+    row = ledger.find(request_id)
+    if row is None:
+        return None
+    return charge(int(row["input_tokens"] or 0) + int(row["output_tokens"] or 0), row["cost_usd"])
+
+
+def _shared_key(ledger: Ledger) -> Hashable | None:
+    """Which ledger this is, across the ledger objects a process builds on it; ``None``
+    for one kept in this process, which never holds a dead process's rows."""
+    store = ledger.store
+    if isinstance(store, SQLiteLedgerStore):
+        return None if store.path is None else ("sqlite", os.path.realpath(store.path))
+    if isinstance(store, MemoryLedgerStore):
+        return None
+    return (type(store).__qualname__, repr(store))
+
+
+def link_ledger(budgets: Iterable[Budget], ledger: Ledger) -> None:
+    """Make the stores of ``budgets`` settle, rather than release, a dead process's hold
+    whose call has a row in ``ledger`` (the process died after the meter step wrote the
+    row and before the settle step): to :func:`charge` of that row, exactly what the
+    settle step would have counted. The :class:`~tokenguard.Guard` links its ledger and
+    its budgets; stores without ``add_settled_lookup`` (only
+    :class:`~tokenguard.stores.SQLiteBudgetStore` has it; the Redis store's holds expire
+    in a Lua script and are released) and in-process ledgers are left alone."""
+    key = _shared_key(ledger)
+    if key is None:
+        return
+    lookup = functools.partial(_ledger_charge, ledger)
+    for budget in budgets:
+        add = getattr(budget.store, "add_settled_lookup", None)
+        if add is not None:
+            add(lookup, key=key)
 
 
 _open_files: dict[str, BudgetStore] = {}
@@ -159,9 +220,13 @@ class Budget:
         *,
         user: str | None = None,
         session: str | None = None,
+        request_id: str | None = None,
     ) -> Reservation:
         """Hold ``tokens`` and ``usd`` (the call's worst case) or raise
-        :class:`~tokenguard.BudgetExceeded`. ``usd=None`` means the price is unknown,
+        :class:`~tokenguard.BudgetExceeded`. ``request_id`` names the call the hold is
+        for (its ledger row's key; without ``#``): the hold's id is made from it, so a
+        store can settle the hold from that row should this process die holding it
+        (:func:`link_ledger`). ``usd=None`` means the price is unknown,
         which a USD budget refuses rather than guess. A per-user (per-session) budget
         refuses a call without a user (session) with :class:`~tokenguard.InvalidRequest`
         rather than pool every anonymous caller into one scope.
@@ -177,7 +242,7 @@ class Budget:
                 "set prices={model: (usd_per_mtok_in, usd_per_mtok_out)} on the Guard"
             )
         key = self.key(user, session)
-        reservation_id = uuid.uuid4().hex
+        reservation_id = uuid.uuid4().hex if request_id is None else call_reservation_id(request_id, self.name)
         refusal = self.store.reserve(
             reservation_id, self.name, key, int(tokens), _nano(usd or 0.0),
             self._limit_tokens, self._limit_nano,

@@ -135,6 +135,16 @@ class Ledger:
                 row["tags"] = json.loads(row["tags"])
         return rows
 
+    def find(self, request_id: str) -> dict[str, Any] | None:
+        """The row of call ``request_id`` (the first, were there two), or ``None``."""
+        rows = self.store.select(LedgerQuery({"request_id": request_id}))
+        if not rows:
+            return None
+        row = rows[0]
+        if row["tags"] is not None:
+            row["tags"] = json.loads(row["tags"])
+        return row
+
     def totals(self, **filters: Any) -> dict[str, Any]:
         """Sums of tokens, cost and latency over the matching rows, plus ``calls``.
 

@@ -35,7 +35,9 @@ class Reserve:
         )
         try:
             for budget in self.budgets:
-                call.reservations.append(budget.reserve(worst_tokens, worst_usd, user=call.user, session=call.session))
+                call.reservations.append(budget.reserve(
+                    worst_tokens, worst_usd, user=call.user, session=call.session, request_id=call.request_id
+                ))
         except BaseException:
             # All or nothing: drop the holds already taken in the other budgets.
             for reservation in call.reservations:

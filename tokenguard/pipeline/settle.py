@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tokenguard.accounting import Usage
+from tokenguard.accounting.budget import charge
 from tokenguard.pipeline.call import Call
 
 __all__ = ["Settle"]
@@ -11,10 +12,11 @@ __all__ = ["Settle"]
 class Settle:
     """Settle each of the call's holds to its actual tokens (input + output) and cost,
     or release them when the call spent nothing (refused, failed before any output,
-    cancelled before the backend answered)."""
+    cancelled before the backend answered). What counts is :func:`~tokenguard.accounting.budget.charge`,
+    the rule a budget store also settles a dead process's hold by, from the call's ledger row."""
 
     def __call__(self, call: Call, usage: Usage) -> None:
-        spent = usage.total_tokens > 0 or bool(usage.cost_usd)
+        spent = charge(usage.total_tokens, usage.cost_usd) is not None
         for reservation in call.reservations:
             if spent:
                 reservation.settle(usage.total_tokens, usage.cost_usd)

@@ -9,7 +9,7 @@ exact whatever the order of the operations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,7 +20,10 @@ __all__ = [
     "LedgerQuery",
     "LedgerStore",
     "Refusal",
+    "SettledLookup",
     "check_reservation",
+    "request_id_of",
+    "reservation_id",
 ]
 
 
@@ -45,6 +48,28 @@ def check_reservation(
     if limit_nano_usd is not None and spent_u + held_u + nano_usd > limit_nano_usd:
         return Refusal("nano_usd", nano_usd, limit_nano_usd - spent_u - held_u)
     return None
+
+
+#: Asked, for a dead process's reservation, whether that call's ledger row was written:
+#: ``lookup(request_id)`` -> ``(tokens, nano_usd)`` it spent, or ``None`` (no row, or a
+#: row that spent nothing): the hold is then settled to that amount, else released.
+SettledLookup = Callable[[str], tuple[int, int] | None]
+
+_CALL_SEPARATOR = "#"
+
+
+def reservation_id(request_id: str, budget: str) -> str:
+    """The id of call ``request_id``'s hold in ``budget``: unique per call and budget,
+    and :func:`request_id_of` reads the call back from it. ``request_id`` must not
+    contain ``#`` (the guard's are hex)."""
+    return f"{request_id}{_CALL_SEPARATOR}{budget}"
+
+
+def request_id_of(reservation_id: str) -> str | None:
+    """The call a reservation id was made for by :func:`reservation_id`; ``None`` for
+    any other id (a hold taken with ``Budget.reserve`` outside a call)."""
+    request_id, found, _ = reservation_id.partition(_CALL_SEPARATOR)
+    return request_id if found and request_id else None
 
 
 @runtime_checkable

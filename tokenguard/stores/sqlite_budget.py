@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
-from tokenguard.stores.base import Refusal, check_reservation
+from tokenguard.stores.base import Refusal, SettledLookup, check_reservation, request_id_of
 from tokenguard.stores.sqlite import SQLiteDatabase
 
 __all__ = ["SQLiteBudgetStore"]
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (
@@ -53,15 +58,60 @@ def _totals(conn: sqlite3.Connection, budget: str, key: str) -> tuple[int, int, 
     return spent[0], spent[1], held[0], held[1]
 
 
-def _reap_dead(conn: sqlite3.Connection, budget: str, key: str) -> int:
-    """Drop the reservations of processes that died holding them; how many processes."""
+def _add_spend(conn: sqlite3.Connection, budget: str, key: str, tokens: int, nano_usd: int) -> None:
+    conn.execute(
+        "INSERT INTO spend (budget, key, tokens, nano_usd) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (budget, key) DO UPDATE SET"
+        " tokens = tokens + excluded.tokens, nano_usd = nano_usd + excluded.nano_usd",
+        (budget, key, tokens, nano_usd),
+    )
+
+
+_UNKNOWN = object()  # a lookup failed: whether the call spent is not known
+
+
+def _spent_by(reservation_id: str, lookups: Sequence[SettledLookup]) -> object:
+    """What the call a dead hold was taken for spent, by the first lookup that finds its
+    ledger row: ``(tokens, nano_usd)``; ``None`` when none finds one (or the id names no
+    call); :data:`_UNKNOWN` when none finds one and a lookup failed."""
+    request_id = request_id_of(reservation_id)
+    if request_id is None or not lookups:
+        return None
+    failed = False
+    for lookup in lookups:
+        try:
+            spent = lookup(request_id)
+        except Exception:  # a ledger that cannot answer keeps the hold, never fails the call
+            logger.warning("could not look up call %s in a ledger; its dead hold is kept", request_id, exc_info=True)
+            failed = True
+            continue
+        if spent is not None:
+            return spent
+    return _UNKNOWN if failed else None
+
+
+def _reap_dead(conn: sqlite3.Connection, budget: str, key: str, lookups: Sequence[SettledLookup]) -> int:
+    """Reclaim the reservations of processes that died holding them; how many processes.
+
+    A hold whose call has a ledger row that spent (one of ``lookups`` finds it) is
+    settled to that row's amount, as the dead process's settle step would have: the
+    kill fell between the meter step, which commits the row, and the settle step. Any
+    other hold is released; one whose lookup failed is kept, for a later reclaim.
+    """
     pids = [
         row[0]
         for row in conn.execute("SELECT DISTINCT pid FROM reservations WHERE budget = ? AND key = ?", (budget, key))
     ]
     dead = [pid for pid in pids if pid != os.getpid() and not _pid_alive(pid)]
     for pid in dead:
-        conn.execute("DELETE FROM reservations WHERE pid = ?", (pid,))
+        held = conn.execute("SELECT id, budget, key FROM reservations WHERE pid = ?", (pid,)).fetchall()
+        for reservation_id, its_budget, its_key in held:
+            spent = _spent_by(reservation_id, lookups)
+            if spent is _UNKNOWN:
+                continue
+            if isinstance(spent, tuple):
+                _add_spend(conn, its_budget, its_key, int(spent[0]), int(spent[1]))
+            conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
     return len(dead)
 
 
@@ -72,11 +122,31 @@ class SQLiteBudgetStore:
     Every operation is one ``BEGIN IMMEDIATE`` transaction: the write lock is taken
     *before* the check reads the totals, so no other process can reserve between the
     check and the insert. A reservation held by a process that died is reclaimed when
-    a later reservation would otherwise be refused.
+    a later reservation would otherwise be refused: settled to what its call's ledger
+    row says the call spent, when a lookup added with :meth:`add_settled_lookup` finds
+    that row (the process died between writing the row and settling), else released.
+    So once dead holds are reclaimed, each budget's spend is what the ledger's rows say.
+    (:class:`~tokenguard.stores.RedisBudgetStore` is left as it is: its holds expire in
+    a Lua script and are released, never settled from a ledger.)
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.db = SQLiteDatabase(path, _create)
+        self._lookups: dict[Hashable, SettledLookup] = {}
+        self._lookups_lock = threading.Lock()
+
+    def add_settled_lookup(self, lookup: SettledLookup, *, key: Hashable | None = None) -> None:
+        """Ask ``lookup`` (see :data:`~tokenguard.stores.base.SettledLookup`) about the
+        call of each dead process's hold this store reclaims: the hold is settled to
+        what it returns, or released when no lookup knows the call. Lookups are asked
+        in the order added; there is one per ``key`` (default: the lookup itself), a
+        later one replacing it, so guards built again on one ledger add no more."""
+        with self._lookups_lock:
+            self._lookups[lookup if key is None else key] = lookup
+
+    def _settled_lookups(self) -> list[SettledLookup]:
+        with self._lookups_lock:
+            return list(self._lookups.values())
 
     @property
     def path(self) -> Path:
@@ -93,10 +163,11 @@ class SQLiteBudgetStore:
         limit_tokens: int | None,
         limit_nano_usd: int | None,
     ) -> Refusal | None:
+        lookups = self._settled_lookups()
         with self.db.transaction() as conn:
             refusal = check_reservation(_totals(conn, budget, key), tokens, nano_usd, limit_tokens, limit_nano_usd)
             # Reclaiming is only worth its cost when it could turn a refusal around.
-            if refusal is not None and _reap_dead(conn, budget, key):
+            if refusal is not None and _reap_dead(conn, budget, key, lookups):
                 refusal = check_reservation(
                     _totals(conn, budget, key), tokens, nano_usd, limit_tokens, limit_nano_usd
                 )
@@ -112,12 +183,7 @@ class SQLiteBudgetStore:
         with self.db.transaction() as conn:
             gone = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,)).rowcount
             if gone:
-                conn.execute(
-                    "INSERT INTO spend (budget, key, tokens, nano_usd) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (budget, key) DO UPDATE SET"
-                    " tokens = tokens + excluded.tokens, nano_usd = nano_usd + excluded.nano_usd",
-                    (budget, key, tokens, nano_usd),
-                )
+                _add_spend(conn, budget, key, tokens, nano_usd)
             return bool(gone)
 
     def release(self, reservation_id: str) -> bool:

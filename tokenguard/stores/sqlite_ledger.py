@@ -48,6 +48,8 @@ def _create(conn: sqlite3.Connection) -> None:
             raise
         conn.execute("COMMIT")
     conn.execute("CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts)")
+    # Ledger.find: a budget store reclaiming a dead process's hold looks its call up.
+    conn.execute("CREATE INDEX IF NOT EXISTS calls_request_id ON calls(request_id)")
 
 
 def _where(query: LedgerQuery) -> tuple[str, list[Any]]:

@@ -77,7 +77,7 @@ def digest(value: Any) -> str:
     """SHA-256 of ``value``'s canonical JSON (sorted keys; objects JSON cannot encode by
     their JSON schema when they have one, else their ``repr``)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

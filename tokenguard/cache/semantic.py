@@ -38,6 +38,16 @@ CANDIDATES = 4
 _PENDING_MAX = 1024
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate): only such a question can be
+    stored, embedded and compared; any other is not cached by meaning."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _create(conn: sqlite3.Connection) -> None:
     conn.execute(
         "CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY AUTOINCREMENT, grp TEXT NOT NULL, "
@@ -193,7 +203,7 @@ class SemanticCache:
         where = cached_partition(call, self.scope, self.cache_sampled)
         last = call.messages[-1]
         question = content_text(last.get("content")).strip() if last.get("role") == "user" else ""
-        if where is None or not question:
+        if where is None or not question or not _encodable(question):
             return None
         group = digest([where, fingerprint(call, skip_last=True)])
         vector = self._embed([question])[0]

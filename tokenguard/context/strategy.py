@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from tokenguard.context.messages import canonical, fingerprint
-from tokenguard.errors import ConfigError
+from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.tokens import Tokenizer
 
 __all__ = [
@@ -153,8 +153,17 @@ def pinned_indices(messages: Sequence[Mapping[str, Any]], newest_first: Iterator
     newest user message with whatever follows it (tool calls and their results, an
     assistant's answer). ``newest_first`` is :func:`turn_indices_from_end` of
     ``messages``; it is read up to that user message, so a strategy goes on from there
-    to the older turns."""
-    kept = [i for i, message in enumerate(messages) if message.get("role") == "system"]
+    to the older turns. Raises :class:`~tokenguard.InvalidRequest` unless ``messages`` is
+    a non-empty list of message dicts, each with a string role: every strategy starts
+    here, so none reads a malformed history."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidRequest(f"a strategy fits a non-empty list of message dicts, got {type(messages).__name__}")
+    kept = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"message {i} must be a dict with a string 'role', got {message!r:.80}")
+        if message["role"] == "system":
+            kept.append(i)
     for turn in newest_first:
         role = messages[turn[0]].get("role")
         if role != "system":

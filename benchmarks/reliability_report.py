@@ -35,6 +35,7 @@ tokenizer table, ``--kill-trials 0 --fleet-runs 0`` the second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import platform
 import random
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--kill-trials", type=int, default=100, help="SIGKILLed workers (default 100; tests: 20)")
     parser.add_argument("--fleet-runs", type=int, default=5, help="runs of each multi-process scenario (default 5)")
     parser.add_argument("--crash-only", action="store_true", help="only the crash-safety and processes table")
+    parser.add_argument("--fuzz", type=int, default=3000, help="hostile payloads through the entry points")
+    parser.add_argument("--no-runner", action="store_true", help="skip the bundled runner's leak check")
     args = parser.parse_args()
 
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}")
@@ -132,6 +135,8 @@ def main() -> None:
         token_tables(args)
     if args.kill_trials or args.fleet_runs:
         crash_table(args.kill_trials, args.fleet_runs)
+    if not args.crash_only:
+        fault_table(args.fuzz, runner=not args.no_runner)
 
 
 def token_tables(args: argparse.Namespace) -> None:
@@ -330,6 +335,103 @@ def crash_table(kill_trials: int, fleet_runs: int) -> None:
         print("note: the meter step commits a call's ledger row, then the settle step its spend, in another file;\n"
               "a kill between the two leaves a row and an open hold, which reclaiming settles to what the row\n"
               "says (the hold's id names its call; the Guard links its ledger to the SQLite budget store).")
+
+
+# -- hostile payloads through the entry points, and the runner's leaks -------------------------
+
+ODD = ["\x00", "\u0301", "\u200f", "\u202e", "\ufeff", "\ud800", "\udfff", "\r\n", "\t", " " * 600, "人" * 50,
+       "😀", "<|im_start|>", "<|endoftext|>", "[INST]", "0" * 700, "-" * 300, PROSE]
+
+
+def hostile_payload(rng: random.Random) -> Any:
+    """A prompt or message list of the kinds an attacker or a buggy client sends: odd
+    text, runs of one character, special-token text, and malformed message structures."""
+    text = "".join(rng.choice(ODD) for _ in range(rng.randint(0, 6)))
+    shapes: list[Callable[[], Any]] = [
+        lambda: text,
+        lambda: [{"role": "user", "content": text}],
+        lambda: [{"role": rng.choice(["system", "user", "assistant", "tool"]), "content": text}
+                 for _ in range(rng.randint(1, 30))],
+        lambda: [{"role": "user", "content": [{"type": rng.choice(["text", "image_url", 3]), "text": text}]}],
+        lambda: [{"role": "assistant", "content": None, "tool_calls": rng.choice([None, "x", [{"function": text}]])}],
+        lambda: rng.choice([None, {}, [None], [{"role": 1}], [], b"bytes", 7, [{"content": text}], {"role": "user"}]),
+    ]
+    return rng.choice(shapes)()
+
+
+def fault_rows(fuzz: int, runner: bool) -> list[tuple[str, str, str, str]]:
+    import asyncio
+    import threading
+
+    from tokenguard.context import Relevant, Retrieval, Summary, TailOnly
+
+    rng = random.Random(0)
+    guard = tg.Guard(lambda messages, max_tokens, **params: "ok", model="gpt-4o", max_input_tokens=GUARD_LIMIT,
+                     max_context_tokens=3000)
+    tokenizer = tg.get_tokenizer("gpt-4o")
+    strategies = [TailOnly(), Relevant(), Summary(lambda text: text[-300:], keep_recent_tokens=64),
+                  Retrieval(k=4, keep_recent_tokens=64)]
+    entry_points: list[Callable[[Any], Any]] = [
+        lambda p: guard.complete(p, temperature=0.0),
+        lambda p: "".join(guard.stream(p)),
+        lambda p: guard.chat(p if isinstance(p, (str, dict)) else str(p)[:200], session="fuzz"),
+        lambda p: asyncio.run(guard.acomplete(p)),
+        lambda p: tokenizer.count_messages(p),
+        *[lambda p, s=strategy: s.fit(p, rng.randint(0, 800), tokenizer) for strategy in strategies],
+    ]
+    tried = unexpected = 0
+    examples: list[str] = []
+    for _ in range(fuzz):
+        payload = hostile_payload(rng)
+        for call in entry_points:
+            tried += 1
+            try:
+                call(payload)
+            except tg.TokenGuardError:
+                pass
+            except Exception as error:  # noqa: BLE001 - counted: the figure that must read 0
+                unexpected += 1
+                if len(examples) < 3:
+                    examples.append(f"{type(error).__name__}: {error}"[:120])
+    rows = [("inputs tried through 9 entry points", f"{fuzz} payloads", f"{tried}", "-"),
+            ("unexpected exceptions (not a TokenGuardError)", f"{tried} calls", f"{unexpected}", "0")]
+    for example in examples:
+        print(f"  unexpected: {example}")
+    if runner:
+        from tokenguard.runner import LlamaRunner
+
+        threads_before = threading.active_count()
+        bundled = LlamaRunner(kv_cache_bytes=64 << 20, session_ttl_s=600)
+        total = bundled.stats()["kv_blocks_total"]
+        for i in range(40):  # sessions opened and abandoned, streams left midway, a prompt over the pool
+            bundled.generate(f"Session {i} says hello.", max_tokens=4, session=f"abandoned-{i}")
+            with bundled.stream(f"Tell me a long story, number {i}.", max_tokens=200) as stream:
+                next(stream, None)
+        with contextlib.suppress(tg.TokenGuardError):
+            bundled.generate("word " * 20_000, max_tokens=4)
+        for i in range(40):
+            bundled.end_session(f"abandoned-{i}")
+        leaked = total - bundled.stats()["kv_blocks_free"]
+        bundled.close()
+        deadline = time.monotonic() + 10
+        while threading.active_count() > threads_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows += [("KV blocks leaked (40 abandoned sessions, 40 cancelled streams)", f"{total} blocks",
+                  str(leaked), "0"),
+                 ("threads left after the runner closed", f"{threads_before} before",
+                  f"{threading.active_count() - threads_before}", "0")]
+    return rows
+
+
+def fault_table(fuzz: int, runner: bool) -> None:
+    start = time.perf_counter()
+    rows = fault_rows(fuzz, runner)
+    header = f"{'check':<62} {'of':>16} {'result':>10} {'target':>7}"
+    print(f"\nhostile payloads and leaks ({time.perf_counter() - start:.0f} s)")
+    print(header)
+    print("-" * len(header))
+    for check, over, result, target in rows:
+        print(f"{check:<62} {over:>16} {result:>10} {target:>7}")
 
 
 if __name__ == "__main__":

@@ -113,3 +113,12 @@ def test_strategies_fit_or_refuse_hostile_histories(name: str, payload: Any, bud
     fitted = _only_tokenguard_errors(lambda: STRATEGIES[name]().fit(payload, budget, GPT))
     if fitted is not None:
         assert GPT.count_messages(fitted) <= budget
+
+
+def test_a_lone_surrogate_is_embedded_not_refused():
+    pytest.importorskip("sentence_transformers")
+    from tokenguard.context.embedder import as_embedder
+
+    text = "the cabin wifi password is blue heron"
+    vectors = as_embedder(None)([text.replace(" is", "\ud800 is"), text])
+    assert vectors.shape[0] == 2 and float(vectors[0] @ vectors[1]) > 0.8

@@ -73,8 +73,11 @@ _DEFAULT = _MiniLM()
 
 
 def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
+    # A lone surrogate (valid in a Python str, not in Unicode text) stops the model's
+    # tokenizer; it carries no meaning, so it is embedded as a replacement character.
+    clean = [text.encode("utf-8", "replace").decode("utf-8") for text in texts]
     vectors = _in_own_thread(
-        lambda: model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        lambda: model.encode(clean, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)
 

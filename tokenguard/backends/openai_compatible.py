@@ -4,6 +4,7 @@ llama.cpp server, Ollama, ``tokenguard serve``), streaming over SSE with httpx."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 __all__ = ["OpenAICompatible"]
 
 _DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+# Lines read past ``[DONE]`` for the body's end (usually none): a response read to its
+# end gives its connection back to the pool; a server that goes on is cut off there.
+_AFTER_DONE = 16
+
 # What httpx raises for a request that fails or a stream that breaks while being read.
 _TRANSPORT_ERRORS = (httpx.HTTPError, httpx.StreamError)
 
@@ -189,9 +194,12 @@ class OpenAICompatible(Backend):
             if r.status_code >= 400:
                 raise _error(r, r.read())
             read.answered = True
-            for data in iter_sse_data(r.iter_lines()):
+            lines = r.iter_lines()
+            for data in iter_sse_data(lines):
                 chunk = read.chunk(data)
                 if chunk is None:
+                    for _ in itertools.islice(lines, _AFTER_DONE):  # the body's end: the connection is reused
+                        pass
                     return
                 yield chunk
             read.end("closed the stream")
@@ -211,9 +219,13 @@ class OpenAICompatible(Backend):
                 if r.status_code >= 400:
                     raise _error(r, await r.aread())
                 read.answered = True
-                async for data in aiter_sse_data(r.aiter_lines()):
+                lines = r.aiter_lines()
+                async for data in aiter_sse_data(lines):
                     chunk = read.chunk(data)
                     if chunk is None:
+                        for _ in range(_AFTER_DONE):  # the body's end: the connection is reused
+                            if await anext(lines, None) is None:
+                                break
                         return
                     yield chunk
                 read.end("closed the stream")

@@ -36,6 +36,7 @@ NPROBE = 16
 #: Nearest stored questions checked per lookup (the best one may fail the details check).
 CANDIDATES = 4
 _PENDING_MAX = 1024
+_SYNC_BATCH = 500  # ids per query when reading new entries' vectors
 
 
 def _encodable(text: str) -> bool:
@@ -265,13 +266,20 @@ class SemanticCache:
         return _Group(ids, vectors, dim)
 
     def _sync(self) -> None:
-        """Index the entries stored since the last look (by any process) in loaded groups."""
+        """Index the entries stored since the last look (by any process) in loaded groups;
+        the vectors of entries in groups not loaded here are not read."""
         with self._db.connection() as conn:
-            rows = conn.execute("SELECT id, grp, vector FROM entries WHERE id > ? ORDER BY id",
-                                (self._seen,)).fetchall()
-        for entry_id, key, blob in rows:
+            new = conn.execute("SELECT id, grp FROM entries WHERE id > ? ORDER BY id", (self._seen,)).fetchall()
+            wanted = [entry_id for entry_id, key in new if key in self._groups]
+            blobs: dict[int, bytes] = {}
+            for start in range(0, len(wanted), _SYNC_BATCH):
+                batch = wanted[start : start + _SYNC_BATCH]
+                marks = ", ".join("?" * len(batch))
+                blobs.update(conn.execute(f"SELECT id, vector FROM entries WHERE id IN ({marks})", batch).fetchall())
+        for entry_id, key in new:
             group = self._groups.get(key)
-            if group is not None and len(blob) == 4 * group.index.d:
+            blob = blobs.get(entry_id)
+            if group is not None and blob is not None and len(blob) == 4 * group.index.d:
                 group.add(entry_id, np.frombuffer(blob, dtype=np.float32))
                 if group.outgrown():
                     self._groups.pop(key)  # rebuilt, as IVF or retrained, on next use

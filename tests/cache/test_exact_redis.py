@@ -14,23 +14,11 @@ import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_exact import GREEDY, Answers  # the same backend and parameters as the disk cache's tests
 
 from tokenguard import Guard
 from tokenguard.cache import ExactCache
 from tokenguard.cache.redis_entries import RedisEntries
-
-GREEDY = {"temperature": 0}
-
-
-class Answers:
-    """A backend function that answers with a numbered reply and counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, messages, *, max_tokens, **params):
-        self.calls += 1
-        return f"Answer number {self.calls} to: {messages[-1]['content']}"
 
 
 def _entries(cache: ExactCache) -> RedisEntries:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["FINGERPRINT_FIELDS", "canonical", "content_text", "fingerprint", "message_text"]
+__all__ = ["FINGERPRINT_FIELDS", "canonical", "content_text", "fingerprint", "message_line", "message_text", "turn_key"]
 
 #: The fields that make two messages the same message: who said it, what it says, and
 #: the tool fields that tie a tool call to its results. Anything else a message carries
@@ -27,6 +27,12 @@ def fingerprint(message: Mapping[str, Any]) -> str:
     again, by any caller, has the same fingerprint."""
     fields = {name: message[name] for name in FINGERPRINT_FIELDS if message.get(name) is not None}
     return hashlib.blake2b(canonical(fields), digest_size=16).hexdigest()
+
+
+def turn_key(turn: Sequence[Mapping[str, Any]]) -> str:
+    """A short hash of whole messages (every field): what a strategy files a turn's
+    count or vector under."""
+    return hashlib.blake2b(canonical(list(turn)), digest_size=16).hexdigest()
 
 
 def content_text(content: Any) -> str:
@@ -53,3 +59,10 @@ def message_text(message: Mapping[str, Any]) -> str:
         if isinstance(function, Mapping):
             parts += [str(function.get("name") or ""), str(function.get("arguments") or "")]
     return "\n".join(parts)
+
+
+def message_line(message: Mapping[str, Any]) -> str:
+    """A message as one transcript line, for a strategy that retells it (a summary's
+    input, a recalled turn): ``"user: ..."``, ``"tool result: ..."``."""
+    role = message.get("role")
+    return f"{'tool result' if role == 'tool' else role}: {message_text(message)}"

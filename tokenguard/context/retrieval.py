@@ -3,7 +3,6 @@ newest question recalls, found by meaning and by words together."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import threading
@@ -15,13 +14,15 @@ from typing import Any
 import numpy as np
 
 from tokenguard.context.embedder import as_embedder, require_vector_packages
-from tokenguard.context.messages import canonical, content_text, message_text
+from tokenguard.context.messages import content_text, message_line, turn_key
 from tokenguard.context.strategy import (
     Generate,
     Sessions,
     conversation_key,
+    first_kept,
     pinned_indices,
     turn_indices_from_end,
+    with_added,
 )
 from tokenguard.context.tail_only import TailOnly
 from tokenguard.context.vectors import flat_index
@@ -188,15 +189,7 @@ def _recalled_text(packed: list[tuple[int | None, _Item]]) -> str:
 
 
 def _turn_text(messages: Sequence[Mapping[str, Any]], turn: list[int]) -> str:
-    lines = []
-    for i in turn:
-        role = messages[i].get("role")
-        lines.append(f"{'tool result' if role == 'tool' else role}: {message_text(messages[i])}")
-    return "\n".join(lines)
-
-
-def _key(messages: Sequence[Mapping[str, Any]], turn: list[int]) -> str:
-    return hashlib.blake2b(canonical([messages[i] for i in turn]), digest_size=16).hexdigest()
+    return "\n".join(message_line(messages[i]) for i in turn)
 
 
 class Retrieval:
@@ -274,17 +267,16 @@ class Retrieval:
         recent = min(self.keep_recent_tokens, (max_tokens - need) // 4)  # at most a quarter of the room
         tail = self._tail.select(messages, need + recent, tokenizer)
         older = self._older_turns(messages, tail)
-        at = next((k for k, i in enumerate(tail) if messages[i].get("role") != "system"), len(tail))
 
         def with_recall(text: str) -> list[dict[str, Any]]:
-            return [*chosen(tail[:at]), {"role": "system", "content": text}, *chosen(tail[at:])]
+            return with_added(messages, tail, {"role": "system", "content": text})
 
         room = max_tokens - tokenizer.count_messages(with_recall(RECALLED_HEADER + "\n\n" + DOCUMENTS_HEADER))
         if room <= 0 or not (older or self.documents):
             return chosen(everything)
 
         memory = self._states.get(conversation_key(messages, session), lambda: _Memory(self.max_turns))
-        keys = [_key(messages, turn) for turn in older]
+        keys = [turn_key([messages[i] for i in turn]) for turn in older]
         question = self._question(messages, pinned)
         vector = self.embed([question])[0] if question else None
         words = terms(question)
@@ -333,7 +325,7 @@ class Retrieval:
     @staticmethod
     def _older_turns(messages: Sequence[Mapping[str, Any]], kept: list[int]) -> list[list[int]]:
         """The turns older than the oldest kept non-system message, oldest first."""
-        first = next((i for i in kept if messages[i].get("role") != "system"), len(messages))
+        first = first_kept(messages, kept)
         older = [turn for turn in turn_indices_from_end(messages[:first]) if messages[turn[0]].get("role") != "system"]
         return older[::-1]
 

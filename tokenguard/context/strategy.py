@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from tokenguard.context.messages import canonical, fingerprint
+from tokenguard.context.messages import fingerprint, turn_key
 from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.tokens import Tokenizer
 
@@ -20,9 +19,11 @@ __all__ = [
     "Turn",
     "TurnCosts",
     "conversation_key",
+    "first_kept",
     "pinned_indices",
     "turn_indices_from_end",
     "turns",
+    "with_added",
 ]
 
 S = TypeVar("S")
@@ -77,6 +78,21 @@ class ConversationStrategy(ContextStrategy, Protocol):
 
     def end_session(self, session: str) -> None:
         ...
+
+
+def first_kept(messages: Sequence[Mapping[str, Any]], kept: Sequence[int]) -> int:
+    """The index of the oldest non-system message in ``kept`` (``len(messages)`` when
+    there is none): everything before it, system messages aside, was left out."""
+    return next((i for i in kept if messages[i].get("role") != "system"), len(messages))
+
+
+def with_added(
+    messages: Sequence[Mapping[str, Any]], kept: Sequence[int], added: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The ``kept`` messages (indices, in order) with a strategy's own ``added`` message
+    (a summary, recalled turns) placed after the system messages that open them."""
+    at = next((k for k, i in enumerate(kept) if messages[i].get("role") != "system"), len(kept))
+    return [*(dict(messages[i]) for i in kept[:at]), added, *(dict(messages[i]) for i in kept[at:])]
 
 
 def conversation_key(messages: Sequence[Mapping[str, Any]], session: str | None) -> str:
@@ -190,7 +206,7 @@ class TurnCosts:
         """The tokens ``turn`` adds to a prompt. Counted beside an empty system message:
         a chat template that puts in a default system prompt when there is none (as
         SmolLM2's does) would otherwise charge it to every turn."""
-        key = f"{tokenizer.name}:{hashlib.blake2b(canonical(turn), digest_size=16).hexdigest()}"
+        key = f"{tokenizer.name}:{turn_key(turn)}"
         with self._lock:
             cost = self._counts.get(key)
             if cost is not None:

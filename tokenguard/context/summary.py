@@ -7,8 +7,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenguard.context.messages import fingerprint, message_text
-from tokenguard.context.strategy import Generate, Sessions, conversation_key, pinned_indices, turn_indices_from_end
+from tokenguard.context.messages import fingerprint, message_line
+from tokenguard.context.strategy import (
+    Generate,
+    Sessions,
+    conversation_key,
+    first_kept,
+    pinned_indices,
+    turn_indices_from_end,
+    with_added,
+)
 from tokenguard.context.tail_only import TailOnly
 from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.tokens import Tokenizer
@@ -35,11 +43,6 @@ class _Running:
     text: str = ""
     last: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _line(message: Mapping[str, Any]) -> str:
-    role = message.get("role")
-    return f"{'tool result' if role == 'tool' else role}: {message_text(message)}"
 
 
 class Summary:
@@ -120,12 +123,9 @@ class Summary:
         with running.lock:
             self._fold(running, messages, fold, tail, tokenizer, generate, chunk, size)
             text = running.text
-        # The summary goes after the system messages that open the conversation.
-        at = next((k for k, i in enumerate(tail) if messages[i].get("role") != "system"), len(tail))
         left = size
         while text and left > 0:
-            message = {"role": "system", "content": SUMMARY_HEADER + text}
-            result = [*chosen(tail[:at]), message, *chosen(tail[at:])]
+            result = with_added(messages, tail, {"role": "system", "content": SUMMARY_HEADER + text})
             over = tokenizer.count_messages(result) - max_tokens
             if over <= 0:
                 return result
@@ -136,8 +136,7 @@ class Summary:
     @staticmethod
     def _older(messages: Sequence[Mapping[str, Any]], kept: list[int]) -> list[int]:
         """The non-system messages older than the oldest kept non-system one."""
-        first = next((i for i in kept if messages[i].get("role") != "system"), len(messages))
-        return [i for i in range(first) if messages[i].get("role") != "system"]
+        return [i for i in range(first_kept(messages, kept)) if messages[i].get("role") != "system"]
 
     def _fold(
         self,
@@ -167,7 +166,7 @@ class Summary:
                 running.text = ""  # not this conversation's summary any more (it was edited)
         if start == len(fold):
             return
-        for lines in self._chunks([_line(messages[i]) for i in fold[start:]], tokenizer, chunk):
+        for lines in self._chunks([message_line(messages[i]) for i in fold[start:]], tokenizer, chunk):
             running.text = self._summarize(running.text, lines, tokenizer, generate, size)
         running.last = mark(len(fold) - 1, fold)
 

@@ -4,6 +4,7 @@ that cannot be opened or used raises a StoreError naming it."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import sqlite3
 
@@ -74,6 +75,27 @@ def test_a_forked_child_opens_its_own_connection(tmp_path):
     conn = sqlite3.connect(tmp_path / "ledger.sqlite")
     assert conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 3
     conn.close()
+
+
+def _open_when_all_are_ready(path: str, store: str, ready) -> None:
+    ready.wait()
+    (SQLiteLedgerStore if store == "ledger" else SQLiteBudgetStore)(path)
+
+
+@pytest.mark.parametrize("store", ["ledger", "budget"])
+def test_processes_that_create_one_file_at_once_all_open_it(tmp_path, store):
+    # Switching a new file to WAL needs it to itself, and SQLite answers "locked" at
+    # once to the others instead of waiting: the opener must wait for them.
+    ctx = mp.get_context("fork")
+    for trial in range(15):
+        path = str(tmp_path / f"{trial}.sqlite")
+        ready = ctx.Barrier(10)
+        procs = [ctx.Process(target=_open_when_all_are_ready, args=(path, store, ready)) for _ in range(10)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 10, f"trial {trial}"
 
 
 def test_an_in_memory_database_is_private(tmp_path):

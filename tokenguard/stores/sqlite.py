@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,28 @@ class SQLiteSettings:
 
 
 SQLITE_SETTINGS = SQLiteSettings()
+
+
+def _set_journal_mode(conn: sqlite3.Connection, mode: str, timeout_s: float) -> None:
+    """Switch the file to ``mode`` unless it is there already, retrying while another
+    process holds a lock.
+
+    Changing the journal mode needs the file to itself, and SQLite answers "database is
+    locked" at once instead of waiting the busy timeout when several processes open a
+    new file together; so this waits here, up to ``timeout_s``, with a growing pause.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != mode.lower():
+                conn.execute(f"PRAGMA journal_mode={mode}")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 class SQLiteDatabase:
@@ -84,7 +107,7 @@ class SQLiteDatabase:
         )
         try:
             if self.path is not None:
-                conn.execute(f"PRAGMA journal_mode={SQLITE_SETTINGS.journal_mode}")
+                _set_journal_mode(conn, SQLITE_SETTINGS.journal_mode, SQLITE_SETTINGS.busy_timeout_s)
                 conn.execute(f"PRAGMA synchronous={SQLITE_SETTINGS.synchronous}")
             self._setup(conn)
         except BaseException:

@@ -66,8 +66,10 @@ def test_the_chat_is_metered_and_its_history_fitted(demo):
     assert all(int(m[0]) <= _CHAT_CONTEXT_TOKENS for m in meters)
     # By the third turn the history no longer fits: tail-only keeps the newest messages.
     assert "kept" in meters[2][3]
-    whole, sent = map(int, re.findall(r"context: the whole history is (\d+) tokens .* in (\d+)", chat)[-1])
+    whole, sent, spared = map(
+        int, re.findall(r"context: the whole history is (\d+) tokens .* in (\d+), sparing (\d+)", chat)[-1])
     assert whole > _CHAT_CONTEXT_TOKENS >= sent == int(meters[2][0])
+    assert spared > 0
 
 
 @pytest.mark.slow
@@ -110,6 +112,8 @@ def test_the_nested_call_is_at_depth_1_and_trimmed(demo):
     parent_in, handed, sent = int(parent.group(1)), int(child.group(1)), int(child.group(3))
     assert handed > parent_in and sent < handed
     assert int(child.group(4)) < int(child.group(2))
+    spared = re.search(r"(\d+) tokens spared", nested)
+    assert spared and int(spared.group(1)) > 0
     assert "kept: Note 9: Priya owns the billing code" in nested  # the note the question needs
 
 
@@ -125,6 +129,8 @@ def test_the_run_ends_with_the_cost_report(demo):
     assert rows["demo-budget"][-1] == "1"  # one refusal
     assert int(rows["total"][1]) == sum(int(row[1]) for name, row in rows.items() if name != "total")
     assert float(rows["total"][5]) > 0  # priced at gpt-4o-mini's rate
+    saved = dict(re.findall(r"(\w+) (\d+) tokens \(\$", report.split("saved by mechanism:")[1]))
+    assert set(saved) == {"cache", "context", "repetition", "scope"} and all(int(n) > 0 for n in saved.values())
 
 
 def test_the_meter_line():

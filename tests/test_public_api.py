@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"accounting", "backends", "context", "stores", "tokens", "errors"},
     "cache": {"accounting", "context", "pipeline", "stores", "errors"},
     "_repetition": {"pipeline", "errors"},
-    "telemetry": {"pipeline", "errors"},
+    "telemetry": {"accounting", "pipeline", "errors"},
     "_guard": {"accounting", "backends", "context", "pipeline", "_repetition", "stores", "telemetry", "tokens",
                "errors"},
     "_decorator": {"_guard", "accounting", "backends", "context", "pipeline", "stores", "tokens", "errors"},

@@ -577,7 +577,7 @@ def test_the_exact_cache_answers_again_per_user_at_no_cost(keys, tmp_path):
     assert other.tokenguard["cached"] is False  # bob never reads alice's answers
     assert [r["cached"] for r in served.guard.ledger.records()] == [0, 1, 1, 0]
     assert metrics['tokenguard_cache_hits_total{model="gpt-4o"}'] == 2
-    assert metrics['tokenguard_saved_tokens_total{model="gpt-4o"}'] == 2 * first.usage.total_tokens
+    assert metrics['tokenguard_saved_tokens_total{model="gpt-4o",mechanism="cache"}'] == 2 * first.usage.total_tokens
 
 
 def test_metrics_add_up_to_the_ledger():

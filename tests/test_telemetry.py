@@ -94,6 +94,8 @@ def test_a_call_is_one_span_with_the_genai_attributes(otel):
         "tokenguard.stop_reason": "stop",
         "tokenguard.cache_hit": False,
         "tokenguard.saved_tokens": 0,
+        "tokenguard.context_saved_tokens": 0,
+        "tokenguard.scope_saved_tokens": 0,
         "tokenguard.saved_usd": 0.0,
         "tokenguard.cost_usd": usage.cost_usd,
         "tokenguard.depth": 0,
@@ -155,7 +157,7 @@ def test_a_cache_hit_span_shows_what_it_saved_and_records_no_tokens(otel, tmp_pa
     assert duration.count == 1
     [saved] = otel.points("tokenguard.client.tokens.saved")
     assert saved.value == first.usage.total_tokens
-    assert saved.attributes["tokenguard.stop_reason"] == "cache"
+    assert saved.attributes["tokenguard.mechanism"] == "cache"
 
 
 def test_cached_input_tokens_use_the_conventions_cache_read_name(otel):
@@ -307,3 +309,17 @@ def test_auto_telemetry_sends_to_the_global_providers_once_an_sdk_is_configured(
     # One span: the call made after the SDK was set up; none before it, none from telemetry=False.
     assert seen["spans"] == [tg.count_tokens([{"role": "user", "content": "after"}], model="gpt-4o-mini")]
     assert seen["points"] == [1, 1]
+
+
+def test_a_fitted_call_reports_the_prompt_tokens_fitting_spared(otel):
+    guard = tg.Guard(answer, model=MODEL, telemetry=otel.meter, max_context_tokens=60)
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i} of a long chat."}
+               for i in range(41)]
+    reply = guard.complete(history)
+    assert reply.usage.context_saved_tokens > 0
+    [span] = otel.spans()
+    attributes = dict(span.attributes or {})
+    assert attributes["tokenguard.context_saved_tokens"] == reply.usage.context_saved_tokens
+    assert attributes["tokenguard.saved_tokens"] == reply.usage.saved_tokens
+    [saved] = otel.points("tokenguard.client.tokens.saved")
+    assert (saved.value, saved.attributes["tokenguard.mechanism"]) == (reply.usage.context_saved_tokens, "context")

@@ -358,6 +358,7 @@ class Guard:
             for cache in self.caches:  # in order: the first hit answers
                 hit = cache.lookup(call)
                 if hit is not None:
+                    self.meter.add_spared_input(call, hit.usage)
                     self.meter(call, hit.usage, hit.stop_reason, cached=True)
                     return hit
             if self.reserve is not None:

@@ -65,6 +65,10 @@ _NOTES = (
 )
 
 
+def _usd(amount: float | None) -> str:
+    return "price unknown" if amount is None else f"${amount:.6f}"
+
+
 def strategy_name(guard: tg.Guard) -> str:
     """The guard's context strategy as the meter line names it (``TailOnly`` ->
     ``tail-only``); ``no fitting`` when it has none."""
@@ -82,17 +86,19 @@ def meter_line(reply: tg.Reply, *, strategy: str, cache: bool, session_tokens: i
     strategy sent fewer, the line says how many it kept. ``cache`` says whether the
     guard has a cache at all; a stop reason other than ``stop`` is shown too."""
     usage = reply.usage
+    # What the answer itself spared (a cache hit, an early stop), not what fitting did.
+    by_answer = usage.saved_tokens - usage.context_saved_tokens - usage.scope_saved_tokens
     parts = [f"in {usage.input_tokens}" + (f" ({usage.cached_input_tokens} from KV)" if usage.cached_input_tokens
                                             else ""),
              f"out {usage.output_tokens}"]
     kept = len(reply.messages)
     parts.append(f"{strategy} kept {kept}/{given} msgs" if given is not None and kept < given else strategy)
     if cache:
-        parts.append(f"cache hit, saved {usage.saved_tokens} tokens" if reply.cached else "cache miss")
+        parts.append(f"cache hit, saved {by_answer} tokens" if reply.cached else "cache miss")
     parts.append("cost unknown" if usage.cost_usd is None else f"${usage.cost_usd:.6f}")
     if reply.stop_reason not in ("stop", "cache"):
         stop = f"{reply.stop_reason} stop" if reply.stop_reason == "repetition" else reply.stop_reason
-        parts.append(stop + (f", saved ~{usage.saved_tokens} tokens" if usage.saved_tokens else ""))
+        parts.append(stop + (f", saved ~{by_answer} tokens" if by_answer else ""))
     parts.append(f"session {session_tokens} tokens")
     return "[" + " · ".join(parts) + "]"
 
@@ -204,7 +210,8 @@ class _Demo:
                                            given=len(history) + 1))
             if reply.usage.input_tokens < whole:
                 self.say(" " * 12 + f"context: the whole history is {whole} tokens ({len(history) + 1} messages); "
-                         f"{strategy} sent the newest {len(reply.messages)} in {reply.usage.input_tokens}")
+                         f"{strategy} sent the newest {len(reply.messages)} in {reply.usage.input_tokens}, "
+                         f"sparing {reply.usage.context_saved_tokens}")
 
     def caching(self) -> None:
         self.header(3, "An exact cache: the same question twice")
@@ -287,7 +294,8 @@ class _Demo:
                  "request); it forwards them all, with its own question, to a model call")
         self.say(f"child  (depth {reply.usage.depth}): handed {seen['handed']} tokens ({seen['given']} messages), "
                  f"sent {reply.usage.input_tokens} ({len(reply.messages)} messages): its own question and the "
-                 f"forwarded notes most relevant to it, within 1/4 of the parent's input")
+                 f"forwarded notes most relevant to it, within 1/4 of the parent's input; "
+                 f"{reply.usage.scope_saved_tokens} tokens spared")
         for message in reply.messages:
             if message.get("content") != task["content"]:
                 self.say(f"{'':>12}kept: {message.get('content')}")
@@ -299,6 +307,9 @@ class _Demo:
         self.header(7, "The ledger's cost report, by session")
         report = self.ledger.report(by="session")
         self.say(report.to_text().rstrip())
+        saved = ", ".join(f"{entry['mechanism']} {entry['saved_tokens']} tokens ({_usd(entry['saved_usd'])})"
+                          for entry in report.savings)
+        self.say(f"saved by mechanism: {saved}")
         self.say(f"{report.totals['calls']} calls, one ledger row each; for a ledger file, "
                  "tokenguard report usage.sqlite --by session prints the same table")
 

@@ -40,7 +40,10 @@ Its attributes:
                                           ``budget_exceeded``, ``input_too_long``, ...
 ``tokenguard.cache_hit``                  answered from a tokenguard cache (0 tokens billed)
 ``tokenguard.saved_tokens``,              what the guard spared: a cache hit's original cost,
-``tokenguard.saved_usd``                  a stopped loop's rest of ``max_output_tokens``
+``tokenguard.saved_usd``                  a stopped loop's rest of ``max_output_tokens``, the
+                                          prompt tokens fitting and scope trimming left out
+``tokenguard.context_saved_tokens``,      the part of ``saved_tokens`` that context fitting
+``tokenguard.scope_saved_tokens``         and scope trimming spared
 ``tokenguard.cost_usd``                   the call's price (absent when unknown)
 ``tokenguard.depth``, ``.request_id``,    where the call sits in its call tree
 ``.parent_id``, ``.root_id``, ``.scope``
@@ -51,7 +54,8 @@ Token points are recorded for calls that used tokens (not for cache hits or
 refusals, which the spans still show), one per ``gen_ai.token.type`` (``input``,
 ``output``); the duration histogram records every call the backend was asked to
 answer, with ``error.type`` when it failed. ``tokenguard.client.tokens.saved`` counts
-the tokens spared, by ``tokenguard.stop_reason``. Message contents are never
+the tokens spared, by ``tokenguard.mechanism`` (``cache``, ``context``, ``repetition``,
+``scope``, ...). Message contents are never
 recorded.
 """
 
@@ -65,6 +69,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from tokenguard.accounting.report import savings_parts
 from tokenguard.errors import ConfigError, MissingDependency
 
 if TYPE_CHECKING:
@@ -201,9 +206,8 @@ class OTelMeter:
         if not cached and input_tokens + output_tokens > 0:
             self.token_usage.record(input_tokens, {**common, "gen_ai.token.type": "input"})
             self.token_usage.record(output_tokens, {**common, "gen_ai.token.type": "output"})
-        saved = int(row["saved_tokens"] or 0)
-        if saved > 0:
-            self.saved.add(saved, {**common, "tokenguard.stop_reason": stop_reason})
+        for mechanism, tokens, _ in savings_parts(row):
+            self.saved.add(tokens, {**common, "tokenguard.mechanism": mechanism})
 
     def _idle(self) -> bool:
         """Whether the global providers are still the API's proxies (no SDK configured),
@@ -233,6 +237,8 @@ class OTelMeter:
             "tokenguard.stop_reason": stop_reason,
             "tokenguard.cache_hit": cached,
             "tokenguard.saved_tokens": int(row["saved_tokens"] or 0),
+            "tokenguard.context_saved_tokens": int(row["context_saved_tokens"] or 0),
+            "tokenguard.scope_saved_tokens": int(row["scope_saved_tokens"] or 0),
             "tokenguard.depth": int(row["depth"] or 0),
             "tokenguard.request_id": call.request_id,
             "tokenguard.root_id": call.root_id,

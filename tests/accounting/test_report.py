@@ -14,11 +14,10 @@ from datetime import date, datetime, timezone
 import numpy as np
 import pytest
 
-from tokenguard import Budget, Guard, InvalidRequest, Ledger
+from tokenguard import Budget, Guard, InvalidRequest, Ledger, get_tokenizer
 from tokenguard.accounting import REPORT_KEYS, Pricing, Report
 from tokenguard.accounting.report import (
     METRICS,
-    NOT_RECORDED,
     REFUSAL_REASONS,
     as_timestamp,
     format_usd,
@@ -233,7 +232,60 @@ def test_stop_reasons_errors_refusals_and_repetition_savings(ledger):
     assert rows["repetition"]["saved_tokens"] == stopped.usage.saved_tokens > 0
     assert report.savings == [{"mechanism": "repetition", "calls": 1, "saved_tokens": stopped.usage.saved_tokens,
                                "saved_usd": pytest.approx(stopped.usage.saved_usd)}]
-    assert NOT_RECORDED in report.notes
+
+
+def _history(turns: int) -> list[dict[str, str]]:
+    history = [{"role": "system", "content": "You answer questions about the ledger."}]
+    for i in range(turns):
+        history.append({"role": "user", "content": f"Question {i}: what did call {i} of the batch cost us?"})
+        history.append({"role": "assistant", "content": f"Call {i} cost about {i * 3} cents in total."})
+    return [*history, {"role": "user", "content": "And which call was the dearest?"}]
+
+
+def test_context_fitting_savings_are_the_prompt_tokens_it_kept_from_being_sent(ledger):
+    guard = Guard(answer, model="gpt-4o", ledger=ledger, max_context_tokens=120)
+    history = _history(40)
+    reply = guard.complete(history)
+    whole = get_tokenizer("gpt-4o").count_messages(history)
+    # OpenAI's accounting adds up message by message, so the figure is exact here.
+    assert reply.usage.context_saved_tokens == whole - reply.usage.input_tokens > 1000
+    assert reply.usage.saved_tokens == reply.usage.context_saved_tokens and reply.usage.scope_saved_tokens == 0
+    assert reply.usage.saved_usd == pytest.approx(guard.pricing.cost("gpt-4o", reply.usage.context_saved_tokens, 0))
+    guard.complete("A short question that fits.")  # nothing to trim, nothing saved
+    with pytest.raises(BudgetExceeded):  # a refused call spent nothing, so saved nothing
+        Guard(answer, model="gpt-4o", ledger=ledger, max_context_tokens=120, budget=Budget(tokens=5)).complete(history)
+
+    (row, short, refused) = ledger.records()
+    assert (row["context_saved_tokens"], row["saved_tokens"]) == (reply.usage.context_saved_tokens,) * 2
+    assert row["context_saved_usd"] == pytest.approx(reply.usage.saved_usd)
+    assert short["saved_tokens"] == refused["saved_tokens"] == refused["context_saved_tokens"] == 0
+    assert ledger.report().savings == [{"mechanism": "context", "calls": 1, "saved_tokens": row["saved_tokens"],
+                                        "saved_usd": pytest.approx(row["saved_usd"])}]
+
+
+def test_scope_and_cache_savings_are_reported_each_under_its_own_mechanism(ledger, tmp_path):
+    inner = Guard(answer, model="gpt-4o", ledger=ledger, cache=ExactCache(tmp_path / "cache"))
+
+    def planner(messages, *, max_tokens):
+        # A nested call forwards the whole conversation it was given, plus its own task.
+        task = {"role": "user", "content": "Name the dearest call only."}
+        return inner.complete([*messages, task], user="ann", temperature=0).text
+
+    outer = Guard(planner, model="gpt-4o", ledger=ledger)
+    history = _history(30)
+    outer.complete(history, user="ann")
+    outer.complete(history, user="ann")  # the nested call is a cache hit this time
+    rows = ledger.records()
+    nested = [row for row in rows if row["depth"] == 1]
+    assert [row["cached"] for row in nested] == [0, 1]
+    assert nested[0]["scope_saved_tokens"] == nested[1]["scope_saved_tokens"] > 500
+    first_call_cost = nested[0]["input_tokens"] + nested[0]["output_tokens"]
+    assert nested[1]["saved_tokens"] == nested[1]["scope_saved_tokens"] + first_call_cost
+    savings = {entry["mechanism"]: entry for entry in ledger.report().savings}
+    assert sorted(savings) == ["cache", "scope"]
+    assert (savings["scope"]["calls"], savings["scope"]["saved_tokens"]) == (2, 2 * nested[0]["scope_saved_tokens"])
+    assert (savings["cache"]["calls"], savings["cache"]["saved_tokens"]) == (1, first_call_cost)
+    assert savings["cache"]["saved_usd"] == pytest.approx(nested[0]["cost_usd"])
 
 
 def test_refusal_reasons_are_the_ones_the_pipeline_writes():

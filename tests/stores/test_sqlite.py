@@ -101,9 +101,8 @@ def test_processes_that_create_one_file_at_once_all_open_it(tmp_path, store):
 def test_an_in_memory_database_is_private(tmp_path):
     a = SQLiteLedgerStore(None)
     b = SQLiteLedgerStore(None)
-    row = dict.fromkeys(LEDGER_COLUMNS) | {"request_id": "x", "ts": 1.0, "input_tokens": 0,
-                                            "output_tokens": 0, "cached_input_tokens": 0, "saved_tokens": 0,
-                                            "depth": 0, "cached": 0}
+    counts = {name: 0 for name, sql in LEDGER_COLUMNS.items() if sql.startswith("INTEGER NOT NULL")}
+    row = dict.fromkeys(LEDGER_COLUMNS) | counts | {"request_id": "x", "ts": 1.0}
     a.append(row)
     assert a.count() == 1 and b.count() == 0
 

@@ -37,7 +37,8 @@ __all__ = ["COLUMNS", "Ledger"]
 
 #: The ledger's columns and their SQL types.
 COLUMNS = LEDGER_COLUMNS
-_INTEGERS = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "depth", "cached")
+# Counts a row may leave out: written as 0.
+_INTEGERS = tuple(name for name, sql in COLUMNS.items() if sql.startswith("INTEGER NOT NULL"))
 _IN_MEMORY_MAX_ROWS = 100_000
 
 

@@ -59,9 +59,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "INPUT_MECHANISMS",
     "INSTALL_REPORTS",
     "METRICS",
-    "NOT_RECORDED",
     "REFUSAL_REASONS",
     "REPORT_KEYS",
     "Moment",
@@ -69,6 +69,7 @@ __all__ = [
     "as_timestamp",
     "format_usd",
     "report_keys",
+    "savings_parts",
     "tag_values",
 ]
 
@@ -95,10 +96,10 @@ METRICS = (
 REFUSAL_REASONS = frozenset({"input_too_long", "budget_exceeded"})
 #: The install command for DataFrames, plots and the HTML chart.
 INSTALL_REPORTS = 'pip install "tokenguard[reports]"'
-#: Savings the ledger has no column for, so no report can show them.
-NOT_RECORDED = (
-    "Context fitting and scope trimming are not recorded in the ledger, so their savings are not shown."
-)
+#: The savings mechanisms with a ledger column pair of their own (``{name}_saved_tokens``,
+#: ``{name}_saved_usd``): prompt tokens that context fitting and scope trimming spared.
+#: The rest of a row's saved tokens is its cache hit's or its early stop's.
+INPUT_MECHANISMS = ("context", "scope")
 
 Moment = float | int | str | datetime | date | None
 """A time bound: epoch seconds, an ISO date or date-time string, a ``datetime`` or a
@@ -359,12 +360,41 @@ def _tally(rows: Iterable[Mapping[str, Any]], keys_of: Callable[[Mapping[str, An
     return [(key, tallies[key]) for key in sorted(tallies, key=_sort_key)]
 
 
-def _mechanism(row: Mapping[str, Any]) -> list[tuple[str]]:
-    """What spared a row's saved tokens: ``"cache"`` for a cache hit, else its stop
-    reason (``"repetition"`` for the repetition stopper); none when it saved nothing."""
-    if not (row.get("saved_tokens") or row.get("saved_usd")):
-        return []
-    return [("cache",)] if row.get("cached") else [(str(row.get("stop_reason") or "unknown"),)]
+def savings_parts(row: Mapping[str, Any]) -> Iterator[tuple[str, int, float | None]]:
+    """``(mechanism, saved_tokens, saved_usd)`` for each mechanism that spared some of a
+    row's saved tokens: ``"context"`` and ``"scope"`` from their own columns, and the
+    rest to ``"cache"`` for a cache hit, else to the row's stop reason (``"repetition"``
+    for the repetition stopper). ``saved_usd`` is ``None`` where the price is unknown."""
+    rest_tokens, rest_usd = int(row.get("saved_tokens") or 0), row.get("saved_usd")
+    for name in INPUT_MECHANISMS:
+        tokens = int(row.get(f"{name}_saved_tokens") or 0)
+        if tokens:
+            usd = row.get(f"{name}_saved_usd")
+            yield name, tokens, usd
+            rest_tokens -= tokens
+            rest_usd = None if rest_usd is None or usd is None else rest_usd - usd
+    if rest_tokens > 0 or (rest_usd or 0) > 1e-15:
+        yield ("cache" if row.get("cached") else str(row.get("stop_reason") or "unknown")), rest_tokens, rest_usd
+
+
+def _savings(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What was saved per mechanism (see :func:`savings_parts`), sorted by name:
+    ``mechanism``, ``calls`` (that it saved something in), ``saved_tokens``, ``saved_usd``
+    (``None`` when any of it had no price)."""
+    totals: dict[str, list[Any]] = {}
+    for row in rows:
+        for name, tokens, usd in savings_parts(row):
+            entry = totals.setdefault(name, [0, 0, [], False])
+            entry[0] += 1
+            entry[1] += tokens
+            if usd is None:
+                entry[3] = True
+            else:
+                entry[2].append(usd)
+    return [
+        {"mechanism": name, "calls": calls, "saved_tokens": tokens, "saved_usd": None if unknown else math.fsum(usds)}
+        for name, (calls, tokens, usds, unknown) in sorted(totals.items())
+    ]
 
 
 def _timeline(rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -399,8 +429,9 @@ class Report:
     quiet periods included; each entry is a ``"period"``, the metrics and
     ``known_cost_usd`` (the sum of the costs that are known, which the spend chart
     draws). :attr:`savings` is what was saved per mechanism (``"cache"``,
-    ``"repetition"``, or another stop reason that saved tokens): ``mechanism``,
-    ``calls``, ``saved_tokens``, ``saved_usd``. Iterating a report gives its rows.
+    ``"context"`` fitting, ``"repetition"``, ``"scope"`` trimming, or another stop
+    reason that saved tokens): ``mechanism``, ``calls``, ``saved_tokens``,
+    ``saved_usd``. Iterating a report gives its rows.
     """
 
     by: tuple[str, ...]
@@ -427,17 +458,12 @@ class Report:
         rows = list(records)
         unit, timeline = _timeline(rows)
         groups = _tally(rows, lambda row: _group_keys(row, keys))
-        mechanisms = _tally(rows, _mechanism)
         return cls(
             by=keys,
             rows=[dict(zip(keys, key, strict=True)) | tally.metrics() for key, tally in groups],
             totals=_totals(rows),
             timeline=timeline,
-            savings=[
-                {"mechanism": key[0], "calls": tally.calls, "saved_tokens": tally.saved_tokens,
-                 "saved_usd": tally.metrics()["saved_usd"]}
-                for key, tally in mechanisms
-            ],
+            savings=_savings(rows),
             timeline_unit=unit,
             since=since,
             until=until,
@@ -452,14 +478,13 @@ class Report:
 
     @property
     def notes(self) -> list[str]:
-        """What a reader must know: unknown prices and the savings no report can show."""
+        """What a reader must know: unknown prices, and how tagged calls are counted."""
         notes = []
         if self.totals["cost_note"]:
             note = self.totals["cost_note"]
             notes.append(f"{note[0].upper()}{note[1:]}.")
         if "tag" in self.by:
             notes.append("A call with several tags counts in each of their rows; the totals count it once.")
-        notes.append(NOT_RECORDED)
         return notes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -768,4 +793,3 @@ def _plot_savings(ax: Axes, savings: Sequence[Mapping[str, Any]]) -> None:
     ax.set_title("saved tokens by mechanism")
     if not savings:
         ax.text(0.5, 0.5, "no savings recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("context fitting and scope trimming are not recorded", fontsize=8)

@@ -14,10 +14,14 @@ class Usage:
 
     ``input_tokens`` includes ``cached_input_tokens`` (as in OpenAI's ``usage``).
     ``cost_usd`` is ``None`` when the model's price is unknown, never a guess.
-    ``saved_tokens`` is what the guard spared: for a cache hit, the tokens of the call
-    that stored the answer (a hit itself bills none); for a stream ended early (a
-    repetition stop), an estimate: the rest of ``max_output_tokens``. ``saved_usd`` is
-    their price (``None`` when the model's price is unknown).
+    ``saved_tokens`` is what the guard spared, all mechanisms together: for a cache hit,
+    the tokens of the call that stored the answer (a hit itself bills none); for a
+    stream ended early (a repetition stop), an estimate: the rest of
+    ``max_output_tokens``; and the prompt tokens that context fitting
+    (``context_saved_tokens``: older turns dropped or folded into a summary) and scope
+    trimming (``scope_saved_tokens``: a nested call's forwarded context left out) kept
+    from being sent. ``saved_usd`` is their price (``None`` when the model's price is
+    unknown).
     ``depth`` is the call's place in its call tree: 0 for a root call, 1 for a guarded
     call made while a root call ran (see :func:`~tokenguard.scope`), and so on.
     """
@@ -30,6 +34,8 @@ class Usage:
     saved_tokens: int = 0
     saved_usd: float | None = 0.0
     depth: int = 0
+    context_saved_tokens: int = 0
+    scope_saved_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

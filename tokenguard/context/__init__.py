@@ -14,6 +14,7 @@ from tokenguard.context.strategy import (
     Generate,
     TurnCosts,
     pinned_indices,
+    turn_cost,
     turn_indices_from_end,
     turns,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "fingerprint",
     "message_text",
     "pinned_indices",
+    "turn_cost",
     "turn_indices_from_end",
     "turns",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "conversation_key",
     "first_kept",
     "pinned_indices",
+    "turn_cost",
     "turn_indices_from_end",
     "turns",
     "with_added",
@@ -189,6 +190,13 @@ def pinned_indices(messages: Sequence[Mapping[str, Any]], newest_first: Iterator
     return kept
 
 
+def turn_cost(tokenizer: Tokenizer, turn: Sequence[Mapping[str, Any]]) -> int:
+    """The tokens ``turn`` adds to a prompt, its framing included. Counted beside an
+    empty system message: a chat template that puts in a default system prompt when
+    there is none (as SmolLM2's does) would otherwise charge it to every turn."""
+    return max(tokenizer.count_messages([_EMPTY_SYSTEM, *turn]) - tokenizer.count_messages([_EMPTY_SYSTEM]), 0)
+
+
 class TurnCosts:
     """What a turn adds to a prompt (its framing included), remembered by content.
 
@@ -203,16 +211,14 @@ class TurnCosts:
         self._lock = threading.Lock()
 
     def __call__(self, tokenizer: Tokenizer, turn: Turn) -> int:
-        """The tokens ``turn`` adds to a prompt. Counted beside an empty system message:
-        a chat template that puts in a default system prompt when there is none (as
-        SmolLM2's does) would otherwise charge it to every turn."""
+        """The tokens ``turn`` adds to a prompt (see :func:`turn_cost`)."""
         key = f"{tokenizer.name}:{turn_key(turn)}"
         with self._lock:
             cost = self._counts.get(key)
             if cost is not None:
                 self._counts.move_to_end(key)
                 return cost
-        cost = max(tokenizer.count_messages([_EMPTY_SYSTEM, *turn]) - tokenizer.count_messages([_EMPTY_SYSTEM]), 0)
+        cost = turn_cost(tokenizer, turn)
         with self._lock:
             self._counts[key] = cost
             while len(self._counts) > self.size:

@@ -93,6 +93,10 @@ class Call:
     input_tokens: int | None = None
     reservations: list[Reservation] = field(default_factory=list)
     outer: Frame | None = None
+    #: Prompt tokens spared by trimming forwarded context (scope step) and by fitting
+    #: the history into the window (fit step); see :class:`~tokenguard.pipeline.spared.SparedTokens`.
+    scope_saved_tokens: int = 0
+    context_saved_tokens: int = 0
 
     @property
     def depth(self) -> int:

@@ -10,6 +10,7 @@ from tokenguard.accounting import context_window
 from tokenguard.context import ContextStrategy, ConversationStrategy, content_text
 from tokenguard.errors import ConfigError
 from tokenguard.pipeline.call import Call
+from tokenguard.pipeline.spared import SparedTokens
 
 __all__ = ["Fit", "SideCall"]
 
@@ -26,7 +27,8 @@ class Fit:
     by then), else the catalogue's for the call's model (API models, from genai-prices),
     ``max_context_tokens`` the user's own limit. A
     :class:`~tokenguard.context.ConversationStrategy` is also given the call's session
-    and, through ``side_call``, a way to ask a model (metered as a call of its own)."""
+    and, through ``side_call``, a way to ask a model (metered as a call of its own).
+    What fitting spared goes in ``call.context_saved_tokens``."""
 
     def __init__(
         self,
@@ -42,6 +44,7 @@ class Fit:
         self.window = window
         self.max_context_tokens = max_context_tokens
         self.side_call = side_call
+        self.spared = SparedTokens()
 
     def budget(self, call: Call) -> int | None:
         """The tokens the call's prompt may take, or ``None`` when nothing bounds it."""
@@ -71,6 +74,7 @@ class Fit:
         else:
             fitted = strategy.fit(call.messages, budget, call.tokenizer)
         if fitted != call.messages:  # a prompt that already fit keeps its count
+            call.context_saved_tokens = self.spared(call.tokenizer, call.messages, fitted)
             call.messages = fitted
             call.input_tokens = None  # counted again, exactly, after fitting
 

@@ -63,7 +63,21 @@ class Meter:
         if outcome.stopped_early:
             usage.saved_tokens = max(call.max_output_tokens - output_tokens, 0)
             usage.saved_usd = self.pricing.cost(call.model, 0, usage.saved_tokens)
+        self.add_spared_input(call, usage)
         return usage
+
+    def add_spared_input(self, call: Call, usage: Usage) -> None:
+        """Add to ``usage``'s savings the prompt tokens that scope trimming and context
+        fitting kept from being sent: for a call whose trimmed prompt reached the backend
+        or a cache (a refused call spent nothing, so it saved nothing either)."""
+        spared = call.context_saved_tokens + call.scope_saved_tokens
+        if not spared:
+            return
+        usage.context_saved_tokens = call.context_saved_tokens
+        usage.scope_saved_tokens = call.scope_saved_tokens
+        usage.saved_tokens += spared
+        price = self.pricing.cost(call.model, spared, 0)
+        usage.saved_usd = None if price is None or usage.saved_usd is None else usage.saved_usd + price
 
     def priced(
         self,
@@ -87,6 +101,10 @@ class Meter:
             depth=call.depth,
         )
 
+    def _input_price(self, call: Call, tokens: int) -> float | None:
+        """The price of ``tokens`` prompt tokens of the call's model (0 for none)."""
+        return self.pricing.cost(call.model, tokens, 0) if tokens else 0.0
+
     def __call__(self, call: Call, usage: Usage, stop_reason: str, error: BaseException | None = None, *,
                  cached: bool = False) -> None:
         """Write the call's ledger row, linked into its call tree (``depth``,
@@ -104,6 +122,10 @@ class Meter:
             "cached_input_tokens": usage.cached_input_tokens,
             "saved_tokens": usage.saved_tokens,
             "saved_usd": usage.saved_usd,
+            "context_saved_tokens": usage.context_saved_tokens,
+            "context_saved_usd": self._input_price(call, usage.context_saved_tokens),
+            "scope_saved_tokens": usage.scope_saved_tokens,
+            "scope_saved_usd": self._input_price(call, usage.scope_saved_tokens),
             "cached": cached,
             "cost_usd": usage.cost_usd,
             "latency_s": usage.latency_s,

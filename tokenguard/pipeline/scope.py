@@ -9,6 +9,7 @@ import sys
 from tokenguard.context import Relevant, fingerprint
 from tokenguard.errors import InputTooLong
 from tokenguard.pipeline.call import Call
+from tokenguard.pipeline.spared import SparedTokens
 
 __all__ = ["TrimForwarded"]
 
@@ -41,11 +42,13 @@ class TrimForwarded:
     A :func:`~tokenguard.scope`'s ``max_input_tokens`` bounds every call in it, root or
     nested: forwarded context is dropped to fit, and a call whose must-keep messages
     alone are longer raises :class:`~tokenguard.InputTooLong`. A root call (no guarded
-    call above it) has nothing forwarded, so it is never trimmed.
+    call above it) has nothing forwarded, so it is never trimmed. What trimming spared
+    goes in ``call.scope_saved_tokens``.
     """
 
     def __init__(self, strategy: Relevant | None = None) -> None:
         self.strategy = strategy if strategy is not None else Relevant()
+        self.spared = SparedTokens()
 
     def __call__(self, call: Call) -> None:
         outer = call.outer
@@ -72,6 +75,7 @@ class TrimForwarded:
         except InputTooLong as error:
             raise InputTooLong(error.limit, f"{error} (max_input_tokens of scope {outer.name!r})") from None
         if fitted != call.messages:  # a prompt that already fit keeps its count
+            call.scope_saved_tokens = self.spared(call.tokenizer, call.messages, fitted)
             call.messages = fitted
             call.input_tokens = None  # counted again, exactly, after trimming
 

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenguard.accounting.report import savings_parts
+
 __all__ = ["CONTENT_TYPE", "Histogram", "Metrics"]
 
 #: The Content-Type of the text exposition format.
@@ -135,10 +137,11 @@ class Metrics:
                           "Calls that used tokens at an unknown price (not in tokenguard_cost_usd_total).", "counter",
                           ("model",))
         self.saved_tokens = s("tokenguard_saved_tokens_total",
-                              "Tokens the guard spared: cache hits' original cost, stopped loops' unused output cap.",
-                              "counter", ("model",))
+                              "Tokens the guard spared, by mechanism: cache hits' original cost, stopped loops' unused "
+                              "output cap, prompt tokens context fitting and scope trimming kept from being sent.",
+                              "counter", ("model", "mechanism"))
         self.saved_usd = s("tokenguard_saved_usd_total", "The price of the tokens spared, where known.", "counter",
-                           ("model",))
+                           ("model", "mechanism"))
         self.cache_hits = s("tokenguard_cache_hits_total", "Calls answered from the tokenguard cache.", "counter",
                             ("model",))
         self.refusals = s("tokenguard_refusals_total",
@@ -170,8 +173,9 @@ class Metrics:
                 self.cost.add(key, cost)
             elif row.get("input_tokens") or row.get("output_tokens"):
                 self.unpriced.add(key)
-            self.saved_tokens.add(key, row.get("saved_tokens") or 0)
-            self.saved_usd.add(key, row.get("saved_usd") or 0.0)
+            for mechanism, tokens, usd in savings_parts(row):
+                self.saved_tokens.add((model, mechanism), tokens)
+                self.saved_usd.add((model, mechanism), usd or 0.0)
             if row.get("cached"):
                 self.cache_hits.add(key)
             if reason in _REFUSED:

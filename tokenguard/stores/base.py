@@ -121,6 +121,11 @@ LEDGER_COLUMNS: dict[str, str] = {
     "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0",
     "saved_tokens": "INTEGER NOT NULL DEFAULT 0",
     "saved_usd": "REAL",
+    # The part of saved_tokens/saved_usd that context fitting and scope trimming spared.
+    "context_saved_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "context_saved_usd": "REAL",
+    "scope_saved_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "scope_saved_usd": "REAL",
     "cached": "INTEGER NOT NULL DEFAULT 0",  # 1: answered from a cache, the backend not called
     "cost_usd": "REAL",
     "latency_s": "REAL",
@@ -136,7 +141,8 @@ LEDGER_COLUMNS: dict[str, str] = {
     "scope": "TEXT",
 }
 #: The columns :meth:`LedgerStore.totals` sums.
-LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "saved_usd", "cost_usd",
+LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_tokens", "saved_usd",
+                 "context_saved_tokens", "context_saved_usd", "scope_saved_tokens", "scope_saved_usd", "cost_usd",
                  "latency_s")
 
 

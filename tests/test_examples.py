@@ -177,3 +177,22 @@ def test_the_cost_report_example_refuses_a_missing_ledger(tmp_path):
     done = run_example("cost_report.py", "--ledger", "nothing.sqlite", cwd=tmp_path, ok=False)
     assert done.returncode == 2 and "no ledger file at nothing.sqlite" in done.stderr
     assert not (tmp_path / "nothing.sqlite").exists()
+
+
+# -- strategies_compared.py ----------------------------------------------------------------
+
+
+def test_the_strategies_example_shows_what_each_strategy_sent_spared_and_remembered(tmp_path):
+    out = run_example("strategies_compared.py", "--budget", "250", "--turns", "40", cwd=tmp_path).stdout
+    whole = int(re.search(r"the chat: \d+ messages, (\d+) tokens", out).group(1))  # type: ignore[union-attr]
+    comparison = out.split("\n\n")[1]  # the table before the ledger's report
+    rows = {cells[0]: cells for cells in map(str.split, comparison.splitlines()[1:])}
+    assert sorted(rows) == ["Retrieval", "Summary", "TailOnly"]
+    for name, cells in rows.items():
+        sent, spared = int(cells[1]), int(cells[2])
+        assert sent <= 250 and sent + spared == whole, name  # gpt-4o-mini's accounting adds up exactly
+    assert "I don't know" in " ".join(rows["TailOnly"])  # the newest turns alone forget the fact
+    assert "4417" in " ".join(rows["Summary"]) and "4417" in " ".join(rows["Retrieval"])
+    total_spared = sum(int(cells[2]) for cells in rows.values())
+    assert f"saved by context: {total_spared} tokens" in out
+    assert table_row(out, "total")[1] == "3"

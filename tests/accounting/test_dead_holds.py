@@ -1,4 +1,4 @@
-"""A dead process's hold in a SQLite budget store is settled from its call's ledger row
+"""A dead process's hold in a SQLite or Redis budget store is settled from its call's ledger row
 when the process died after the meter step wrote the row and before the settle step
 (tests/stress/test_crash.py kills at random moments; these tests kill at the two
 moments that matter, deterministically)."""
@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import tokenguard as tg
@@ -127,13 +128,13 @@ def test_a_guard_links_a_shared_ledger_once_and_an_in_process_one_never(tmp_path
     assert isinstance(store, SQLiteBudgetStore)
     tg.Guard(lambda messages: "hi", model="gpt-4o", budget=budget, telemetry=False)  # in-memory ledger
     tg.Guard(lambda messages: "hi", model="gpt-4o", budget=budget, ledger=tg.Ledger(None), telemetry=False)
-    assert store._settled_lookups() == []
+    assert len(store._lookups) == 0
     for _ in range(3):
         tg.Guard(lambda messages: "hi", model="gpt-4o", budget=budget, ledger=tmp_path / "ledger.sqlite",
                  telemetry=False)
-    assert len(store._settled_lookups()) == 1
+    assert len(store._lookups) == 1
     link_ledger([budget], tg.Ledger(tmp_path / "other.sqlite"))
-    assert len(store._settled_lookups()) == 2
+    assert len(store._lookups) == 2
 
 
 def test_the_ledger_finds_a_call_by_its_request_id(tmp_path):
@@ -230,3 +231,22 @@ def test_without_a_linked_ledger_the_hold_is_released(tmp_path):
     _reclaim(budgets)
     assert budgets[1].store.usage(budgets[1].name, budgets[1].key()) == (0, 0, 0, 0)
     assert os.path.exists(tmp_path / "ledger.sqlite")
+
+
+def test_on_redis_a_call_killed_between_its_row_and_its_settle_is_counted_once_its_hold_expires(redis_server):
+    url = redis_server.url(prefix=f"dead-{os.urandom(6).hex()}:", reservation_ttl_s=1)
+    config = {"store": url, "ledger": url, "budgets": BUDGETS, "prices": PRICES, "kill_before": "settle"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(config)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    [row] = tg.Ledger(url).records()
+    budgets = [tg.Budget(**spec, store=url) for spec in BUDGETS]
+    tg.Guard(lambda messages: "", model="gpt-4o", budget=budgets, ledger=url, prices=PRICES, telemetry=False)
+    scopes = list(zip(budgets, ("ann", None), strict=True))
+    assert all(budget.spent(user=user)["reserved_tokens"] > 0 for budget, user in scopes)  # held until the TTL
+    tokens, nano = row["input_tokens"] + row["output_tokens"], round(row["cost_usd"] * 1e9)
+    deadline = time.monotonic() + 30
+    while any(budget.spent(user=user)["reserved_tokens"] for budget, user in scopes):
+        assert time.monotonic() < deadline, "the dead process's holds never expired"
+        time.sleep(0.1)
+    # Expired, each hold was settled from the call's row: what the settle step would have counted.
+    assert [b.store.usage(b.name, b.key(user=u)) for b, u in scopes] == [(tokens, nano, 0, 0)] * 2

@@ -31,6 +31,7 @@ from tokenguard.stores import (
     SQLiteBudgetStore,
     StoreUnavailable,
 )
+from tokenguard.stores.base import reservation_id
 from tokenguard.stores.redis_budget import MAX_EXACT
 
 # -- the same decisions as the other stores ---------------------------------------------
@@ -261,6 +262,55 @@ def test_an_expired_hold_stops_counting_and_a_late_settle_still_counts(redis_ser
     assert store.release("b") is True  # an expired hold can still be released, once
     assert store.release("b") is False
     assert store.usage("b", "global|") == (50, 0, 70, 0)
+
+
+def test_an_expired_hold_is_settled_from_its_calls_ledger_row_once(redis_server, redis_url):
+    store = RedisBudgetStore(redis_url)
+    client = redis_server.client()
+    scope = store._scope("b", "global|")
+    asked: list[str] = []
+
+    def lookup(request_id: str) -> tuple[int, int] | None:
+        asked.append(request_id)
+        return (37, 1_234) if request_id in ("written", "stalled") else None
+
+    store.add_settled_lookup(lookup)
+    for rid in (reservation_id("written", "b"), reservation_id("unwritten", "b"), "plain-uuid",
+                reservation_id("stalled", "b")):
+        assert store.reserve(rid, "b", "global|", 100, 5_000, None, None) is None
+    # Their processes stop renewing them (the expiry set in the past rather than waited for).
+    client.zadd(scope.holds, dict.fromkeys(client.zrange(scope.holds, 0, -1), 0))
+    # The first read after the expiry settles the calls with a ledger row: they died
+    # between writing it and settling. A call with no row (it never got that far) or
+    # no call at all is dropped, as before.
+    assert store.usage("b", "global|") == (74, 2_468, 0, 0)
+    assert sorted(asked) == ["stalled", "unwritten", "written"]
+    assert client.zcard(scope.expired) == 0
+    # A process that was only stalled and settles late now counts nothing more...
+    assert store.settle(reservation_id("stalled", "b"), "b", "global|", 37, 1_234) is False
+    # ... while one whose call had no row when the hold expired still counts its spend.
+    assert store.settle(reservation_id("unwritten", "b"), "b", "global|", 10, 0) is True
+    assert store.usage("b", "global|") == (84, 2_468, 0, 0)
+
+
+def test_an_expired_hold_whose_lookup_fails_waits_for_the_next_read(redis_server, redis_url, caplog):
+    store = RedisBudgetStore(redis_url)
+    client = redis_server.client()
+    scope = store._scope("b", "global|")
+    answers: list[object] = [OSError("the ledger is gone"), (5, 0)]
+
+    def flaky(request_id: str) -> tuple[int, int] | None:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    store.add_settled_lookup(flaky)
+    assert store.reserve(reservation_id("call", "b"), "b", "global|", 100, 0, None, None) is None
+    client.zadd(scope.holds, {reservation_id("call", "b"): 0})
+    assert store.usage("b", "global|") == (0, 0, 0, 0)  # no longer held, not yet known
+    assert "its dead hold is kept" in caplog.text
+    assert store.usage("b", "global|") == (5, 0, 0, 0)  # the next read settles it
 
 
 _HOLD_IN_A_CALL = """

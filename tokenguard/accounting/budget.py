@@ -86,9 +86,8 @@ def link_ledger(budgets: Iterable[Budget], ledger: Ledger) -> None:
     whose call has a row in ``ledger`` (the process died after the meter step wrote the
     row and before the settle step): to :func:`charge` of that row, exactly what the
     settle step would have counted. The :class:`~tokenguard.Guard` links its ledger and
-    its budgets; stores without ``add_settled_lookup`` (only
-    :class:`~tokenguard.stores.SQLiteBudgetStore` has it; the Redis store's holds expire
-    in a Lua script and are released) and in-process ledgers are left alone."""
+    its budgets; stores without ``add_settled_lookup`` (the in-process one: its
+    process cannot die without it) and in-process ledgers are left alone."""
     key = _shared_key(ledger)
     if key is None:
         return

@@ -9,7 +9,9 @@ exact whatever the order of the operations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,10 +23,13 @@ __all__ = [
     "LedgerStore",
     "Refusal",
     "SettledLookup",
+    "SettledLookups",
     "check_reservation",
     "request_id_of",
     "reservation_id",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,50 @@ def request_id_of(reservation_id: str) -> str | None:
     any other id (a hold taken with ``Budget.reserve`` outside a call)."""
     request_id, found, _ = reservation_id.partition(_CALL_SEPARATOR)
     return request_id if found and request_id else None
+
+
+class SettledLookups:
+    """The :data:`SettledLookup` s a budget store asks about the call of a dead process's
+    hold, in the order added; one per ``key`` (default: the lookup itself), a later one
+    replacing it, so guards built again on one ledger add no more."""
+
+    #: What :meth:`spent_by` answers when no lookup found the call and one failed:
+    #: whether the call spent is not known, so its hold is kept for a later try.
+    UNKNOWN = object()
+
+    def __init__(self) -> None:
+        self._lookups: dict[Hashable, SettledLookup] = {}
+        self._lock = threading.Lock()
+
+    def add(self, lookup: SettledLookup, *, key: Hashable | None = None) -> None:
+        with self._lock:
+            self._lookups[lookup if key is None else key] = lookup
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._lookups)
+
+    def spent_by(self, reservation_id: str) -> object:
+        """What the call ``reservation_id`` was taken for spent, by the first lookup that
+        finds its ledger row: ``(tokens, nano_usd)``; ``None`` when none finds one (or
+        the id names no call); :attr:`UNKNOWN` when none finds one and a lookup failed."""
+        request_id = request_id_of(reservation_id)
+        with self._lock:
+            lookups = list(self._lookups.values())
+        if request_id is None or not lookups:
+            return None
+        failed = False
+        for lookup in lookups:
+            try:
+                spent = lookup(request_id)
+            except Exception:  # a ledger that cannot answer keeps the hold, never fails the call
+                logger.warning("could not look up call %s in a ledger; its dead hold is kept", request_id,
+                               exc_info=True)
+                failed = True
+                continue
+            if spent is not None:
+                return spent
+        return self.UNKNOWN if failed else None
 
 
 @runtime_checkable

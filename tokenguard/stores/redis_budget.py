@@ -9,6 +9,8 @@ command runs between a reservation's check and its write. The keys of one budget
                                                                 rt, ru (held by open reservations)
     <prefix>budget:<len(budget)>:<budget>:<key>:holds     zset  reservation id -> expiry (ms, server clock)
     <prefix>budget:<len(budget)>:<budget>:<key>:amounts   hash  reservation id -> "<tokens> <nano_usd>"
+    <prefix>budget:<len(budget)>:<budget>:<key>:expired   zset  expired hold id -> expiry (ms), until
+                                                                it is settled from the ledger
     <prefix>budget-reservation:<id>                       string the scope's key base; outlives the hold
 
 A hold expires ``reservation_ttl_s`` after it was taken or last renewed, by the Redis
@@ -18,6 +20,15 @@ renewing, and its holds stop counting once they expire: every script that reads 
 scope's totals first drops its expired holds (a sorted-set range on the expiry) from
 ``rt``/``ru``. A call whose hold expired anyway (its process was stalled past the TTL)
 still counts what it spent when it settles, for ``settle_grace_s`` after the expiry.
+
+A process that died between writing its call's ledger row and settling (the meter and
+settle steps) would leave that spend uncounted. So when the store has a ledger linked
+(:func:`~tokenguard.accounting.budget.link_ledger`, as every Guard does), an expired
+hold's id is also kept in the scope's ``expired`` set, and the next reservation or
+usage read in that scope settles it to what the call's ledger row says, exactly as the
+settle step would have; an id whose call has no row is dropped (its record stays, so a
+stalled process can still settle it). Only one of the two ever counts: both take the
+reservation's record first.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
 from tokenguard.errors import ConfigError
-from tokenguard.stores.base import Refusal
+from tokenguard.stores.base import Refusal, SettledLookup, SettledLookups
 from tokenguard.stores.redis_client import DEFAULT_PREFIX, RedisConnection, RedisURL, StoreUnavailable
 
 __all__ = ["RedisBudgetStore"]
@@ -44,7 +55,7 @@ MAX_EXACT = 2**53
 
 # -- the scripts ------------------------------------------------------------------------
 #
-# KEYS of the scope scripts: 1 spend, 2 holds, 3 amounts, 4 the reservation's record.
+# KEYS of the scope scripts: 1 spend, 2 holds, 3 amounts, 4 expired, 5 the reservation's record.
 
 _LUA_COMMON = """
 local function now_ms()
@@ -72,34 +83,40 @@ local function drop_hold(spend, holds, amounts, id, text)
 end
 -- Drop every hold whose expiry has passed: its process stopped renewing it. Each hold
 -- is dropped once, so this costs O(1) per reservation over its life.
-local function prune(spend, holds, amounts, now)
-  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
-  for _, id in ipairs(expired) do
+-- With a ledger to settle from ('track' = '1'), each dropped id is kept in 'expired'.
+local function prune(spend, holds, amounts, expired, track, now)
+  local ids = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'WITHSCORES')
+  for i = 1, #ids, 2 do
+    local id = ids[i]
     local text = redis.call('HGET', amounts, id)
     if text then drop_hold(spend, holds, amounts, id, text) else redis.call('ZREM', holds, id) end
+    if track == '1' then redis.call('ZADD', expired, ids[i + 1], id) end
   end
+  if track == '1' then return redis.call('ZCARD', expired) end
+  return 0
 end
 -- A finished window's keys expire some time after its end ('' = never). An expiry
 -- already past is not set: Redis would delete what was just written.
 local function expire_scope(keys, at, now)
   if at ~= '' and tonumber(at) > now then
-    for i = 1, 3 do redis.call('PEXPIREAT', keys[i], at) end
+    for i = 1, 4 do redis.call('PEXPIREAT', keys[i], at) end
   end
 end
 """
 
 # ARGV: id, tokens, nano_usd, limit_tokens ('' none), limit_nano_usd ('' none), ttl_ms,
-# record_ttl_ms, scope, expire_at_ms ('' never).
-# Returns {'ok'}, or {unit, needed, left}: the same decision as base.check_reservation.
+# record_ttl_ms, scope, expire_at_ms ('' never), track ('1': keep expired ids).
+# Returns {'ok', expired ids waiting}, or {unit, needed, left}: the same decision as
+# base.check_reservation.
 _RESERVE = _LUA_COMMON + """
 local now = now_ms()
-local owner = redis.call('GET', KEYS[4])
+local owner = redis.call('GET', KEYS[5])
 if owner then
   -- A repeat of this reservation (a retry after a lost reply) changes nothing.
-  if owner == ARGV[8] then return {'ok'} end
+  if owner == ARGV[8] then return {'ok', 0} end
   return redis.error_reply('reservation id ' .. ARGV[1] .. ' is already used by another budget scope')
 end
-prune(KEYS[1], KEYS[2], KEYS[3], now)
+local waiting = prune(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[10], now)
 local totals = redis.call('HMGET', KEYS[1], 't', 'u', 'rt', 'ru')
 local spent_t, spent_u, held_t, held_u = num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4])
 local tokens, nano_usd = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -113,9 +130,9 @@ add(KEYS[1], 'rt', tokens)
 add(KEYS[1], 'ru', nano_usd)
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])
-redis.call('SET', KEYS[4], ARGV[8], 'PX', ARGV[7])
+redis.call('SET', KEYS[5], ARGV[8], 'PX', ARGV[7])
 expire_scope(KEYS, ARGV[9], now)
-return {'ok'}
+return {'ok', waiting}
 """
 
 # ARGV: id, tokens, nano_usd, scope, expire_at_ms. Returns 1 if it spent, 0 if the
@@ -125,12 +142,13 @@ local now = now_ms()
 local text = redis.call('HGET', KEYS[3], ARGV[1])
 if text then
   drop_hold(KEYS[1], KEYS[2], KEYS[3], ARGV[1], text)
-elseif redis.call('GET', KEYS[4]) ~= ARGV[4] then
+elseif redis.call('GET', KEYS[5]) ~= ARGV[4] then
   return 0
 end
 -- Without a hold but with its record, the hold expired while the call ran: the tokens
--- were spent all the same, so they count.
-redis.call('DEL', KEYS[4])
+-- were spent all the same, so they count (and are no longer to settle from the ledger).
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('DEL', KEYS[5])
 add(KEYS[1], 't', tonumber(ARGV[2]))
 add(KEYS[1], 'u', tonumber(ARGV[3]))
 expire_scope(KEYS, ARGV[5], now)
@@ -139,18 +157,34 @@ return 1
 
 # ARGV: id, scope. Returns 1 if it dropped the reservation, 0 if it was already gone.
 _RELEASE = _LUA_COMMON + """
-if redis.call('GET', KEYS[4]) ~= ARGV[2] then return 0 end
+if redis.call('GET', KEYS[5]) ~= ARGV[2] then return 0 end
 local text = redis.call('HGET', KEYS[3], ARGV[1])
 if text then drop_hold(KEYS[1], KEYS[2], KEYS[3], ARGV[1], text) end
-redis.call('DEL', KEYS[4])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('DEL', KEYS[5])
 return 1
 """
 
-# KEYS: spend, holds, amounts. Returns {t, u, rt, ru} without expired holds.
+# ARGV: id, scope, tokens ('' for a call with no ledger row, or one that spent
+# nothing), nano_usd, expire_at_ms. Settles an expired hold of a dead process from its
+# call's ledger row: 1 if it counted, 0 if there was nothing (left) to count.
+_SETTLE_EXPIRED = _LUA_COMMON + """
+redis.call('ZREM', KEYS[4], ARGV[1])
+-- Without its record the call settled or released itself (late), or its grace is over.
+if ARGV[3] == '' or redis.call('GET', KEYS[5]) ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[5])
+add(KEYS[1], 't', tonumber(ARGV[3]))
+add(KEYS[1], 'u', tonumber(ARGV[4]))
+expire_scope(KEYS, ARGV[5], now_ms())
+return 1
+"""
+
+# KEYS: spend, holds, amounts, expired. ARGV: track. Returns {t, u, rt, ru} without
+# expired holds, and the expired ids waiting to be settled from the ledger.
 _USAGE = _LUA_COMMON + """
-prune(KEYS[1], KEYS[2], KEYS[3], now_ms())
+local waiting = prune(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], now_ms())
 local totals = redis.call('HMGET', KEYS[1], 't', 'u', 'rt', 'ru')
-return {num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4])}
+return {num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4]), waiting}
 """
 
 # KEYS: holds, record. ARGV: id, ttl_ms, record_ttl_ms. Extends a live hold; 1 if it
@@ -165,7 +199,7 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
-# KEYS: spend, holds, amounts. ARGV: tokens, nano_usd, expire_at_ms. Spend without a
+# KEYS: spend, holds, amounts, expired. ARGV: tokens, nano_usd, expire_at_ms. Spend without a
 # reservation: a call admitted fail-open while Redis was unreachable settles here.
 _SPEND = _LUA_COMMON + """
 local now = now_ms()
@@ -198,18 +232,19 @@ def _window_end(window: str) -> datetime | None:
 class _Scope:
     """The Redis keys of one budget scope (see the module's docstring)."""
 
-    __slots__ = ("amounts", "base", "holds", "spend")
+    __slots__ = ("amounts", "base", "expired", "holds", "spend")
 
     def __init__(self, base: str) -> None:
         self.base = base
         self.spend = f"{base}:spend"
         self.holds = f"{base}:holds"
         self.amounts = f"{base}:amounts"
+        self.expired = f"{base}:expired"
 
     @property
     def own(self) -> list[str]:
-        """The scope's own keys: spend, holds, amounts."""
-        return [self.spend, self.holds, self.amounts]
+        """The scope's own keys: spend, holds, amounts, expired."""
+        return [self.spend, self.holds, self.amounts, self.expired]
 
     def keys(self, record: str) -> list[str]:
         """The scope scripts' KEYS: its own and one reservation's record."""
@@ -303,6 +338,8 @@ class RedisBudgetStore:
         self._usage = self.redis.script(_USAGE)
         self._renew = self.redis.script(_RENEW)
         self._spend = self.redis.script(_SPEND)
+        self._settle_expired = self.redis.script(_SETTLE_EXPIRED)
+        self._lookups = SettledLookups()
         self._forget_process_state()
         _STORES.add(self)
 
@@ -377,7 +414,7 @@ class RedisBudgetStore:
             reservation_id, int(tokens), int(nano_usd),
             "" if limit_tokens is None else int(limit_tokens),
             "" if limit_nano_usd is None else int(limit_nano_usd),
-            self._ttl_ms, self._record_ttl_ms, scope.base, self._expire_at_ms(key),
+            self._ttl_ms, self._record_ttl_ms, scope.base, self._expire_at_ms(key), self._track,
         ]
         try:
             reply = self.redis.run(self._reserve, scope.keys(record), args, "reserving")
@@ -393,6 +430,8 @@ class RedisBudgetStore:
             self._open[reservation_id] = (scope.holds, record)
             if self._renewer is None:
                 self._start_renewer()
+        if int(reply[1]):
+            self._settle_expired_holds(scope, key)
         return None
 
     def settle(self, reservation_id: str, budget: str, key: str, tokens: int, nano_usd: int) -> bool:
@@ -436,8 +475,43 @@ class RedisBudgetStore:
 
     def usage(self, budget: str, key: str) -> tuple[int, int, int, int]:
         scope = self._scope(budget, key)
-        t, u, rt, ru = (int(v) for v in self.redis.run(self._usage, scope.own, [], "reading usage"))
+        t, u, rt, ru, waiting = (int(v) for v in self.redis.run(self._usage, scope.own, [self._track],
+                                                                   "reading usage"))
+        if waiting and self._settle_expired_holds(scope, key):
+            t, u, rt, ru, _ = (int(v) for v in self.redis.run(self._usage, scope.own, [self._track],
+                                                              "reading usage"))
         return t, u, rt, ru
+
+    # -- dead processes' calls -----------------------------------------------------------
+
+    def add_settled_lookup(self, lookup: SettledLookup, *, key: object = None) -> None:
+        """Settle, rather than drop, an expired hold whose call has a ledger row:
+        ``lookup`` (see :data:`~tokenguard.stores.base.SettledLookup`) finds what the
+        call spent. One per ``key`` (default: the lookup itself), a later one replacing
+        it; :func:`~tokenguard.accounting.budget.link_ledger` adds the guard's ledger."""
+        self._lookups.add(lookup, key=key)
+
+    @property
+    def _track(self) -> str:
+        """'1' when expired holds are kept to be settled from a ledger (one is linked)."""
+        return "1" if self._lookups else "0"
+
+    def _settle_expired_holds(self, scope: _Scope, key: str, batch: int = 100) -> int:
+        """Settle the expired holds waiting in ``scope`` from their calls' ledger rows
+        (at most ``batch`` of them); how many counted. A hold whose lookup failed waits
+        for a later try; one whose call has no row is dropped."""
+        with self.redis.errors("reading expired reservations"):
+            waiting = self.redis.client.zrange(scope.expired, 0, batch - 1)
+        counted = 0
+        for reservation_id in waiting:
+            spent = self._lookups.spent_by(reservation_id)
+            if spent is SettledLookups.UNKNOWN:
+                continue
+            tokens, nano_usd = spent if isinstance(spent, tuple) else ("", "")
+            args: list[str | int] = [reservation_id, scope.base, tokens, nano_usd, self._expire_at_ms(key)]
+            counted += int(self.redis.run(self._settle_expired, scope.keys(self._record(reservation_id)), args,
+                                          "settling an expired reservation"))
+        return counted
 
     # -- renewal -----------------------------------------------------------------------
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from pathlib import Path
 
-from tokenguard.stores.base import Refusal, SettledLookup, check_reservation, request_id_of
+from tokenguard.stores.base import Refusal, SettledLookup, SettledLookups, check_reservation
 from tokenguard.stores.sqlite import SQLiteDatabase
 
 __all__ = ["SQLiteBudgetStore"]
@@ -67,30 +66,7 @@ def _add_spend(conn: sqlite3.Connection, budget: str, key: str, tokens: int, nan
     )
 
 
-_UNKNOWN = object()  # a lookup failed: whether the call spent is not known
-
-
-def _spent_by(reservation_id: str, lookups: Sequence[SettledLookup]) -> object:
-    """What the call a dead hold was taken for spent, by the first lookup that finds its
-    ledger row: ``(tokens, nano_usd)``; ``None`` when none finds one (or the id names no
-    call); :data:`_UNKNOWN` when none finds one and a lookup failed."""
-    request_id = request_id_of(reservation_id)
-    if request_id is None or not lookups:
-        return None
-    failed = False
-    for lookup in lookups:
-        try:
-            spent = lookup(request_id)
-        except Exception:  # a ledger that cannot answer keeps the hold, never fails the call
-            logger.warning("could not look up call %s in a ledger; its dead hold is kept", request_id, exc_info=True)
-            failed = True
-            continue
-        if spent is not None:
-            return spent
-    return _UNKNOWN if failed else None
-
-
-def _reap_dead(conn: sqlite3.Connection, budget: str, key: str, lookups: Sequence[SettledLookup]) -> int:
+def _reap_dead(conn: sqlite3.Connection, budget: str, key: str, lookups: SettledLookups) -> int:
     """Reclaim the reservations of processes that died holding them; how many processes.
 
     A hold whose call has a ledger row that spent (one of ``lookups`` finds it) is
@@ -106,8 +82,8 @@ def _reap_dead(conn: sqlite3.Connection, budget: str, key: str, lookups: Sequenc
     for pid in dead:
         held = conn.execute("SELECT id, budget, key FROM reservations WHERE pid = ?", (pid,)).fetchall()
         for reservation_id, its_budget, its_key in held:
-            spent = _spent_by(reservation_id, lookups)
-            if spent is _UNKNOWN:
+            spent = lookups.spent_by(reservation_id)
+            if spent is SettledLookups.UNKNOWN:
                 continue
             if isinstance(spent, tuple):
                 _add_spend(conn, its_budget, its_key, int(spent[0]), int(spent[1]))
@@ -126,14 +102,11 @@ class SQLiteBudgetStore:
     row says the call spent, when a lookup added with :meth:`add_settled_lookup` finds
     that row (the process died between writing the row and settling), else released.
     So once dead holds are reclaimed, each budget's spend is what the ledger's rows say.
-    (:class:`~tokenguard.stores.RedisBudgetStore` is left as it is: its holds expire in
-    a Lua script and are released, never settled from a ledger.)
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.db = SQLiteDatabase(path, _create)
-        self._lookups: dict[Hashable, SettledLookup] = {}
-        self._lookups_lock = threading.Lock()
+        self._lookups = SettledLookups()
 
     def add_settled_lookup(self, lookup: SettledLookup, *, key: Hashable | None = None) -> None:
         """Ask ``lookup`` (see :data:`~tokenguard.stores.base.SettledLookup`) about the
@@ -141,12 +114,7 @@ class SQLiteBudgetStore:
         what it returns, or released when no lookup knows the call. Lookups are asked
         in the order added; there is one per ``key`` (default: the lookup itself), a
         later one replacing it, so guards built again on one ledger add no more."""
-        with self._lookups_lock:
-            self._lookups[lookup if key is None else key] = lookup
-
-    def _settled_lookups(self) -> list[SettledLookup]:
-        with self._lookups_lock:
-            return list(self._lookups.values())
+        self._lookups.add(lookup, key=key)
 
     @property
     def path(self) -> Path:
@@ -163,7 +131,7 @@ class SQLiteBudgetStore:
         limit_tokens: int | None,
         limit_nano_usd: int | None,
     ) -> Refusal | None:
-        lookups = self._settled_lookups()
+        lookups = self._lookups
         with self.db.transaction() as conn:
             refusal = check_reservation(_totals(conn, budget, key), tokens, nano_usd, limit_tokens, limit_nano_usd)
             # Reclaiming is only worth its cost when it could turn a refusal around.

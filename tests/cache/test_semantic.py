@@ -1,7 +1,10 @@
 """SemanticCache through the Guard: the real all-MiniLM-L6-v2 and FAISS, real SQLite;
 the labelled set of paraphrases and near misses; a cheap word-hashing embedder (a
 public option: any callable from texts to vectors) where the model's meaning is not
-what a test is about."""
+what a test is about.
+
+The scenarios that do not depend on where entries live take a ``location`` (a
+directory, ``None`` or a Redis URL); ``test_semantic_redis.py`` runs them on Redis."""
 
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +27,7 @@ import pytest
 from tokenguard import Guard
 from tokenguard.cache import SemanticCache, same_details
 from tokenguard.cache import semantic as semantic_module
+from tokenguard.cache.semantic_store import SQLiteSemanticEntries
 
 pytest.importorskip("faiss")
 PAIRS = Path(__file__).parent.parent / "data" / "cache" / "pairs.jsonl"
@@ -45,20 +52,24 @@ class Answers:
         return f"answer {self.calls}"
 
 
-@pytest.fixture(scope="module")
-def minilm():
+def load_minilm():
+    """The bundled embedder, loaded (once per process: every caller shares it)."""
     pytest.importorskip("sentence_transformers")
     from tokenguard.context.embedder import as_embedder
 
     embed = as_embedder(None)
-    embed(["warm up"])  # load the model once for the module
+    embed(["warm up"])
     return embed
 
 
-@pytest.mark.slow
-def test_rewordings_hit_and_near_misses_miss(minilm):
+@pytest.fixture(scope="module")
+def minilm():
+    return load_minilm()
+
+
+def rewordings_hit_and_near_misses_miss(location, embedder) -> None:
     fn = Answers()
-    with SemanticCache(embedder=minilm) as cache:
+    with SemanticCache(location, embedder=embedder) as cache:
         guard = Guard(fn, model="gpt-4o-mini", cache=cache)
         stored = guard.complete("What is the capital of France?", **GREEDY)
         hit = guard.complete("Could you please tell me: what's the capital of france??", **GREEDY)
@@ -73,6 +84,11 @@ def test_rewordings_hit_and_near_misses_miss(minilm):
         guard.complete("北京的人口是多少？", **GREEDY)
         assert guard.complete("请问北京的人口是多少", **GREEDY).cached
         assert not guard.complete("上海的人口是多少？", **GREEDY).cached
+
+
+@pytest.mark.slow
+def test_rewordings_hit_and_near_misses_miss(minilm):
+    rewordings_hit_and_near_misses_miss(None, minilm)
 
 
 @pytest.mark.slow
@@ -119,8 +135,9 @@ def test_same_details_reads_numbers_words_and_order():
     assert same_details("How do I make guacamole?", "how do i make guacamolle")  # one typo in a long word
 
 
-def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):
-    path = tmp_path / "semantic"
+def shared_between_processes(location) -> None:
+    """An entry another process stores after this one opened the cache is a hit at this
+    one's next lookup, and for a cache opened later."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -129,10 +146,10 @@ def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):
         from tokenguard.cache import SemanticCache
         def answers(messages, *, max_tokens, temperature):
             return "from the other process"
-        with SemanticCache({str(path)!r}, embedder=hashed_words) as cache:
+        with SemanticCache({str(location)!r}, embedder=hashed_words) as cache:
             Guard(answers, model="gpt-4o-mini", cache=cache).complete("Where is the Louvre?", temperature=0)
     """)
-    with SemanticCache(path, embedder=hashed_words) as running:  # open before the other process writes
+    with SemanticCache(location, embedder=hashed_words) as running:  # open before the other process writes
         namespace: dict = {"__name__": "__main__"}
         exec("def answers(messages, *, max_tokens, temperature):\n    raise AssertionError('not called')", namespace)
         guard = Guard(namespace["answers"], model="gpt-4o-mini", cache=running)
@@ -140,27 +157,41 @@ def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):
             guard.complete("Where is the Louvre?", temperature=0)  # nothing stored yet
         subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
         assert guard.complete("where is the louvre", temperature=0).text == "from the other process"
-    with SemanticCache(path, embedder=hashed_words) as reopened:
+    with SemanticCache(location, embedder=hashed_words) as reopened:
         reply = Guard(namespace["answers"], model="gpt-4o-mini", cache=reopened).complete(
             "Where is the Louvre??", temperature=0)
     assert reply.cached
 
 
-def test_it_keeps_at_most_max_entries_oldest_first_and_expires(tmp_path):
+def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):
+    shared_between_processes(tmp_path / "semantic")
+
+
+def keeps_at_most_max_entries(location) -> None:
     fn = Answers()
-    with SemanticCache(tmp_path / "bounded", embedder=hashed_words, max_entries=5) as cache:
+    with SemanticCache(location, embedder=hashed_words, max_entries=5) as cache:
         guard = Guard(fn, model="gpt-4o-mini", cache=cache)
         for i in range(8):
             guard.complete(f"Question number {i} about topic {i}", **GREEDY)
         assert len(cache) == 5
         assert not guard.complete("Question number 0 about topic 0", **GREEDY).cached  # evicted
         assert guard.complete("question number 7 about topic 7", **GREEDY).cached
-    with SemanticCache(embedder=hashed_words, ttl=0.05) as expiring:
+
+
+def expires(location, ttl: float) -> None:
+    fn = Answers()
+    with SemanticCache(location, embedder=hashed_words, ttl=ttl) as expiring:
         guard = Guard(fn, model="gpt-4o-mini", cache=expiring)
         guard.complete("Short-lived question", **GREEDY)
         assert guard.complete("short-lived question", **GREEDY).cached
-        time.sleep(0.1)
+        time.sleep(2 * ttl)
         assert not guard.complete("short-lived question", **GREEDY).cached
+        assert len(expiring) == 1 and fn.calls == 2  # the answer stored again after the miss
+
+
+def test_it_keeps_at_most_max_entries_oldest_first_and_expires(tmp_path):
+    keeps_at_most_max_entries(tmp_path / "bounded")
+    expires(None, 0.05)
 
 
 def test_large_groups_are_searched_through_ivf_and_still_hit(monkeypatch):
@@ -175,16 +206,107 @@ def test_large_groups_are_searched_through_ivf_and_still_hit(monkeypatch):
     assert hits >= 19  # of 20: IVF may miss a neighbour now and then, never serve a wrong one
 
 
-def test_a_corrupted_entry_is_a_miss_with_a_warning(caplog):
+class TrainingGate:
+    """Holds each IVF training at its start until :attr:`release` is set, so a test can
+    see which lookups get through meanwhile. ``started`` is set when one waits there,
+    ``finished`` once one has trained; ``trainings`` counts them. The real training
+    runs; nothing is faked."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
+        self.trainings = 0
+        gate = self
+
+        class GatedGroup(semantic_module._Group):
+            def __init__(self, ids, vectors, dim, seen) -> None:
+                trains = len(ids) >= semantic_module.IVF_FROM
+                if trains:
+                    gate.trainings += 1
+                    gate.started.set()
+                    gate.release.wait(60)  # only a bound on a broken test; the test sets it
+                super().__init__(ids, vectors, dim, seen)
+                if trains:
+                    gate.finished.set()
+
+        monkeypatch.setattr(semantic_module, "_Group", GatedGroup)
+
+
+def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Start ``work`` in a thread; the list receives its result."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(work()))
+    thread.start()
+    return thread, result
+
+
+def lookups_go_on_while_a_group_trains(location, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While group A trains IVF (held at the gate), lookups of group B hit, a new group
+    is read, and A's lookups use A's previous index, or, when A is read for the first
+    time, wait for that one build."""
+    monkeypatch.setattr(semantic_module, "IVF_FROM", 40)
+
+    def in_a(i: int, text: str = "Tell me fact {i} about item{i}") -> list[dict[str, str]]:
+        return [{"role": "system", "content": "Group A."}, {"role": "user", "content": text.format(i=i)}]
+
     fn = Answers()
-    with SemanticCache(embedder=hashed_words) as cache:
+    with SemanticCache(location, embedder=hashed_words) as cache:
         guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+        for i in range(40):  # the 40th is stored after its lookup: A trains at its next one
+            guard.complete(in_a(i), **GREEDY)
         guard.complete("Where is the Louvre?", **GREEDY)
-        with cache._db.connection() as conn:
-            conn.execute("UPDATE entries SET answer = 'not json'")
-        with caplog.at_level(logging.WARNING, logger="tokenguard.cache"):
-            assert not guard.complete("where is the louvre", **GREEDY).cached
-        assert "corrupted semantic cache entry" in caplog.text and len(cache) == 1  # the fresh answer
+        gate = TrainingGate(monkeypatch)
+        rebuilding, rebuilt = _in_thread(lambda: guard.complete(in_a(3, "tell me fact {i} about item{i}!"), **GREEDY))
+        assert gate.started.wait(60)
+        assert guard.complete("where is the louvre", **GREEDY).cached  # group B
+        assert not guard.complete("A question nobody asked", **GREEDY).cached  # a new group, read and stored
+        assert guard.complete(in_a(5, "tell me fact {i} about item{i}?"), **GREEDY).cached  # A's old index
+        assert not gate.finished.is_set()  # all of that while A was training
+        gate.release.set()
+        rebuilding.join(60)
+        assert rebuilt[0].cached and gate.trainings == 1
+        assert guard.complete(in_a(39, "tell me fact {i} about item{i}??"), **GREEDY).cached  # A's IVF index
+
+    with SemanticCache(location, embedder=hashed_words) as reopened:
+        guard = Guard(fn, model="gpt-4o-mini", cache=reopened)
+        gate = TrainingGate(monkeypatch)
+        first, first_hit = _in_thread(lambda: guard.complete(in_a(7, "tell me fact {i} about item{i}"), **GREEDY))
+        assert gate.started.wait(60)
+        second, second_hit = _in_thread(lambda: guard.complete(in_a(8, "tell me fact {i} about item{i}"), **GREEDY))
+        assert guard.complete("Where is the Louvre", **GREEDY).cached  # group B, read while A trains
+        assert not gate.finished.is_set()
+        gate.release.set()
+        first.join(60)
+        second.join(60)
+        assert first_hit[0].cached and second_hit[0].cached
+        assert gate.trainings == 1  # the second lookup of A waited for the first one's build
+
+
+def test_lookups_of_other_groups_go_on_while_a_group_trains(tmp_path, monkeypatch):
+    lookups_go_on_while_a_group_trains(tmp_path / "training", monkeypatch)
+
+
+def corrupted_entry_is_a_miss(cache: SemanticCache, corrupt: Callable[[], None], caplog) -> None:
+    """``corrupt()`` spoils the one entry's answer: the lookup is a miss with a warning,
+    the entry is dropped and the fresh answer stored instead."""
+    guard = Guard(Answers(), model="gpt-4o-mini", cache=cache)
+    guard.complete("Where is the Louvre?", **GREEDY)
+    corrupt()
+    with caplog.at_level(logging.WARNING, logger="tokenguard.cache"):
+        assert not guard.complete("where is the louvre", **GREEDY).cached
+    assert "corrupted semantic cache entry" in caplog.text and len(cache) == 1  # the fresh answer
+    assert guard.complete("Where is the Louvre", **GREEDY).cached
+
+
+def test_a_corrupted_entry_is_a_miss_with_a_warning(caplog):
+    with SemanticCache(embedder=hashed_words) as cache:
+        entries = cache._entries
+        assert isinstance(entries, SQLiteSemanticEntries)
+
+        def corrupt() -> None:
+            with entries.db.connection() as conn:
+                conn.execute("UPDATE entries SET answer = 'not json'")
+
+        corrupted_entry_is_a_miss(cache, corrupt, caplog)
 
 
 def test_bad_settings_fail_at_construction(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,14 @@ import numpy as np
 from tokenguard.cache.details import same_details
 from tokenguard.cache.entry import CachedAnswer, worth_keeping
 from tokenguard.cache.key import CacheScope, cached_partition, check_scope, digest, fingerprint
+from tokenguard.cache.redis_semantic import RedisSemanticEntries
+from tokenguard.cache.semantic_store import GroupKey, SemanticEntries, SQLiteSemanticEntries
 from tokenguard.context.embedder import as_embedder, require_vector_packages
 from tokenguard.context.messages import content_text
 from tokenguard.errors import ConfigError, StoreError
-from tokenguard.stores.sqlite import SQLiteDatabase
+from tokenguard.stores.redis_client import is_redis_url
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from tokenguard.accounting.usage import Reply
     from tokenguard.pipeline.call import Call
 
@@ -36,7 +35,6 @@ NPROBE = 16
 #: Nearest stored questions checked per lookup (the best one may fail the details check).
 CANDIDATES = 4
 _PENDING_MAX = 1024
-_SYNC_BATCH = 500  # ids per query when reading new entries' vectors
 
 
 def _encodable(text: str) -> bool:
@@ -49,24 +47,16 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _create(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY AUTOINCREMENT, grp TEXT NOT NULL, "
-        "question TEXT NOT NULL, vector BLOB NOT NULL, answer TEXT NOT NULL, created REAL NOT NULL, expires REAL)"
-    )
-    conn.execute("CREATE INDEX IF NOT EXISTS entries_grp ON entries(grp, id)")
-    # Expiry is checked on every store: without this, a scan of the whole table.
-    conn.execute("CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires) WHERE expires IS NOT NULL")
-
-
 class _Group:
     """The vectors of one partition and conversation: searched exactly while small, through
     an IVF index (``4 * sqrt(n)`` lists, :data:`NPROBE` visited) from :data:`IVF_FROM`
-    entries on, retrained each time the group doubles."""
+    entries on, retrained each time the group doubles. ``seen`` is the largest id read
+    from the store: the next sync reads the ids above it."""
 
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray, dim: int) -> None:
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, dim: int, seen: int) -> None:
         import faiss
 
+        self.seen = seen
         self.trained_at = len(ids) if len(ids) >= IVF_FROM else 0
         if self.trained_at:
             self._quantizer = faiss.IndexFlatIP(dim)
@@ -76,8 +66,7 @@ class _Group:
             self.index: Any = ivf
         else:
             self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        if len(ids):
-            self.index.add_with_ids(vectors, ids)
+        self.add(ids, vectors)
 
     @property
     def size(self) -> int:
@@ -86,8 +75,9 @@ class _Group:
     def outgrown(self) -> bool:
         return self.size >= max(IVF_FROM, 2 * self.trained_at)
 
-    def add(self, entry_id: int, vector: np.ndarray) -> None:
-        self.index.add_with_ids(vector[None, :], np.array([entry_id], dtype=np.int64))
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids: list[int]) -> None:
         self.index.remove_ids(np.array(ids, dtype=np.int64))
@@ -101,10 +91,25 @@ class _Group:
 class _Asked:
     """What a lookup worked out about a call, for the store that follows a miss."""
 
-    partition: str
-    group: str
+    where: GroupKey
     question: str
     vector: np.ndarray
+
+
+def _open(path: str | Path | None) -> tuple[SemanticEntries, Path | None]:
+    """The entries' store for ``path`` (a Redis URL, a directory or ``None``) and the
+    SQLite file's path, if any."""
+    if is_redis_url(path):
+        return RedisSemanticEntries(path), None
+    if path is None:
+        return SQLiteSemanticEntries(None), None
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot open the cache directory {folder}: {e}") from e
+    file = folder / "semantic.sqlite"
+    return SQLiteSemanticEntries(file), file
 
 
 class SemanticCache:
@@ -126,8 +131,19 @@ class SemanticCache:
     texts to vectors. ``path`` is a directory holding ``semantic.sqlite`` (entries and
     their vectors, shared by processes; each process indexes what it reads in FAISS and
     picks up other processes' new entries at its next lookup); ``None`` keeps a private
-    in-memory cache. At most ``max_entries`` are kept: the oldest stored go first, as do
-    entries past ``ttl`` seconds.
+    in-memory cache. A ``redis://`` URL keeps the entries in Redis instead
+    (:mod:`tokenguard.cache.redis_semantic`), shared by processes on every host that
+    names the same server and ``prefix`` (a URL option, one tenant per prefix), with the
+    same partitions, bound and expiry; ``path`` is then ``None``, and a server that
+    cannot be reached is a :class:`~tokenguard.StoreError` here. At most
+    ``max_entries`` are kept: the oldest stored go first, as do entries past ``ttl``
+    seconds.
+
+    A group (partition and conversation) is indexed on its first lookup and re-indexed
+    each time it doubles; that work (IVF training: seconds at 100,000 entries) runs
+    outside the cache's lock, so lookups of other groups go on meanwhile, lookups of a
+    group being re-indexed use its previous index, and only lookups of a group being
+    indexed for the first time wait for it.
     """
 
     def __init__(self, path: str | Path | None = None, *, threshold: float = 0.8, embedder: object = None,
@@ -142,22 +158,12 @@ class SemanticCache:
         self.threshold, self.max_entries, self.ttl = threshold, max_entries, ttl
         self.same_details, self.cache_sampled = same_details, cache_sampled
         self._embed = as_embedder(embedder)
-        file = None
-        if path is not None:
-            folder = Path(path).expanduser()
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot open the cache directory {folder}: {e}") from e
-            file = folder / "semantic.sqlite"
-        self.path = file
-        self._db = SQLiteDatabase(file, _create)
+        self._entries, self.path = _open(path)
         self._lock = threading.RLock()
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, _Group] = {}  # group digest -> its index, once loaded
+        self._building: dict[str, threading.Event] = {}  # group digest -> set once its (re)build ends
         self._dim: int | None = None
         self._asked: OrderedDict[str, _Asked] = OrderedDict()  # request_id -> its lookup's work
-        with self._db.connection() as conn:
-            self._seen = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM entries").fetchone()[0])
 
     # -- the cache step --------------------------------------------------------------------
 
@@ -171,30 +177,27 @@ class SemanticCache:
         try:
             return self._find(call, asked)
         except StoreError as e:
-            logger.warning("semantic cache %s unreadable, treated as a miss: %s", self.path, e)
+            logger.warning("semantic cache %s unreadable, treated as a miss: %s", self._entries.name, e)
             return None
 
     def store(self, call: Call, reply: Reply) -> None:
         """Keep ``reply`` for questions like ``call``'s when it is a complete, fresh answer
-        to a cacheable request. A failed write is logged, not raised."""
+        to a cacheable request. A failed write is logged, not raised. The group's index
+        takes the new entry at its next lookup, in this process as in others."""
         asked = self._asked.pop(call.request_id, None)
         if not worth_keeping(reply):
             return
         asked = asked or self._ask(call, remember=False)
         if asked is None:
             return
-        answer = CachedAnswer.of(asked.partition, reply).dumps()
-        expires = None if self.ttl is None else time.time() + self.ttl
+        answer = CachedAnswer.of(asked.where.partition, reply).dumps()
         try:
-            with self._lock:
-                with self._db.connection() as conn:
-                    conn.execute("INSERT INTO entries (grp, question, vector, answer, created, expires) "
-                                 "VALUES (?, ?, ?, ?, ?, ?)",
-                                 (asked.group, asked.question, asked.vector.tobytes(), answer, time.time(), expires))
-                self._sync()
-                self._evict()
+            self._entries.add(asked.where, asked.question, asked.vector.tobytes(), answer, self.ttl)
+            gone = self._entries.evict(self.max_entries)
         except StoreError as e:
-            logger.warning("could not write to semantic cache %s: %s", self.path, e)
+            logger.warning("could not write to semantic cache %s: %s", self._entries.name, e)
+            return
+        self._unindex(gone)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -206,11 +209,11 @@ class SemanticCache:
         question = content_text(last.get("content")).strip() if last.get("role") == "user" else ""
         if where is None or not question or not _encodable(question):
             return None
-        group = digest([where, fingerprint(call, skip_last=True)])
+        group = GroupKey(where, digest([where, fingerprint(call, skip_last=True)]))
         vector = self._embed([question])[0]
         if self._dim is None:
             self._dim = len(vector)
-        asked = _Asked(where, group, question, vector)
+        asked = _Asked(group, question, vector)
         if remember:
             self._asked[call.request_id] = asked
             while len(self._asked) > _PENDING_MAX:  # calls that never reached store()
@@ -218,109 +221,113 @@ class SemanticCache:
         return asked
 
     def _find(self, call: Call, asked: _Asked) -> Reply | None:
+        group = self._ready(asked.where)
         with self._lock:
-            self._sync()
-            group = self._group(asked.group)
             candidates = group.search(asked.vector, CANDIDATES) if group.size else []
         for score, entry_id in candidates:
             if score < self.threshold:
                 break
-            with self._db.connection() as conn:
-                row = conn.execute("SELECT question, answer, expires FROM entries WHERE id = ?",
-                                   (entry_id,)).fetchone()
-            if row is None or (row[2] is not None and row[2] < time.time()):
-                self._drop([entry_id])  # evicted by another process, or expired
+            entry = self._entries.get(asked.where, entry_id)
+            if entry is None:
+                self._drop(asked.where, [entry_id])  # evicted by another process, or expired
                 continue
-            if self.same_details and not same_details(asked.question, row[0]):
+            if self.same_details and not same_details(asked.question, entry.question):
                 continue
             try:
-                answer = CachedAnswer.loads(row[1])
+                answer = CachedAnswer.loads(entry.answer)
             except ValueError as e:
-                logger.warning("dropping a corrupted semantic cache entry in %s: %s", self.path, e)
-                self._drop([entry_id])
+                logger.warning("dropping a corrupted semantic cache entry in %s: %s", self._entries.name, e)
+                self._drop(asked.where, [entry_id])
                 continue
-            if answer.partition != asked.partition:
+            if answer.partition != asked.where.partition:
                 continue  # never across partitions, whatever the index says
             return answer.reply(call)
         return None
 
-    def _group(self, key: str) -> _Group:
-        """The group's index, read from the store on first use (entries up to ``_seen``;
-        later ones arrive through :meth:`_sync`)."""
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = self._load(key)
-        return group
+    def _ready(self, where: GroupKey) -> _Group:
+        """The group's index, with every entry stored so far: built on first use, and
+        rebuilt (as IVF, or retrained) once outgrown. The build runs outside the lock;
+        meanwhile a rebuilt group's lookups use its old index, and a new group's wait."""
+        while True:
+            with self._lock:
+                group, building = self._groups.get(where.digest), self._building.get(where.digest)
+                if group is not None:
+                    self._sync(where, group)
+                    if building is not None or not group.outgrown():
+                        return group
+                if building is None:
+                    done = self._building[where.digest] = threading.Event()
+                    break
+            building.wait()  # its first build, by another thread
+        return self._rebuild(where, done)
 
-    def _load(self, key: str) -> _Group:
-        with self._db.connection() as conn:
-            rows = conn.execute("SELECT id, vector FROM entries WHERE grp = ? AND id <= ? ORDER BY id",
-                                (key, self._seen)).fetchall()
+    def _rebuild(self, where: GroupKey, done: threading.Event) -> _Group:
+        """Build the group's index from the store, outside the lock, then swap it in and
+        add what was stored meanwhile; ``done`` is set when it ends, built or failed."""
+        try:
+            group = self._build(where)
+            with self._lock:
+                self._groups[where.digest] = group
+                self._sync(where, group)
+            return group
+        finally:
+            with self._lock:
+                del self._building[where.digest]
+            done.set()
+
+    def _build(self, where: GroupKey) -> _Group:
+        """A new index of every entry the group holds in the store (the slow part: all
+        its vectors read, and IVF trained for a big group)."""
+        rows = self._entries.vectors(where, 0)
+        ids, vectors = self._usable(rows)
+        return _Group(ids, vectors, self._dim or 0, seen=max((i for i, _ in rows), default=0))
+
+    def _sync(self, where: GroupKey, group: _Group) -> None:
+        """Index the group's entries stored since its last read, by any process."""
+        rows = self._entries.vectors(where, group.seen)
+        if rows:
+            group.add(*self._usable(rows))
+            group.seen = rows[-1][0]
+
+    def _usable(self, rows: list[tuple[int, bytes | None]]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and vectors (as one float32 array) of the rows whose vector this
+        cache's embedder could have made; entries gone meanwhile are skipped, and those
+        unreadable or of another size with a warning."""
         dim = self._dim or 0
-        good = [(i, v) for i, v in rows if len(v) == 4 * dim]
-        if len(good) < len(rows):
-            logger.warning("semantic cache %s: skipped %d entries of another vector size", self.path,
-                           len(rows) - len(good))
+        present = [(i, v) for i, v in rows if v is not None]
+        good = [(i, v) for i, v in present if len(v) == 4 * dim]
+        if len(good) < len(present):
+            logger.warning("semantic cache %s: skipped %d entries unreadable or of another vector size",
+                           self._entries.name, len(present) - len(good))
         ids = np.array([i for i, _ in good], dtype=np.int64)
         vectors = np.frombuffer(b"".join(v for _, v in good), dtype=np.float32).reshape(len(good), dim)
-        return _Group(ids, vectors, dim)
+        return ids, vectors
 
-    def _sync(self) -> None:
-        """Index the entries stored since the last look (by any process) in loaded groups;
-        the vectors of entries in groups not loaded here are not read."""
-        with self._db.connection() as conn:
-            new = conn.execute("SELECT id, grp FROM entries WHERE id > ? ORDER BY id", (self._seen,)).fetchall()
-            wanted = [entry_id for entry_id, key in new if key in self._groups]
-            blobs: dict[int, bytes] = {}
-            for start in range(0, len(wanted), _SYNC_BATCH):
-                batch = wanted[start : start + _SYNC_BATCH]
-                marks = ", ".join("?" * len(batch))
-                blobs.update(conn.execute(f"SELECT id, vector FROM entries WHERE id IN ({marks})", batch).fetchall())
-        for entry_id, key in new:
-            group = self._groups.get(key)
-            blob = blobs.get(entry_id)
-            if group is not None and blob is not None and len(blob) == 4 * group.index.d:
-                group.add(entry_id, np.frombuffer(blob, dtype=np.float32))
-                if group.outgrown():
-                    self._groups.pop(key)  # rebuilt, as IVF or retrained, on next use
-            self._seen = max(self._seen, entry_id)
-
-    def _evict(self) -> None:
-        """Delete expired entries, then the oldest beyond ``max_entries``."""
-        with self._db.transaction() as conn:
-            gone = conn.execute("SELECT id, grp FROM entries WHERE expires IS NOT NULL AND expires < ?",
-                                (time.time(),)).fetchall()
-            extra = conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0] - len(gone) - self.max_entries
-            if extra > 0:
-                gone += conn.execute("SELECT id, grp FROM entries WHERE expires IS NULL OR expires >= ? "
-                                     "ORDER BY id LIMIT ?", (time.time(), extra)).fetchall()
-            conn.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i, _ in gone])
+    def _unindex(self, gone: list[tuple[str, int]]) -> None:
+        """Take deleted entries (``(group digest, id)``) out of the loaded groups."""
         by_group: dict[str, list[int]] = {}
-        for entry_id, key in gone:
+        for key, entry_id in gone:
             by_group.setdefault(key, []).append(entry_id)
-        for key, ids in by_group.items():
-            if key in self._groups:
-                self._groups[key].remove(ids)
-
-    def _drop(self, ids: list[int]) -> None:
         with self._lock:
-            with self._db.connection() as conn:
-                conn.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])
-            for group in self._groups.values():
-                group.remove(ids)
+            for key, ids in by_group.items():
+                if key in self._groups:
+                    self._groups[key].remove(ids)
+
+    def _drop(self, where: GroupKey, ids: list[int]) -> None:
+        self._entries.drop(where, ids)
+        self._unindex([(where.digest, i) for i in ids])
 
     def clear(self) -> None:
         """Remove every entry."""
-        with self._lock, self._db.connection() as conn:
-            conn.execute("DELETE FROM entries")
+        with self._lock:
+            self._entries.clear()
             self._groups.clear()
 
     def __len__(self) -> int:
-        with self._db.connection() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        return len(self._entries)
 
     def close(self) -> None:
-        self._db.close()
+        self._entries.close()
 
     def __enter__(self) -> SemanticCache:
         return self
@@ -329,4 +336,5 @@ class SemanticCache:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SemanticCache({None if self.path is None else str(self.path)!r}, threshold={self.threshold})"
+        name = None if self._entries.name == ":memory:" else self._entries.name
+        return f"SemanticCache({name!r}, threshold={self.threshold})"

@@ -31,6 +31,7 @@ Memory is bounded whatever the output length.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -94,15 +95,23 @@ class RepetitionStop:
         return RepetitionWatch(self)
 
 
+@functools.lru_cache(maxsize=16)
+def _lag_tables(rule: RepetitionStop) -> tuple[np.ndarray, np.ndarray]:
+    """The periods 1..max_period, and the run of matching bytes each needs to be
+    certain (a run of r bytes at lag p covers r + p bytes), shared read-only by the
+    rule's watches."""
+    periods = np.arange(1, rule.max_period + 1)
+    needed_run = rule.needed_span(periods) - periods
+    periods.flags.writeable = needed_run.flags.writeable = False
+    return periods, needed_run
+
+
 class RepetitionWatch:
     """One stream's detector state (see :class:`RepetitionStop`)."""
 
     def __init__(self, rule: RepetitionStop) -> None:
         self.rule = rule
-        periods = np.arange(1, rule.max_period + 1)
-        self._periods = periods
-        # A run of r matching bytes at lag p covers r + p bytes: stop once r reaches this.
-        self._needed_run = rule.needed_span(periods) - periods
+        self._periods, self._needed_run = _lag_tables(rule)
         # The last max_period bytes (-1: nothing yet, matches no byte).
         self._history = np.full(rule.max_period, -1, dtype=np.int16)
         self._runs = np.zeros(rule.max_period, dtype=np.int64)

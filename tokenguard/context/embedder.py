@@ -45,7 +45,23 @@ class _MiniLM:
             with self._lock:
                 if self._model is None:
                     self._model = _in_own_thread(_load_minilm)
+        if len(texts) == 1:  # a lookup's one question: straight through the model
+            model, text = self._model, _valid(texts[0])
+            return _in_own_thread(lambda: _embed_one(model, text))
         return _encode(self._model, texts)
+
+
+def _embed_one(model: Any, text: str) -> np.ndarray:
+    """One text's unit vector, as ``model.encode`` makes it (the mean of the token
+    vectors, normalised: all-MiniLM-L6-v2's pooling) at about two thirds of its time:
+    one unpadded sequence needs none of encode's sorting, batching and padding."""
+    import torch
+
+    batch = model.tokenizer(text, truncation=True, max_length=model.max_seq_length, return_tensors="pt")
+    with torch.inference_mode():
+        tokens = model[0].auto_model(**batch.to(model.device)).last_hidden_state
+        vector = torch.nn.functional.normalize(tokens.mean(dim=1), dim=1)
+    return np.ascontiguousarray(vector.float().cpu().numpy(), dtype=np.float32)
 
 
 def _load_minilm() -> Any:
@@ -73,13 +89,17 @@ _DEFAULT = _MiniLM()
 
 
 def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
-    # A lone surrogate (valid in a Python str, not in Unicode text) stops the model's
-    # tokenizer; it carries no meaning, so it is embedded as a replacement character.
-    clean = [text.encode("utf-8", "replace").decode("utf-8") for text in texts]
+    clean = [_valid(text) for text in texts]
     vectors = _in_own_thread(
         lambda: model.encode(clean, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _valid(text: str) -> str:
+    """``text`` with each lone surrogate (valid in a Python str, not in Unicode text) as
+    a replacement character: it would stop the model's tokenizer, and means nothing."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _in_own_thread(work: Callable[[], Any]) -> Any:

@@ -18,7 +18,9 @@ then checks ``LlamaRunner`` on the device against ``transformers`` on the same d
 6. ``cancel stress``: 64 streams cancelled at random points, plus session chats; once
    idle, every KV block is free again.
 7. ``faiss gpu``: the index ``Retrieval`` builds (``context.vectors.flat_index``, a
-   ``GpuIndexFlatIP`` there) against a CPU index, when a GPU FAISS build exists.
+   ``GpuIndexFlatIP`` there) against a CPU index, when a GPU FAISS build exists; and
+   the semantic cache's GPU group (removal by skipping) against an exact CPU search of
+   what is left after removing a tenth of it.
 
 Run on a GPU machine from the repository root (about 2-3 minutes)::
 
@@ -651,6 +653,40 @@ def check_faiss(row: Row) -> None:
     row.judge(agreement >= FAISS_AGREEMENT)
 
 
+def check_semantic_gpu(row: Row) -> None:
+    """The semantic cache's group on the GPU (``cache.semantic._GpuGroup``) finds, after
+    removals, what an exact CPU search of the remaining vectors finds; SKIP without a
+    GPU build."""
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        row.status, row.note = "SKIP", "no GPU FAISS build installed"
+        return
+    from tokenguard.cache.semantic import _GpuGroup
+
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((100_000, 384), dtype=np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    ids = np.arange(1, len(base) + 1, dtype=np.int64)
+    group = _GpuGroup(ids, base, 384, seen=len(base))
+    removed = rng.choice(ids, size=len(ids) // 10, replace=False)
+    group.remove(removed.tolist())
+    kept = np.setdiff1d(ids, removed)
+    cpu_index = faiss.IndexIDMap2(faiss.IndexFlatIP(384))
+    cpu_index.add_with_ids(base[kept - 1], kept)
+    queries = rng.standard_normal((300, 384), dtype=np.float32)
+    start = time.perf_counter()
+    found = [group.search(q, 4) for q in queries]
+    per_query_ms = (time.perf_counter() - start) / len(queries) * 1e3
+    _, expected = cpu_index.search(queries, 1)
+    agreement = float(np.mean([bool(f) and f[0][1] == e for f, e in zip(found, expected[:, 0], strict=True)]))
+    row.metrics = {"top1_agreement": agreement, "ms_per_query": per_query_ms}
+    row.measured = f"top-1 agreement {agreement:.3f} after removing 10%, {per_query_ms:.2f} ms a lookup"
+    row.judge(agreement >= FAISS_AGREEMENT and group.size == len(kept))
+
+
 # -- driver ------------------------------------------------------------------------------
 
 
@@ -698,6 +734,8 @@ def run_checks(settings: Settings, only: set[str], report: Report) -> None:
     if "faiss" in only:
         with report.check("faiss gpu", "100k x 384", f"top-1 agreement >= {FAISS_AGREEMENT}") as row:
             check_faiss(row)
+        with report.check("semantic cache gpu", "100k x 384", f"top-1 agreement >= {FAISS_AGREEMENT}") as row:
+            check_semantic_gpu(row)
 
 
 def parse_only(value: str) -> set[str]:

@@ -318,3 +318,40 @@ def test_bad_settings_fail_at_construction(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot open"):
         SemanticCache(blocker, embedder=hashed_words)
+
+
+def test_the_gpu_groups_removal_by_skipping_finds_what_an_index_that_removes_finds():
+    # A GPU index cannot remove vectors: the GPU group skips removed ids instead. Its
+    # bookkeeping is the same whatever the flat index, so a CPU one stands in for the
+    # GPU's here (benchmarks/gpu_check.py runs it on a GPU).
+    import faiss
+
+    rng = np.random.default_rng(7)
+    dim = 32
+
+    def unit(n: int) -> np.ndarray:
+        v = rng.standard_normal((n, dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    ids = np.arange(1, 201, dtype=np.int64)
+    vectors = unit(200)
+    gpu = semantic_module._GpuGroup(ids, vectors, dim, seen=200, index_factory=faiss.IndexFlatIP)
+    cpu = semantic_module._Group(ids, vectors, dim, seen=200)
+    next_id = 201
+    for step in range(60):
+        if step % 3 == 0:
+            new = np.arange(next_id, next_id + 10, dtype=np.int64)
+            next_id += 10
+            fresh = unit(10)
+            gpu.add(new, fresh)
+            cpu.add(new, fresh)
+        else:
+            gone = [*rng.choice(np.arange(1, next_id), size=16, replace=False).tolist(), 10_000]  # one never added
+            gpu.remove(gone)
+            cpu.remove(gone)
+        query = unit(1)[0]
+        found, expected = gpu.search(query, 4), cpu.search(query, 4)
+        assert [i for _, i in found] == [i for _, i in expected]
+        assert [s for s, _ in found] == pytest.approx([s for s, _ in expected], abs=1e-5)
+        assert gpu.size == cpu.size
+    assert gpu.outgrown()  # so many removed that a rebuild pays

@@ -620,15 +620,24 @@ def check_cancel(m: ModelUnderTest, row: Row) -> None:
     row.judge(end["kv_blocks_free"] == start["kv_blocks_free"] and end["sessions"] == start["sessions"])
 
 
-def check_faiss(row: Row) -> None:
-    """The flat index Retrieval builds (``context.vectors.flat_index``: on the GPU when
-    FAISS sees one) agrees with a CPU index; SKIP without a GPU build."""
+def _gpu_faiss(row: Row) -> Any:
+    """The faiss module when it is a GPU build that sees a GPU; else ``None``, the row
+    marked SKIP."""
     try:
         import faiss
     except ImportError:
         faiss = None
     if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
         row.status, row.note = "SKIP", "no GPU FAISS build installed"
+        return None
+    return faiss
+
+
+def check_faiss(row: Row) -> None:
+    """The flat index Retrieval builds (``context.vectors.flat_index``: on the GPU when
+    FAISS sees one) agrees with a CPU index; SKIP without a GPU build."""
+    faiss = _gpu_faiss(row)
+    if faiss is None:
         return
     rng = np.random.default_rng(0)
     base = rng.standard_normal((100_000, 384), dtype=np.float32)
@@ -657,12 +666,8 @@ def check_semantic_gpu(row: Row) -> None:
     """The semantic cache's group on the GPU (``cache.semantic._GpuGroup``) finds, after
     removals, what an exact CPU search of the remaining vectors finds; SKIP without a
     GPU build."""
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
-    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
-        row.status, row.note = "SKIP", "no GPU FAISS build installed"
+    faiss = _gpu_faiss(row)
+    if faiss is None:
         return
     from tokenguard.cache.semantic import _GpuGroup
 

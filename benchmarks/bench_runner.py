@@ -17,8 +17,6 @@ dependency of tokenguard.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import multiprocessing
 import os
 import platform
 import statistics
@@ -165,8 +163,8 @@ def greedy_continuation(model: LlamaModel, prompt_ids: list[int], n: int) -> lis
 def time_public_api(path: Path, device: torch.device, prompt_ids: list[int], new_tokens: int,
                     runs: int) -> tuple[str, float, float]:
     """End to end through ``LlamaRunner().generate`` (default precision): whatever serving
-    machinery sits behind the public API is included. EOS is not banned here, so decode
-    tok/s is over the tokens actually generated."""
+    machinery sits behind the public API is included, the engine process too. EOS is not
+    banned here, so decode tok/s is over the tokens actually generated."""
     from tokenguard.runner import LlamaRunner
 
     runner = LlamaRunner(path, device=device)
@@ -180,9 +178,7 @@ def time_public_api(path: Path, device: torch.device, prompt_ids: list[int], new
     generate(2)
     prefill_s = best_of(runs + 1, lambda: generate(1))
     total_s = best_of(runs, lambda: generate(new_tokens + 1))
-    close = getattr(runner, "close", None)
-    if close is not None:
-        close()
+    runner.close()
     generated = counts[-1] - 1
     return runner.precision.name, len(prompt_ids) / prefill_s, generated / max(total_s - prefill_s, 1e-9)
 
@@ -285,11 +281,10 @@ def main() -> None:
         models[mode] = model
     del weights
     if not args.skip_public_api:
-        # In a fresh process, as a user's would be: with OpenMP, the engine thread's
-        # parallel work slows down once another thread (here: the rows above) ran some.
-        spawn = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            mode, pf, dec = pool.submit(time_public_api, path, device, prompt_ids, args.new_tokens, args.runs).result()
+        # In this process, after the rows above ran parallel torch work on its main thread:
+        # the runner's engine runs in a process of its own, so that work does not slow it
+        # (benchmarks/bench_isolation.py measures how much it did when it did).
+        mode, pf, dec = time_public_api(path, device, prompt_ids, args.new_tokens, args.runs)
         rows.append((f"LlamaRunner.generate ({mode})", pf, dec, None))
         print(f"  measured LlamaRunner.generate  prefill {pf:8.1f} tok/s  decode {dec:7.1f} tok/s "
               f"(public API, {mode})", flush=True)

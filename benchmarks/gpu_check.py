@@ -63,6 +63,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from tokenguard.runner import LlamaRunner
+from tokenguard.runner.engine_process import EngineRecipe
 from tokenguard.runner.generate import prefill
 from tokenguard.runner.model import ContiguousKVCache, LlamaModel
 from tokenguard.runner.result import GenerationResult
@@ -487,7 +488,9 @@ def check_bf16(m: ModelUnderTest, row: Row) -> None:
     """Our bfloat16 logits are at most BF16_ERROR_RATIO x as far from float32 as transformers'."""
     reference = hf_last_logits(m.hf("float32"), m.prompts)
     theirs = relative_error(hf_last_logits(m.hf("bfloat16"), m.prompts), reference)
-    ours = relative_error(ours_last_logits(m.runner("bfloat16").model, m.prompts), reference)
+    # The runner's model lives in its engine process: the same recipe builds it here.
+    model = EngineRecipe(m.folder, "bfloat16", str(m.device)).build_model()
+    ours = relative_error(ours_last_logits(model, m.prompts), reference)
     row.metrics = {"ours_rel_error": ours, "hf_bf16_rel_error": theirs, "reference_logit_std": float(reference.std())}
     row.measured = f"rel. error ours {ours:.2e}, HF bf16 {theirs:.2e} ({ours / theirs:.2f}x)"
     row.note = f"reference logits std {reference.std():.2f}"

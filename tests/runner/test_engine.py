@@ -5,6 +5,7 @@ Concurrency must not change greedy outputs; blocks must always return to the poo
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 
@@ -13,6 +14,7 @@ import pytest
 from tokenguard import InputTooLong
 from tokenguard.runner import KVCacheTooSmall, LlamaRunner
 from tokenguard.runner.engine.engine import Engine, admission_deadline
+from tokenguard.runner.engine_process import EngineRecipe
 from tokenguard.runner.sampling import SamplingParams
 
 PROMPTS = ["hello world", "The quick brown fox jumps", "a", "0123456789" * 8, "Once upon a time, in a land",
@@ -20,8 +22,10 @@ PROMPTS = ["hello world", "The quick brown fox jumps", "a", "0123456789" * 8, "O
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_llama) -> LlamaRunner:
-    return LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", batch_window_ms=5)
+def runner(tiny_llama):
+    runner = LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", batch_window_ms=5)
+    yield runner
+    runner.close()
 
 
 def in_threads(fn, items):
@@ -75,9 +79,11 @@ def test_async_callers_share_the_engine(runner):
     assert streamed == alone[0]
 
 
-def test_chunked_prefill_and_mixed_batches(runner):
+def test_chunked_prefill_and_mixed_batches(runner, tiny_llama):
     # A step budget of 7 tokens splits every prompt into chunks and mixes them with decodes.
-    engine = Engine(lambda: runner.model, batch_window_ms=0, max_batched_tokens=7, kv_cache_bytes=4 << 20)
+    # The Engine itself, in this process: the runner's own engine (in its process) must agree.
+    recipe = EngineRecipe(tiny_llama.folder, "float32", "cpu")
+    engine = Engine(recipe.build_model, batch_window_ms=0, max_batched_tokens=7, kv_cache_bytes=4 << 20)
     prompts = [runner.tokenizer.encode(p) for p in PROMPTS]
     outputs = in_threads(lambda ids: _engine_generate(engine, ids, runner.stop_token_ids, 12), prompts)
     expected = [runner.generate(ids, max_tokens=12).token_ids for ids in prompts]
@@ -85,9 +91,28 @@ def test_chunked_prefill_and_mixed_batches(runner):
     engine.shutdown()
 
 
-def _engine_generate(engine, ids, stop_ids, max_tokens):
-    import queue
+def test_a_cancelled_sequence_gets_no_more_forwards(tiny_llama):
+    # The Engine in this process, its model hooked: cancel() returns once no step will run for it.
+    model = EngineRecipe(tiny_llama.folder, "float32", "cpu").build_model()
+    calls = [0]
 
+    def count(*_):
+        calls[0] += 1
+
+    model.register_forward_hook(count)
+    engine = Engine(lambda: model, batch_window_ms=0, kv_cache_bytes=4 << 20)
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    seq = engine.submit([1, 2, 3], SamplingParams(max_tokens=200), frozenset(), events.put)
+    for _ in range(3):
+        assert events.get(timeout=30)[0] == "token"
+    engine.cancel(seq)
+    after_cancel = calls[0]
+    assert after_cancel < 20  # one prefill plus a few decode steps, not 200
+    assert engine.stats()["running"] == 0 and calls[0] == after_cancel
+    engine.shutdown()
+
+
+def _engine_generate(engine, ids, stop_ids, max_tokens):
     events = queue.SimpleQueue()
     engine.submit(ids, SamplingParams(max_tokens=max_tokens), stop_ids, events.put)
     tokens = []

@@ -71,7 +71,7 @@ def test_warmup_loads_the_runner_once_whatever_the_threads(tiny_llama, caplog):
         assert runner.generate("hi", max_tokens=2).completion_tokens >= 1
     finally:
         backend.close()  # the runner it built is its own to stop
-    assert backend._runner is None and not runner.engine._thread.is_alive()
+    assert backend._runner is None and runner.engine.exitcode is not None
 
 
 def test_warmup_of_a_given_runner_keeps_it(tiny_llama, caplog):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenguard.runner.engine_process import EngineRecipe
 from tokenguard.runner.generate import decode_one_token, prefill
 from tokenguard.runner.model.kv_cache import ContiguousKVCache
 
@@ -41,8 +42,10 @@ def test_greedy_tokens_match_transformers(runner_fp32, hf_reference):
         assert len(ours) == len(theirs) or ours[-1] in runner_fp32.stop_token_ids
 
 
-def test_next_token_logits_match_transformers(runner_fp32, hf_reference):
-    model, config = runner_fp32.model, runner_fp32.config
+def test_next_token_logits_match_transformers(runner_fp32, hf_reference, default_gguf):
+    # The runner's model lives in its engine process: the same recipe builds it here.
+    model = EngineRecipe(default_gguf, "float32", "cpu").build_model()
+    config = model.config
     worst = 0.0
     for ids in all_prompt_ids(runner_fp32):
         continuation = runner_fp32.generate(ids, max_tokens=8).token_ids

@@ -108,9 +108,10 @@ def _in_own_thread(work: Callable[[], Any]) -> Any:
     Torch's parallel CPU work runs on OpenMP, which gives each thread that starts
     parallel work a pool of workers kept until that thread exits. Once a process holds
     more such workers than it has cores, OpenMP stops spinning between parallel regions
-    in every pool, and the bundled runner's engine thread, which runs thousands of
-    small ones per token, decodes at about half speed for good. A thread that ends
-    takes its pool with it, so embedding here leaves the engine's speed as it was.
+    in every pool, and torch work with many small regions (a model decoding token by
+    token on the caller's threads) runs at about half speed for good. A thread that
+    ends takes its pool with it, so embedding here leaves the process as it was. (The
+    bundled runner's engine has a process of its own, out of reach either way.)
     """
     outcome: list[Any] = []
 

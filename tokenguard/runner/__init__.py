@@ -6,13 +6,14 @@ sampling and streaming.
 """
 
 from tokenguard.runner.engine import KVCacheTooSmall
-from tokenguard.runner.errors import ModelNotFound, UnsupportedModel
+from tokenguard.runner.errors import EngineDied, ModelNotFound, UnsupportedModel
 from tokenguard.runner.llama_runner import AsyncTextStream, LlamaRunner, TextStream
 from tokenguard.runner.result import GenerationResult
 from tokenguard.runner.sampling import SamplingParams
 
 __all__ = [
     "AsyncTextStream",
+    "EngineDied",
     "GenerationResult",
     "KVCacheTooSmall",
     "LlamaRunner",

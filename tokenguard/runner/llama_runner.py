@@ -6,6 +6,7 @@ import asyncio
 import logging
 import queue
 import time
+import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -20,25 +21,21 @@ from typing import Any
 import torch
 
 from tokenguard.errors import InputTooLong, InvalidRequest
-from tokenguard.runner.engine import Engine
-from tokenguard.runner.engine import Sequence as EngineSequence
+from tokenguard.runner.engine_process import EngineProcess, EngineRecipe, RemoteSequence
 from tokenguard.runner.errors import UnsupportedModel
 from tokenguard.runner.model import (
     LlamaConfig,
-    LlamaModel,
     Precision,
-    build_model,
     checkpoint_bytes,
     checkpoint_format,
     is_default_model,
-    load_checkpoint,
     resolve_device,
     resolve_model_path,
     resolve_precision,
 )
 from tokenguard.runner.result import GenerationResult, ReplyText
 from tokenguard.runner.sampling import SamplingParams
-from tokenguard.tokens import DEFAULT_MODEL_NAME, Message, TemplatedTokenizer, get_tokenizer
+from tokenguard.tokens import DEFAULT_MODEL_NAME, Message, TemplatedTokenizer, Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +128,18 @@ class LlamaRunner:
     per batch-size and context-length bucket the first time it is needed (tens of
     milliseconds each); ``cuda_graphs=False`` runs every step eagerly.
 
-    Construction loads the model, which takes seconds: it is logged at INFO on the
-    ``tokenguard.runner`` loggers (the file, then how long it took), each stage at DEBUG.
-    Once constructed, the first call costs what later ones do (measured on CPU).
+    The engine - the model, its KV cache and the scheduler - runs in a process of its
+    own (a fresh interpreter, see :mod:`tokenguard.runner.engine_process`); this object
+    keeps the tokenizer and the API, and never loads the weights. Torch work elsewhere in
+    the caller's process (other threads' OpenMP pools, a second runner) then cannot slow
+    the engine's decode. If that process dies (killed, out of memory), every waiting and
+    later call raises :class:`~tokenguard.runner.errors.EngineDied`. :meth:`close` stops
+    it, and so do dropping the runner and the interpreter's exit.
+
+    Construction starts that process and loads the model there, which takes seconds: it
+    is logged at INFO on the ``tokenguard.runner`` loggers (the file, then how long it
+    took), each stage at DEBUG (the engine process's records too). Once constructed,
+    the first call costs what later ones do (measured on CPU).
 
     >>> runner = LlamaRunner()
     >>> runner.chat([{"role": "user", "content": "Say hello"}], max_tokens=16).text  # doctest: +SKIP
@@ -151,33 +157,42 @@ class LlamaRunner:
         logger.info("loading model %s (%s, %s on %s)", self.model_path, checkpoint_format(self.model_path),
                     self.precision.name, self.device)
 
-        def build() -> LlamaModel:
-            config, weights = load_checkpoint(self.model_path)
-            return build_model(config, weights, self.precision, self.device)
-
-        # The engine thread builds the model: all parallel torch work stays in one thread.
-        self.engine = Engine(build, batch_window_ms=batch_window_ms, session_ttl_s=session_ttl_s,
-                             kv_cache_bytes=kv_cache_bytes, cuda_graphs=cuda_graphs)
-        self.model: LlamaModel = self.engine.model
-        self.config: LlamaConfig = self.model.config
-        self.tokenizer: TemplatedTokenizer = self._load_tokenizer(is_default_model(model))
+        recipe = EngineRecipe(self.model_path, self.precision.name, str(self.device), batch_window_ms,
+                              session_ttl_s, kv_cache_bytes, cuda_graphs)
+        self.engine: EngineProcess = EngineProcess(recipe)  # builds the model meanwhile
+        try:
+            try:
+                tokenizer = self._load_tokenizer(is_default_model(model))
+            except Exception:
+                self.engine.wait_ready()  # what is wrong with the checkpoint explains more: raised first
+                raise
+            self.config: LlamaConfig = self.engine.wait_ready()
+            self.tokenizer: TemplatedTokenizer = self._check_tokenizer(tokenizer)
+        except BaseException:
+            self.engine.shutdown()
+            raise
         self.stop_token_ids: frozenset[int] = self.tokenizer.eos_token_ids
+        # A runner dropped without close() stops its engine process too (without waiting for it).
+        weakref.finalize(self, self.engine.shutdown, False).atexit = False
         logger.info("loaded %s in %.1f s (%s parameters, %sB on disk)", self.model_path.name,
                     time.perf_counter() - start, _si(self.config.num_parameters),
                     _si(checkpoint_bytes(self.model_path)))
 
-    def _load_tokenizer(self, default: bool) -> TemplatedTokenizer:
+    def _load_tokenizer(self, default: bool) -> Tokenizer:
         """The model file's tokenizer. The default model's is fetched by its name: the one
         the guard already loaded to count the prompt, not a second copy."""
         start = time.perf_counter()
         tokenizer = get_tokenizer(DEFAULT_MODEL_NAME if default else str(self.model_path))
+        logger.debug("tokenizer of %s ready in %.1f s", self.model_path.name, time.perf_counter() - start)
+        return tokenizer
+
+    def _check_tokenizer(self, tokenizer: Tokenizer) -> TemplatedTokenizer:
+        """``tokenizer`` when it can drive the model: a chat template, ids the model has."""
         if not isinstance(tokenizer, TemplatedTokenizer) or tokenizer.vocab_size > self.config.vocab_size:
-            self.engine.shutdown()
             raise UnsupportedModel(
                 f"{self.model_path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit the model "
                 f"({self.config.vocab_size} tokens)"
             )
-        logger.debug("tokenizer of %s ready in %.1f s", self.model_path.name, time.perf_counter() - start)
         return tokenizer
 
     @property
@@ -258,7 +273,8 @@ class LlamaRunner:
         return self.engine.stats()
 
     def close(self) -> None:
-        """Stop the engine thread; pending requests fail with a clear error."""
+        """Stop the engine process and wait for it; pending requests fail with a clear
+        error, and so does every later call."""
         self.engine.shutdown()
 
     # -- internals ---------------------------------------------------------------------
@@ -285,7 +301,7 @@ class LlamaRunner:
         return self._chat_ids(messages) if messages is not None else self._prompt_ids(prompt)  # type: ignore[arg-type]
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, session: str | None,
-                emit: Any) -> tuple[EngineSequence, ReplyText]:
+                emit: Any) -> tuple[RemoteSequence, ReplyText]:
         """Check the prompt, queue it in the engine, and start its reply text."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty; give at least one token")
@@ -305,7 +321,7 @@ class LlamaRunner:
         seq, reply = self._submit(prompt_ids, params, session, events.put)
         return TextStream(self._follow(seq, reply, events), lambda: self.engine.cancel(seq))
 
-    def _follow(self, seq: EngineSequence, reply: ReplyText,
+    def _follow(self, seq: RemoteSequence, reply: ReplyText,
                 events: queue.SimpleQueue[tuple[str, Any]]) -> Generator[str | GenerationResult, None, None]:
         ended = False
         try:
@@ -320,7 +336,7 @@ class LlamaRunner:
         yield reply.finish()
         yield reply.result(seq.cached_prompt_tokens)
 
-    async def _afollow(self, seq: EngineSequence, reply: ReplyText,
+    async def _afollow(self, seq: RemoteSequence, reply: ReplyText,
                        events: asyncio.Queue[tuple[str, Any]]) -> AsyncGenerator[str | GenerationResult, None]:
         ended = False
         try:
@@ -335,7 +351,7 @@ class LlamaRunner:
         yield reply.finish()
         yield reply.result(seq.cached_prompt_tokens)
 
-    def _on_event(self, seq: EngineSequence, reply: ReplyText, kind: str, value: Any) -> tuple[str, bool]:
+    def _on_event(self, seq: RemoteSequence, reply: ReplyText, kind: str, value: Any) -> tuple[str, bool]:
         """Apply one engine event to the reply: ``(text made final, reply ended)``."""
         if kind == "error":
             raise value

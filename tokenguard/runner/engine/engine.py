@@ -4,6 +4,8 @@ Callers submit a prompt and get a :class:`Sequence` whose events arrive through 
 callback they gave; the thread admits requests (after an admission window when the
 engine was busy moments ago), runs one forward per step over every scheduled token
 of every sequence, samples, and frees or keeps each finished sequence's KV blocks.
+``LlamaRunner`` runs it in an engine process of its own
+(:mod:`tokenguard.runner.engine_process`), which sends each step's events in one message.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ class KVCacheTooSmall(TokenGuardError, ValueError):
     """A single request needs more KV slots than the whole pool has."""
 
 
+def check_fits(prompt_len: int, max_tokens: int, capacity_tokens: int) -> None:
+    """Raise :class:`KVCacheTooSmall` when one request could never fit the KV pool."""
+    if prompt_len + max_tokens > capacity_tokens:
+        raise KVCacheTooSmall(
+            f"a prompt of {prompt_len} tokens plus max_tokens={max_tokens} needs more than the "
+            f"KV cache's {capacity_tokens} token slots; raise kv_cache_bytes or lower max_tokens"
+        )
+
+
 def default_kv_cache_bytes(device: torch.device) -> int:
     """1 GiB (at most a tenth of RAM) on CPU; 40% of free memory on CUDA."""
     if device.type == "cuda":
@@ -83,7 +94,7 @@ class Engine:
     def __init__(self, build_model: Callable[[], LlamaModel], *, batch_window_ms: float = 50,
                  session_ttl_s: float = 600.0, kv_cache_bytes: int | None = None,
                  max_batched_tokens: int | None = None, max_running: int | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, on_step: Callable[[], None] | None = None) -> None:
         """Start the engine thread, which builds the model with ``build_model`` and then
         serves. Every parallel torch operation on the model runs in that one thread:
         with OpenMP, a second thread's parallel work runs at about half speed once
@@ -92,10 +103,13 @@ class Engine:
         ``max_batched_tokens`` (tokens per step) and ``max_running`` (sequences per step)
         default to 512 and 64 on CPU, 2048 and 256 on CUDA. ``cuda_graphs`` replays
         decode steps from CUDA graphs (see :mod:`.decode_graphs`); False runs every step
-        eagerly. It has no effect on CPU."""
+        eagerly. It has no effect on CPU. ``on_step`` is called in the engine thread,
+        outside the lock, after each step's events were emitted and after the last ones
+        at shutdown: the engine process sends a step's events as one message from it."""
         self.batch_window_s = batch_window_ms / 1000
         self.sessions = SessionStore(session_ttl_s)
         self._settings = (kv_cache_bytes, max_batched_tokens, max_running, cuda_graphs)
+        self._on_step = on_step or (lambda: None)
         self.decode_graphs: DecodeGraphs | None = None
         self._cv = threading.Condition()
         self._in_flight: set[int] = set()
@@ -149,17 +163,17 @@ class Engine:
             self._ready.set()
         self._loop()
 
+    @property
+    def capacity_tokens(self) -> int:
+        """Token slots in the KV pool: no single request may need more."""
+        return self.scheduler.capacity_tokens
+
     # -- caller side ----------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int],
                emit: Callable[[tuple[str, Any]], None], session: str | None = None) -> Sequence:
         """Queue a request; its events go to ``emit`` from the engine thread."""
-        capacity = self.scheduler.capacity_tokens
-        if len(prompt_ids) + params.max_tokens > capacity:
-            raise KVCacheTooSmall(
-                f"a prompt of {len(prompt_ids)} tokens plus max_tokens={params.max_tokens} needs more than the "
-                f"KV cache's {capacity} token slots; raise kv_cache_bytes or lower max_tokens"
-            )
+        check_fits(len(prompt_ids), params.max_tokens, self.capacity_tokens)
         seq = Sequence(len(prompt_ids), list(prompt_ids), params, stop_token_ids, emit, session)
         with self._cv:
             if self._closed:
@@ -218,33 +232,39 @@ class Engine:
         self.scheduler.blocks.release(self.sessions.expire(self.scheduler.active_sessions()))
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self.scheduler.has_work() and not self._closed:
-                    self._expire_sessions()
-                    self._cv.wait(timeout=self.sessions.next_expiry())
-                if self._closed:
-                    self._fail_all(TokenGuardError("the engine shut down"))
-                    return
-                self._admission_window()
-                batch = self.scheduler.schedule()
-                self._peak_running = max(self._peak_running, len(self.scheduler.running))
-                self._in_flight = {seq.seq_id for seq, _ in batch}
-            try:
-                logits = self._forward(batch)
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
-                with self._cv:
-                    self._in_flight = set()
-                    for seq, _ in batch:
-                        seq.emit(("error", e))
-                        self.scheduler.finish(seq, keep_session=False)
-                continue
+        while self._step():
+            self._on_step()
+        self._on_step()
+
+    def _step(self) -> bool:
+        """One step: wait for work, schedule, forward, sample. False once shut down."""
+        with self._cv:
+            while not self.scheduler.has_work() and not self._closed:
+                self._expire_sessions()
+                self._cv.wait(timeout=self.sessions.next_expiry())
+            if self._closed:
+                self._fail_all(TokenGuardError("the engine shut down"))
+                return False
+            self._admission_window()
+            batch = self.scheduler.schedule()
+            self._peak_running = max(self._peak_running, len(self.scheduler.running))
+            self._in_flight = {seq.seq_id for seq, _ in batch}
+        try:
+            logits = self._forward(batch)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
             with self._cv:
                 self._in_flight = set()
-                self._advance(batch, logits)
-                if not self.scheduler.has_work():
-                    self._idle_since = time.monotonic()
-                    self._last_peak, self._peak_running = self._peak_running, 0
+                for seq, _ in batch:
+                    seq.emit(("error", e))
+                    self.scheduler.finish(seq, keep_session=False)
+            return True
+        with self._cv:
+            self._in_flight = set()
+            self._advance(batch, logits)
+            if not self.scheduler.has_work():
+                self._idle_since = time.monotonic()
+                self._last_peak, self._peak_running = self._peak_running, 0
+        return True
 
     def _admission_window(self) -> None:
         """At an idle engine, wait up to the window so that requests arriving together

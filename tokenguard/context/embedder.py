@@ -4,9 +4,11 @@ all-MiniLM-L6-v2, or yours."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -44,10 +46,10 @@ class _MiniLM:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    self._model = _in_own_thread(_load_minilm)
+                    self._model = _TORCH_THREAD.run(_load_minilm)
         if len(texts) == 1:  # a lookup's one question: straight through the model
             model, text = self._model, _valid(texts[0])
-            return _in_own_thread(lambda: _embed_one(model, text))
+            return _TORCH_THREAD.run(lambda: _embed_one(model, text))
         return _encode(self._model, texts)
 
 
@@ -90,7 +92,7 @@ _DEFAULT = _MiniLM()
 
 def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
     clean = [_valid(text) for text in texts]
-    vectors = _in_own_thread(
+    vectors = _TORCH_THREAD.run(
         lambda: model.encode(clean, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)
@@ -102,32 +104,34 @@ def _valid(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def _in_own_thread(work: Callable[[], Any]) -> Any:
-    """``work()``, run in a thread that ends with it.
+class _TorchThread:
+    """The one thread the embedder's torch work runs on, started on first use (and again
+    in a forked child, which inherits no threads).
 
     Torch's parallel CPU work runs on OpenMP, which gives each thread that starts
-    parallel work a pool of workers kept until that thread exits. Once a process holds
+    parallel work a pool of workers kept until that thread exits; once a process holds
     more such workers than it has cores, OpenMP stops spinning between parallel regions
-    in every pool, and torch work with many small regions (a model decoding token by
-    token on the caller's threads) runs at about half speed for good. A thread that
-    ends takes its pool with it, so embedding here leaves the process as it was. (The
-    bundled runner's engine has a process of its own, out of reach either way.)
+    in every pool, and all torch work slows. One long-lived thread keeps the embedder to
+    one pool whichever threads ask (a gateway's worker threads would each keep one), and
+    reuses it: a fresh thread per call pays for a new pool, about 1.7 ms a query here.
     """
-    outcome: list[Any] = []
 
-    def run() -> None:
-        try:
-            outcome.append((True, work()))
-        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
-            outcome.append((False, error))
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
 
-    thread = threading.Thread(target=run, name="tokenguard-embed")
-    thread.start()
-    thread.join()
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise value
-    return value
+    def run(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on the thread; its result, or its exception raised here."""
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenguard-embed")
+                self._pid = os.getpid()
+            executor = self._executor
+        return executor.submit(work).result()
+
+
+_TORCH_THREAD = _TorchThread()
 
 
 def as_embedder(embedder: object) -> Embedder:

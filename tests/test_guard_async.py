@@ -228,3 +228,38 @@ def test_a_caller_cancelled_while_its_call_opens_still_ends_the_call():
     rows = guard.ledger.records()
     assert len(rows) == 1 and rows[0]["stop_reason"] == "cancelled"
     assert budget.spent(user="ann")["reserved_tokens"] == 0  # the hold was released, not left
+
+
+def test_steps_run_on_the_event_loop_only_when_none_of_them_can_wait(tmp_path):
+    ran_on: list[str] = []
+    loop_thread: list[threading.Thread] = []
+
+    def observer(call, row, error):  # the meter step's observers run where the steps run
+        ran_on.append("loop" if threading.current_thread() in loop_thread else "worker")
+
+    in_memory = Guard(async_reply, model="gpt-4o", budget=Budget(tokens=100_000, per="user"))
+    on_disk = Guard(async_reply, model="gpt-4o", ledger=tmp_path / "ledger.sqlite")
+    tight = Guard(async_reply, model="gpt-4o", budget=Budget(tokens=40, per="user"), max_output_tokens=4)
+    for guard in (in_memory, on_disk, tight):
+        guard.meter.observers.append(observer)
+
+    async def calls(guard: Guard, *prompts: str) -> list[str]:
+        ran_on.clear()
+        for prompt in prompts:
+            await guard.acomplete(prompt, user="ann")
+        return list(ran_on)
+
+    async def run() -> None:
+        loop_thread.append(threading.current_thread())
+        # The first call loads what the guard needs in a worker thread; then in-memory
+        # steps run on the loop, unless the prompt is long enough to take a while to count.
+        assert await calls(in_memory, "hello", "hello again", "x " * 10_000, "bye") == [
+            "worker", "loop", "worker", "loop"]
+        assert await calls(on_disk, "hello", "hello again") == ["worker", "worker"]  # SQLite may wait
+        await tight.acomplete("hi", user="ann")
+        with pytest.raises(BudgetExceeded):  # a refusal inline is raised and metered as in a thread
+            await tight.acomplete("a question far too long for what is left of the budget " * 3, user="ann")
+        assert tight.ledger.records()[-1]["stop_reason"] == "budget_exceeded"
+        assert tight.budgets[0].spent(user="ann")["reserved_tokens"] == 0
+
+    asyncio.run(run())

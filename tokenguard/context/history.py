@@ -74,6 +74,12 @@ class SessionHistory:
         # sessions this process used (the store holds the messages that count).
         self._sessions: OrderedDict[str, tuple[list[dict[str, Any]], float]] = OrderedDict()
 
+    @property
+    def in_process(self) -> bool:
+        """Whether the histories live in this process only (no SQLite file, no Redis):
+        reading and writing them never waits on I/O."""
+        return self._store is None
+
     def _expire(self, now: float, gone: list[str]) -> None:
         """Drop the sessions whose last use is older than the TTL, adding their names
         to ``gone``: they sit at the front (least recently used), so this costs what it

@@ -144,12 +144,14 @@ class AsyncGuardStream(_Stream):
 
     The guard opens it on first iteration, in a worker thread, so refusals
     (:class:`~tokenguard.InputTooLong`, :class:`~tokenguard.BudgetExceeded`) are raised
-    by the first ``anext``.
+    by the first ``anext``; it ends the call there too. ``inline=True`` does both on the
+    event loop, for a call whose steps cannot wait (``Guard.can_run_inline``).
     """
 
     _chunks: AsyncIterator[Chunk] | None
 
-    def __init__(self, opened: Opened | Callable[[], Opened]) -> None:
+    def __init__(self, opened: Opened | Callable[[], Opened], *, inline: bool = False) -> None:
+        self._inline = inline
         self._open: Callable[[], Opened] | None = None
         if isinstance(opened, Opened):
             super().__init__(opened)
@@ -161,7 +163,10 @@ class AsyncGuardStream(_Stream):
         return self
 
     async def __anext__(self) -> str:
-        if self._open is not None:
+        if self._open is not None and self._inline:
+            open_, self._open = self._open, None
+            self._adopt(open_())
+        elif self._open is not None:
             open_, self._open = self._open, None
             opening = asyncio.ensure_future(asyncio.to_thread(open_))
             try:
@@ -211,8 +216,11 @@ class AsyncGuardStream(_Stream):
         await self.aclose()
 
     async def _aend(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
-        """End the call off the event loop (the ledger and the budgets may wait on SQLite)."""
-        if self.reply is None:
+        """End the call: off the event loop (the ledger and the budgets may wait on
+        SQLite) unless the stream is inline."""
+        if self.reply is None and self._inline:
+            self._end(error, cancelled=cancelled)
+        elif self.reply is None:
             await asyncio.to_thread(self._end, error, cancelled=cancelled)
 
     async def aread(self) -> Reply:

@@ -207,7 +207,7 @@ class Gateway:
                 self.metrics.refused(error.reason)
             return JSONResponse(error.body(), error.status, error.headers)
 
-        def prepare() -> Call:  # in the guard's worker thread, with the opening
+        def prepare() -> Call:  # when the call opens: in the guard's worker thread, or inline
             return self.guard.prepare(parsed.messages, user=user, session=session, tags=parsed.tags,
                                       **parsed.params)
 

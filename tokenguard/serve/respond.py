@@ -64,7 +64,8 @@ async def _client_left(receive: Receive) -> None:
 class GuardedResponse(Response):
     """The answer to one completion request: JSON, or server-sent events when the
     request streams. ``prepare`` makes the call (``guard.prepare(...)``); the guard
-    runs it, in a worker thread, when the answer starts. ``arrived`` is the request's
+    runs it, in a worker thread unless its steps cannot wait
+    (``guard.can_run_inline``), when the answer starts. ``arrived`` is the request's
     ``perf_counter()`` arrival time (for the time to the first piece)."""
 
     def __init__(self, guard: Guard, prepare: Callable[[], Call], request: ParsedRequest, *, model: str,
@@ -73,7 +74,7 @@ class GuardedResponse(Response):
         self._prepare = prepare
         #: The call, once prepared: its ``request_id`` names a refused call's ledger row too.
         self.call: Call | None = None
-        self.stream = guard.open_astream(self._prepared)
+        self.stream = guard.open_astream(self._prepared, inline=guard.can_run_inline(request.messages))
         self.request = request
         self.model = model
         self.metrics = metrics

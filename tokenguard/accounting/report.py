@@ -381,19 +381,18 @@ def _savings(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """What was saved per mechanism (see :func:`savings_parts`), sorted by name:
     ``mechanism``, ``calls`` (that it saved something in), ``saved_tokens``, ``saved_usd``
     (``None`` when any of it had no price)."""
-    totals: dict[str, list[Any]] = {}
+    calls: dict[str, int] = {}
+    tokens: dict[str, int] = {}
+    usds: dict[str, list[float | None]] = {}
     for row in rows:
-        for name, tokens, usd in savings_parts(row):
-            entry = totals.setdefault(name, [0, 0, [], False])
-            entry[0] += 1
-            entry[1] += tokens
-            if usd is None:
-                entry[3] = True
-            else:
-                entry[2].append(usd)
+        for name, saved_tokens, saved_usd in savings_parts(row):
+            calls[name] = calls.get(name, 0) + 1
+            tokens[name] = tokens.get(name, 0) + saved_tokens
+            usds.setdefault(name, []).append(saved_usd)
     return [
-        {"mechanism": name, "calls": calls, "saved_tokens": tokens, "saved_usd": None if unknown else math.fsum(usds)}
-        for name, (calls, tokens, usds, unknown) in sorted(totals.items())
+        {"mechanism": name, "calls": calls[name], "saved_tokens": tokens[name],
+         "saved_usd": None if None in usds[name] else math.fsum(usds[name])}  # type: ignore[arg-type]
+        for name in sorted(calls)
     ]
 
 

@@ -70,14 +70,13 @@ class Meter:
         """Add to ``usage``'s savings the prompt tokens that scope trimming and context
         fitting kept from being sent: for a call whose trimmed prompt reached the backend
         or a cache (a refused call spent nothing, so it saved nothing either)."""
-        spared = call.context_saved_tokens + call.scope_saved_tokens
-        if not spared:
-            return
+        for tokens in (call.context_saved_tokens, call.scope_saved_tokens):
+            if tokens:
+                price = self._input_price(call, tokens)  # as the ledger row prices each part
+                usage.saved_tokens += tokens
+                usage.saved_usd = None if price is None or usage.saved_usd is None else usage.saved_usd + price
         usage.context_saved_tokens = call.context_saved_tokens
         usage.scope_saved_tokens = call.scope_saved_tokens
-        usage.saved_tokens += spared
-        price = self.pricing.cost(call.model, spared, 0)
-        usage.saved_usd = None if price is None or usage.saved_usd is None else usage.saved_usd + price
 
     def priced(
         self,

@@ -163,21 +163,9 @@ class AsyncGuardStream(_Stream):
         return self
 
     async def __anext__(self) -> str:
-        if self._open is not None and self._inline:
+        if self._open is not None:
             open_, self._open = self._open, None
-            self._adopt(open_())
-        elif self._open is not None:
-            open_, self._open = self._open, None
-            opening = asyncio.ensure_future(asyncio.to_thread(open_))
-            try:
-                # Shielded: the opening runs on in its thread whatever happens here, and
-                # what it opens (a budget hold) must be ended, not dropped.
-                opened = await asyncio.shield(opening)
-            except asyncio.CancelledError:
-                _ABANDONED.add(task := asyncio.ensure_future(self._end_abandoned(opening)))
-                task.add_done_callback(_ABANDONED.discard)
-                raise
-            self._adopt(opened)
+            self._adopt(open_() if self._inline else await self._open_in_thread(open_))
         if self.reply is not None or self._generation is None:
             text = self._replay()
             if text is None:
@@ -205,6 +193,17 @@ class AsyncGuardStream(_Stream):
         await self._aend()
         raise StopAsyncIteration
 
+    async def _open_in_thread(self, open_: Callable[[], Opened]) -> Opened:
+        opening = asyncio.ensure_future(asyncio.to_thread(open_))
+        try:
+            # Shielded: the opening runs on in its thread whatever happens here, and
+            # what it opens (a budget hold) must be ended, not dropped.
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            _ABANDONED.add(task := asyncio.ensure_future(self._end_abandoned(opening)))
+            task.add_done_callback(_ABANDONED.discard)
+            raise
+
     async def _end_abandoned(self, opening: asyncio.Future[Opened]) -> None:
         """End, as cancelled, a call whose opening outlived its caller's cancellation;
         a refusal was metered by the guard already."""
@@ -218,9 +217,11 @@ class AsyncGuardStream(_Stream):
     async def _aend(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
         """End the call: off the event loop (the ledger and the budgets may wait on
         SQLite) unless the stream is inline."""
-        if self.reply is None and self._inline:
+        if self.reply is not None:
+            return
+        if self._inline:
             self._end(error, cancelled=cancelled)
-        elif self.reply is None:
+        else:
             await asyncio.to_thread(self._end, error, cancelled=cancelled)
 
     async def aread(self) -> Reply:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import time
@@ -13,8 +12,6 @@ from tokenguard.stores.base import Refusal, SettledLookup, SettledLookups, check
 from tokenguard.stores.sqlite import SQLiteDatabase
 
 __all__ = ["SQLiteBudgetStore"]
-
-logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (

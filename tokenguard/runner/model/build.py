@@ -11,13 +11,7 @@ from torch import nn
 
 from tokenguard.runner.errors import UnsupportedModel
 from tokenguard.runner.model.config import LlamaConfig
-from tokenguard.runner.model.llama import (
-    Attention,
-    DecoderLayer,
-    FeedForward,
-    LlamaModel,
-    RMSNorm,
-)
+from tokenguard.runner.model.llama import DecoderLayer, LlamaModel, RMSNorm
 from tokenguard.runner.model.precision import Precision
 from tokenguard.runner.model.quant import (
     WIDE_TYPES,
@@ -80,17 +74,15 @@ def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Prec
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        attn = Attention(
+        layers.append(DecoderLayer(
             config, i,
             wqkv=linear([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
             wo=linear([take(p + "self_attn.o_proj.weight")]),
-        )
-        ffn = FeedForward(
             w13=linear([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
             w2=linear([take(p + "mlp.down_proj.weight")]),
-        )
-        layers.append(DecoderLayer(attn, ffn, norm(p + "input_layernorm.weight"),
-                                   norm(p + "post_attention_layernorm.weight")))
+            attention_norm=norm(p + "input_layernorm.weight"),
+            ffn_norm=norm(p + "post_attention_layernorm.weight"),
+        ))
         _log_progress(i + 1, config.num_layers, precision, start)
     head_weight = weights.pop("lm_head.weight", None)
     if head_weight is None and not config.tie_word_embeddings:

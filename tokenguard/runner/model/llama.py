@@ -38,8 +38,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer: int, wqkv: nn.Module, wo: nn.Module) -> None:
+class DecoderLayer(nn.Module):
+    """One layer: attention over the KV cache, then the gated feed-forward, each with a
+    pre-norm and a residual.
+
+    The step calls its norms and matmuls through bound ``forward`` methods rather than
+    ``nn.Module.__call__``: decoding one token on a CPU is dispatch-bound, the hook
+    machinery of the nested module calls cost about a tenth of the step, and these
+    modules never carry hooks.
+    """
+
+    def __init__(self, config: LlamaConfig, layer: int, *, wqkv: nn.Module, wo: nn.Module, w13: nn.Module,
+                 w2: nn.Module, attention_norm: RMSNorm, ffn_norm: RMSNorm) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads = config.num_heads
@@ -47,42 +57,26 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.wqkv = wqkv  # fused q, k, v projections
         self.wo = wo
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        qkv = self.wqkv(x)  # [T, (H + 2 * Hkv) * D]
-        qk_heads = self.num_heads + self.num_kv_heads
-        qk = qkv[:, : qk_heads * self.head_dim].view(num_tokens, qk_heads, self.head_dim)
-        v = qkv[:, qk_heads * self.head_dim :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        qk = apply_rope(qk, cos, sin)  # one rotation for q and k together
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        out = kv_cache.attend(self.layer, q, k, v)  # [T, H, D]
-        return self.wo(out.reshape(num_tokens, self.num_heads * self.head_dim))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, w13: nn.Module, w2: nn.Module) -> None:
-        super().__init__()
         self.w13 = w13  # fused gate and up projections
         self.w2 = w2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, attention: Attention, feed_forward: FeedForward, attention_norm: RMSNorm,
-                 ffn_norm: RMSNorm) -> None:
-        super().__init__()
-        self.attention = attention
-        self.feed_forward = feed_forward
         self.attention_norm = attention_norm
         self.ffn_norm = ffn_norm
+        self._kernels = (attention_norm.forward, wqkv.forward, wo.forward, ffn_norm.forward, w13.forward,
+                         w2.forward)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attention_norm, wqkv, wo, ffn_norm, w13, w2 = self._kernels
+        num_tokens, head_dim = x.shape[0], self.head_dim
+        qkv = wqkv(attention_norm(x))  # [T, (H + 2 * Hkv) * D]
+        qk_heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : qk_heads * head_dim].view(num_tokens, qk_heads, head_dim)
+        v = qkv[:, qk_heads * head_dim :].view(num_tokens, self.num_kv_heads, head_dim)
+        qk = apply_rope(qk, cos, sin)  # one rotation for q and k together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        attended = kv_cache.attend(self.layer, q, k, v)  # [T, H, D]
+        h = x + wo(attended.reshape(num_tokens, self.num_heads * head_dim))
+        gate, up = w13(ffn_norm(h)).chunk(2, dim=-1)
+        return h + w2(F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
@@ -106,6 +100,7 @@ class LlamaModel(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self._layer_steps = tuple(layer.forward for layer in layers)  # see DecoderLayer
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed, in ``dtype``) of the tokens
@@ -115,8 +110,8 @@ class LlamaModel(nn.Module):
         cos = freqs.cos().repeat(1, 2)[:, None, :].to(self.dtype)  # [T, 1, D]
         sin = freqs.sin()
         sin = torch.cat([-sin, sin], dim=-1)[:, None, :].to(self.dtype)  # signed, see apply_rope
-        for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache)
+        for layer_step in self._layer_steps:
+            x = layer_step(x, cos, sin, kv_cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

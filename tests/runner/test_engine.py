@@ -64,6 +64,17 @@ def test_concurrent_greedy_equals_one_at_a_time(runner):
     assert runner.stats()["kv_blocks_free"] == runner.stats()["kv_blocks_total"]
 
 
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(runner):
+    # The batch is sampled together; each sequence still draws from its own seeded generator.
+    kinds = [{"temperature": 0.9, "seed": 7}, {"temperature": 1.2, "top_k": 20, "seed": 8},
+             {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 9},
+             {"repetition_penalty": 1.5}, {}]
+    requests = [(p, kw) for p, kw in zip(PROMPTS, kinds * 2, strict=False)]
+    alone = [runner.generate(p, max_tokens=20, **kw).token_ids for p, kw in requests]
+    together = in_threads(lambda r: runner.generate(r[0], max_tokens=20, **r[1]).token_ids, requests * 2)
+    assert together == alone * 2
+
+
 def test_async_callers_share_the_engine(runner):
     alone = [runner.generate(p, max_tokens=16).text for p in PROMPTS[:4]]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenguard.runner.sampling import Sampler, SamplingParams
+from tokenguard.runner.sampling import Sampler, SamplingParams, sample
 
 
 def logits(seed: int = 0, vocab: int = 100) -> torch.Tensor:
@@ -61,6 +61,35 @@ def test_repetition_penalty_discourages_seen_tokens():
     y = torch.full((10,), -1.0)
     y[5] = -1.5
     assert s2(y) == 5
+
+
+def test_draws_follow_the_softmax():
+    x = logits(vocab=8) / 3
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0), 8, [])
+    counts = torch.bincount(torch.tensor([sampler(x) for _ in range(6000)]), minlength=8).float()
+    assert (counts / 6000 - x.softmax(-1)).abs().max() < 0.02
+
+
+def test_a_batch_draws_what_each_sequence_draws_alone():
+    x = torch.stack([logits(seed) for seed in range(4)])
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(),
+              SamplingParams(temperature=2.0, top_k=5, top_p=0.8, repetition_penalty=1.3, seed=2),
+              SamplingParams(repetition_penalty=1.5)]
+    alone = [Sampler(p, 100, [1, 2, 3]) for p in params]
+    batched = [Sampler(p, 100, [1, 2, 3]) for p in params]
+    for _ in range(50):
+        expected = [s(row) for s, row in zip(alone, x, strict=True)]
+        assert sample(batched, x) == expected
+    assert batched[2].seen is not None and alone[2].seen is not None
+    assert torch.equal(batched[2].seen, alone[2].seen)
+
+
+def test_greedy_rows_of_a_mixed_batch_are_the_argmax():
+    x = torch.stack([logits(seed) for seed in range(3)])
+    samplers = [Sampler(SamplingParams(), 100, []), Sampler(SamplingParams(temperature=1.0, seed=3), 100, []),
+                Sampler(SamplingParams(), 100, [])]
+    tokens = sample(samplers, x)
+    assert tokens[0] == int(x[0].argmax()) and tokens[2] == int(x[2].argmax())
 
 
 @pytest.mark.parametrize("bad", [

@@ -50,7 +50,8 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks each next token of one sequence under :class:`SamplingParams`."""
+    """One sequence's sampling state: its parameters, random generator and the tokens a
+    repetition penalty applies to. :func:`sample` picks the tokens of many at once."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int],
                  device: torch.device | str = "cpu") -> None:
@@ -67,34 +68,64 @@ class Sampler:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no repetition penalty: the token is the argmax of the logits."""
+        return self.seen is None and self.params.greedy
+
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token id from float32 ``logits [vocab]``."""
-        p = self.params
-        if self.seen is not None:
-            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = torch.where(self.seen, penalized, logits)
-        if p.greedy:
-            token = int(logits.argmax())
-        else:
-            token = int(sample_top_k_top_p(logits, p.temperature, p.top_k, p.top_p, self.generator))
-        if self.seen is not None:
-            self.seen[token] = True
-        return token
+        return sample([self], logits[None])[0]
 
 
-def sample_top_k_top_p(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                       generator: torch.Generator | None) -> torch.Tensor:
-    """Sample one id from ``logits [vocab]`` after temperature, top-k and top-p filtering."""
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+def sample(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
+    """The next token of each row of float32 ``logits [N, vocab]``, row ``i`` under
+    ``samplers[i]``, read back to the host in one transfer for the whole batch.
+
+    Sampled rows draw by the exponential race (the argmax of ``probs / E`` with ``E``
+    exponential noise from the row's own generator picks each id with its probability),
+    so a seeded sequence draws the same tokens whatever it is batched with.
+    """
+    if all(s.plain_greedy for s in samplers):
+        return logits.argmax(-1).tolist()
+    penalized = [i for i, s in enumerate(samplers) if s.seen is not None]
+    if penalized:
+        logits = logits.clone()
+        rows = torch.tensor(penalized, device=logits.device)
+        part = logits[rows]
+        seen = torch.stack([samplers[i].seen for i in penalized])  # type: ignore[misc]
+        factor = part.new_tensor([samplers[i].params.repetition_penalty for i in penalized])[:, None]
+        logits[rows] = torch.where(seen, torch.where(part > 0, part / factor, part * factor), part)
+    choice = logits.argmax(-1)
+    drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if drawn:
+        rows = torch.tensor(drawn, device=logits.device)
+        params = [samplers[i].params for i in drawn]
+        probs = _filtered_probs(logits[rows], params)
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=samplers[i].generator)
+                             for i in drawn])
+        choice[rows] = (probs / noise).argmax(-1)
+    tokens: list[int] = choice.tolist()
+    for i in penalized:
+        samplers[i].seen[tokens[i]] = True  # type: ignore[index]
+    return tokens
+
+
+def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities ``[N, vocab]`` after each row's temperature, top-k and top-p."""
+    logits = logits / logits.new_tensor([p.temperature for p in params])[:, None]
+    top_k = [min(p.top_k, logits.shape[-1]) for p in params]
+    if any(top_k):
+        ranked = torch.topk(logits, max(top_k), dim=-1).values
+        kth = ranked.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=logits.device)[:, None])
+        unfiltered = torch.tensor([k == 0 for k in top_k], device=logits.device)[:, None]
+        logits = logits.masked_fill((logits < kth) & ~unfiltered, float("-inf"))
+    if any(p.top_p < 1 for p in params):
+        top_p = logits.new_tensor([p.top_p if p.top_p < 1 else float("inf") for p in params])[:, None]
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p
         drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)

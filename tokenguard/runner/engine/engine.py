@@ -29,7 +29,7 @@ from tokenguard.runner.engine.scheduler import Scheduler
 from tokenguard.runner.engine.sequence import Sequence, Status
 from tokenguard.runner.engine.sessions import SessionStore
 from tokenguard.runner.model import LlamaModel
-from tokenguard.runner.sampling import Sampler, SamplingParams
+from tokenguard.runner.sampling import Sampler, SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
@@ -304,25 +304,23 @@ class Engine:
         return self.model.compute_logits(hidden[sample_rows])
 
     def _advance(self, batch: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
-        sampling: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
+        sampling: list[Sequence] = []  # in the order of the logits rows
+        samplers: list[Sampler] = []
         for seq, n in batch:
             seq.num_cached += n
             if seq.num_cached < len(seq.tokens):
                 continue  # a prompt chunk: the prompt is not finished yet
-            sampling.append((seq, len(sampling)))
-        # Plain greedy rows take one argmax over the batch: one host sync per step, not per sequence.
-        greedy = logits.argmax(-1).tolist() if any(_plain_greedy(seq) for seq, _ in sampling) else []
-        for seq, row in sampling:
+            if seq.sampler is None:
+                seq.sampler = Sampler(seq.params, self.model.config.vocab_size, seq.tokens[: seq.prompt_len],
+                                      self.device)
+            sampling.append(seq)
+            samplers.append(seq.sampler)
+        # The whole batch is sampled together: one host sync per step, not one per sequence.
+        tokens = sample(samplers, logits) if sampling else []
+        for seq, token in zip(sampling, tokens, strict=True):
             if seq.cancelled:
                 self.scheduler.finish(seq, keep_session=seq.keep_session_on_cancel)
                 continue
-            if _plain_greedy(seq):
-                token = greedy[row]
-            else:
-                if seq.sampler is None:
-                    seq.sampler = Sampler(seq.params, self.model.config.vocab_size, seq.tokens[: seq.prompt_len],
-                                          self.device)
-                token = seq.sampler(logits[row])
             seq.tokens.append(token)
             seq.emit(("token", token))
             if token in seq.stop_token_ids:
@@ -342,7 +340,3 @@ class Engine:
             seq.emit(("error", error))
             self.scheduler.finish(seq, keep_session=False)
 
-
-def _plain_greedy(seq: Sequence) -> bool:
-    """Greedy with no repetition penalty: the token is the argmax, no sampler needed."""
-    return seq.params.greedy and seq.params.repetition_penalty == 1.0

@@ -45,9 +45,19 @@ test: $(VENV)/.test redis-server
 
 # Peers a benchmark compares against: installed here only, never package dependencies.
 BENCH_PEERS := langchain-core langchain-community
+# llama.cpp, bench_runner.py's single-stream reference, builds from source (about 5 minutes
+# on 2 cores). Its AMX matmul dies of a general-protection fault on CPUs that list AMX but
+# do not grant it (virtual machines): there it is built for AVX-512 without AMX.
+LLAMA_CPP := llama-cpp-python==0.3.36
+NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
 
 bench: $(VENV)/.test
 	$(PIP) install --quiet $(BENCH_PEERS)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
+		echo "building $(LLAMA_CPP) for the llama.cpp rows (about 5 minutes)"; \
+		if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then export CMAKE_ARGS="$(NO_AMX)"; fi; \
+		$(PIP) install --quiet $(LLAMA_CPP); }
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 # The GPU check runs on a GPU machine's own Python (3.12, torch with CUDA, transformers)

@@ -17,11 +17,14 @@ dependency of tokenguard.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -294,13 +297,20 @@ def main() -> None:
             pf, dec = time_transformers(path, getattr(torch, name), device, prompt_ids, args.new_tokens, args.runs)
             rows.append((f"transformers {name}", pf, dec, None))
             print(f"  measured transformers {name:8s} prefill {pf:8.1f} tok/s  decode {dec:7.1f} tok/s", flush=True)
-    cpp = time_llama_cpp(path, prompt_ids, args.new_tokens, args.runs,
-                         frozenset(getattr(tokenizer, "eos_token_ids", ()))) if device.type == "cpu" else None
+    cpp = None
+    if device.type == "cpu":
+        # In a process of its own: a llama.cpp build whose kernels crash must not take the table with it.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                cpp = pool.submit(time_llama_cpp, path, prompt_ids, args.new_tokens, args.runs,
+                                  frozenset(getattr(tokenizer, "eos_token_ids", ()))).result()
+            except BrokenProcessPool:
+                print("  llama.cpp crashed: rebuild llama-cpp-python for this CPU (see `make bench`)")
     if cpp is not None:
         rows.append(("llama.cpp (llama-cpp-python)", cpp[0], cpp[1], None))
         print(f"  measured llama.cpp              prefill {cpp[0]:8.1f} tok/s  decode {cpp[1]:7.1f} tok/s")
-    else:
-        print("  llama-cpp-python not importable: llama.cpp row skipped")
+    elif device.type == "cpu":
+        print("  no llama.cpp row (llama-cpp-python is installed by `make bench`)")
 
     base = next((r for r in rows if r[0] == "transformers float32"), None)
     print()

@@ -324,6 +324,10 @@ def main() -> None:
     if base:
         print("(x = ratio to transformers float32 generate on this machine; "
               "roofline = bandwidth / weight bytes per token)")
+    if cpp is not None:
+        print()
+        for name, _, dec, _ in rows[:-1]:
+            print(f"{name:32s} decode {dec / cpp[1]:.2f}x llama.cpp")
 
     if "float32" in models:
         print()

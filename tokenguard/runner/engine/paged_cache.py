@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenguard.runner.model.kv_cache import attend_one
+
 
 @dataclass(slots=True)
 class SequenceSlice:
@@ -119,32 +121,22 @@ class PagedKVCache:
         keys, values = self.k[layer], self.v[layer]  # [kv_heads, slots, D]
         _write(keys, self._write, k.transpose(0, 1))
         _write(values, self._write, v.transpose(0, 1))
-        num_tokens, num_heads, head_dim = q.shape
+        num_tokens, _, head_dim = q.shape
         kv_heads = k.shape[1]
-        group = num_heads // kv_heads
         if self._decode_rows and len(self._decode_rows) == num_tokens and self._decode_mask is None:
-            # One decoding sequence: its query heads sharing a KV head sit in that head's
-            # "sequence" dim, so grouped-query attention needs no copy of K/V. (4-D inputs
-            # take the fused CPU kernel; 3-D ones a composite about 2.5x slower.)
-            context = self._decode_contexts[0]
-            out = F.scaled_dot_product_attention(q.view(1, kv_heads, group, head_dim),
-                                                 _read(keys, context).unsqueeze(0),
-                                                 _read(values, context).unsqueeze(0))
-            return out.reshape(1, num_heads, head_dim)
+            context = self._decode_contexts[0]  # one decoding sequence
+            return attend_one(q, _read(keys, context), _read(values, context))
         out = torch.empty_like(q)
         if self._decode_rows:
             rows = self._decode_rows
-            batch = len(rows)
             index = self._decode_contexts[0]
-            dq = q[rows].view(batch, kv_heads, group, head_dim)
             if self._decode_mask is None:  # a single decoding sequence beside prompt chunks
-                dk, dv = _read(keys, index).unsqueeze(0), _read(values, index).unsqueeze(0)
+                dk, dv = _read(keys, index), _read(values, index)
             else:  # index [B, L] -> [B, kv_heads, L, D]
                 assert isinstance(index, torch.Tensor)  # prepare() padded the contexts into one index
                 dk = _read(keys, index.flatten()).view(kv_heads, *index.shape, head_dim).transpose(0, 1)
                 dv = _read(values, index.flatten()).view(kv_heads, *index.shape, head_dim).transpose(0, 1)
-            attended = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=self._decode_mask)
-            out[rows] = attended.reshape(batch, num_heads, head_dim)
+            out[rows] = attend_one(q[rows], dk, dv, self._decode_mask)
         for start, new, cached, context in self._prefills:
             pq = q[start : start + new].transpose(0, 1).unsqueeze(0)  # [1, H, new, D]
             pk, pv = _read(keys, context).unsqueeze(0), _read(values, context).unsqueeze(0)  # [1, kv_heads, L, D]

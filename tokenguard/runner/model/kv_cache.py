@@ -23,6 +23,29 @@ class KVCache(Protocol):
         ...
 
 
+def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None,
+               ) -> torch.Tensor:
+    """Attention of decoding queries ``q [B, heads, D]`` over ``keys``/``values``
+    ``[B, kv_heads, L, D]`` (or ``[kv_heads, L, D]`` for one sequence); ``mask`` a boolean
+    ``[B, 1, 1, L]`` of the positions to attend. Returns ``[B, heads, D]``.
+
+    Grouped-query attention copies no K/V either way. On a CPU the kernel's own
+    (``enable_gqa``) is 8-27% faster (one work item per query head); elsewhere the query
+    heads that share a KV head are folded into its "sequence" dim, which every fused
+    kernel takes. (4-D inputs take the fused CPU kernel; 3-D ones a slower composite.)
+    """
+    if keys.dim() == 3:
+        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+    batch, num_heads, head_dim = q.shape
+    if q.device.type == "cpu":
+        out = F.scaled_dot_product_attention(q.view(batch, num_heads, 1, head_dim), keys, values, attn_mask=mask,
+                                             enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q.view(batch, keys.shape[1], -1, head_dim), keys, values,
+                                             attn_mask=mask)
+    return out.reshape(batch, num_heads, head_dim)
+
+
 class ContiguousKVCache:
     """One sequence's keys and values in preallocated ``[layers, kv_heads, capacity, head_dim]``.
 
@@ -48,19 +71,13 @@ class ContiguousKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         start, end = self._start, self.length
-        num_tokens, num_heads, head_dim = q.shape
-        kv_heads = k.shape[1]
+        num_tokens = q.shape[0]
         self.k[layer, :, start:end] = k.transpose(0, 1)
         self.v[layer, :, start:end] = v.transpose(0, 1)
         keys = self.k[layer, :, :end]  # [kv_heads, end, head_dim]
         values = self.v[layer, :, :end]
         if num_tokens == 1:
-            # One query per head: fold the query heads that share a KV head into its
-            # "sequence" dim, so grouped-query attention needs no copy of K/V. (4-D
-            # inputs take the fused CPU kernel; 3-D ones a slower composite.)
-            q = q.view(1, kv_heads, num_heads // kv_heads, head_dim)
-            out = F.scaled_dot_product_attention(q, keys.unsqueeze(0), values.unsqueeze(0))
-            return out.reshape(1, num_heads, head_dim)
+            return attend_one(q, keys, values)
         mask = None
         if start > 0:  # causal over the new tokens, full over the cached prefix
             rows = torch.arange(start, end, device=q.device)[:, None]

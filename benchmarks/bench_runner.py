@@ -10,8 +10,10 @@ against the runner's float32 (teacher-forced: top-1 agreement and max logit diff
     python benchmarks/bench_runner.py                    # everything, ~3 minutes on 2 cores
     python benchmarks/bench_runner.py --modes int4 --skip-transformers
 
-llama.cpp (``llama-cpp-python``) is measured too when it is importable; it is not a
-dependency of tokenguard.
+llama.cpp (``llama-cpp-python``, which ``make bench`` installs; never a dependency of
+tokenguard) is measured in rounds alternating with ``LlamaRunner.generate`` (``--rounds``),
+each round's ratio printed and the best of each kept: on a shared machine either
+one's speed drifts by tens of percent over minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -163,27 +166,30 @@ def greedy_continuation(model: LlamaModel, prompt_ids: list[int], n: int) -> lis
     return out
 
 
-def time_public_api(path: Path, device: torch.device, prompt_ids: list[int], new_tokens: int,
-                    runs: int) -> tuple[str, float, float]:
+class PublicApi:
     """End to end through ``LlamaRunner().generate`` (default precision): whatever serving
     machinery sits behind the public API is included, the engine process too. EOS is not
     banned here, so decode tok/s is over the tokens actually generated."""
-    from tokenguard.runner import LlamaRunner
 
-    runner = LlamaRunner(path, device=device)
-    counts: list[int] = []
+    def __init__(self, path: Path, device: torch.device) -> None:
+        from tokenguard.runner import LlamaRunner
 
-    def generate(n: int) -> float:
-        t = time.perf_counter()
-        counts.append(len(runner.generate(prompt_ids, max_tokens=n).token_ids))
-        return time.perf_counter() - t
+        self.runner = LlamaRunner(path, device=device)
+        self.mode = self.runner.precision.name
 
-    generate(2)
-    prefill_s = best_of(runs + 1, lambda: generate(1))
-    total_s = best_of(runs, lambda: generate(new_tokens + 1))
-    runner.close()
-    generated = counts[-1] - 1
-    return runner.precision.name, len(prompt_ids) / prefill_s, generated / max(total_s - prefill_s, 1e-9)
+    def measure(self, prompt_ids: list[int], new_tokens: int, runs: int) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s), each the best of ``runs``."""
+        counts: list[int] = []
+
+        def generate(n: int) -> float:
+            t = time.perf_counter()
+            counts.append(len(self.runner.generate(prompt_ids, max_tokens=n).token_ids))
+            return time.perf_counter() - t
+
+        generate(2)
+        prefill_s = best_of(runs + 1, lambda: generate(1))
+        total_s = best_of(runs, lambda: generate(new_tokens + 1))
+        return len(prompt_ids) / prefill_s, (counts[-1] - 1) / max(total_s - prefill_s, 1e-9)
 
 
 # -- references ----------------------------------------------------------------------------
@@ -212,6 +218,9 @@ def time_transformers(path: Path, dtype: torch.dtype, device: torch.device, prom
     return len(prompt_ids) / prefill_s, new_tokens / max(total_s - prefill_s, 1e-9)
 
 
+_llama_cpp: dict[Path, Any] = {}  # in the llama.cpp process: each model loaded once
+
+
 def time_llama_cpp(path: Path, prompt_ids: list[int], new_tokens: int, runs: int,
                    banned: frozenset[int]) -> tuple[float, float] | None:
     """llama.cpp through llama-cpp-python's completion API; end-of-sequence ids banned."""
@@ -219,9 +228,11 @@ def time_llama_cpp(path: Path, prompt_ids: list[int], new_tokens: int, runs: int
         from llama_cpp import Llama
     except ImportError:
         return None
-    threads = os.cpu_count()
-    llm = Llama(model_path=str(path), n_ctx=len(prompt_ids) + new_tokens + 8, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    if path not in _llama_cpp:
+        threads = os.cpu_count()
+        _llama_cpp[path] = Llama(model_path=str(path), n_ctx=len(prompt_ids) + new_tokens + 8, n_threads=threads,
+                                 n_threads_batch=threads, verbose=False)
+    llm = _llama_cpp[path]
     bias = {i: -1e9 for i in banned}
 
     def complete(n: int) -> float:
@@ -246,6 +257,8 @@ def main() -> None:
     parser.add_argument("--modes", default=None, help="comma-separated precision modes (default: all for the device)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement; the best is kept")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of the public API and llama.cpp; the best of each is kept")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-public-api", action="store_true",
                         help="skip the end-to-end LlamaRunner.generate row")
@@ -283,34 +296,47 @@ def main() -> None:
               f"({mib:.0f} MiB weights/token)", flush=True)
         models[mode] = model
     del weights
-    if not args.skip_public_api:
-        # In this process, after the rows above ran parallel torch work on its main thread:
-        # the runner's engine runs in a process of its own, so that work does not slow it
-        # (benchmarks/bench_isolation.py measures how much it did when it did).
-        mode, pf, dec = time_public_api(path, device, prompt_ids, args.new_tokens, args.runs)
-        rows.append((f"LlamaRunner.generate ({mode})", pf, dec, None))
-        print(f"  measured LlamaRunner.generate  prefill {pf:8.1f} tok/s  decode {dec:7.1f} tok/s "
-              f"(public API, {mode})", flush=True)
-
     if not args.skip_transformers:
         for name in args.transformers_dtypes.split(","):
             pf, dec = time_transformers(path, getattr(torch, name), device, prompt_ids, args.new_tokens, args.runs)
             rows.append((f"transformers {name}", pf, dec, None))
             print(f"  measured transformers {name:8s} prefill {pf:8.1f} tok/s  decode {dec:7.1f} tok/s", flush=True)
-    cpp = None
-    if device.type == "cpu":
-        # In a process of its own: a llama.cpp build whose kernels crash must not take the table with it.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            try:
-                cpp = pool.submit(time_llama_cpp, path, prompt_ids, args.new_tokens, args.runs,
-                                  frozenset(getattr(tokenizer, "eos_token_ids", ()))).result()
-            except BrokenProcessPool:
-                print("  llama.cpp crashed: rebuild llama-cpp-python for this CPU (see `make bench`)")
+    # The public API and llama.cpp in alternating rounds (best of each kept): on a shared
+    # machine either one's speed drifts by tens of percent over minutes.
+    api = None if args.skip_public_api else PublicApi(path, device)
+    api_best: tuple[float, float] | None = None
+    cpp: tuple[float, float] | None = None
+    # llama.cpp in a process of its own: a build whose kernels crash must not take the table with it.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for round_ in range(1, args.rounds + 1):
+            line = f"  round {round_}:"
+            if api is not None:
+                # In this process, after the rows above ran parallel torch work on its main thread:
+                # the runner's engine runs in a process of its own, so that work does not slow it
+                # (benchmarks/bench_isolation.py measures how much it did when it did).
+                api_round = api.measure(prompt_ids, args.new_tokens, args.runs)
+                api_best = api_round if api_best is None else max(api_best, api_round, key=lambda r: r[1])
+                line += f" LlamaRunner.generate decode {api_round[1]:6.1f} tok/s"
+            if device.type == "cpu":
+                try:
+                    cpp_round = pool.submit(time_llama_cpp, path, prompt_ids, args.new_tokens, args.runs,
+                                          frozenset(getattr(tokenizer, "eos_token_ids", ()))).result()
+                except BrokenProcessPool:
+                    print("  llama.cpp crashed: rebuild llama-cpp-python for this CPU (see `make bench`)")
+                    break
+                if cpp_round is None:
+                    print("  no llama.cpp row (llama-cpp-python is installed by `make bench`)")
+                    break
+                cpp = cpp_round if cpp is None else max(cpp, cpp_round, key=lambda r: r[1])
+                line += f"   llama.cpp decode {cpp_round[1]:6.1f} tok/s"
+                if api is not None:
+                    line += f"   ({api_round[1] / cpp_round[1]:.2f}x)"
+            print(line, flush=True)
+    if api is not None and api_best is not None:
+        api.runner.close()
+        rows.append((f"LlamaRunner.generate ({api.mode})", *api_best, None))
     if cpp is not None:
         rows.append(("llama.cpp (llama-cpp-python)", cpp[0], cpp[1], None))
-        print(f"  measured llama.cpp              prefill {cpp[0]:8.1f} tok/s  decode {cpp[1]:7.1f} tok/s")
-    elif device.type == "cpu":
-        print("  no llama.cpp row (llama-cpp-python is installed by `make bench`)")
 
     base = next((r for r in rows if r[0] == "transformers float32"), None)
     print()

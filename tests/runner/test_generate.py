@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tokenguard.runner.generate import generate_tokens
+from tokenguard.runner.generate import generate_tokens, prefill
+from tokenguard.runner.model import ContiguousKVCache
 from tokenguard.runner.model.build import build_model
 from tokenguard.runner.model.loader import load_checkpoint
 from tokenguard.runner.model.precision import PRECISIONS
@@ -39,3 +41,24 @@ def test_generate_tokens_ends_after_a_stop_token(tiny_llama):
     stopped = list(generate_tokens(model, [1, 2, 3], SamplingParams(max_tokens=10), stop_token_ids={greedy[2]}))
     assert stopped == greedy[: greedy.index(greedy[2]) + 1]
     assert torch.is_inference_mode_enabled() is False  # nothing leaks out of the generator
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_moved_model_computes_with_its_moved_weights(tiny_llama, precision):
+    # Layers call kernels bound to their tensors; .to() and friends replace the buffers of
+    # quantized layers (as _apply does here), and the layers must follow.
+    config, weights = load_checkpoint(tiny_llama.folder)
+    model = build_model(config, weights, PRECISIONS[precision])
+    ids = torch.tensor([1, 5, 9, 2])
+
+    def logits() -> torch.Tensor:
+        cache = ContiguousKVCache(config.num_layers, config.num_kv_heads, config.head_dim, 8, model.dtype)
+        return prefill(model, ids, cache)
+
+    before = logits()
+    model._apply(torch.clone)
+    scales = next(b for b in model.layers[0].wqkv.buffers() if b.is_floating_point())
+    scales.mul_(-1)  # only the moved copy changes
+    assert not torch.equal(logits(), before)
+    scales.mul_(-1)
+    assert torch.equal(logits(), before)

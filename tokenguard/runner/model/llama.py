@@ -7,12 +7,15 @@ the same model serves a contiguous per-sequence cache (``kv_cache.py``) and a pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenguard.runner.model.config import LlamaConfig, rope_inv_freq
 from tokenguard.runner.model.kv_cache import KVCache
+from tokenguard.runner.model.quant import Kernel, kernel_of
 
 
 class RMSNorm(nn.Module):
@@ -26,7 +29,12 @@ class RMSNorm(nn.Module):
         self.out_dtype = out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps).to(self.out_dtype)
+        return self.kernel()(x)
+
+    def kernel(self) -> Kernel:
+        """``forward`` as a closure (see :mod:`tokenguard.runner.model.quant`)."""
+        weight, shape, eps, out_dtype = self.weight, tuple(self.weight.shape), self.eps, self.out_dtype
+        return lambda x: F.rms_norm(x, shape, weight, eps).to(out_dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -42,10 +50,11 @@ class DecoderLayer(nn.Module):
     """One layer: attention over the KV cache, then the gated feed-forward, each with a
     pre-norm and a residual.
 
-    The step calls its norms and matmuls through bound ``forward`` methods rather than
-    ``nn.Module.__call__``: decoding one token on a CPU is dispatch-bound, the hook
-    machinery of the nested module calls cost about a tenth of the step, and these
-    modules never carry hooks.
+    The step calls its norms' and matmuls' kernels (closures over their tensors, see
+    :mod:`tokenguard.runner.model.quant`) rather than ``nn.Module.__call__``: decoding
+    one token on a CPU is dispatch-bound, the hook and attribute machinery of the nested
+    module calls cost about a seventh of the step, and these modules never carry hooks.
+    :class:`LlamaModel` binds them again whenever its tensors move (``.to()``).
     """
 
     def __init__(self, config: LlamaConfig, layer: int, *, wqkv: nn.Module, wo: nn.Module, w13: nn.Module,
@@ -61,8 +70,12 @@ class DecoderLayer(nn.Module):
         self.w2 = w2
         self.attention_norm = attention_norm
         self.ffn_norm = ffn_norm
-        self._kernels = (attention_norm.forward, wqkv.forward, wo.forward, ffn_norm.forward, w13.forward,
-                         w2.forward)
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        """Take the kernels of the layer's current tensors."""
+        self._kernels = tuple(kernel_of(m) for m in (self.attention_norm, self.wqkv, self.wo, self.ffn_norm,
+                                                      self.w13, self.w2))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         attention_norm, wqkv, wo, ffn_norm, w13, w2 = self._kernels
@@ -101,6 +114,14 @@ class LlamaModel(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self._layer_steps = tuple(layer.forward for layer in layers)  # see DecoderLayer
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LlamaModel:
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then the layers take
+        the kernels of their moved tensors."""
+        super()._apply(fn, recurse)
+        for layer in self.layers:
+            layer.bind_kernels()  # type: ignore[operator]
+        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed, in ``dtype``) of the tokens

@@ -1,5 +1,10 @@
 """Linear layers for each weight format, and the conversions that fill them.
 
+Each layer's ``kernel()`` is its ``forward`` as a closure over its current tensors: the
+decoder calls those (see :class:`~tokenguard.runner.model.llama.DecoderLayer`), since
+decoding one token on a CPU is dispatch-bound and a closure skips the module's call and
+attribute machinery.
+
 * :class:`Linear` - a dense matrix in the compute dtype.
 * :class:`Int8Linear` - int8 weights with one scale per output channel (weight-only).
 * :class:`Int4Linear` - 4-bit weights in groups of 32 along the input dim, each group
@@ -9,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +26,10 @@ from tokenguard.runner.model.weights import GGMLTensor, Weight, to_dense
 
 GROUP_SIZE = 32  # GGUF's Q4_0/Q4_1 block size and the int4 kernel's group size
 
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+
 
 class Linear(nn.Module):
     """``x @ weight.T`` with a dense weight ``[out, in]`` (possibly a column-major view)."""
@@ -30,7 +39,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.kernel()(x)
+
+    def kernel(self) -> Kernel:
+        weight = self.weight
+        return lambda x: F.linear(x, weight)
 
 
 class HalfLinearCPU(Linear):
@@ -38,10 +51,15 @@ class HalfLinearCPU(Linear):
     prompt chunk (more than one row) is multiplied in float32, since CPU float16 GEMM is
     about 10x slower than float32."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return F.linear(x, self.weight)
-        return F.linear(x.float(), self.weight.float()).to(x.dtype)
+    def kernel(self) -> Kernel:
+        weight = self.weight
+
+        def half_matmul(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == 1:
+                return F.linear(x, weight)
+            return F.linear(x.float(), weight.float()).to(x.dtype)
+
+        return half_matmul
 
 
 # The weight-only kernels redo their dequantization for every row of ``x``: from this
@@ -70,10 +88,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("dense", dense_matrix(dense, prefers_column_major(scales.dtype, weight.device)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, in] -> [T, out]
-        if x.shape[0] >= DENSE_MIN_ROWS:
-            return F.linear(x, self.dense)
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        return self.kernel()(x)
+
+    def kernel(self) -> Kernel:
+        weight, scales, dense = self.weight, self.scales, self.dense
+
+        def int8_matmul(x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+            if x.shape[0] >= DENSE_MIN_ROWS:
+                return F.linear(x, dense)
+            return _INT8_MM(x, weight, scales)
+
+        return int8_matmul
 
 
 class Int4Linear(nn.Module):
@@ -98,10 +123,17 @@ class Int4Linear(nn.Module):
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, in] bfloat16 -> [T, out]
-        if x.shape[0] >= DENSE_MIN_ROWS:
-            return F.linear(x, self.dense)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        return self.kernel()(x)
+
+    def kernel(self) -> Kernel:
+        packed, scales_and_zeros, dense = self.packed, self.scales_and_zeros, self.dense
+
+        def int4_matmul(x: torch.Tensor) -> torch.Tensor:  # [T, in] bfloat16 -> [T, out]
+            if x.shape[0] >= DENSE_MIN_ROWS:
+                return F.linear(x, dense)
+            return _INT4_MM(x, packed, GROUP_SIZE, scales_and_zeros)
+
+        return int4_matmul
 
 
 class ConcatLinear(nn.Module):
@@ -113,7 +145,17 @@ class ConcatLinear(nn.Module):
         self.parts = nn.ModuleList(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=-1)
+        return self.kernel()(x)
+
+    def kernel(self) -> Kernel:
+        kernels = [kernel_of(part) for part in self.parts]
+        return lambda x: torch.cat([kernel(x) for kernel in kernels], dim=-1)
+
+
+def kernel_of(module: nn.Module) -> Kernel:
+    """``module``'s kernel (see the module docstring), or its ``forward`` if it has none."""
+    kernel = getattr(module, "kernel", None)
+    return kernel() if callable(kernel) else module.forward
 
 
 # GGML types wider than 4 bits: in int4 mode a quantized file's tensors of these types run

@@ -78,20 +78,67 @@ def wait_until(predicate, timeout=TIMEOUT_S) -> bool:
     return True
 
 
-def test_a_killed_engine_fails_the_waiting_stream_and_every_later_call(runner):
+def test_a_killed_engine_fails_the_waiting_stream_and_the_next_call_starts_a_new_one(runner):
     runner.stop_token_ids = frozenset()  # decode all 240 tokens unless stopped
+    expected = runner.generate("again", max_tokens=4).text
+    assert runner.touch("s") is False
+    runner.generate("a session", max_tokens=2, session="s")
     stream = runner.stream([1, 2, 3], max_tokens=240)
     next(stream)
-    os.kill(runner.engine.pid, signal.SIGKILL)  # mid-generation
+    dead = runner.engine
+    os.kill(dead.pid, signal.SIGKILL)  # mid-generation
     error = outcome_in_thread(lambda: list(stream))
     assert isinstance(error, EngineDied) and isinstance(error, TokenGuardError)
-    assert f"pid {runner.engine.pid}" in str(error) and "SIGKILL" in str(error)
-    assert runner.engine.exitcode == -signal.SIGKILL
-    for call in (lambda: runner.generate("again", max_tokens=4), runner.stats, lambda: runner.touch("s"),
-                 lambda: runner.end_session("s"), lambda: list(runner.stream("again"))):
-        assert isinstance(outcome_in_thread(call), EngineDied)
-    runner.close()  # closing a dead runner is fine
+    assert f"pid {dead.pid}" in str(error) and "SIGKILL" in str(error)
+    assert dead.exitcode == -signal.SIGKILL and dead.died
+    # The next call waits for a new engine process; the dead one's sessions are gone.
+    assert outcome_in_thread(lambda: runner.generate("again", max_tokens=4).text) == expected
+    assert runner.engine is not dead and not runner.engine.died and gone(dead.pid)
+    assert runner.touch("s") is False
+    assert runner.stats()["kv_blocks_free"] == runner.stats()["kv_blocks_total"]
+    stream.close()  # cancelling a request of the dead engine touches nothing of the new one
+    assert runner.generate("again", max_tokens=4).text == expected
+    runner.close()
     assert gone(runner.engine.pid)
+
+
+def test_threads_that_find_the_engine_dead_start_one_new_engine(runner):
+    expected = runner.generate("hello", max_tokens=4).text
+    dead = runner.engine
+    others = _engine_workers() - {dead.pid}  # other tests' runners
+    os.kill(dead.pid, signal.SIGKILL)
+    assert wait_until(lambda: dead.died)
+    calls = [InThread(lambda: runner.generate("hello", max_tokens=4).text) for _ in range(4)]
+    assert [call.outcome() for call in calls] == [expected] * 4
+    assert runner.engine is not dead
+    assert _engine_workers() - others == {runner.engine.pid}
+
+
+def test_a_closed_runner_does_not_restart_its_dead_engine(runner):
+    others = _engine_workers() - {runner.engine.pid}
+    os.kill(runner.engine.pid, signal.SIGKILL)
+    assert wait_until(lambda: runner.engine.died)
+    runner.close()
+    assert isinstance(outcome_in_thread(lambda: runner.generate("hello", max_tokens=4)), EngineDied)
+    assert _engine_workers() <= others
+
+
+def _engine_workers() -> set[int]:
+    """Live engine processes of this test process (children running the engine worker),
+    zombies excluded."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"engine_process.worker" in cmdline:
+            pids.add(int(entry.name))
+    return pids
 
 
 def test_calls_waiting_on_a_frozen_engine_fail_once_it_is_killed(runner):

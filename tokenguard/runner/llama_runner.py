@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import threading
 import time
 import weakref
 from collections.abc import (
@@ -132,9 +133,11 @@ class LlamaRunner:
     own (a fresh interpreter, see :mod:`tokenguard.runner.engine_process`); this object
     keeps the tokenizer and the API, and never loads the weights. Torch work elsewhere in
     the caller's process (other threads' OpenMP pools, a second runner) then cannot slow
-    the engine's decode. If that process dies (killed, out of memory), every waiting and
-    later call raises :class:`~tokenguard.runner.errors.EngineDied`. :meth:`close` stops
-    it, and so do dropping the runner and the interpreter's exit.
+    the engine's decode. If that process dies (killed, out of memory), the requests it
+    was serving fail with :class:`~tokenguard.runner.errors.EngineDied` and the next call
+    starts a new one: that call waits while the model loads again (seconds), and the
+    sessions' KV is gone (their next turns prefill everything). :meth:`close` stops it,
+    and so do dropping the runner and the interpreter's exit.
 
     Construction starts that process and loads the model there, which takes seconds: it
     is logged at INFO on the ``tokenguard.runner`` loggers (the file, then how long it
@@ -159,21 +162,25 @@ class LlamaRunner:
 
         recipe = EngineRecipe(self.model_path, self.precision.name, str(self.device), batch_window_ms,
                               session_ttl_s, kv_cache_bytes, cuda_graphs)
-        self.engine: EngineProcess = EngineProcess(recipe)  # builds the model meanwhile
+        self._recipe = recipe
+        engine = EngineProcess(recipe)  # builds the model meanwhile
         try:
             try:
                 tokenizer = self._load_tokenizer(is_default_model(model))
             except Exception:
-                self.engine.wait_ready()  # what is wrong with the checkpoint explains more: raised first
+                engine.wait_ready()  # what is wrong with the checkpoint explains more: raised first
                 raise
-            self.config: LlamaConfig = self.engine.wait_ready()
+            self.config: LlamaConfig = engine.wait_ready()
             self.tokenizer: TemplatedTokenizer = self._check_tokenizer(tokenizer)
         except BaseException:
-            self.engine.shutdown()
+            engine.shutdown()
             raise
         self.stop_token_ids: frozenset[int] = self.tokenizer.eos_token_ids
+        self._engine = [engine]  # a box, so that the finalizer below stops a restarted one too
+        self._restart_lock = threading.Lock()
+        self._closed = False
         # A runner dropped without close() stops its engine process too (without waiting for it).
-        weakref.finalize(self, self.engine.shutdown, False).atexit = False
+        weakref.finalize(self, _stop_engine, self._engine).atexit = False
         logger.info("loaded %s in %.1f s (%s parameters, %sB on disk)", self.model_path.name,
                     time.perf_counter() - start, _si(self.config.num_parameters),
                     _si(checkpoint_bytes(self.model_path)))
@@ -254,15 +261,15 @@ class LlamaRunner:
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         seq, reply = self._submit(ids, params, session,
                                   lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        return AsyncTextStream(self._afollow(seq, reply, events), lambda: self.engine.cancel(seq))
+        return AsyncTextStream(self._afollow(seq, reply, events), lambda: seq.engine.cancel(seq))
 
     def touch(self, session: str) -> bool:
         """Keep ``session`` alive (a heartbeat); False when it is unknown or expired."""
-        return self.engine.touch(session)
+        return self._serving_engine().touch(session)
 
     def end_session(self, session: str) -> None:
         """Forget ``session`` and free its KV blocks now."""
-        self.engine.end_session(session)
+        self._serving_engine().end_session(session)
 
     def stats(self) -> dict[str, int]:
         """Engine state: ``running``, ``waiting``, ``kv_blocks_total``, ``kv_blocks_free``
@@ -270,12 +277,34 @@ class LlamaRunner:
         ``sessions`` (live sessions), ``prefix_tokens_reused`` (prompt tokens not
         prefilled thanks to session reuse, in all) and ``preemptions`` (sequences
         recomputed because blocks ran out)."""
-        return self.engine.stats()
+        return self._serving_engine().stats()
+
+    @property
+    def engine(self) -> EngineProcess:
+        """The engine process serving new requests."""
+        return self._engine[0]
 
     def close(self) -> None:
         """Stop the engine process and wait for it; pending requests fail with a clear
         error, and so does every later call."""
+        with self._restart_lock:  # a restart under way finishes first, and none follows
+            self._closed = True
         self.engine.shutdown()
+
+    def _serving_engine(self) -> EngineProcess:
+        """The engine process, started again first if the last one died."""
+        engine = self.engine
+        if not engine.died:
+            return engine
+        with self._restart_lock:
+            if self.engine is engine and not self._closed:
+                logger.warning("the engine process (pid %d) died; starting a new one", engine.pid)
+                start = time.perf_counter()
+                restarted = EngineProcess(self._recipe)
+                restarted.wait_ready()  # on failure: raised here, and the next call tries again
+                self._engine[0] = restarted
+                logger.info("engine process restarted in %.1f s", time.perf_counter() - start)
+            return self.engine
 
     # -- internals ---------------------------------------------------------------------
 
@@ -312,14 +341,14 @@ class LlamaRunner:
                 f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.context_length}-token context",
             )
         params.max_tokens = min(params.max_tokens, room)  # the reply ends at the context window
-        seq = self.engine.submit(prompt_ids, params, self.stop_token_ids, emit, session)
+        seq = self._serving_engine().submit(prompt_ids, params, self.stop_token_ids, emit, session)
         return seq, ReplyText(self.tokenizer, prompt_ids, params.stop, self.stop_token_ids)
 
     def _open(self, prompt_ids: list[int], params: SamplingParams, session: str | None) -> TextStream:
         """Queue the request now; the returned stream follows its events."""
         events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         seq, reply = self._submit(prompt_ids, params, session, events.put)
-        return TextStream(self._follow(seq, reply, events), lambda: self.engine.cancel(seq))
+        return TextStream(self._follow(seq, reply, events), lambda: seq.engine.cancel(seq))
 
     def _follow(self, seq: RemoteSequence, reply: ReplyText,
                 events: queue.SimpleQueue[tuple[str, Any]]) -> Generator[str | GenerationResult, None, None]:
@@ -332,7 +361,7 @@ class LlamaRunner:
                     yield piece
         finally:
             if not ended:  # the consumer left early: stop the model, free the blocks
-                self.engine.cancel(seq)
+                seq.engine.cancel(seq)
         yield reply.finish()
         yield reply.result(seq.cached_prompt_tokens)
 
@@ -347,7 +376,7 @@ class LlamaRunner:
                     yield piece
         finally:
             if not ended:
-                await asyncio.to_thread(self.engine.cancel, seq)
+                await asyncio.to_thread(seq.engine.cancel, seq)
         yield reply.finish()
         yield reply.result(seq.cached_prompt_tokens)
 
@@ -359,9 +388,13 @@ class LlamaRunner:
             return "", True
         piece = reply.push(value)
         if reply.stopped:  # a stop string: the engine keeps the session's KV, frees the rest
-            self.engine.cancel(seq, keep_session=True)
+            seq.engine.cancel(seq, keep_session=True)
             return piece, True
         return piece, False
+
+
+def _stop_engine(box: list[EngineProcess]) -> None:
+    box[0].shutdown(wait=False)
 
 
 def _si(n: int) -> str:

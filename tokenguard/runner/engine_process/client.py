@@ -71,11 +71,12 @@ Event = tuple[str, Any]
 class RemoteSequence:
     """The runner's handle on one request in the engine process."""
 
-    __slots__ = ("cached_prompt_tokens", "emit", "finished", "rid")
+    __slots__ = ("cached_prompt_tokens", "emit", "engine", "finished", "rid")
 
-    def __init__(self, rid: int, emit: Callable[[Event], None]) -> None:
+    def __init__(self, rid: int, emit: Callable[[Event], None], engine: EngineProcess) -> None:
         self.rid = rid
         self.emit = emit
+        self.engine = engine  # the process serving it (a runner may have started another since)
         self.cached_prompt_tokens = 0  # prompt tokens the engine took from the session's KV
         self.finished = False  # its finish or error was delivered
 
@@ -125,6 +126,11 @@ class EngineProcess:
         """The process's exit status (negative: the signal that ended it); None while it runs."""
         return self._process.poll()
 
+    @property
+    def died(self) -> bool:
+        """Whether the process ended without being asked to (killed, crashed, out of memory)."""
+        return self._ended is not None and self._ended[0] is EngineDied
+
     # -- the Engine's caller-side methods -------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int],
@@ -133,7 +139,7 @@ class EngineProcess:
         check_fits(len(prompt_ids), params.max_tokens, self.capacity_tokens)
         with self._lock:
             self._check_serving()
-            seq = RemoteSequence(next(self._ids), emit)
+            seq = RemoteSequence(next(self._ids), emit, self)
             self._sequences[seq.rid] = seq
         self._send(Submit(seq.rid, prompt_ids, params, stop_token_ids, session))
         return seq

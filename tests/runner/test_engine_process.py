@@ -6,6 +6,7 @@ Waits run in threads joined with a timeout: a hang fails the test instead of sta
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenguard.errors import TokenGuardError
+from tokenguard.errors import InputTooLong, TokenGuardError
 from tokenguard.runner import EngineDied, LlamaRunner
 from tokenguard.runner.engine_process.wire import Step
 
@@ -121,6 +122,32 @@ def test_a_closed_runner_does_not_restart_its_dead_engine(runner):
     runner.close()
     assert isinstance(outcome_in_thread(lambda: runner.generate("hello", max_tokens=4)), EngineDied)
     assert _engine_workers() <= others
+
+
+def test_an_async_call_that_finds_the_engine_dead_restarts_it_off_the_event_loop(runner):
+    expected = runner.generate("hello", max_tokens=4).text
+    dead = runner.engine
+    os.kill(dead.pid, signal.SIGKILL)
+    assert wait_until(lambda: dead.died)
+    restarted_in: list[threading.Thread] = []
+    restart = runner._serving_engine
+
+    def recorded_restart():
+        restarted_in.append(threading.current_thread())
+        return restart()
+
+    runner._serving_engine = recorded_restart
+
+    async def main():
+        with pytest.raises(InputTooLong):  # a prompt that cannot fit fails at once, before any restart
+            runner.astream([1] * runner.context_length)
+        loop_thread = threading.current_thread()
+        text = (await runner.agenerate("hello", max_tokens=4)).text
+        return loop_thread, text
+
+    loop_thread, text = outcome_in_thread(lambda: asyncio.run(main()))
+    assert text == expected and runner.engine is not dead
+    assert restarted_in and restarted_in[0] is not loop_thread  # the model loaded in a worker thread
 
 
 def _engine_workers() -> set[int]:

@@ -257,10 +257,10 @@ class LlamaRunner:
         """Async :meth:`stream`: ``async for piece in runner.astream(...)``."""
         ids = self._stream_ids(prompt, messages)
         params = SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        seq, reply = self._submit(ids, params, session,
-                                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        if self.engine.died:
+            self._check_prompt(ids, params)
+            return self._astream_restarting(ids, params, session)
+        seq, reply, events = self._asubmit(ids, params, session)
         return AsyncTextStream(self._afollow(seq, reply, events), lambda: seq.engine.cancel(seq))
 
     def touch(self, session: str) -> bool:
@@ -332,6 +332,45 @@ class LlamaRunner:
     def _submit(self, prompt_ids: list[int], params: SamplingParams, session: str | None,
                 emit: Any) -> tuple[RemoteSequence, ReplyText]:
         """Check the prompt, queue it in the engine, and start its reply text."""
+        self._check_prompt(prompt_ids, params)
+        seq = self._serving_engine().submit(prompt_ids, params, self.stop_token_ids, emit, session)
+        return seq, ReplyText(self.tokenizer, prompt_ids, params.stop, self.stop_token_ids)
+
+    def _asubmit(self, prompt_ids: list[int], params: SamplingParams, session: str | None,
+                 ) -> tuple[RemoteSequence, ReplyText, asyncio.Queue[tuple[str, Any]]]:
+        """:meth:`_submit` with the events handed to the running event loop's queue."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        seq, reply = self._submit(prompt_ids, params, session,
+                                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        return seq, reply, events
+
+    def _astream_restarting(self, prompt_ids: list[int], params: SamplingParams,
+                            session: str | None) -> AsyncTextStream:
+        """:meth:`astream` once the engine died: the new engine process starts (the model
+        loads, seconds) in a worker thread at the first iteration, not on the event loop."""
+        submitted: list[RemoteSequence] = []
+
+        async def pieces() -> AsyncGenerator[str | GenerationResult, None]:
+            await asyncio.to_thread(self._serving_engine)
+            seq, reply, events = self._asubmit(prompt_ids, params, session)
+            submitted.append(seq)
+            follow = self._afollow(seq, reply, events)
+            try:
+                async for item in follow:
+                    yield item
+            finally:
+                await follow.aclose()
+
+        def cancel() -> None:
+            for seq in submitted:
+                seq.engine.cancel(seq)
+
+        return AsyncTextStream(pieces(), cancel)
+
+    def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse an empty prompt or one that fills the context; end the reply at the
+        context window."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty; give at least one token")
         room = self.context_length - len(prompt_ids)
@@ -340,9 +379,7 @@ class LlamaRunner:
                 self.context_length - 1,
                 f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.context_length}-token context",
             )
-        params.max_tokens = min(params.max_tokens, room)  # the reply ends at the context window
-        seq = self._serving_engine().submit(prompt_ids, params, self.stop_token_ids, emit, session)
-        return seq, ReplyText(self.tokenizer, prompt_ids, params.stop, self.stop_token_ids)
+        params.max_tokens = min(params.max_tokens, room)
 
     def _open(self, prompt_ids: list[int], params: SamplingParams, session: str | None) -> TextStream:
         """Queue the request now; the returned stream follows its events."""

@@ -10,8 +10,9 @@ from guarantees import TOKENIZERS, check_guarantees, histories
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenguard import Guard, InputTooLong
-from tokenguard.context import TailOnly, turns
+from tokenguard import Guard, InputTooLong, get_tokenizer
+from tokenguard.context import TailOnly, TurnCosts, turn_cost, turns
+from tokenguard.context.messages import turn_key
 
 
 @pytest.mark.parametrize("name", list(TOKENIZERS))
@@ -90,3 +91,16 @@ def test_an_api_model_s_window_comes_from_the_catalogue():
     # A short prompt that fits is sent as it is and counted once, not fitted.
     reply = guard.complete([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     assert len(reply.messages) == 2
+
+
+def test_turn_counts_are_remembered_least_recently_used_first():
+    tokenizer = get_tokenizer("gpt-4o")
+    costs = TurnCosts(size=2)
+    a, b, c = ([{"role": "user", "content": text}] for text in ("alpha", "beta beta", "gamma gamma gamma"))
+    assert costs(tokenizer, a) == turn_cost(tokenizer, a)
+    costs(tokenizer, b)
+    costs(tokenizer, a)  # a is now the most recently used
+    costs(tokenizer, c)  # so b is dropped
+    assert len(costs) == 2
+    keys = [f"{tokenizer.name}:{turn_key(t)}" for t in (a, b, c)]
+    assert costs.lookup(keys) == [turn_cost(tokenizer, a), None, turn_cost(tokenizer, c)]

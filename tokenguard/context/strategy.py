@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from tokenguard.context.messages import fingerprint, turn_key
@@ -14,6 +14,7 @@ from tokenguard.tokens import Tokenizer
 __all__ = [
     "ContextStrategy",
     "ConversationStrategy",
+    "CountMemo",
     "Generate",
     "Sessions",
     "Turn",
@@ -197,7 +198,39 @@ def turn_cost(tokenizer: Tokenizer, turn: Sequence[Mapping[str, Any]]) -> int:
     return max(tokenizer.count_messages([_EMPTY_SYSTEM, *turn]) - tokenizer.count_messages([_EMPTY_SYSTEM]), 0)
 
 
-class TurnCosts:
+class CountMemo:
+    """Token counts remembered by key: at most ``size`` of them, the least recently used
+    dropped first; safe to share between threads (counting runs outside its lock)."""
+
+    def __init__(self, size: int = _CACHE_SIZE) -> None:
+        self.size = size
+        self._counts: OrderedDict[Hashable, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lookup(self, keys: Sequence[Hashable]) -> list[int | None]:
+        """The count remembered for each key (None where there is none); the found ones
+        become the most recently used."""
+        with self._lock:
+            counts = [self._counts.get(key) for key in keys]
+            for key, count in zip(keys, counts, strict=True):
+                if count is not None:
+                    self._counts.move_to_end(key)
+        return counts
+
+    def remember(self, counts: Mapping[Hashable, int]) -> None:
+        """Keep ``counts``, dropping the least recently used beyond ``size``."""
+        with self._lock:
+            self._counts.update(counts)
+            while len(self._counts) > self.size:
+                self._counts.popitem(last=False)
+
+    def __len__(self) -> int:
+        """How many counts are remembered."""
+        with self._lock:
+            return len(self._counts)
+
+
+class TurnCosts(CountMemo):
     """What a turn adds to a prompt (its framing included), remembered by content.
 
     A strategy asks for the same turns call after call (a chat resends its history; a
@@ -205,27 +238,11 @@ class TurnCosts:
     most ``size`` counts are kept, the least recently used dropped first.
     """
 
-    def __init__(self, size: int = _CACHE_SIZE) -> None:
-        self.size = size
-        self._counts: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
-
     def __call__(self, tokenizer: Tokenizer, turn: Turn) -> int:
         """The tokens ``turn`` adds to a prompt (see :func:`turn_cost`)."""
         key = f"{tokenizer.name}:{turn_key(turn)}"
-        with self._lock:
-            cost = self._counts.get(key)
-            if cost is not None:
-                self._counts.move_to_end(key)
-                return cost
-        cost = turn_cost(tokenizer, turn)
-        with self._lock:
-            self._counts[key] = cost
-            while len(self._counts) > self.size:
-                self._counts.popitem(last=False)
+        (cost,) = self.lookup([key])
+        if cost is None:
+            cost = turn_cost(tokenizer, turn)
+            self.remember({key: cost})
         return cost
-
-    def __len__(self) -> int:
-        """How many counts are remembered."""
-        with self._lock:
-            return len(self._counts)

@@ -3,13 +3,12 @@ so that reports can show the savings of context fitting and scope trimming."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from tokenguard.context import turn_cost
 from tokenguard.context.messages import turn_key
+from tokenguard.context.strategy import CountMemo
 from tokenguard.tokens import Tokenizer
 
 __all__ = ["SparedTokens"]
@@ -41,9 +40,7 @@ class SparedTokens:
     """
 
     def __init__(self, size: int = _SIZE) -> None:
-        self.size = size
-        self._costs: OrderedDict[Hashable, int] = OrderedDict()
-        self._lock = threading.Lock()
+        self._costs = CountMemo(size)
 
     def __call__(
         self, tokenizer: Tokenizer, before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]
@@ -52,17 +49,10 @@ class SparedTokens:
 
     def _size(self, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> int:
         keys = [_key(tokenizer, message) for message in messages]
-        with self._lock:
-            costs = [self._costs.get(key) for key in keys]
-            for key, cost in zip(keys, costs, strict=True):
-                if cost is not None:
-                    self._costs.move_to_end(key)
+        costs = self._costs.lookup(keys)
         missing = {key: message for key, message, cost in zip(keys, messages, costs, strict=True) if cost is None}
         if not missing:
             return sum(costs)  # type: ignore[arg-type]
         priced = {key: turn_cost(tokenizer, [dict(message)]) for key, message in missing.items()}
-        with self._lock:
-            self._costs.update(priced)
-            while len(self._costs) > self.size:
-                self._costs.popitem(last=False)
+        self._costs.remember(priced)
         return sum(cost if cost is not None else priced[key] for key, cost in zip(keys, costs, strict=True))

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_until
 
 from tokenguard import InputTooLong
 from tokenguard.runner import KVCacheTooSmall, LlamaRunner
@@ -46,15 +47,6 @@ def in_threads(fn, items):
     if errors:
         raise errors[0]
     return results
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_concurrent_greedy_equals_one_at_a_time(runner):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from tokenguard.errors import InputTooLong, TokenGuardError
 from tokenguard.runner import EngineDied, LlamaRunner
@@ -68,15 +69,6 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-def wait_until(predicate, timeout=TIMEOUT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_killed_engine_fails_the_waiting_stream_and_the_next_call_starts_a_new_one(runner):

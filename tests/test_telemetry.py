@@ -212,12 +212,67 @@ def test_nested_calls_carry_their_depth_and_tree(otel):
         return research([*messages, {"role": "user", "content": "Who owns billing?"}])
 
     plan("Plan the week.", session="s")
-    child, parent = (dict(span.attributes or {}) for span in otel.spans())  # the child ends first
+    parent, child = sorted((dict(span.attributes or {}) for span in otel.spans()),
+                           key=lambda attributes: attributes["tokenguard.depth"])
     assert (child["tokenguard.depth"], parent["tokenguard.depth"]) == (1, 0)
     assert child["tokenguard.parent_id"] == parent["tokenguard.request_id"]
     assert child["tokenguard.root_id"] == parent["tokenguard.root_id"] == parent["tokenguard.request_id"]
     assert "tokenguard.parent_id" not in parent
     assert [row["depth"] for row in ledger.records()] == [1, 0]
+
+
+def _by_depth(spans: list[ReadableSpan]) -> list[ReadableSpan]:
+    return sorted(spans, key=lambda span: (span.attributes or {})["tokenguard.depth"])
+
+
+def test_a_nested_call_span_is_a_child_of_its_parent_calls_span(otel):
+    tracer = otel.meter.tracer
+
+    @tg.guard(model="gpt-4o", telemetry=otel.meter)
+    def lookup(messages, max_tokens):
+        return "Priya"
+
+    @tg.guard(model="gpt-4o", telemetry=otel.meter)
+    def research(messages, max_tokens):
+        return lookup([*messages, {"role": "user", "content": "Who?"}])
+
+    @tg.guard(model="gpt-4o", telemetry=otel.meter)
+    def plan(messages, max_tokens):
+        return research([*messages, {"role": "user", "content": "Who owns billing?"}])
+
+    with tracer.start_as_current_span("request") as request:
+        plan("Plan the week.")
+    root, middle, leaf = _by_depth([span for span in otel.spans() if span.name != "request"])
+    assert root.parent is not None and root.parent.span_id == request.get_span_context().span_id
+    assert middle.parent is not None and middle.parent.span_id == root.context.span_id
+    assert leaf.parent is not None and leaf.parent.span_id == middle.context.span_id
+    assert {span.context.trace_id for span in (root, middle, leaf)} == {request.get_span_context().trace_id}
+    assert leaf.start_time >= middle.start_time >= root.start_time  # the calls' own times, not the writing's
+    assert leaf.end_time <= middle.end_time <= root.end_time
+
+
+def test_a_child_metered_after_its_parent_is_still_its_child(otel):
+    import asyncio
+
+    @tg.guard(model="gpt-4o", telemetry=otel.meter)
+    async def child(messages, max_tokens):
+        await asyncio.sleep(0.05)
+        return "late"
+
+    tasks = []
+
+    @tg.guard(model="gpt-4o", telemetry=otel.meter)
+    async def parent(messages, max_tokens):
+        tasks.append(asyncio.create_task(child("made inside the parent")))  # a child of this call
+        return "early"
+
+    async def main():
+        await parent("start")
+        await tasks[0]  # finishes after the parent was metered
+
+    asyncio.run(main())
+    first, second = _by_depth(otel.spans())
+    assert second.parent is not None and second.parent.span_id == first.context.span_id
 
 
 def test_an_openai_compatible_server_is_named_on_the_span(otel):

@@ -16,7 +16,10 @@ own ``tracer_provider`` / ``meter_provider`` sends to those instead of the globa
 The span of a call (name ``chat {model}``; kind ``INTERNAL`` for a model run in this
 process, else ``CLIENT``) is written when the call is metered, with the call's real
 start and end times, as a child of the span current at that point (your request's).
-Its attributes:
+A nested call's span is the child of its parent call's: a nested call is metered
+before its parent, so its span waits for the parent's and is written right after it
+(a parent that is never metered releases its children's spans, unparented, once
+:data:`MAX_WAITING` wait). Its attributes:
 
 ========================================= ======================================================
 ``gen_ai.operation.name``                 ``"chat"``
@@ -65,7 +68,8 @@ import importlib.metadata
 import importlib.util
 import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -166,6 +170,12 @@ class OTelMeter:
             "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration.",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
         )
+        # Spans of nested calls waiting for their parent call's span, by its request id,
+        # and the span contexts of the calls metered last (for a child metered late).
+        self._waiting: OrderedDict[str, list[Callable[[Any], None]]] = OrderedDict()
+        self._num_waiting = 0
+        self._written: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
         self.saved = meter.create_counter(
             "tokenguard.client.tokens.saved", unit="{token}",
             description="Tokens a tokenguard cache hit or stopped loop spared.",
@@ -196,7 +206,8 @@ class OTelMeter:
         cached = bool(row["cached"])
         input_tokens, output_tokens = int(row["input_tokens"] or 0), int(row["output_tokens"] or 0)
         end_ns = time.time_ns()
-        self._span(call, row, common, stop_reason, error, error_type, cached, end_ns)
+        self._place_span(call, lambda parent: self._span(call, row, common, stop_reason, error, error_type,
+                                                        cached, end_ns, parent))
 
         if not cached and stop_reason not in _REFUSED:
             duration_attrs = dict(common)
@@ -220,14 +231,52 @@ class OTelMeter:
         self._maybe_idle = False
         return False
 
+    def _place_span(self, call: Call, write: Callable[[Any], Any]) -> None:
+        """Write a call's span (``write(parent context)`` returns it) under its parent
+        call's span: now if that one is written (or the call has no parent), else once
+        it is. Then the spans that waited for this one, and theirs."""
+        parent_id = call.parent_id
+        released: list[Callable[[Any], None]] = []
+        with self._lock:
+            if parent_id is not None and parent_id not in self._written:
+                self._waiting.setdefault(parent_id, []).append(lambda context: self._place(call, write, context))
+                self._num_waiting += 1
+                while self._num_waiting > MAX_WAITING:
+                    oldest = self._waiting.popitem(last=False)[1]
+                    self._num_waiting -= len(oldest)
+                    released += oldest
+                context = None
+            else:
+                context = self._written.get(parent_id) if parent_id is not None else None
+        for orphan in released:  # their parent was never metered: under the current span
+            orphan(None)
+        if parent_id is None or context is not None:
+            self._place(call, write, context)
+
+    def _place(self, call: Call, write: Callable[[Any], Any], parent: Any) -> None:
+        span = write(parent)
+        context = self._trace.set_span_in_context(span)
+        with self._lock:
+            self._written[call.request_id] = context
+            while len(self._written) > MAX_WAITING:
+                self._written.popitem(last=False)
+            children = self._waiting.pop(call.request_id, [])
+            self._num_waiting -= len(children)
+        for child in children:
+            child(context)
+
     def _span(self, call: Call, row: Mapping[str, Any], common: dict[str, Any], stop_reason: str,
-              error: BaseException | None, error_type: str | None, cached: bool, end_ns: int) -> None:
+              error: BaseException | None, error_type: str | None, cached: bool, end_ns: int,
+              parent: Any) -> Any:
+        """Write the call's span (under ``parent``, an OpenTelemetry context, else the
+        current one) and return it."""
         trace = self._trace
         kind = trace.SpanKind.INTERNAL if row["backend"] in _IN_PROCESS else trace.SpanKind.CLIENT
-        span = self.tracer.start_span(f"chat {call.model}", kind=kind, start_time=int(call.ts * 1e9))
+        span = self.tracer.start_span(f"chat {call.model}", context=parent, kind=kind,
+                                      start_time=int(call.ts * 1e9))
         if not span.is_recording():  # no SDK configured: the API's no-op span
             span.end(end_time=end_ns)
-            return
+            return span
         attributes: dict[str, Any] = {
             **common,
             "gen_ai.request.max_tokens": call.max_output_tokens,
@@ -264,7 +313,12 @@ class OTelMeter:
             span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:500]))
         span.set_attributes(attributes)
         span.end(end_time=end_ns)
+        return span
 
+
+#: Spans of nested calls held for a parent call that has not been metered yet, at most;
+#: beyond that the oldest are written under the current span instead.
+MAX_WAITING = 10_000
 
 _default: OTelMeter | None = None
 _default_lock = threading.Lock()

@@ -104,6 +104,8 @@ def sample(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
         probs = _filtered_probs(logits[rows], params)
         noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=samplers[i].generator)
                              for i in drawn])
+        # A draw of exactly 0 would make a filtered-out token's 0 / 0 a NaN, which argmax picks.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         choice[rows] = (probs / noise).argmax(-1)
     tokens: list[int] = choice.tolist()
     for i in penalized:

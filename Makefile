@@ -47,7 +47,8 @@ test: $(VENV)/.test redis-server
 BENCH_PEERS := langchain-core langchain-community
 # llama.cpp, bench_runner.py's single-stream reference, builds from source (about 5 minutes
 # on 2 cores). Its AMX matmul dies of a general-protection fault on CPUs that list AMX but
-# do not grant it (virtual machines): there it is built for AVX-512 without AMX.
+# do not grant it (virtual machines): there it is built for AVX-512 without AMX (never from
+# pip's cache, which may hold a native build).
 LLAMA_CPP := llama-cpp-python==0.3.36
 NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
@@ -57,7 +58,7 @@ bench: $(VENV)/.test
 	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
 		echo "building $(LLAMA_CPP) for the llama.cpp rows (about 5 minutes)"; \
 		if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then export CMAKE_ARGS="$(NO_AMX)"; fi; \
-		$(PIP) install --quiet $(LLAMA_CPP); }
+		$(PIP) install --quiet --no-cache-dir $(LLAMA_CPP); }
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 # The GPU check runs on a GPU machine's own Python (3.12, torch with CUDA, transformers)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -62,3 +65,20 @@ def test_a_moved_model_computes_with_its_moved_weights(tiny_llama, precision):
     assert not torch.equal(logits(), before)
     scales.mul_(-1)
     assert torch.equal(logits(), before)
+
+
+def test_a_copied_or_pickled_model_computes_with_its_own_weights(tiny_llama):
+    config, weights = load_checkpoint(tiny_llama.folder)
+    model = build_model(config, weights, PRECISIONS["int4"])
+    ids = torch.tensor([1, 5, 9, 2])
+
+    def logits(m) -> torch.Tensor:
+        cache = ContiguousKVCache(config.num_layers, config.num_kv_heads, config.head_dim, 8, m.dtype)
+        return prefill(m, ids, cache)
+
+    before = logits(model)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(logits(other), before)
+        next(b for b in other.layers[0].wqkv.buffers() if b.is_floating_point()).mul_(-1)
+        assert not torch.equal(logits(other), before)  # the copy's own weights
+        assert torch.equal(logits(model), before)  # the original's untouched

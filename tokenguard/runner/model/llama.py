@@ -8,6 +8,7 @@ the same model serves a contiguous per-sequence cache (``kv_cache.py``) and a pa
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,16 @@ class DecoderLayer(nn.Module):
         """Take the kernels of the layer's current tensors."""
         self._kernels = tuple(kernel_of(m) for m in (self.attention_norm, self.wqkv, self.wo, self.ffn_norm,
                                                       self.w13, self.w2))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and deep-copied without its kernels (closures), bound again on arrival."""
+        state = self.__dict__.copy()
+        del state["_kernels"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.bind_kernels()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         attention_norm, wqkv, wo, ffn_norm, w13, w2 = self._kernels

@@ -16,10 +16,10 @@ from torch import nn
 
 from tokenguard.runner.model.config import LlamaConfig, rope_inv_freq
 from tokenguard.runner.model.kv_cache import KVCache
-from tokenguard.runner.model.quant import Kernel, kernel_of
+from tokenguard.runner.model.quant import Kernel, KernelModule, kernel_of
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(KernelModule):
     """RMS normalization computed in the residual stream's dtype, output in ``out_dtype``
     (the dtype the following matmul takes)."""
 
@@ -29,11 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.out_dtype = out_dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x)
-
     def kernel(self) -> Kernel:
-        """``forward`` as a closure (see :mod:`tokenguard.runner.model.quant`)."""
         weight, shape, eps, out_dtype = self.weight, tuple(self.weight.shape), self.eps, self.out_dtype
         return lambda x: F.rms_norm(x, shape, weight, eps).to(out_dtype)
 
@@ -55,7 +51,7 @@ class DecoderLayer(nn.Module):
     :mod:`tokenguard.runner.model.quant`) rather than ``nn.Module.__call__``: decoding
     one token on a CPU is dispatch-bound, the hook and attribute machinery of the nested
     module calls cost about a seventh of the step, and these modules never carry hooks.
-    :class:`LlamaModel` binds them again whenever its tensors move (``.to()``).
+    They are bound again whenever its tensors move (``.to()``) and when it is copied.
     """
 
     def __init__(self, config: LlamaConfig, layer: int, *, wqkv: nn.Module, wo: nn.Module, w13: nn.Module,
@@ -77,6 +73,13 @@ class DecoderLayer(nn.Module):
         """Take the kernels of the layer's current tensors."""
         self._kernels = tuple(kernel_of(m) for m in (self.attention_norm, self.wqkv, self.wo, self.ffn_norm,
                                                       self.w13, self.w2))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DecoderLayer:
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ... of the layer or the
+        model), then the kernels of the moved tensors."""
+        super()._apply(fn, recurse)
+        self.bind_kernels()
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled and deep-copied without its kernels (closures), bound again on arrival."""
@@ -125,14 +128,6 @@ class LlamaModel(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self._layer_steps = tuple(layer.forward for layer in layers)  # see DecoderLayer
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LlamaModel:
-        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then the layers take
-        the kernels of their moved tensors."""
-        super()._apply(fn, recurse)
-        for layer in self.layers:
-            layer.bind_kernels()  # type: ignore[operator]
-        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed, in ``dtype``) of the tokens

@@ -31,15 +31,23 @@ _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 
 
-class Linear(nn.Module):
+class KernelModule(nn.Module):
+    """A module whose ``forward`` is its :meth:`kernel` (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel()(x)
+
+    def kernel(self) -> Kernel:
+        """``forward`` as a closure over the module's current tensors."""
+        raise NotImplementedError
+
+
+class Linear(KernelModule):
     """``x @ weight.T`` with a dense weight ``[out, in]`` (possibly a column-major view)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x)
 
     def kernel(self) -> Kernel:
         weight = self.weight
@@ -69,7 +77,7 @@ class HalfLinearCPU(Linear):
 DENSE_MIN_ROWS = 8
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(KernelModule):
     """Weight-only int8: ``weight [out, in]`` int8 and ``scales [out]`` in the compute dtype.
 
     Batches of at least :data:`DENSE_MIN_ROWS` rows use ``dense``, the same weights
@@ -87,9 +95,6 @@ class Int8Linear(nn.Module):
         dense = weight.to(scales.dtype) * scales[:, None]
         self.register_buffer("dense", dense_matrix(dense, prefers_column_major(scales.dtype, weight.device)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x)
-
     def kernel(self) -> Kernel:
         weight, scales, dense = self.weight, self.scales, self.dense
 
@@ -101,7 +106,7 @@ class Int8Linear(nn.Module):
         return int8_matmul
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(KernelModule):
     """Weight-only int4 in the CPU kernel's packed layout.
 
     ``scales_and_zeros [in/32, out, 2]`` (bfloat16) dequantize a 4-bit value ``q`` as
@@ -122,9 +127,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("dense", dense)
         self.out_features = out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x)
-
     def kernel(self) -> Kernel:
         packed, scales_and_zeros, dense = self.packed, self.scales_and_zeros, self.dense
 
@@ -136,16 +138,13 @@ class Int4Linear(nn.Module):
         return int4_matmul
 
 
-class ConcatLinear(nn.Module):
+class ConcatLinear(KernelModule):
     """Row-stacked layers of different formats (a fused projection whose parts the file
     stores in different precisions), outputs concatenated."""
 
     def __init__(self, parts: Sequence[nn.Module]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x)
 
     def kernel(self) -> Kernel:
         kernels = [kernel_of(part) for part in self.parts]
@@ -154,8 +153,7 @@ class ConcatLinear(nn.Module):
 
 def kernel_of(module: nn.Module) -> Kernel:
     """``module``'s kernel (see the module docstring), or its ``forward`` if it has none."""
-    kernel = getattr(module, "kernel", None)
-    return kernel() if callable(kernel) else module.forward
+    return module.kernel() if isinstance(module, KernelModule) else module.forward
 
 
 # GGML types wider than 4 bits: in int4 mode a quantized file's tensors of these types run

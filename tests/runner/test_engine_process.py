@@ -213,6 +213,27 @@ def test_interpreter_exit_stops_the_engine_of_a_script_without_a_main_guard(tiny
     assert gone(pid)
 
 
+def test_what_the_engine_process_prints_never_reaches_the_message_stream(tiny_llama, tmp_path):
+    # A sitecustomize runs in every new interpreter before our code can redirect anything.
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os, sys
+        sys.stdout.write("a banner on stdout\\n"); sys.stdout.flush()
+        os.write(1, b"and from C\\n")
+    """))
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        from tokenguard.runner import LlamaRunner
+        with LlamaRunner({str(tiny_llama.folder)!r}, device="cpu", dtype="float32") as runner:
+            print(len(runner.generate("hi", max_tokens=3).token_ids), flush=True)
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr
+    # the script's own sitecustomize printed once to its stdout; the engine's went to stderr
+    assert done.stdout.splitlines()[-1] == "3"
+    assert done.stderr.count("a banner on stdout") == 1 and done.stderr.count("and from C") == 1
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
 def test_an_engine_never_outlives_its_runners_process(tiny_llama, tmp_path):
     # The runner's process is killed outright (no atexit): its engine sees its pipe close and exits.

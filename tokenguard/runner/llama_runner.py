@@ -291,6 +291,12 @@ class LlamaRunner:
             self._closed = True
         self.engine.shutdown()
 
+    def __enter__(self) -> LlamaRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _serving_engine(self) -> EngineProcess:
         """The engine process, started again first if the last one died."""
         engine = self.engine

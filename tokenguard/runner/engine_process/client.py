@@ -13,6 +13,9 @@ The child is a fresh interpreter (``python -c``), as with multiprocessing's ``sp
 (fork is unsafe once torch has threads) but without re-running the parent's
 ``__main__``: a script that builds a runner at top level, with no
 ``if __name__ == "__main__"`` guard, works as it did. It gets the parent's ``sys.path``.
+Requests go down its stdin; its messages come back on a pipe of their own, not its
+stdout (which is our stderr), so nothing the child prints, not even a ``sitecustomize``
+or a C library writing before the engine starts, can garble the stream.
 
 One reader thread in the runner's process dispatches what the engine sends: each step's
 tokens to the waiting sequences, answers to the waiting calls, log records to the
@@ -28,6 +31,7 @@ import itertools
 import json
 import logging
 import multiprocessing.spawn
+import os
 import signal
 import subprocess
 import sys
@@ -61,7 +65,7 @@ from tokenguard.runner.sampling import SamplingParams
 
 _BOOTSTRAP = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from tokenguard.runner.engine_process.worker import main; main()"
+    "from tokenguard.runner.engine_process.worker import main; main(int(sys.argv[2]))"
 )
 _EXIT_TIMEOUT_S = 30.0  # after Shutdown: the current step, then the process's exit
 
@@ -90,11 +94,19 @@ class EngineProcess:
     """
 
     def __init__(self, recipe: EngineRecipe) -> None:
-        self._process = subprocess.Popen(
-            [multiprocessing.spawn.get_executable(), "-c", _BOOTSTRAP, json.dumps(sys.path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        assert self._process.stdin is not None and self._process.stdout is not None
+        events, child_end = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                [multiprocessing.spawn.get_executable(), "-c", _BOOTSTRAP, json.dumps(sys.path), str(child_end)],
+                stdin=subprocess.PIPE, stdout=2, pass_fds=(child_end,),  # its prints: to our stderr
+            )
+        except BaseException:
+            os.close(events)
+            raise
+        finally:
+            os.close(child_end)  # the child holds its own copy: the stream ends when the child does
+        self._events = os.fdopen(events, "rb")
+        assert self._process.stdin is not None
         self.pid = self._process.pid
         self._writer = FrameWriter(self._process.stdin)
         self._lock = threading.Lock()
@@ -107,7 +119,7 @@ class EngineProcess:
         self.capacity_tokens = 0
         self._send(recipe)
         _live.add(self)
-        self._reader = threading.Thread(target=self._read, args=(self._process.stdout,),
+        self._reader = threading.Thread(target=self._read, args=(self._events,),
                                         name="tokenguard-engine-reader", daemon=True)
         self._reader.start()
 
@@ -274,10 +286,9 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             self._process.kill()
             code = self._process.wait()
-        for close in (self._writer.close, self._process.stdout.close if self._process.stdout else None):
+        for close in (self._writer.close, self._events.close):
             with contextlib.suppress(OSError, ValueError):  # unsent bytes of a process that is gone
-                if close is not None:
-                    close()
+                close()
         with self._lock:
             if self._stopping and cause is None:
                 self._ended = (TokenGuardError, "the engine is shut down")

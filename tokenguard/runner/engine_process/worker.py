@@ -42,15 +42,14 @@ from tokenguard.runner.engine_process.wire import (
 )
 
 
-def main() -> None:
-    """Entry point of the engine process (see :mod:`.client` for how it is started)."""
+def main(events_fd: int) -> None:
+    """Entry point of the engine process (see :mod:`.client` for how it is started):
+    requests arrive on stdin, messages leave on the pipe ``events_fd``."""
     # Ctrl-C in a terminal reaches the whole process group: the runner decides when the
     # engine stops (Shutdown, or its end of the pipe closing), not the keyboard.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = sys.stdin.buffer
-    events = FrameWriter(os.fdopen(os.dup(sys.stdout.fileno()), "wb"))
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to stderr, not into the stream
-    sys.stdout = sys.stderr
+    events = FrameWriter(os.fdopen(events_fd, "wb"))
     _forward_logs(events)
     try:
         recipe: EngineRecipe = read_frame(requests)

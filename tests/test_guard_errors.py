@@ -107,7 +107,11 @@ def test_bad_arguments_below_the_guard_are_tokenguard_errors_too():
         (lambda: tok.count_until("text", -1), "limit must be >= 0"),
         (lambda: tok.truncate("text", 3, side="middle"), "side must be"),
         (lambda: tok.count_messages(None), "messages must be a list"),
-        (lambda: SamplingParams(temperature=-1.0), "temperature must be >= 0"),
+        (lambda: SamplingParams(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (lambda: SamplingParams(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (lambda: SamplingParams(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (lambda: SamplingParams(repetition_penalty=float("nan")), "repetition_penalty must be a finite number > 0"),
+        (lambda: SamplingParams(top_p=float("nan")), "top_p must be in"),
     ):
         with pytest.raises(InvalidRequest, match=message):
             attempt()

@@ -81,6 +81,23 @@ def test_max_tokens_must_be_a_count(bad):
     assert not called
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("max_output_tokens", float("nan"), "max_output_tokens must be a whole number >= 0"),
+    ("max_output_tokens", 2.5, "max_output_tokens must be a whole number >= 0"),
+    ("max_output_tokens", None, "max_output_tokens must be a whole number >= 0"),
+    ("max_input_tokens", "10", "max_input_tokens must be a whole number >= 0"),
+    ("max_context_tokens", float("nan"), "max_context_tokens must be a whole number >= 1"),
+    ("max_context_tokens", 0, "max_context_tokens must be a whole number >= 1"),
+    ("timeout", float("nan"), "timeout must be a number of seconds > 0"),
+    ("session_ttl_s", float("nan"), "ttl_s must be a number of seconds > 0"),
+    ("session_ttl_s", float("inf"), "ttl_s must be a number of seconds > 0"),
+])
+def test_numeric_options_that_are_no_valid_number_are_refused_at_construction(option, value, message):
+    # NaN slips past `value < 0` (and then disables the limit); 2.5 or None failed on every call.
+    with pytest.raises(ConfigError, match=message):
+        Guard(lambda m, max_tokens: "", model="gpt-4o", **{option: value})
+
+
 def test_bad_options_raise_config_error():
     with pytest.raises(ConfigError, match="backend must be"):
         Guard(42)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenguard._repetition import RepetitionStop
+from tokenguard._settings import seconds, token_count
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
 from tokenguard.accounting.budget import link_ledger
 from tokenguard.backends import Backend, BundledRunner, Chunk, Function, OpenAICompatible
@@ -215,11 +216,8 @@ class Guard:
         telemetry: bool | str | OTelMeter | None = "auto",
         timeout: float | None = None,
     ) -> None:
-        if max_output_tokens < 0:
-            raise ConfigError("max_output_tokens must be >= 0")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ConfigError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
-        self.timeout = timeout
+        max_output_tokens = token_count("max_output_tokens", max_output_tokens)
+        self.timeout = None if timeout is None else seconds("timeout", timeout)
         self.backend: Backend = _as_backend(backend, model)
         known = model or self.backend.model
         if known is None:

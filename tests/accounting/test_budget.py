@@ -7,6 +7,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
+import numpy as np
 import pytest
 
 from tokenguard import Budget
@@ -83,6 +84,21 @@ def test_bad_arguments():
         Budget(tokens=1, window="week")
     with pytest.raises(ConfigError):
         Budget(tokens=1, store=42)
+
+
+@pytest.mark.parametrize("limits", [{"tokens": float("nan")}, {"usd": float("nan")}, {"tokens": float("inf")},
+                                    {"tokens": -1}, {"usd": -0.5}, {"tokens": "100"}, {"tokens": True}])
+def test_a_limit_that_is_no_finite_number_is_refused_not_unlimited(limits):
+    # NaN compares false with everything: accepted, it would admit every call.
+    with pytest.raises(ConfigError, match=r"a budget's (tokens|usd) must be a finite number >= 0"):
+        Budget(**limits)
+
+
+def test_limits_of_any_real_number_type_hold():
+    budget = Budget(tokens=np.int64(10), usd=np.float64(0.5))
+    budget.reserve(10, usd=0.1).settle(10, usd=0.1)
+    with pytest.raises(BudgetExceeded):
+        budget.reserve(1, usd=0.0)
 
 
 def test_stores_are_shared_by_path_and_names_keep_budgets_apart(tmp_path):

@@ -23,6 +23,7 @@ from collections.abc import Hashable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
+from tokenguard._settings import limit
 from tokenguard.errors import BudgetExceeded, ConfigError, InvalidRequest, TokenGuardError
 from tokenguard.stores import (
     BudgetStore,
@@ -180,8 +181,9 @@ class Budget:
     ) -> None:
         if tokens is None and usd is None:
             raise ConfigError("a Budget needs tokens=, usd= or both")
-        if (tokens is not None and tokens < 0) or (usd is not None and usd < 0):
-            raise ConfigError("budget limits must be >= 0")
+        for unit, value in (("tokens", tokens), ("usd", usd)):
+            if value is not None:
+                limit(f"a budget's {unit}", value)
         if per not in ("global", "user", "session"):
             raise ConfigError(f'per must be "global", "user" or "session", got {per!r}')
         if window is not None and window not in _WINDOW_FORMAT:

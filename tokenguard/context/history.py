@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from tokenguard._settings import seconds
 from tokenguard.errors import ConfigError
 from tokenguard.stores.redis_client import is_redis_url
 from tokenguard.stores.redis_sessions import RedisSessionStore
@@ -59,8 +60,8 @@ class SessionHistory:
     ) -> None:
         if max_sessions < 1 or max_messages < 1:
             raise ConfigError("max_sessions and max_messages must be >= 1")
-        if ttl_s is not None and ttl_s <= 0:
-            raise ConfigError(f"ttl_s must be > 0 or None, got {ttl_s}")
+        if ttl_s is not None:
+            ttl_s = seconds("ttl_s", ttl_s)
         self.max_sessions = max_sessions
         self.max_messages = max_messages
         self.ttl_s = ttl_s

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from tokenguard._settings import token_count
 from tokenguard.context import content_text
-from tokenguard.errors import ConfigError, InputTooLong
+from tokenguard.errors import InputTooLong
 from tokenguard.pipeline.call import Call
 
 __all__ = ["Admit"]
@@ -21,9 +22,7 @@ class Admit:
     """
 
     def __init__(self, max_input_tokens: int) -> None:
-        if max_input_tokens < 0:
-            raise ConfigError("max_input_tokens must be >= 0")
-        self.max_input_tokens = max_input_tokens
+        self.max_input_tokens = token_count("max_input_tokens", max_input_tokens)
 
     def __call__(self, call: Call) -> None:
         limit = self.max_input_tokens

@@ -6,9 +6,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from tokenguard._settings import token_count
 from tokenguard.accounting import context_window
 from tokenguard.context import ContextStrategy, ConversationStrategy, content_text
-from tokenguard.errors import ConfigError
 from tokenguard.pipeline.call import Call
 from tokenguard.pipeline.spared import SparedTokens
 
@@ -38,8 +38,8 @@ class Fit:
         max_context_tokens: int | None = None,
         side_call: SideCall | None = None,
     ) -> None:
-        if max_context_tokens is not None and max_context_tokens < 1:
-            raise ConfigError("max_context_tokens must be >= 1")
+        if max_context_tokens is not None:
+            max_context_tokens = token_count("max_context_tokens", max_context_tokens, minimum=1)
         self.strategy = strategy
         self.window = window
         self.max_context_tokens = max_context_tokens

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokenguard import Budget, InvalidRequest, Reply, guard, reply_of
+from tokenguard import Budget, Guard, InvalidRequest, Reply, guard, reply_of
 from tokenguard.errors import BudgetExceeded, ConfigError, InputTooLong
 from tokenguard.tokens import get_tokenizer
 
@@ -178,6 +178,17 @@ def test_with_a_budget_the_function_must_take_the_output_cap():
     capped("hi")
     capped("hi", max_tokens=3)
     assert handed == [5, 3]
+
+
+def test_a_guard_with_a_budget_refuses_a_function_without_the_output_cap_too():
+    # Its completion may report any number of output tokens: 5,000 against a 1,000-token budget.
+    def uncapped(messages):
+        return {"choices": [{"message": {"role": "assistant", "content": "long"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 5000, "total_tokens": 5009}}
+
+    with pytest.raises(ConfigError, match=r"uncapped\(\) takes no max_tokens"):
+        Guard(uncapped, model="gpt-4o", max_output_tokens=100, budget=Budget(tokens=1000))
+    assert Guard(uncapped, model="gpt-4o").complete("hi").usage.output_tokens == 5000  # metered; no budget to overspend
 
 
 def test_decorator_takes_no_backend():

@@ -17,18 +17,19 @@ PACKAGE = Path(tg.__file__).parent
 # decorator sit on top and may import everything below them.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "_settings": {"errors"},  # checks of numeric options, for every layer that takes them
     "tokens": {"errors"},
     "runner": {"tokens", "errors"},
     "backends": {"runner", "tokens", "errors"},
     "stores": {"errors"},
-    "accounting": {"stores", "tokens", "errors"},
-    "context": {"stores", "tokens", "errors"},
-    "pipeline": {"accounting", "backends", "context", "stores", "tokens", "errors"},
+    "accounting": {"stores", "tokens", "_settings", "errors"},
+    "context": {"stores", "tokens", "_settings", "errors"},
+    "pipeline": {"accounting", "backends", "context", "stores", "tokens", "_settings", "errors"},
     "cache": {"accounting", "context", "pipeline", "stores", "errors"},
     "_repetition": {"pipeline", "errors"},
     "telemetry": {"accounting", "pipeline", "errors"},
     "_guard": {"accounting", "backends", "context", "pipeline", "_repetition", "stores", "telemetry", "tokens",
-               "errors"},
+               "_settings", "errors"},
     "_decorator": {"_guard", "accounting", "backends", "context", "pipeline", "stores", "tokens", "errors"},
     # The command line sits beside the decorator: it may drive a Guard (chat, demo).
     "cli": {"_guard", "_decorator", "_repetition", "accounting", "backends", "cache", "context", "demo", "pipeline",

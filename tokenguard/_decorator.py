@@ -175,12 +175,6 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
         # Whether the function returns strings (annotated so, or seen to): its cache hits are strings too.
         returns_str = [_annotated_str(fn)]
         g = Guard(backend, **options)
-        if g.budgets and not backend.takes_max_tokens:
-            raise ConfigError(
-                f"{getattr(fn, '__qualname__', fn)}() takes no max_tokens, so the model it calls may "
-                f"generate past the {g.max_output_tokens} output tokens the budget reserves and overspend "
-                "it: add a max_tokens parameter and pass it on (create(..., max_tokens=max_tokens))"
-            )
 
         def prepare(bound: Function, prompt_or_messages: Any, kwargs: dict[str, Any]) -> Call:
             return g.prepare(prompt_or_messages, backend=bound, **kwargs)

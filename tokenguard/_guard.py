@@ -230,6 +230,13 @@ class Guard:
         self.pricing = Pricing(prices)
         self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self.budgets: list[Budget] = [] if budget is None else [budget] if isinstance(budget, Budget) else list(budget)
+        if self.budgets and isinstance(self.backend, Function) and not self.backend.takes_max_tokens:
+            fn = self.backend.fn
+            raise ConfigError(
+                f"{getattr(fn, '__qualname__', fn)}() takes no max_tokens, so the model it calls may "
+                f"generate past the {max_output_tokens} output tokens the budget reserves and overspend "
+                "it: add a max_tokens parameter and pass it on (create(..., max_tokens=max_tokens))"
+            )
         # A hold this process leaves by dying after its call's row is written is settled from that row.
         link_ledger(self.budgets, self.ledger)
         self.history = history if history is not None else SessionHistory(ttl_s=session_ttl_s)

@@ -126,11 +126,11 @@ def test_a_guard_links_a_shared_ledger_once_and_an_in_process_one_never(tmp_path
     budget = tg.Budget(tokens=100, store=path)
     store = budget.store
     assert isinstance(store, SQLiteBudgetStore)
-    tg.Guard(lambda messages: "hi", model="gpt-4o", budget=budget, telemetry=False)  # in-memory ledger
-    tg.Guard(lambda messages: "hi", model="gpt-4o", budget=budget, ledger=tg.Ledger(None), telemetry=False)
+    tg.Guard(lambda messages, max_tokens: "hi", model="gpt-4o", budget=budget, telemetry=False)  # in-memory ledger
+    tg.Guard(lambda messages, max_tokens: "hi", model="gpt-4o", budget=budget, ledger=tg.Ledger(None), telemetry=False)
     assert len(store._lookups) == 0
     for _ in range(3):
-        tg.Guard(lambda messages: "hi", model="gpt-4o", budget=budget, ledger=tmp_path / "ledger.sqlite",
+        tg.Guard(lambda messages, max_tokens: "hi", model="gpt-4o", budget=budget, ledger=tmp_path / "ledger.sqlite",
                  telemetry=False)
     assert len(store._lookups) == 1
     link_ledger([budget], tg.Ledger(tmp_path / "other.sqlite"))
@@ -164,7 +164,7 @@ _CHILD = textwrap.dedent(
     else:
         meter.Meter.__call__ = die
     budgets = [tg.Budget(**spec, store=config["store"]) for spec in config["budgets"]]
-    guard = tg.Guard(lambda messages: "one two three four five", model="gpt-4o", budget=budgets,
+    guard = tg.Guard(lambda messages, max_tokens: "one two three four five", model="gpt-4o", budget=budgets,
                      ledger=config["ledger"], prices=config["prices"], stop=None, telemetry=False)
     guard.complete("hello there", user="ann")
     """
@@ -197,7 +197,7 @@ def test_killed_between_its_row_and_its_settle_the_call_is_counted_exactly(tmp_p
     assert row["output_tokens"] > 0 and row["cost_usd"] > 0
     budgets = [tg.Budget(**spec, store=tmp_path / "budget.sqlite") for spec in BUDGETS]
     # a later worker's Guard on the same files
-    tg.Guard(lambda messages: "", model="gpt-4o", budget=budgets, ledger=tmp_path / "ledger.sqlite",
+    tg.Guard(lambda messages, max_tokens: "", model="gpt-4o", budget=budgets, ledger=tmp_path / "ledger.sqlite",
              prices=PRICES, telemetry=False)
     _reclaim(budgets)
     tokens = row["input_tokens"] + row["output_tokens"]
@@ -206,7 +206,7 @@ def test_killed_between_its_row_and_its_settle_the_call_is_counted_exactly(tmp_p
     assert reclaimed == [(tokens, nano, 0, 0)] * 2  # every budget counts the call's cost, as settle does
     # ... exactly what the settle step counts for the same call when nothing kills it
     control = [tg.Budget(**spec, store=tmp_path / "control.sqlite") for spec in BUDGETS]
-    guard = tg.Guard(lambda messages: "one two three four five", model="gpt-4o", budget=control,
+    guard = tg.Guard(lambda messages, max_tokens: "one two three four five", model="gpt-4o", budget=control,
                      ledger=tmp_path / "control-ledger.sqlite", prices=PRICES, stop=None, telemetry=False)
     guard.complete("hello there", user="ann")
     assert [b.store.usage(b.name, b.key(user=u)) for b, u in zip(control, ("ann", None), strict=True)] == reclaimed
@@ -216,7 +216,7 @@ def test_killed_before_its_row_the_hold_is_released(tmp_path):
     _killed_call(tmp_path, "meter")
     assert tg.Ledger(tmp_path / "ledger.sqlite").records() == []
     budgets = [tg.Budget(**spec, store=tmp_path / "budget.sqlite") for spec in BUDGETS]
-    tg.Guard(lambda messages: "", model="gpt-4o", budget=budgets, ledger=tmp_path / "ledger.sqlite",
+    tg.Guard(lambda messages, max_tokens: "", model="gpt-4o", budget=budgets, ledger=tmp_path / "ledger.sqlite",
              prices=PRICES, telemetry=False)
     _reclaim(budgets)
     assert budgets[0].store.usage(budgets[0].name, budgets[0].key(user="ann")) == (0, 0, 0, 0)
@@ -240,7 +240,7 @@ def test_on_redis_a_call_killed_between_its_row_and_its_settle_is_counted_once_i
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     [row] = tg.Ledger(url).records()
     budgets = [tg.Budget(**spec, store=url) for spec in BUDGETS]
-    tg.Guard(lambda messages: "", model="gpt-4o", budget=budgets, ledger=url, prices=PRICES, telemetry=False)
+    tg.Guard(lambda messages, max_tokens: "", model="gpt-4o", budget=budgets, ledger=url, prices=PRICES, telemetry=False)
     scopes = list(zip(budgets, ("ann", None), strict=True))
     assert all(budget.spent(user=user)["reserved_tokens"] > 0 for budget, user in scopes)  # held until the TTL
     tokens, nano = row["input_tokens"] + row["output_tokens"], round(row["cost_usd"] * 1e9)

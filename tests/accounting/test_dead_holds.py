@@ -240,7 +240,8 @@ def test_on_redis_a_call_killed_between_its_row_and_its_settle_is_counted_once_i
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     [row] = tg.Ledger(url).records()
     budgets = [tg.Budget(**spec, store=url) for spec in BUDGETS]
-    tg.Guard(lambda messages, max_tokens: "", model="gpt-4o", budget=budgets, ledger=url, prices=PRICES, telemetry=False)
+    tg.Guard(lambda messages, max_tokens: "", model="gpt-4o", budget=budgets, ledger=url, prices=PRICES,
+             telemetry=False)
     scopes = list(zip(budgets, ("ann", None), strict=True))
     assert all(budget.spent(user=user)["reserved_tokens"] > 0 for budget, user in scopes)  # held until the TTL
     tokens, nano = row["input_tokens"] + row["output_tokens"], round(row["cost_usd"] * 1e9)

@@ -162,19 +162,29 @@ def test_report_in_a_subprocess(ledger_path):
     (["report", "{text}"], "is not a SQLite ledger (file is not a database)"),
     (["report", "{other}"], "is a SQLite file but not a tokenguard ledger (it has no 'calls' table)"),
     (["report", "{ledger}", "-o", "{dir}/no/such/dir/r.csv"], "cannot write "),
+    (["report", "{ledger}", "--since", "1e15"], "a time must lie between the years 1 and 9999, got '1e15'"),
+    (["report", "{ledger}", "--until=-1e20"], "a time must lie between the years 1 and 9999"),
+    (["report", "{foreign}"], "has a 'calls' table, but not a tokenguard ledger's (no input_tokens, model, "),
+    (["report", "{ledger}", "-o", "{ledger}"], "would overwrite the ledger's file"),
+    (["report", "{ledger}", "-o", "{ledger}-wal"], "would overwrite the ledger's file"),
 ])
 def test_report_errors_are_one_line_and_exit_2(ledger_path, tmp_path, capsys, args, message):
     (tmp_path / "notes.txt").write_text("not a database " * 100, encoding="utf-8")
     with sqlite3.connect(tmp_path / "other.sqlite") as conn:
         conn.execute("CREATE TABLE things (x)")
+    with sqlite3.connect(tmp_path / "foreign.sqlite") as conn:
+        conn.execute("CREATE TABLE calls (ts, caller, duration)")  # a phone log's
     names = {"ledger": ledger_path, "missing": tmp_path / "nope.sqlite", "dir": tmp_path,
-             "text": tmp_path / "notes.txt", "other": tmp_path / "other.sqlite"}
+             "text": tmp_path / "notes.txt", "other": tmp_path / "other.sqlite", "foreign": tmp_path / "foreign.sqlite"}
     assert main([arg.format(**names) for arg in args]) == 2
     captured = capsys.readouterr()
     assert message in one_error_line(captured.err, "report") and captured.out == ""
     assert not (tmp_path / "nope.sqlite").exists()  # a missing ledger is not created
     with sqlite3.connect(tmp_path / "other.sqlite") as conn:  # nor another file changed
         assert [row[0] for row in conn.execute("SELECT name FROM sqlite_master")] == ["things"]
+    with sqlite3.connect(tmp_path / "foreign.sqlite") as conn:
+        assert [row[1] for row in conn.execute("PRAGMA table_info(calls)")] == ["ts", "caller", "duration"]
+    assert len(Ledger(ledger_path).records()) == 3  # and the ledger keeps every call
 
 
 # -- the command line as a whole -----------------------------------------------------------

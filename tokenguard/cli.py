@@ -180,6 +180,10 @@ def _configure_report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
 
 
+# Columns every version of the ledger has had; an older ledger gains the newer ones on opening.
+_LEDGER_CORE = frozenset({"ts", "request_id", "model", "input_tokens", "output_tokens", "stop_reason"})
+
+
 def _existing_ledger(name: str) -> Path:
     """The ledger file ``name``, checked read-only: opening a missing path would create
     an empty ledger, and opening another SQLite file would add a table to it."""
@@ -191,11 +195,24 @@ def _existing_ledger(name: str) -> Path:
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
     except sqlite3.Error as error:
         raise CliError(f"{name} is not a SQLite ledger ({error})") from None
     if "calls" not in tables:
         raise CliError(f"{name} is a SQLite file but not a tokenguard ledger (it has no 'calls' table)")
+    if missing := sorted(_LEDGER_CORE - columns):
+        # Another application's table: opening it as a ledger would add our columns to it.
+        raise CliError(f"{name} has a 'calls' table, but not a tokenguard ledger's (no {', '.join(missing)} column)")
     return path
+
+
+def _check_not_the_ledger(output: Path, ledger: Path) -> None:
+    """Refuse an output file that is the ledger or one of SQLite's files beside it:
+    writing the report there would destroy every recorded call."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        kept = ledger.with_name(ledger.name + suffix)
+        if output.resolve() == kept.resolve() or (output.exists() and kept.exists() and output.samefile(kept)):
+            raise CliError(f"-o {output} would overwrite the ledger's file {kept}: write the report to another file")
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -221,7 +238,10 @@ def _run_report(args: argparse.Namespace) -> int:
         raise CliError("--format html writes a file: add -o FILE")
     by = report_keys(args.by or ["model"])
     since, until = as_timestamp(args.since), as_timestamp(args.until)
-    with Ledger(_existing_ledger(args.ledger)) as ledger:
+    ledger_path = _existing_ledger(args.ledger)
+    if args.output is not None:
+        _check_not_the_ledger(Path(args.output), ledger_path)
+    with Ledger(ledger_path) as ledger:
         report = ledger.report(by, since=since, until=until)
     text = _render(report, fmt)
     if args.output is None:

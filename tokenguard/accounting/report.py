@@ -129,6 +129,11 @@ def report_keys(by: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
+# The times a datetime can show (a report titles its bounds as dates).
+_EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc).timestamp()
+_LATEST = datetime(9999, 12, 30, tzinfo=timezone.utc).timestamp()
+
+
 def as_timestamp(moment: Moment) -> float | None:
     """Epoch seconds of a time bound (see :data:`Moment`); ``None`` stays ``None``.
 
@@ -149,8 +154,8 @@ def as_timestamp(moment: Moment) -> float | None:
         seconds = _parse_time(moment)
     else:
         raise InvalidRequest(f"a time is epoch seconds, an ISO date or a datetime, got {type(moment).__name__}")
-    if not math.isfinite(seconds):
-        raise InvalidRequest(f"a time must be finite, got {moment!r}")
+    if not _EARLIEST <= seconds <= _LATEST:  # NaN fails too
+        raise InvalidRequest(f"a time must lie between the years 1 and 9999, got {moment!r}")
     return seconds
 
 

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from tokenguard.backends import Chunk, Function
+from tokenguard.errors import InvalidRequest
 
 
 def _run(backend, params=None):
@@ -44,6 +45,12 @@ def test_iterators_of_strings_and_chunks():
 def test_bad_return_type():
     with pytest.raises(TypeError, match="must return"):
         _run(Function(lambda m: 42))
+    # Iterable, but no stream: iterating would meter a dict's keys (or bytes' numbers) as the answer.
+    anthropic_shape = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"text": "hi"}]}
+    with pytest.raises(InvalidRequest, match=r"got a dict that is none of these \(a dict without 'choices'\)"):
+        _run(Function(lambda m: anthropic_shape))
+    with pytest.raises(InvalidRequest, match="got a bytes that is none of these"):
+        _run(Function(lambda m: b"hi"))
     with pytest.raises(TypeError):
         Function("not a function")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenguard.backends.base import Backend, Chunk, Params, aiter_in_thread, iter_async
@@ -35,6 +35,10 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
+_RETURNS = ("a guarded function must return a str, an OpenAI chat completion (object or dict) "
+            "or an iterator of str / stream chunks")
+
+
 def _chunks(result: Any) -> Iterator[Chunk]:
     """Chunks of whatever a sync function returned."""
     if isinstance(result, str):
@@ -43,6 +47,9 @@ def _chunks(result: Any) -> Iterator[Chunk]:
         yield chunk_from_completion(result)
     elif hasattr(result, "__aiter__"):
         yield from _chunks(iter_async(result))
+    elif isinstance(result, (Mapping, bytes, bytearray)):  # iterable, but not a stream of pieces
+        raise InvalidRequest(_RETURNS + f", got a {type(result).__name__} that is none of these"
+                             + (" (a dict without 'choices')" if isinstance(result, Mapping) else ""))
     elif hasattr(result, "__iter__"):
         try:
             for item in result:
@@ -52,10 +59,7 @@ def _chunks(result: Any) -> Iterator[Chunk]:
             if close is not None:
                 close()
     else:
-        raise InvalidRequest(
-            "a guarded function must return a str, an OpenAI chat completion (object or dict) "
-            f"or an iterator of str / stream chunks, got {type(result).__name__}"
-        )
+        raise InvalidRequest(f"{_RETURNS}, got {type(result).__name__}")
 
 
 async def _achunks(result: Any) -> AsyncIterator[Chunk]:

@@ -132,3 +132,27 @@ def test_bad_arguments_below_the_guard_are_tokenguard_errors_too():
     ):
         with pytest.raises(InvalidRequest, match=message):
             attempt()
+
+
+@pytest.mark.parametrize("run", ["sync", "async"])
+def test_a_prepared_call_runs_once(run):
+    # Its holds are keyed by its request_id: a second run held twice and released once.
+    budget = Budget(tokens=1000)
+    guard = Guard(lambda messages, max_tokens: iter(["a ", "b ", "c "]), model="gpt-4o-mini", budget=budget,
+                  max_output_tokens=50)
+    call = guard.prepare("hi")
+    if run == "sync":
+        first = guard.open_stream(call)
+        with pytest.raises(InvalidRequest, match=f"call {call.request_id} has run already"):
+            guard.open_stream(call)
+        first.read()
+    else:
+        async def twice() -> None:
+            await guard.open_astream(call).aread()
+            with pytest.raises(InvalidRequest, match="has run already"):
+                await guard.open_astream(call).aread()
+
+        asyncio.run(twice())
+    [row] = guard.ledger.records()
+    spent = budget.spent()
+    assert spent["tokens"] == row["input_tokens"] + row["output_tokens"] and spent["reserved_tokens"] == 0

@@ -378,6 +378,12 @@ class Guard:
         )
 
     def _open(self, call: Call, open_chunks: Callable[[], Iterator[Chunk] | AsyncIterator[Chunk]]) -> Opened:
+        if call.opened:
+            raise InvalidRequest(
+                f"call {call.request_id} has run already: prepare a new Call for each run "
+                "(its request_id names one ledger row and one budget hold)"
+            )
+        call.opened = True
         given = call.messages  # the steps replace the list, never change it
         self._opened_once = True
         hit = self._before(call)

@@ -97,6 +97,9 @@ class Call:
     #: the history into the window (fit step); see :class:`~tokenguard.pipeline.spared.SparedTokens`.
     scope_saved_tokens: int = 0
     context_saved_tokens: int = 0
+    #: Whether a guard has run it: a call runs once (its request_id names one ledger row
+    #: and its holds), so opening it again is refused.
+    opened: bool = False
 
     @property
     def depth(self) -> int:

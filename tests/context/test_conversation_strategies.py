@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tokenguard import Guard
-from tokenguard.context import ConversationStrategy, Retrieval, SessionHistory, Summary
+from tokenguard.context import ConversationStrategy, Retrieval, SessionHistory, Summary, TailOnly
 from tokenguard.context.summary import INSTRUCTION
 
 
@@ -44,3 +44,20 @@ def test_a_session_s_state_is_freed_when_it_ends_or_expires(name):
     clock.now = 11
     assert not guard.touch("b")  # expired: its history and the strategy's state are freed
     assert len(strategy._states) == 0
+
+
+@pytest.mark.parametrize("name", ["tail-only", *STRATEGIES])
+def test_a_developer_message_is_kept_like_a_system_message(name):
+    # OpenAI's newer models (o1, gpt-4.1) take their instructions as role "developer".
+    if name == "retrieval":
+        pytest.importorskip("faiss")
+    strategy = TailOnly() if name == "tail-only" else STRATEGIES[name]()
+    guard = Guard(_backend, model="gpt-4.1", context=strategy, max_context_tokens=200)
+    instruction = {"role": "developer", "content": "Answer in French."}
+    history = [instruction]
+    for i in range(100):
+        history += [{"role": "user", "content": f"Question {i} about the weather?"},
+                    {"role": "assistant", "content": f"Answer {i}: it is sunny."}]
+    reply = guard.complete([*history, {"role": "user", "content": "And tomorrow?"}])
+    assert reply.messages[0] == instruction and reply.usage.input_tokens <= 200
+    assert len(reply.messages) < len(history)  # the old turns were left out, the instruction not

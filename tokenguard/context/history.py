@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenguard._settings import seconds
+from tokenguard.context.messages import is_instruction
 from tokenguard.errors import ConfigError
 from tokenguard.stores.redis_client import is_redis_url
 from tokenguard.stores.redis_sessions import RedisSessionStore
@@ -23,7 +24,7 @@ def _bounded(history: list[dict[str, Any]], max_messages: int) -> list[dict[str,
     system message stays)."""
     excess = len(history) - max_messages
     if excess > 0:
-        start = 1 if history and history[0].get("role") == "system" else 0
+        start = 1 if history and is_instruction(history[0]) else 0
         del history[start : start + excess]
     return history
 

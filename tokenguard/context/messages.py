@@ -7,12 +7,26 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["FINGERPRINT_FIELDS", "canonical", "content_text", "fingerprint", "message_line", "message_text", "turn_key"]
+__all__ = [
+    "FINGERPRINT_FIELDS", "INSTRUCTION_ROLES", "canonical", "content_text", "fingerprint", "is_instruction",
+    "message_line", "message_text", "turn_key",
+]
 
 #: The fields that make two messages the same message: who said it, what it says, and
 #: the tool fields that tie a tool call to its results. Anything else a message carries
 #: (provider hints such as ``cache_control``) does not change what the model reads.
 FINGERPRINT_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+#: The roles of the messages that instruct the model rather than take part in the chat:
+#: every strategy keeps them. OpenAI's newer models take ``developer`` where older ones
+#: take ``system``.
+INSTRUCTION_ROLES = frozenset({"system", "developer"})
+
+
+def is_instruction(message: Mapping[str, Any]) -> bool:
+    """Whether ``message`` is a system (or developer) message."""
+    return message.get("role") in INSTRUCTION_ROLES
 
 
 def canonical(value: object) -> bytes:

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from tokenguard.context.messages import message_text
+from tokenguard.context.messages import is_instruction, message_text
 from tokenguard.context.strategy import TurnCosts, pinned_indices, turn_indices_from_end
 from tokenguard.errors import InputTooLong
 from tokenguard.tokens import Tokenizer
@@ -70,7 +70,7 @@ class Relevant:
         keep = set(keep)
         candidates: list[list[int]] = []  # newest first
         for turn in newest_first:
-            if messages[turn[0]].get("role") == "system":
+            if is_instruction(messages[turn[0]]):
                 continue  # pinned already
             if keep.intersection(turn):
                 must.update(turn)
@@ -87,7 +87,7 @@ class Relevant:
         if not candidates or room <= need:
             return chosen(must)
         query = set[str]().union(
-            *(_words(message_text(messages[i])) for i in must if messages[i].get("role") != "system" or i in keep)
+            *(_words(message_text(messages[i])) for i in must if not is_instruction(messages[i]) or i in keep)
         )
         texts = ["\n".join(message_text(messages[i]) for i in turn) for turn in candidates]
         shared = [_words(text) & query for text in texts]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tokenguard.context.embedder import as_embedder, require_vector_packages
-from tokenguard.context.messages import content_text, message_line, turn_key
+from tokenguard.context.messages import content_text, is_instruction, message_line, turn_key
 from tokenguard.context.strategy import (
     Generate,
     Sessions,
@@ -318,7 +318,7 @@ class Retrieval:
         """What recall searches with: the newest user message (the newest kept
         non-system message when there is none)."""
         said = [i for i in pinned if messages[i].get("role") == "user"] or [
-            i for i in pinned if messages[i].get("role") != "system"
+            i for i in pinned if not is_instruction(messages[i])
         ]
         return content_text(messages[max(said)].get("content")) if said else ""
 
@@ -326,7 +326,7 @@ class Retrieval:
     def _older_turns(messages: Sequence[Mapping[str, Any]], kept: list[int]) -> list[list[int]]:
         """The turns older than the oldest kept non-system message, oldest first."""
         first = first_kept(messages, kept)
-        older = [turn for turn in turn_indices_from_end(messages[:first]) if messages[turn[0]].get("role") != "system"]
+        older = [turn for turn in turn_indices_from_end(messages[:first]) if not is_instruction(messages[turn[0]])]
         return older[::-1]
 
     def _ranked(

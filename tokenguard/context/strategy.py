@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from tokenguard.context.messages import fingerprint, turn_key
+from tokenguard.context.messages import fingerprint, is_instruction, turn_key
 from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.tokens import Tokenizer
 
@@ -85,7 +85,7 @@ class ConversationStrategy(ContextStrategy, Protocol):
 def first_kept(messages: Sequence[Mapping[str, Any]], kept: Sequence[int]) -> int:
     """The index of the oldest non-system message in ``kept`` (``len(messages)`` when
     there is none): everything before it, system messages aside, was left out."""
-    return next((i for i in kept if messages[i].get("role") != "system"), len(messages))
+    return next((i for i in kept if not is_instruction(messages[i])), len(messages))
 
 
 def with_added(
@@ -93,7 +93,7 @@ def with_added(
 ) -> list[dict[str, Any]]:
     """The ``kept`` messages (indices, in order) with a strategy's own ``added`` message
     (a summary, recalled turns) placed after the system messages that open them."""
-    at = next((k for k, i in enumerate(kept) if messages[i].get("role") != "system"), len(kept))
+    at = next((k for k, i in enumerate(kept) if not is_instruction(messages[i])), len(kept))
     return [*(dict(messages[i]) for i in kept[:at]), added, *(dict(messages[i]) for i in kept[at:])]
 
 
@@ -103,7 +103,7 @@ def conversation_key(messages: Sequence[Mapping[str, Any]], session: str | None)
     after turn, keeps its first message)."""
     if session is not None:
         return f"session:{session}"
-    first = next((m for m in messages if m.get("role") != "system"), {})
+    first = next((m for m in messages if not is_instruction(m)), {})
     return f"conversation:{fingerprint(first)}"
 
 
@@ -180,13 +180,12 @@ def pinned_indices(messages: Sequence[Mapping[str, Any]], newest_first: Iterator
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"message {i} must be a dict with a string 'role', got {message!r:.80}")
-        if message["role"] == "system":
+        if is_instruction(message):
             kept.append(i)
     for turn in newest_first:
-        role = messages[turn[0]].get("role")
-        if role != "system":
+        if not is_instruction(messages[turn[0]]):
             kept += turn
-            if role == "user":
+            if messages[turn[0]].get("role") == "user":
                 break
     return kept
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenguard.context.messages import fingerprint, message_line
+from tokenguard.context.messages import fingerprint, is_instruction, message_line
 from tokenguard.context.strategy import (
     Generate,
     Sessions,
@@ -136,7 +136,7 @@ class Summary:
     @staticmethod
     def _older(messages: Sequence[Mapping[str, Any]], kept: list[int]) -> list[int]:
         """The non-system messages older than the oldest kept non-system one."""
-        return [i for i in range(first_kept(messages, kept)) if messages[i].get("role") != "system"]
+        return [i for i in range(first_kept(messages, kept)) if not is_instruction(messages[i])]
 
     def _fold(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tokenguard.context.messages import is_instruction
 from tokenguard.context.strategy import TurnCosts, pinned_indices, turn_indices_from_end
 from tokenguard.errors import InputTooLong
 from tokenguard.tokens import Tokenizer
@@ -52,7 +53,7 @@ class TailOnly:
         total = need
         older: list[list[int]] = []
         for turn in newest_first:  # on from there; stop at the first turn that does not fit
-            if messages[turn[0]].get("role") == "system":
+            if is_instruction(messages[turn[0]]):
                 continue
             cost = self._costs(tokenizer, [dict(messages[i]) for i in turn])
             if total + cost > max_tokens:

@@ -156,3 +156,14 @@ def test_a_prepared_call_runs_once(run):
     [row] = guard.ledger.records()
     spent = budget.spent()
     assert spent["tokens"] == row["input_tokens"] + row["output_tokens"] and spent["reserved_tokens"] == 0
+
+
+@pytest.mark.parametrize(("option", "value"), [("session", ""), ("user", ""), ("user", 42), ("session", ["s"])])
+def test_user_and_session_are_non_empty_strings(option, value):
+    # An empty session would be one chat history that every caller sending "" shares.
+    guard, called = _guard()
+    with pytest.raises(InvalidRequest, match=f"{option} must be a non-empty str or None"):
+        guard.complete("hi", **{option: value})
+    with pytest.raises(InvalidRequest, match=f"{option} must be a non-empty str or None"):
+        guard.chat("hi", **{"session": "s", option: value})
+    assert not called and guard.history.get("") == []

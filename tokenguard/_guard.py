@@ -130,6 +130,14 @@ def _with_tag(tags: Any, tag: str) -> Any:
     return [tags, tag]
 
 
+def _check_caller(user: object, session: object) -> None:
+    """``user`` and ``session`` are each None or a non-empty str: "" would be one scope
+    (one budget, one chat history) shared by every caller who sends it."""
+    for name, value in (("user", user), ("session", session)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InvalidRequest(f"{name} must be a non-empty str or None, got {value!r}")
+
+
 def _max_tokens(asked: object, cap: int) -> int:
     """The call's output cap: ``max_tokens=`` may lower the guard's, never raise it."""
     if asked is None:
@@ -322,6 +330,7 @@ class Guard:
         replaces the guard's for this call. The call is placed in the call tree here:
         prepared while another guarded call runs, it is that call's child."""
         messages = as_messages(prompt_or_messages)
+        _check_caller(user, session)
         max_out = _max_tokens(params.pop("max_tokens", None), self.max_output_tokens)
         params["max_tokens"] = max_out
         backend = backend or self.backend
@@ -553,6 +562,7 @@ class Guard:
         self, message: object, session: str, user: str | None, tags: Any, params: dict[str, Any]
     ) -> Call:
         turn = _as_turn(message)
+        _check_caller(user, session)
         call = self.prepare([*self.history.get(session), turn], user=user, session=session, tags=tags, **params)
         call.turn = turn
         return call

@@ -356,6 +356,11 @@ MALFORMED = [
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream_options": {}}',
      "only allowed with 'stream': true"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "colour": "blue"}', "unknown field colour"),
+    (b'{"model": "gpt-4o", "messages": [{"role": ["user"], "content": "hi"}]}', "messages[0].role must be one of"),
+    # Half a UTF-16 pair is valid JSON but no text: neither SQLite nor an upstream request takes it.
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800 hi"}]}', "unpaired UTF-16 surrogate"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "user": "mallory\\udfff"}',
+     "unpaired UTF-16 surrogate"),
 ]
 
 
@@ -368,7 +373,10 @@ def test_malformed_requests_are_400_with_an_openai_error_and_nothing_else():
         # Fields that ask for nothing are ignored, as clients send every field.
         quiet = http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "tools": None,
                                                          "logprobs": False, "n": 1, "user": None})
+        paired = http.post("/v1/chat/completions", headers={"content-type": "application/json"},
+                           content=b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
         metrics = served.metrics()
+    assert paired.status_code == 200, paired.text  # a whole pair escaped is an emoji
     for response, (_, expected) in zip(answers, MALFORMED, strict=True):
         assert response.status_code == 400, (expected, response.text)
         error = response.json()["error"]
@@ -377,7 +385,7 @@ def test_malformed_requests_are_400_with_an_openai_error_and_nothing_else():
         assert "Traceback" not in response.text
     assert session.status_code == 400 and "x-session-id" in session.json()["error"]["message"]
     assert quiet.status_code == 200 and quiet.json()["choices"][0]["message"]["content"] == REPLY
-    assert len(served.guard.ledger.records()) == 1  # only the well-formed request reached the guard
+    assert len(served.guard.ledger.records()) == 2  # only the well-formed requests reached the guard
     assert metrics['tokenguard_refusals_total{reason="invalid_request"}'] == len(MALFORMED) + 1
 
 

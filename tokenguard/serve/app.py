@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,29 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is over this gateway's limit of {limit} bytes",
                     headers={"connection": "close"}, reason="body_too_large")
 
+
+
+# JSON may escape half of a UTF-16 pair alone ("\ud800"): Python decodes it to a str that
+# no UTF-8 encoder (SQLite's, an upstream request's) takes. Only such an escape makes one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in the parsed JSON ``value`` (keys included) is no text."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+    return False
 
 class _Measured:
     """ASGI middleware: count every request by endpoint and status, and time it to its
@@ -172,9 +196,13 @@ class Gateway:
             if not message.get("more_body", False):
                 break
         try:
-            return json.loads(body)
+            parsed = json.loads(body)
         except (ValueError, RecursionError):
             raise invalid("the request body is not valid JSON") from None
+        if _SURROGATE_ESCAPE.search(body) and _holds_lone_surrogate(parsed):
+            raise invalid("the request body holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape), "
+                          "which is no text")
+        return parsed
 
     def _session(self, request: Request, user: str | None) -> str | None:
         session = request.headers.get(SESSION_HEADER)

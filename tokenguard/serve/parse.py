@@ -169,7 +169,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise invalid(f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
                           f"messages[{i}].role")
         unknown = sorted(k for k, v in message.items() if k not in _MESSAGE_KEYS and _asks(v))

@@ -9,7 +9,10 @@ import threading
 
 import pytest
 
+import tokenguard as tg
 from tokenguard import BackendError, BackendTimeout, Budget, ConfigError, Guard, TokenGuardError
+from tokenguard.errors import StoreError
+from tokenguard.stores import MemoryLedgerStore
 
 RELEASE = threading.Event()  # lets the hung backends' worker threads finish at the end
 
@@ -112,3 +115,37 @@ def test_a_backend_error_is_a_tokenguard_error_and_a_timeout_a_timeout_error():
         Guard(_healthy, model="gpt-4o", timeout=0)
     with pytest.raises(ConfigError, match="timeout"):
         Guard(_healthy, model="gpt-4o", timeout=True)  # type: ignore[arg-type]
+
+
+class DiskFullLedger(MemoryLedgerStore):
+    """A ledger store whose writes fail, as a full disk makes them."""
+
+    def append(self, row):
+        raise StoreError("database or disk is full")
+
+
+@pytest.mark.parametrize("run", ["sync", "async"])
+def test_a_ledger_that_cannot_write_ends_the_call_once(run):
+    # The failed end used to leave the stream open: closing it metered and settled the call again.
+    budget = Budget(tokens=1000)
+    ended = []
+    guard = Guard(lambda messages, max_tokens: iter(["a ", "b"]), model="gpt-4o", budget=budget,
+                  ledger=tg.Ledger(DiskFullLedger()))
+    guard.meter.observers.append(lambda call, row, error: ended.append(row["stop_reason"]))
+    if run == "sync":
+        stream = guard.stream("hi")
+        with pytest.raises(StoreError, match="disk is full"):
+            stream.read()
+        stream.close()
+        assert list(stream) == []
+    else:
+        async def read_then_close() -> None:
+            stream = guard.astream("hi")
+            with pytest.raises(StoreError, match="disk is full"):
+                await stream.aread()
+            await stream.aclose()
+
+        asyncio.run(read_then_close())
+    assert ended == ["stop"]
+    spent = budget.spent()
+    assert spent["tokens"] > 0 and spent["reserved_tokens"] == 0  # settled once, to what was used

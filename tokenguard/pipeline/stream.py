@@ -63,9 +63,12 @@ class _Stream:
         return text
 
     def _end(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
-        if self.reply is None and self._generation is not None:  # else: never started, nothing to record
+        """End the call, once: ``on_end`` is not run again should it fail (a ledger that
+        cannot be written), so a later ``close()`` neither meters nor settles it twice."""
+        generation, self._generation = self._generation, None
+        if self.reply is None and generation is not None:  # else: never started, or ended
             assert self._on_end is not None
-            self.reply = self._on_end(self._generation.outcome(error, cancelled=cancelled))
+            self.reply = self._on_end(generation.outcome(error, cancelled=cancelled))
 
     def __del__(self) -> None:
         # An abandoned stream still leaves its ledger row and frees its reservation.
@@ -84,12 +87,12 @@ class GuardStream(_Stream):
         return self
 
     def __next__(self) -> str:
-        if self.reply is not None:
+        if self.reply is not None or self._generation is None:
             text = self._replay()
             if text is None:
                 raise StopIteration
             return text
-        assert self._chunks is not None and self._generation is not None
+        assert self._chunks is not None
         generation = self._generation
         try:
             while not generation.stopped:

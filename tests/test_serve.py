@@ -685,13 +685,20 @@ def test_tokenguard_serve_in_a_subprocess_issues_keys_serves_and_stops_on_sigint
             client = openai.OpenAI(base_url=match.group(1), api_key=key, max_retries=0)
             completion = client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION)
             assert completion.usage.prompt_tokens == PROMPT_TOKENS
+            good = keys.read_text(encoding="utf-8")
+            keys.write_text(good + "{not json\n", encoding="utf-8")  # an edit gone wrong
+            time.sleep(1.1)  # the file is looked at again once a second
+            again = client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION)
         finally:
             server.send_signal(signal.SIGINT)
             _, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
     assert "Traceback" not in err
+    # The server says so in its log (tokenguard's own loggers print beside uvicorn's), and keeps the last good keys.
+    assert f"key file {keys} changed but cannot be read, keeping the last good keys" in err
+    assert again.usage.prompt_tokens == PROMPT_TOKENS
     with tg.Ledger(ledger) as written:
-        [row] = written.records()
+        row = written.records()[0]
     assert (row["user"], row["input_tokens"], row["request_id"]) == ("alice", PROMPT_TOKENS, completion.id[9:])
 
 

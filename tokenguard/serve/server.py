@@ -10,6 +10,7 @@ command line (where ``ps`` would show it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tokenguard._guard import Guard
 from tokenguard.accounting import Budget, PriceSpec
@@ -155,9 +156,22 @@ def serve(options: ServeOptions, *, announce: Callable[[str], None] | None = Non
                    else "open: the user is the request's 'user' field, which any client may set")
             announce(f"serving {served} on http://{shown}:{port}/v1 ({who}; ledger: {options.ledger or 'in memory'})")
         config = uvicorn.Config(app, log_level="warning", access_log=options.access_log, lifespan="on",
-                                timeout_graceful_shutdown=_GRACEFUL_S)
+                                timeout_graceful_shutdown=_GRACEFUL_S, log_config=_log_config())
         with _stopped_by_signals():
             uvicorn.Server(config).run(sockets=[sock])
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with tokenguard's own warnings and errors (a failed request's
+    id and cause, a key file that stopped parsing) written beside uvicorn's, unless
+    the process already handles the ``tokenguard`` logger itself."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    ours = logging.getLogger("tokenguard")
+    if not any(not isinstance(handler, logging.NullHandler) for handler in ours.handlers):
+        config["loggers"]["tokenguard"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
 
 
 class _Stop(BaseException):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -586,6 +587,24 @@ def test_the_exact_cache_answers_again_per_user_at_no_cost(keys, tmp_path):
     assert [r["cached"] for r in served.guard.ledger.records()] == [0, 1, 1, 0]
     assert metrics['tokenguard_cache_hits_total{model="gpt-4o"}'] == 2
     assert metrics['tokenguard_saved_tokens_total{model="gpt-4o",mechanism="cache"}'] == 2 * first.usage.total_tokens
+
+
+def test_a_cached_answer_that_was_cut_says_so_again(tmp_path):
+    # A client that continues on "length" must not take a hit of a cut answer for a whole one.
+    with ExactCache(tmp_path / "cache") as cache, serving(tg.Guard(answer, model=MODEL, cache=cache)) as served:
+        client = served.client()
+        ask = functools.partial(client.chat.completions.create, model=MODEL, messages=QUESTION, temperature=0,
+                                max_tokens=3)
+        cut, again = ask(), ask()
+        streamed = list(ask(stream=True))
+        whole = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+        whole_again = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and again.tokenguard["cached"] is True
+    assert again.choices[0].finish_reason == "length"
+    assert again.choices[0].message.content == cut.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"
+    assert whole_again.tokenguard["cached"] is True and whole_again.choices[0].finish_reason == "stop"
+    assert whole.choices[0].message.content == REPLY
 
 
 def test_metrics_add_up_to_the_ledger():

@@ -59,7 +59,9 @@ class Reply:
     ``stop_reason`` is ``"stop"`` (the model finished), ``"length"`` (it hit
     ``max_output_tokens``), ``"cancelled"``, ``"error"``, or a reason a later step adds.
     ``messages`` is exactly what was sent to the backend. ``cached`` is ``True`` when
-    the answer came from a cache (``stop_reason`` ``"cache"``): the backend was not called.
+    the answer came from a cache (``stop_reason`` ``"cache"``): the backend was not called;
+    ``cached_stop_reason`` is then the stop reason of the call that stored it
+    (``"length"``: the answer was cut at its output cap).
     """
 
     text: str
@@ -69,6 +71,7 @@ class Reply:
     request_id: str = ""
     model: str | None = None
     cached: bool = False
+    cached_stop_reason: str | None = None
 
     def __str__(self) -> str:
         return self.text

@@ -71,4 +71,5 @@ class CachedAnswer:
         original call's tokens and cost as savings."""
         usage = Usage(cost_usd=0.0, saved_tokens=self.input_tokens + self.output_tokens, saved_usd=self.cost_usd,
                       depth=call.depth, latency_s=time.perf_counter() - call.started)
-        return Reply(self.text, "cache", list(call.messages), usage, call.request_id, self.model, cached=True)
+        return Reply(self.text, "cache", list(call.messages), usage, call.request_id, self.model, cached=True,
+                     cached_stop_reason=self.stop_reason)

@@ -29,11 +29,11 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def finish_reason(stop_reason: str) -> str:
-    """OpenAI's ``finish_reason`` for a guard stop reason: ``"length"`` for the output
-    cap, else ``"stop"`` (the model finished, a stop string, a loop the guard ended, a
-    cached answer)."""
-    return "length" if stop_reason == "length" else "stop"
+def finish_reason(reply: Reply) -> str:
+    """OpenAI's ``finish_reason`` for a reply: ``"length"`` when its text was cut at the
+    output cap (a cached answer's when the call that stored it was), else ``"stop"`` (the
+    model finished, a stop string, a loop the guard ended)."""
+    return "length" if (reply.cached_stop_reason or reply.stop_reason) == "length" else "stop"
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class Answer:
         else:
             choice["text"] = reply.text
         choice["logprobs"] = None
-        choice["finish_reason"] = finish_reason(reply.stop_reason)
+        choice["finish_reason"] = finish_reason(reply)
         return {"id": self.id, "object": self._object(stream=False), "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage_json(reply.usage), "tokenguard": _extension(reply)}
 
@@ -111,7 +111,7 @@ class Answer:
         else:
             choice["text"] = ""
         choice["logprobs"] = None
-        choice["finish_reason"] = finish_reason(reply.stop_reason)
+        choice["finish_reason"] = finish_reason(reply)
         head = {"id": self.id, "object": self._object(stream=True), "created": self.created, "model": self.model}
         events.append(b"data: " + dumps({**head, "choices": [choice], "tokenguard": _extension(reply)}) + b"\n\n")
         if include_usage:

@@ -1,8 +1,9 @@
 """Incremental detokenization and stop strings for streaming.
 
 Text is released only once it is final: never half of a UTF-8 character (the
-tokenizer decodes an incomplete byte sequence as U+FFFD, which we wait out), and
-never text that a stop string might still claim.
+tokenizer decodes an incomplete byte sequence as U+FFFD, which we wait out; a reply
+cut inside a character ends before it), and never text that a stop string might
+still claim.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ class IncrementalDetokenizer:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """The text still held back (an incomplete character decodes as U+FFFD)."""
+        """The text still held back, without the bytes of a character the reply was cut
+        inside (they decode as U+FFFD: sent on, they would be a character nobody wrote)."""
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
         prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if final:
+            new_text = new_text.rstrip(REPLACEMENT_CHAR)
         if len(new_text) <= len(prefix_text) or (new_text.endswith(REPLACEMENT_CHAR) and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

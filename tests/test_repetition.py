@@ -128,3 +128,19 @@ def test_the_bundled_model_s_own_loop_is_stopped_and_its_sequence_freed(bundled_
     assert reply.stop_reason == "repetition"
     assert 0 < reply.usage.output_tokens < 320 and reply.usage.saved_tokens == 320 - reply.usage.output_tokens
     assert bundled_runner.stats()["running"] == 0
+
+
+def test_a_loop_in_a_whole_answer_is_metered_whole_and_saves_nothing():
+    # A function that returns its whole answer (a str or a completion) had generated every repeat.
+    text = "I am fine. " * 200
+    guard = Guard(lambda messages, max_tokens: text, model="gpt-4o", max_output_tokens=1000)
+    reply = guard.complete("How are you?")
+    assert reply.stop_reason == "repetition" and len(reply.text) < len(text)
+    assert reply.usage.output_tokens == guard.tokenizer.count(text) and reply.usage.saved_tokens == 0
+
+    def completion(messages, max_tokens):
+        return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 801, "total_tokens": 810}}
+
+    reply = Guard(completion, model="gpt-4o", max_output_tokens=1000).complete("How are you?")
+    assert reply.stop_reason == "repetition" and reply.usage.output_tokens == 801 and reply.usage.saved_tokens == 0

@@ -25,7 +25,7 @@ def test_max_tokens_only_when_accepted():
         seen.update(kw)
         return "b"
 
-    assert _run(Function(with_kw), {"max_tokens": 5, "temperature": 0.1}) == [Chunk("a")]
+    assert _run(Function(with_kw), {"max_tokens": 5, "temperature": 0.1}) == [Chunk("a", finish_reason="stop")]
     assert seen == {"max_tokens": 5, "temperature": 0.1}
     assert _run(Function(with_var_kw), {"max_tokens": 9})[0].text == "b" and seen["max_tokens"] == 9
     assert _run(Function(lambda messages: "c"))[0].text == "c"

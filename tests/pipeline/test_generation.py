@@ -67,7 +67,8 @@ def test_a_watcher_ends_a_sync_stream_closes_the_backend_and_names_the_reason():
     reply = guard.complete("count")
     assert reply.text == "one two three " and reply.stop_reason == "stop_word"
     assert looping.closed
-    assert reply.usage.output_tokens == TOK.count("one two three ")
+    # The piece the stop word came in was generated whole: all of it is metered.
+    assert reply.usage.output_tokens == TOK.count("one two three STOP four ")
     (row,) = guard.ledger.records()
     assert row["stop_reason"] == "stop_word" and row["request_id"] == watcher.started[0]
     assert budget.spent()["tokens"] == reply.usage.total_tokens and budget.spent()["reserved_tokens"] == 0

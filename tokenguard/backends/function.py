@@ -42,7 +42,7 @@ _RETURNS = ("a guarded function must return a str, an OpenAI chat completion (ob
 def _chunks(result: Any) -> Iterator[Chunk]:
     """Chunks of whatever a sync function returned."""
     if isinstance(result, str):
-        yield Chunk(text=result)
+        yield Chunk(text=result, finish_reason="stop")  # the whole answer, at once
     elif is_completion(result):
         yield chunk_from_completion(result)
     elif hasattr(result, "__aiter__"):

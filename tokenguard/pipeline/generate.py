@@ -32,9 +32,9 @@ _REFUSALS: dict[type[BaseException], str] = {
 class Outcome:
     """How one call ended, whatever became of it.
 
-    ``text`` is the reply's text; ``streamed`` all the text passed on as it streamed,
-    which is what was generated and is metered (it is longer than ``text`` when a
-    watcher left a repeated tail out of the reply). ``spent`` says whether the backend
+    ``text`` is the reply's text; ``streamed`` all the text the backend sent, which is
+    what was generated and is metered (it is longer than ``text`` when a watcher left a
+    repeated tail out of the reply, or stopped inside a piece). ``spent`` says whether the backend
     used tokens: it produced something (text, a finish reason or usage) or finished
     without an error. ``stopped_early`` that a watcher ended the stream before the
     backend would have, sparing the rest of ``max_output_tokens``. ``backend_usage``
@@ -69,11 +69,12 @@ class Generation:
     the stream (:attr:`stopped`), and the stream must then close the backend.
     """
 
-    __slots__ = ("_dropped", "_parts", "_watches", "finish_reason", "produced", "stop", "usage")
+    __slots__ = ("_dropped", "_parts", "_received", "_watches", "finish_reason", "produced", "stop", "usage")
 
     def __init__(self, watches: Sequence[Watch]) -> None:
         self._watches = list(watches)
         self._parts: list[str] = []
+        self._received: list[str] = []  # all the backend's text, what was not passed on included
         #: The backend's own finish reason, from its last chunk.
         self.finish_reason: str | None = None
         #: The counts the backend reported, if it did.
@@ -103,6 +104,8 @@ class Generation:
             self.finish_reason = chunk.finish_reason
             self.produced = True
         piece = chunk.text
+        if piece:
+            self._received.append(piece)  # generated, so metered, whatever a watcher keeps of it
         if not piece or self.stopped:
             return ""
         self.produced = True
@@ -121,22 +124,24 @@ class Generation:
         that the caller closed it early (a cancelling error such as
         ``asyncio.CancelledError`` means the same)."""
         cancelled = cancelled or isinstance(error, _CANCELS)
-        streamed = self.text
+        passed = self.text
         early = False
         if cancelled:
             reason = "cancelled"
         elif error is not None:
             reason = "error"
         elif self.stop is not None:
-            reason, early = self.stop.reason, self.stop.saves
+            # It spared tokens only if the backend had more to say: not when its whole
+            # answer had come (a returned string, a completion, a stream's last chunk).
+            reason, early = self.stop.reason, self.stop.saves and self.finish_reason is None
         else:
             reason = self.finish_reason or "stop"
         return Outcome(
-            text=streamed[: len(streamed) - self._dropped] if self._dropped else streamed,
+            text=passed[: len(passed) - self._dropped] if self._dropped else passed,
             stop_reason=reason,
             spent=self.produced or (error is None and not cancelled),
             backend_usage=self.usage,
             error=error,
-            streamed=streamed,
+            streamed="".join(self._received),
             stopped_early=early,
         )

@@ -32,9 +32,9 @@ class Meter:
 
     def usage(self, call: Call, outcome: Outcome) -> Usage:
         """The call's usage: the backend's own counts where it reported them, else
-        exact counts of the prompt and of the text streamed. A call that spent nothing
-        costs nothing. A stream a watcher ended early saved (an estimate) the rest of
-        its ``max_output_tokens``.
+        exact counts of the prompt and of the text the backend sent (to the output cap).
+        A call that spent nothing costs nothing. A stream a watcher ended before the
+        backend finished saved (an estimate) the rest of its ``max_output_tokens``.
 
         Never raises: when counting fails, the usage holds only the prompt (counted
         before the backend ran), its cost is unknown, and the failure becomes
@@ -47,7 +47,11 @@ class Meter:
             input_tokens = reported.input_tokens if reported is not None else None
             output_tokens = reported.output_tokens if reported is not None else None
             if output_tokens is None:
-                output_tokens = call.tokenizer.count(outcome.streamed)
+                # What the backend sent, to the output cap: a watcher may have kept less of it
+                # (a loop's repeats), but it was generated; past the cap it is not the
+                # guard's to bill (the backend was asked to stop there), nor worth counting.
+                cap = call.max_output_tokens
+                output_tokens = min(call.tokenizer.count_until(outcome.streamed, cap), cap)
             usage = self.priced(
                 call,
                 call.count_input() if input_tokens is None else input_tokens,

@@ -94,6 +94,32 @@ def test_output_cap_on_a_long_string_and_per_call_max_tokens():
     assert fn.calls[-1][1] == 50
 
 
+@pytest.mark.parametrize("where", ["name", "tool call arguments", "extra field"])
+def test_max_input_tokens_bounds_every_field_not_only_content(read_probe, where):
+    fn = Calls()
+    guard = Guard(fn, model="gpt-4o", max_input_tokens=100)
+    huge = read_probe("word " * 2_000_000)  # 10 MB
+    messages = {
+        "name": [{"role": "user", "content": "hi", "name": huge}],
+        "tool call arguments": [
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": huge}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "r"}, {"role": "user", "content": "hi"}],
+        "extra field": [{"role": "user", "content": "hi", "cache_control": {"note": huge}}],
+    }[where]
+    with pytest.raises(InputTooLong):
+        guard.complete(messages)
+    assert 0 < huge.furthest <= 16 * 101 and not fn.calls  # bounded work, as for content
+
+
+def test_the_context_window_alone_refuses_a_huge_message_with_bounded_work(read_probe):
+    guard = Guard(Calls(), model="gpt-4o", max_context_tokens=1000)  # no max_input_tokens
+    huge = read_probe("word " * 2_000_000)
+    with pytest.raises(InputTooLong, match="take over the 1000 tokens the context may use"):
+        guard.complete([{"role": "system", "content": "Be brief."}, {"role": "user", "content": huge}])
+    assert 0 < huge.furthest <= 16 * 1001
+
+
 def test_max_input_tokens_refuses_before_the_backend(read_probe):
     fn = Calls()
     guard = Guard(fn, model="gpt-4o", max_input_tokens=100)

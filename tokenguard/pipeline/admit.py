@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
 from tokenguard._settings import token_count
 from tokenguard.context import content_text
 from tokenguard.errors import InputTooLong
 from tokenguard.pipeline.call import Call
+from tokenguard.tokens import Tokenizer
 
-__all__ = ["Admit"]
+__all__ = ["Admit", "over_limit"]
 
 
 class Admit:
     """Refuse an input over ``max_input_tokens`` with :class:`~tokenguard.InputTooLong`.
 
-    Each message's text is first counted with ``count_until``, whose work is bounded by
+    Each message's text, every string it holds (content, name, a tool call's arguments,
+    any other field), is first counted with ``count_until``, whose work is bounded by
     the limit (a 100 MB message costs what a few tens of kilobytes do); only an input
     that passes is counted exactly, chat template included, and checked again.
 
@@ -27,13 +32,8 @@ class Admit:
     def __call__(self, call: Call) -> None:
         limit = self.max_input_tokens
         messages = call.messages if call.turn is None else [call.turn]
-        seen = 0
-        for message in messages:
-            seen += call.tokenizer.count_until(content_text(message.get("content")), limit - seen)
-            if seen > limit:
-                raise InputTooLong(
-                    limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens"
-                )
+        if over_limit(call.tokenizer, messages, limit):
+            raise InputTooLong(limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens")
         exact = call.count_input() if call.turn is None else call.tokenizer.count_messages(messages)
         if exact > limit:
             raise InputTooLong(
@@ -41,3 +41,45 @@ class Admit:
                 f"input exceeds max_input_tokens: {exact} tokens (chat template included) "
                 f"is over the limit of {limit}",
             )
+
+
+def over_limit(tokenizer: Tokenizer, messages: Iterable[Mapping[str, Any]], limit: int) -> bool:
+    """Whether the texts of ``messages`` alone take more than ``limit`` tokens (their
+    exact count, framing included, can only be more), found with work bounded by the
+    limit whatever their size."""
+    seen = 0
+    for message in messages:
+        for text in _texts(message):
+            seen += tokenizer.count_until(text, limit - seen)
+            if seen > limit:
+                return True
+    return False
+
+
+def _texts(message: Mapping[str, Any]) -> Iterator[str]:
+    """The texts of a message that its exact count reads, but its role: the content's
+    text parts, each tool call's function name and arguments, and every string of any
+    other field (a name, a provider's extra field), at any depth."""
+    for key, value in message.items():
+        if key == "content":
+            yield content_text(value)
+        elif key == "tool_calls" and isinstance(value, list):
+            for call in value:
+                function = call.get("function") if isinstance(call, Mapping) else None
+                yield from _strings([function.get("name"), function.get("arguments")] if isinstance(function, Mapping)
+                                    else call)
+        elif key != "role":
+            yield from _strings(value)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in ``value``, at any depth."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            pending += item.values()
+        elif isinstance(item, (list, tuple)):
+            pending += item

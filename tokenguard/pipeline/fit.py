@@ -9,6 +9,9 @@ from typing import Any
 from tokenguard._settings import token_count
 from tokenguard.accounting import context_window
 from tokenguard.context import ContextStrategy, ConversationStrategy, content_text
+from tokenguard.context.messages import is_instruction
+from tokenguard.errors import InputTooLong
+from tokenguard.pipeline.admit import over_limit
 from tokenguard.pipeline.call import Call
 from tokenguard.pipeline.spared import SparedTokens
 
@@ -67,6 +70,11 @@ class Fit:
         # only what it keeps.
         if sum(len(content_text(m.get("content"))) for m in call.messages) <= budget and call.count_input() <= budget:
             return
+        # What every strategy keeps must fit: found out with bounded work on a huge message.
+        if over_limit(call.tokenizer, [*filter(is_instruction, call.messages), call.messages[-1]], budget):
+            raise InputTooLong(
+                budget, f"the system messages and the newest message take over the {budget} tokens the context may use"
+            )
         strategy = self.strategy
         if isinstance(strategy, ConversationStrategy):
             generate = functools.partial(self.side_call, call) if self.side_call is not None else None

@@ -194,3 +194,24 @@ def test_a_guard_with_a_budget_refuses_a_function_without_the_output_cap_too():
 def test_decorator_takes_no_backend():
     with pytest.raises(ConfigError):
         guard(backend=object())
+
+
+def test_a_function_with_a_user_parameter_is_handed_the_call_s_user():
+    # OpenAI's create() takes user=; a wrapper that passes it on must not get its default.
+    seen = []
+
+    @guard(model="gpt-4o")
+    def ask(messages, max_tokens, user=None):
+        seen.append(user)
+        return "ok"
+
+    @guard(model="gpt-4o")
+    def must_know(messages, user, max_tokens):
+        seen.append(user)
+        return "ok"
+
+    ask("hi", user="alice")
+    ask("hi")
+    must_know("hi", user="bob")
+    assert seen == ["alice", None, "bob"]
+    assert [row["user"] for row in ask.guard.ledger.records()] == ["alice", None]

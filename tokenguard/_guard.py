@@ -337,6 +337,8 @@ class Guard:
         backend.warmup()  # a model's first load is not part of this call's latency
         if session is not None and backend.accepts_session:
             params["session"] = session
+        if user is not None and getattr(backend, "accepts_user", False):
+            params["user"] = user
         return Call(
             request_id=uuid.uuid4().hex,
             messages=messages,

@@ -63,6 +63,8 @@ class Backend(Protocol):
     - ``accepts_session``: the backend keeps per-session state (the bundled runner keeps
       a chat session's KV cache between turns), so the guard passes the call's session
       as ``params["session"]``.
+    - ``accepts_user``: the backend takes the call's end user (a function with a
+      ``user`` parameter, as OpenAI's ``create`` has), passed as ``params["user"]``.
     - ``is_async``: the backend's own work is async; the guard's async methods are its
       natural path (a sync call runs it on a private event loop).
     - :meth:`tokenizer`: the tokenizer whose counts match the backend.
@@ -75,6 +77,7 @@ class Backend(Protocol):
     name: str
     model: str | None
     accepts_session: bool = False
+    accepts_user: bool = False
     is_async: bool = False
     greedy_by_default: bool = False
 

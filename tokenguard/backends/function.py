@@ -25,6 +25,14 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _names(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` has a parameter called ``name`` (not merely ``**kwargs``)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
     call = type(fn).__call__  # an object whose __call__ is async
     return (
@@ -105,6 +113,9 @@ class Function(Backend):
         self.is_async = _is_async(fn)
         #: Whether ``fn`` can be handed the output cap; one that cannot may generate past it.
         self.takes_max_tokens = _accepts(fn, "max_tokens")
+        #: Whether ``fn`` names a ``user`` parameter: it is handed the call's ``user=``
+        #: (which the guard takes for its budgets and ledger) rather than its default.
+        self.accepts_user = _names(fn, "user")
         #: What ``fn`` returned on this backend's last call (awaited, for an async ``fn``):
         #: meaningful on a per-call copy from :meth:`bind`.
         self.result: Any = None

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -71,3 +75,23 @@ def test_async_detection_and_astream():
     assert asyncio.run(collect(Function(coro))) == ["z"]
     assert asyncio.run(collect(Function(AsyncCallableObject()))) == ["w"]
     assert asyncio.run(collect(Function(lambda m: iter(["s", "t"])))) == ["s", "t"]
+
+
+def test_a_function_s_cache_identity_is_the_same_in_every_process():
+    # A persistent cache is shared between processes: nested code, set constants and
+    # closures must not make a function look different in each (addresses, hash order).
+    script = textwrap.dedent("""
+        from tokenguard.backends import Function
+        def make(persona):
+            def answers(messages, max_tokens):
+                if messages[-1]["role"] in {"user", "system", "tool", "developer"}:
+                    return persona + " ".join([w.upper() for w in messages[-1]["content"].split()])
+                return (lambda text: text)("?")
+            return answers
+        print(Function(make("pirate")).cache_identity(), Function(make("robot")).cache_identity())
+    """)
+    seen = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(seen) == 1
+    pirate, robot = seen.pop().split("] [")
+    assert pirate != robot

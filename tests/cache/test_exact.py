@@ -98,6 +98,17 @@ def test_another_function_or_argument_or_model_never_shares_an_answer(cache):
     assert ask("Q?", "fr", temperature=0) == "fr: Q?"
     assert ask.calls == 2
 
+    # One factory's functions differ by what their closure holds; two lambdas by their code.
+    def persona(name):
+        return tg.guard(lambda messages, max_tokens, temperature: f"{name} says hi", model="gpt-4o-mini", cache=cache)
+
+    pirate, robot = persona("pirate"), persona("robot")
+    assert pirate("Q?", temperature=0) == "pirate says hi" and tg.reply_of(pirate("Q?", temperature=0)).cached
+    assert robot("Q?", temperature=0) == "robot says hi"
+    first = tg.guard(lambda messages, max_tokens, temperature: "A", model="gpt-4o-mini", cache=cache)
+    second = tg.guard(lambda messages, max_tokens, temperature: "B", model="gpt-4o-mini", cache=cache)
+    assert (first("Q?", temperature=0), second("Q?", temperature=0)) == ("A", "B")
+
 
 def test_only_deterministic_requests_are_cached_unless_asked(tmp_path):
     fn = Answers()
@@ -185,21 +196,21 @@ def test_async_calls_hit_too(cache):
 
 def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):
     path = tmp_path / "shared"
+    function = 'def answers(messages, *, max_tokens, temperature):\n    return "written by the other process"\n'
     script = textwrap.dedent(f"""
         from tokenguard import Guard
         from tokenguard.cache import ExactCache, SemanticCache
-        def answers(messages, *, max_tokens, temperature):
-            return "written by the other process"
         with ExactCache({str(path)!r}) as cache:
             reply = Guard(answers, model="gpt-4o-mini", cache=cache).complete("Q?", temperature=0)
             print(reply.cached)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", function + script], capture_output=True, text=True, check=True,
+                         timeout=120)
     assert out.stdout.strip() == "False"
-    # This process, another function of the same name in the same module: the key is the
-    # function's module and qualified name, so the other process's entry answers here.
+    # This process, the same function (its name, module and code): the key is the same,
+    # so the other process's entry answers here.
     namespace: dict = {"__name__": "__main__"}
-    exec("def answers(messages, *, max_tokens, temperature):\n    raise AssertionError('not called')", namespace)
+    exec(function, namespace)
     with ExactCache(path) as reopened:
         reply = Guard(namespace["answers"], model="gpt-4o-mini", cache=reopened).complete("Q?", temperature=0)
     assert reply.cached and reply.text == "written by the other process"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import types
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,57 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):
         return True
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _code_identity(fn: Callable[..., Any]) -> list[str]:
+    """A Python function's code, and the values its closure cells and defaults hold, as
+    text that is the same in every process where those values are plain data (an object
+    stands for itself in this process only: it never makes two functions look alike)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    held = [_cell_value(cell) for cell in getattr(fn, "__closure__", None) or ()]
+    held += [getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None)]
+    return [_code_digest(code), _plain(held)]
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """A digest of what ``code`` does: its bytecode and constants, nested code (a lambda,
+    a comprehension) by its own digest, as a code object's repr holds its address."""
+    data = code.co_code + _const_text(code.co_consts).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+def _const_text(const: Any) -> str:
+    """A code constant as text that every process writes alike (a frozenset's order
+    follows string hashing, which differs between processes)."""
+    if isinstance(const, types.CodeType):
+        return _code_digest(const)
+    if isinstance(const, tuple):
+        return "(" + ", ".join(map(_const_text, const)) + ")"
+    if isinstance(const, frozenset):
+        return "frozenset(" + ", ".join(sorted(map(_const_text, const))) + ")"
+    return repr(const)
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not assigned yet
+        return None
+
+
+def _plain(value: Any, depth: int = 0) -> str:
+    """``repr`` of plain data; any other object, and a container too big or too deep to
+    be read on every call, as its type and identity."""
+    if value is None or isinstance(value, (str, bytes, int, float, bool)):
+        return repr(value)
+    if isinstance(value, (list, tuple, frozenset, set, dict)) and depth < 4 and len(value) <= 64:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{_plain(k, depth + 1)}: {_plain(v, depth + 1)}" for k, v in value.items()) + "}"
+        items = [_plain(item, depth + 1) for item in value]
+        return f"{type(value).__name__}({', '.join(sorted(items) if isinstance(value, (set, frozenset)) else items)})"
+    return f"<{type(value).__qualname__} {id(value):x}>"
 
 
 def _names(fn: Callable[..., Any], name: str) -> bool:
@@ -155,10 +208,12 @@ class Function(Backend):
 
     def cache_identity(self) -> object:
         """Which function, and the arguments bound to it: two decorated functions never
-        share answers, nor one function called with different arguments."""
+        share answers, nor one function called with different arguments. A function is
+        its name, its code (two lambdas differ; an edited function answers anew) and
+        what its closure and defaults hold (two functions one factory made differ)."""
         fn = self.fn
         return [self.name, f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}", self.model,
-                list(self._args)]
+                list(self._args), *_code_identity(fn)]
 
     def __repr__(self) -> str:
         return f"Function({getattr(self.fn, '__qualname__', self.fn)!r})"

@@ -14,6 +14,7 @@ import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from one_function import answers_here, script_prelude
 from test_exact import GREEDY, Answers  # the same backend and parameters as the disk cache's tests
 
 from tokenguard import Guard
@@ -35,33 +36,28 @@ def test_a_redis_url_selects_redis(redis_url):
 def test_an_answer_stored_by_one_process_is_a_hit_in_another(redis_url):
     """This process answers Q1; another process gets it from Redis without calling its
     function, and answers Q2, which this process then gets. The functions are defined
-    in ``__main__`` with one name in both processes, so their cache identity is one."""
-    namespace: dict = {"__name__": "__main__"}
-    exec("def answers(messages, *, max_tokens, temperature):\n"
-         "    return 'written by the first process'", namespace)
+    in ``__main__`` with one name and one code in both processes, so their cache
+    identity is one."""
+    answers, calls = answers_here("the first process")
     with ExactCache(redis_url) as cache:
-        first = Guard(namespace["answers"], model="gpt-4o-mini", cache=cache).complete("Q1?", **GREEDY)
+        first = Guard(answers, model="gpt-4o-mini", cache=cache).complete("Q1?", **GREEDY)
         assert not first.cached and len(cache) == 1
-    script = textwrap.dedent(f"""
+    script = script_prelude("the second process") + textwrap.dedent(f"""
         from tokenguard import Guard
         from tokenguard.cache import ExactCache
-        def answers(messages, *, max_tokens, temperature):
-            if messages[-1]["content"] == "Q1?":
-                raise AssertionError("Q1 was answered by the first process")
-            return "written by the second process"
         with ExactCache({redis_url!r}) as cache:
             guard = Guard(answers, model="gpt-4o-mini", cache=cache)
             hit = guard.complete("Q1?", temperature=0)
             print(hit.cached, hit.text, hit.usage.input_tokens, hit.usage.saved_tokens > 0, sep="|")
-            print(guard.complete("Q2?", temperature=0).cached)
+            print(guard.complete("Q2?", temperature=0).cached, CALLS)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["True|written by the first process|0|True", "False"]
-    exec("def answers(messages, *, max_tokens, temperature):\n    raise AssertionError('not called')", namespace)
+    assert out.stdout.splitlines() == ["True|written by the first process|0|True", "False ['Q2?']"]
     with ExactCache(redis_url) as reopened:
-        reply = Guard(namespace["answers"], model="gpt-4o-mini", cache=reopened).complete("Q2?", **GREEDY)
+        reply = Guard(answers, model="gpt-4o-mini", cache=reopened).complete("Q2?", **GREEDY)
         assert reply.cached and reply.text == "written by the second process" and len(reopened) == 2
+    assert calls == ["Q1?"]
 
 
 def test_users_sessions_and_everyone_are_partitions(redis_server, redis_url):

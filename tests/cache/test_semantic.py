@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from one_function import answers_here, script_prelude
 
 from tokenguard import Guard
 from tokenguard.cache import SemanticCache, same_details
@@ -138,29 +139,25 @@ def test_same_details_reads_numbers_words_and_order():
 def shared_between_processes(location) -> None:
     """An entry another process stores after this one opened the cache is a hit at this
     one's next lookup, and for a cache opened later."""
-    script = textwrap.dedent(f"""
+    script = script_prelude("the other process") + textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_semantic import hashed_words
         from tokenguard import Guard
         from tokenguard.cache import SemanticCache
-        def answers(messages, *, max_tokens, temperature):
-            return "from the other process"
         with SemanticCache({str(location)!r}, embedder=hashed_words) as cache:
             Guard(answers, model="gpt-4o-mini", cache=cache).complete("Where is the Louvre?", temperature=0)
     """)
+    answers, calls = answers_here("this process")
     with SemanticCache(location, embedder=hashed_words) as running:  # open before the other process writes
-        namespace: dict = {"__name__": "__main__"}
-        exec("def answers(messages, *, max_tokens, temperature):\n    raise AssertionError('not called')", namespace)
-        guard = Guard(namespace["answers"], model="gpt-4o-mini", cache=running)
-        with pytest.raises(AssertionError):
-            guard.complete("Where is the Louvre?", temperature=0)  # nothing stored yet
+        guard = Guard(answers, model="gpt-4o-mini", cache=running)
+        # Nothing stored yet: answered here, though not stored (a sampled request, temperature 1).
+        assert guard.complete("Where is the Louvre?", temperature=1).text == "written by this process"
         subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-        assert guard.complete("where is the louvre", temperature=0).text == "from the other process"
+        assert guard.complete("where is the louvre", temperature=0).text == "written by the other process"
     with SemanticCache(location, embedder=hashed_words) as reopened:
-        reply = Guard(namespace["answers"], model="gpt-4o-mini", cache=reopened).complete(
-            "Where is the Louvre??", temperature=0)
-    assert reply.cached
+        reply = Guard(answers, model="gpt-4o-mini", cache=reopened).complete("Where is the Louvre??", temperature=0)
+    assert reply.cached and calls == ["Where is the Louvre?"]
 
 
 def test_entries_survive_a_restart_and_are_shared_between_processes(tmp_path):

@@ -40,9 +40,11 @@ def _code_identity(fn: Callable[..., Any]) -> list[str]:
 
 
 def _code_digest(code: types.CodeType) -> str:
-    """A digest of what ``code`` does: its bytecode and constants, nested code (a lambda,
-    a comprehension) by its own digest, as a code object's repr holds its address."""
-    data = code.co_code + _const_text(code.co_consts).encode("utf-8", "surrogatepass")
+    """A digest of what ``code`` does: its bytecode, constants and the names it reads;
+    nested code (a lambda, a comprehension) by its own digest, as a code object's repr
+    holds its address."""
+    text = _const_text(code.co_consts) + "\0" + " ".join(code.co_names)  # the globals and attributes it reads
+    data = code.co_code + text.encode("utf-8", "surrogatepass")
     return hashlib.blake2b(data, digest_size=12).hexdigest()
 
 

@@ -358,6 +358,16 @@ MALFORMED = [
      "only allowed with 'stream': true"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "colour": "blue"}', "unknown field colour"),
     (b'{"model": "gpt-4o", "messages": [{"role": ["user"], "content": "hi"}]}', "messages[0].role must be one of"),
+    # Forwarded, but not counted: a budget and an input cap would not see them.
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", '
+     b'"cache_control": {"pad": "x"}}]}]}',
+     "messages[0].content[0] has fields this gateway does not take: cache_control"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "1", '
+     b'"type": "function", "function": {"name": "f", "arguments": "{}", "pad": "x"}}]}, '
+     b'{"role": "user", "content": "hi"}]}',
+     "messages[0].tool_calls[0].function has fields this gateway does not take"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": 1}]}, '
+     b'{"role": "user", "content": "hi"}]}', "messages[0].tool_calls[0] must be"),
     # Half a UTF-16 pair is valid JSON but no text: neither SQLite nor an upstream request takes it.
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800 hi"}]}', "unpaired UTF-16 surrogate"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "user": "mallory\\udfff"}',

@@ -149,6 +149,7 @@ def _content(index: int, role: str, content: Any) -> Any:
         return content
     if not isinstance(content, list):
         raise invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+    parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
@@ -158,7 +159,37 @@ def _content(index: int, role: str, content: Any) -> Any:
             )
         if not isinstance(part.get("text"), str):
             raise invalid(f"{where}.content[{j}].text must be a string", f"{where}.content")
-    return content
+        _only(part, {"type", "text"}, f"{where}.content[{j}]")
+        parts.append({"type": "text", "text": part["text"]})  # what is counted is what is forwarded
+    return parts
+
+
+def _tool_calls(index: int, value: Any) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls, as counted and forwarded: their id,
+    function name and arguments."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(value, list):
+        raise invalid(f"{where} must be a list of tool calls", where)
+    calls = []
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or not isinstance(call.get("id"), str)
+                or not all(isinstance(function.get(k), str) for k in ("name", "arguments"))):
+            raise invalid(f"{where}[{j}] must be {{\"id\", \"type\": \"function\", \"function\": "
+                          "{\"name\", \"arguments\"}} with string values", where)
+        _only(call, {"id", "type", "function"}, f"{where}[{j}]")
+        _only(function, {"name", "arguments"}, f"{where}[{j}].function")
+        calls.append({"id": call["id"], "type": "function",
+                      "function": {"name": function["name"], "arguments": function["arguments"]}})
+    return calls
+
+
+def _only(fields: dict[str, Any], known: set[str], where: str) -> None:
+    """Refuse fields beyond ``known`` that ask for anything: the gateway would forward
+    them uncounted (a budget and an input cap see only what is counted)."""
+    unknown = sorted(k for k, v in fields.items() if k not in known and _asks(v))
+    if unknown:
+        raise invalid(f"{where} has fields this gateway does not take: {', '.join(unknown)}", where)
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -178,6 +209,8 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                           f"messages[{i}]")
         kept = {k: v for k, v in message.items() if k in _MESSAGE_KEYS and v is not None}
         kept["content"] = _content(i, role, message.get("content"))
+        if "tool_calls" in kept:
+            kept["tool_calls"] = _tool_calls(i, kept["tool_calls"])
         for key in ("name", "tool_call_id"):
             if key in kept and not isinstance(kept[key], str):
                 raise invalid(f"messages[{i}].{key} must be a string", f"messages[{i}].{key}")

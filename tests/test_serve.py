@@ -305,9 +305,13 @@ def test_an_open_gateway_takes_the_user_field_a_session_header_and_metadata_as_t
             model=MODEL, messages=QUESTION, user="carol", metadata={"team": "search"},
             extra_headers={"X-Session-Id": "chat-1"})
         served.client().chat.completions.create(model=MODEL, messages=QUESTION)
-    first, anonymous = served.guard.ledger.records()
+        for user, session in (("a/b", "c"), ("a", "b/c")):  # two users' sessions, never one
+            served.client().chat.completions.create(model=MODEL, messages=QUESTION, user=user,
+                                                    extra_headers={"X-Session-Id": session})
+    first, anonymous, slashed, plain = served.guard.ledger.records()
     assert (first["user"], first["session"], first["tags"]) == ("carol", "carol/chat-1", {"team": "search"})
     assert (anonymous["user"], anonymous["session"]) == (None, None)
+    assert (slashed["session"], plain["session"]) == ("a%2Fb/c", "a/b/c")
 
 
 # -- what is refused as malformed ----------------------------------------------------------
@@ -347,6 +351,7 @@ MALFORMED = [
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
      "without tool calls"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "n": 2}', "'n' must be 1"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "n": true}', "'n' must be 1"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "'stream' must be"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}',
      "'temperature' must be >= 0 and <= 2"),

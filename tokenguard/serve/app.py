@@ -210,7 +210,11 @@ class Gateway:
             return None
         if not session or len(session) > _MAX_SESSION_CHARS or not session.isprintable():
             raise invalid(f"the {SESSION_HEADER} header must be 1 to {_MAX_SESSION_CHARS} printable characters")
-        return session if user is None else f"{user}/{session}"
+        if user is None:
+            return session
+        # The first "/" ends the user's part ("%" and "/" in a name are escaped), so user
+        # "a/b" with session "c" and user "a" with session "b/c" stay two sessions.
+        return f"{user.replace('%', '%25').replace('/', '%2F')}/{session}"
 
     def _check_scopes(self, user: str | None, session: str | None) -> None:
         """A per-user (per-session) budget needs a user (a session): say how to give one."""

@@ -232,7 +232,7 @@ def _common(body: Any, model: str, allowed: frozenset[str]) -> tuple[dict[str, A
         if unknown:
             raise invalid(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}", unknown[0])
     n = body.get("n")
-    if n is not None and n != 1:
+    if n is not None and (isinstance(n, bool) or n != 1):  # true == 1 in Python, not in JSON
         raise invalid("'n' must be 1: this gateway answers with one choice", "n")
     params: dict[str, Any] = {}
     caps = [(k, body[k]) for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]

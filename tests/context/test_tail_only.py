@@ -104,3 +104,10 @@ def test_turn_counts_are_remembered_least_recently_used_first():
     assert len(costs) == 2
     keys = [f"{tokenizer.name}:{turn_key(t)}" for t in (a, b, c)]
     assert costs.lookup(keys) == [turn_cost(tokenizer, a), None, turn_cost(tokenizer, c)]
+
+
+def test_a_history_without_a_user_message_says_every_message_is_kept():
+    history = [{"role": "system", "content": "Be brief."},
+               *({"role": "assistant", "content": f"Note {i}: nothing to add."} for i in range(50))]
+    with pytest.raises(InputTooLong, match=r"newest user message \(there is none: every message is kept\) take"):
+        TailOnly().fit(history, 100, TOKENIZERS["gpt-4o"])

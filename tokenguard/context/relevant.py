@@ -9,7 +9,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from tokenguard.context.messages import is_instruction, message_text
-from tokenguard.context.strategy import TurnCosts, pinned_indices, turn_indices_from_end
+from tokenguard.context.strategy import TurnCosts, no_user_note, pinned_indices, turn_indices_from_end
 from tokenguard.errors import InputTooLong
 from tokenguard.tokens import Tokenizer
 
@@ -80,7 +80,7 @@ class Relevant:
         if need > max_tokens:
             raise InputTooLong(
                 max_tokens,
-                f"the messages that must be kept (system messages, the newest user message and "
+                f"the messages that must be kept (system messages, the newest user message{no_user_note(messages)} and "
                 f"{len(keep)} more) take {need} tokens, over the {max_tokens} the context may use",
             )
         room = max_tokens if fill is None else min(max_tokens, max(fill, need))

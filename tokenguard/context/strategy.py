@@ -190,6 +190,12 @@ def pinned_indices(messages: Sequence[Mapping[str, Any]], newest_first: Iterator
     return kept
 
 
+def no_user_note(messages: Sequence[Mapping[str, Any]]) -> str:
+    """For an error about what :func:`pinned_indices` keeps: a history with no user
+    message keeps every message, which the error should say."""
+    return "" if any(m.get("role") == "user" for m in messages) else " (there is none: every message is kept)"
+
+
 def turn_cost(tokenizer: Tokenizer, turn: Sequence[Mapping[str, Any]]) -> int:
     """The tokens ``turn`` adds to a prompt, its framing included. Counted beside an
     empty system message: a chat template that puts in a default system prompt when

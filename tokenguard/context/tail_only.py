@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenguard.context.messages import is_instruction
-from tokenguard.context.strategy import TurnCosts, pinned_indices, turn_indices_from_end
+from tokenguard.context.strategy import TurnCosts, no_user_note, pinned_indices, turn_indices_from_end
 from tokenguard.errors import InputTooLong
 from tokenguard.tokens import Tokenizer
 
@@ -47,7 +47,7 @@ class TailOnly:
         if need > max_tokens:
             raise InputTooLong(
                 max_tokens,
-                f"the system messages and the newest user message take {need} tokens, over the "
+                f"the system messages and the newest user message{no_user_note(messages)} take {need} tokens, over the "
                 f"{max_tokens} the context may use",
             )
         total = need

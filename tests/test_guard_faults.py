@@ -149,3 +149,32 @@ def test_a_ledger_that_cannot_write_ends_the_call_once(run):
     assert ended == ["stop"]
     spent = budget.spent()
     assert spent["tokens"] > 0 and spent["reserved_tokens"] == 0  # settled once, to what was used
+
+
+def test_a_call_cancelled_before_its_first_token_is_billed_its_prompt():
+    # The backend had read the prompt (a server prefilled it): leaving before the first token is not free.
+    budget = Budget(tokens=10_000)
+    asked = asyncio.Event()
+
+    async def thinks_long(messages, max_tokens):
+        asked.set()
+        await asyncio.sleep(3600)
+        yield "too late"
+
+    guard = Guard(thinks_long, model="gpt-4o", budget=budget)
+
+    async def leave_early() -> None:
+        task = asyncio.ensure_future(guard.astream("Summarise the whole archive, please.").aread())
+        await asyncio.wait_for(asked.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave_early())
+    never_read = guard.stream("Summarise the whole archive, please.")
+    never_read.close()  # opened, never read: the backend was never asked
+    cancelled, unread = guard.ledger.records()
+    assert cancelled["stop_reason"] == "cancelled" and cancelled["input_tokens"] > 0
+    assert (cancelled["output_tokens"], unread["stop_reason"], unread["input_tokens"]) == (0, "cancelled", 0)
+    spent = budget.spent()
+    assert spent["tokens"] == cancelled["input_tokens"] and spent["reserved_tokens"] == 0

@@ -34,9 +34,10 @@ class Outcome:
 
     ``text`` is the reply's text; ``streamed`` all the text the backend sent, which is
     what was generated and is metered (it is longer than ``text`` when a watcher left a
-    repeated tail out of the reply, or stopped inside a piece). ``spent`` says whether the backend
-    used tokens: it produced something (text, a finish reason or usage) or finished
-    without an error. ``stopped_early`` that a watcher ended the stream before the
+    repeated tail out of the reply, or stopped inside a piece). ``spent`` says whether
+    the backend used tokens: it produced something (text, a finish reason or usage),
+    finished without an error, or was cancelled after it had been asked (it had read
+    the prompt). ``stopped_early`` that a watcher ended the stream before the
     backend would have, sparing the rest of ``max_output_tokens``. ``backend_usage``
     is what the backend reported of its own counts, if anything.
     """
@@ -69,7 +70,7 @@ class Generation:
     the stream (:attr:`stopped`), and the stream must then close the backend.
     """
 
-    __slots__ = ("_dropped", "_parts", "_received", "_watches", "finish_reason", "produced", "stop", "usage")
+    __slots__ = ("_dropped", "_parts", "_received", "_watches", "asked", "finish_reason", "produced", "stop", "usage")
 
     def __init__(self, watches: Sequence[Watch]) -> None:
         self._watches = list(watches)
@@ -81,6 +82,9 @@ class Generation:
         self.usage: BackendUsage | None = None
         #: True once the backend produced any output (text, a finish reason or usage).
         self.produced = False
+        #: True once the backend was asked for output: it has the prompt, so a call
+        #: cancelled from then on is billed its prompt even before any output came.
+        self.asked = False
         #: How a watcher ended the stream, once one did.
         self.stop: Stop | None = None
         self._dropped = 0  # characters at the end of the text that the reply leaves out
@@ -139,7 +143,7 @@ class Generation:
         return Outcome(
             text=passed[: len(passed) - self._dropped] if self._dropped else passed,
             stop_reason=reason,
-            spent=self.produced or (error is None and not cancelled),
+            spent=self.produced or (self.asked if cancelled else error is None),
             backend_usage=self.usage,
             error=error,
             streamed="".join(self._received),

@@ -94,6 +94,7 @@ class GuardStream(_Stream):
             return text
         assert self._chunks is not None
         generation = self._generation
+        generation.asked = True
         try:
             while not generation.stopped:
                 chunk = next(self._chunks, _DONE)
@@ -176,6 +177,7 @@ class AsyncGuardStream(_Stream):
             return text
         assert self._chunks is not None
         generation = self._generation
+        generation.asked = True
         try:
             while not generation.stopped:
                 chunk = await anext(self._chunks, _DONE)

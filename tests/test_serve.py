@@ -223,7 +223,12 @@ def test_models_health_and_an_unknown_model(keys):
         with pytest.raises(openai.NotFoundError):
             client.models.retrieve("gpt-17")
         no_route = httpx.get(f"{served.url}/v2/everything")
+        metrics = served.metrics()
     assert health.status_code == 200 and health.json() == {"status": "ok", "model": MODEL}
+    # One label for every model's page; anything else is "other", however many paths a scan tries.
+    assert metrics['tokenguard_http_requests_total{endpoint="/v1/models/{model}",status="200"}'] == 1
+    assert metrics['tokenguard_http_requests_total{endpoint="/v1/models/{model}",status="404"}'] == 1
+    assert metrics['tokenguard_http_requests_total{endpoint="other",status="404"}'] == 1
     assert missing.value.code == "model_not_found" and "this gateway serves 'gpt-4o'" in missing.value.message
     assert no_route.status_code == 404 and no_route.json()["error"]["code"] == "not_found"
     assert served.guard.ledger.records() == []

@@ -146,10 +146,16 @@ class _Measured:
             raise
         finally:
             self.metrics.ended()
-            path = scope["path"]
-            self.metrics.observe_request(path if path in _ENDPOINTS else "other", status,
-                                         time.perf_counter() - arrived)
+            self.metrics.observe_request(_endpoint(scope["path"]), status, time.perf_counter() - arrived)
 
+
+
+def _endpoint(path: str) -> str:
+    """A request's endpoint label: its route (one label for every model's page), or
+    "other" (so a scan of random paths cannot grow the metrics without bound)."""
+    if path in _ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 class Gateway:
     """The routes' state: the guard, who may call, and the limits on what they send."""

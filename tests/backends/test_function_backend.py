@@ -79,13 +79,15 @@ def test_async_detection_and_astream():
 
 def test_a_function_s_cache_identity_is_the_same_in_every_process():
     # A persistent cache is shared between processes: nested code, set constants and
-    # closures must not make a function look different in each (addresses, hash order).
+    # closures (an object in one too) must not make a function look different in each.
     script = textwrap.dedent("""
+        import types
         from tokenguard.backends import Function
         def make(persona):
+            client = types.SimpleNamespace(base_url="http://127.0.0.1:8000/v1")  # an object: by its type
             def answers(messages, max_tokens):
                 if messages[-1]["role"] in {"user", "system", "tool", "developer"}:
-                    return persona + " ".join([w.upper() for w in messages[-1]["content"].split()])
+                    return persona + " ".join([w.upper() for w in messages[-1]["content"].split()]) + str(client)
                 return (lambda text: text)("?")
             return answers
         print(Function(make("pirate")).cache_identity(), Function(make("robot")).cache_identity())

@@ -29,8 +29,8 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 
 def _code_identity(fn: Callable[..., Any]) -> list[str]:
     """A Python function's code, and the values its closure cells and defaults hold, as
-    text that is the same in every process where those values are plain data (an object
-    stands for itself in this process only: it never makes two functions look alike)."""
+    text that is the same in every process: plain data by its value (a long string by
+    its digest), any other object (a client, a model) by its type."""
     code = getattr(fn, "__code__", None)
     if code is None:
         return []
@@ -68,8 +68,11 @@ def _cell_value(cell: Any) -> Any:
 
 
 def _plain(value: Any, depth: int = 0) -> str:
-    """``repr`` of plain data; any other object, and a container too big or too deep to
-    be read on every call, as its type and identity."""
+    """``repr`` of plain data (a long string or bytes by its digest); any other object,
+    and a container too big or too deep to read on every call, by its type."""
+    if isinstance(value, (str, bytes)) and len(value) > 256:
+        data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+        return f"{type(value).__name__}:{hashlib.blake2b(data, digest_size=12).hexdigest()}"
     if value is None or isinstance(value, (str, bytes, int, float, bool)):
         return repr(value)
     if isinstance(value, (list, tuple, frozenset, set, dict)) and depth < 4 and len(value) <= 64:
@@ -77,7 +80,7 @@ def _plain(value: Any, depth: int = 0) -> str:
             return "{" + ", ".join(f"{_plain(k, depth + 1)}: {_plain(v, depth + 1)}" for k, v in value.items()) + "}"
         items = [_plain(item, depth + 1) for item in value]
         return f"{type(value).__name__}({', '.join(sorted(items) if isinstance(value, (set, frozenset)) else items)})"
-    return f"<{type(value).__qualname__} {id(value):x}>"
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def _names(fn: Callable[..., Any], name: str) -> bool:

@@ -112,6 +112,48 @@ def test_a_session_whose_history_was_replaced_is_summarised_afresh():
     assert "(nothing yet)" in asked[calls] and "Fact 0: the sky is blue." in asked[calls]
 
 
+def test_two_conversations_that_share_some_messages_never_share_a_summary():
+    # Resent whole, without a session: both open with "Hello" and end with the same small talk.
+    def echo(text: str) -> str:  # the summary so far, and the new lines
+        before, lines = text.split("Summary so far:\n", 1)[1].split("\n\nNew lines:\n", 1)
+        return ("" if before == "(nothing yet)" else before + " / ") + lines.replace("\n", " / ")
+
+    def conversation(secret: str) -> list[dict]:
+        messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi! How can I help?"},
+                    {"role": "user", "content": secret}, {"role": "assistant", "content": "Noted."}]
+        for _ in range(14):
+            messages += [{"role": "user", "content": "Thanks, anything else?"},
+                         {"role": "assistant", "content": "Nothing else, you are all set."}]
+        return [*messages, {"role": "user", "content": "What did I tell you?"}]
+
+    strategy = Summary(echo, keep_recent_tokens=40, max_summary_tokens=120)
+    alice = strategy.fit(conversation("Alice here: my PIN is 9931."), 260, GPT)
+    bob = strategy.fit(conversation("Bob here: my order is 5512."), 260, GPT)
+    assert "9931" in str(alice) and "5512" in str(bob)
+    assert "9931" not in str(bob)
+
+
+def test_a_summarizer_that_fails_midway_does_not_fold_the_chunks_before_it_again():
+    folded: list[str] = []
+    calls_until_down = [-1]  # set below: how many more calls answer before one fails
+
+    def summarize(text: str) -> str:
+        calls_until_down[0] -= 1
+        if calls_until_down[0] == 0:
+            raise RuntimeError("the summarizer is down")
+        folded.extend(text.split("New lines:\n", 1)[1].splitlines())
+        return f"{len(folded)} lines"
+
+    strategy = Summary(summarize, keep_recent_tokens=30, max_summary_tokens=60, chunk_tokens=40)
+    question = {"role": "user", "content": "Which code?"}
+    strategy.fit([*_history(6), question], 150, GPT, session="s")
+    calls_until_down[0] = 2  # the second chunk of the next fold fails
+    with pytest.raises(RuntimeError, match="down"):
+        strategy.fit([*_history(14), question], 150, GPT, session="s")
+    strategy.fit([*_history(14), question], 150, GPT, session="s")
+    assert len(folded) == len(set(folded)) > 8  # every line summarised once
+
+
 def test_without_a_model_or_a_function_it_says_how_to_summarise():
     with pytest.raises(ConfigError, match="Guard"):
         Summary().fit([*_history(60), {"role": "user", "content": "?"}], 600, GPT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -149,42 +150,45 @@ class Summary:
         chunk: int,
         size: int,
     ) -> None:
-        """Bring ``running`` up to the end of ``fold``, summarising only what is new."""
+        """Bring ``running`` up to the end of ``fold``, summarising only what is new.
 
-        def mark(position: int, indices: list[int]) -> str:
-            before = fingerprint(messages[indices[position - 1]]) if position > 0 else ""
-            return before + fingerprint(messages[indices[position]])
-
+        A summary goes on from its mark: the digest of every message it has folded, in
+        order. Only a conversation whose messages up to there are those very ones goes
+        on from it; another that merely shares a message or two (two users' "Hello" and
+        "Thanks") starts its own. The mark moves after each chunk, so a summary call
+        that fails does not have the chunks before it folded again."""
+        marks = _prefix_marks(messages)
         start = 0
         if running.last is not None:
-            found = next((p for p in range(len(fold) - 1, -1, -1) if mark(p, fold) == running.last), None)
+            found = next((p for p in range(len(fold) - 1, -1, -1) if marks.get(fold[p]) == running.last), None)
             if found is not None:
                 start = found + 1
-            elif any(mark(p, tail) == running.last for p in range(len(tail))):
+            elif any(marks.get(i) == running.last for i in tail):
                 return  # the budget grew: what was folded is sent as it is again
             else:
-                running.text = ""  # not this conversation's summary any more (it was edited)
-        if start == len(fold):
-            return
-        for lines in self._chunks([message_line(messages[i]) for i in fold[start:]], tokenizer, chunk):
+                running.text = ""  # not this conversation's summary (another one, or it was edited)
+                running.last = None
+        for lines, count in self._chunks([message_line(messages[i]) for i in fold[start:]], tokenizer, chunk):
             running.text = self._summarize(running.text, lines, tokenizer, generate, size)
-        running.last = mark(len(fold) - 1, fold)
+            start += count
+            running.last = marks[fold[start - 1]]
 
     @staticmethod
-    def _chunks(lines: list[str], tokenizer: Tokenizer, chunk: int) -> Iterator[str]:
-        """``lines`` in groups of at most ``chunk`` tokens (a longer line is cut)."""
+    def _chunks(lines: list[str], tokenizer: Tokenizer, chunk: int) -> Iterator[tuple[str, int]]:
+        """``lines`` in groups of at most ``chunk`` tokens (a longer line is cut), each
+        with how many lines it holds."""
         group: list[str] = []
         size = 0
         for line in lines:
             line = tokenizer.truncate(line, chunk - 1)
             cost = tokenizer.count(line) + 1
             if group and size + cost > chunk:
-                yield "\n".join(group)
+                yield "\n".join(group), len(group)
                 group, size = [], 0
             group.append(line)
             size += cost
         if group:
-            yield "\n".join(group)
+            yield "\n".join(group), len(group)
 
     def _summarize(
         self, previous: str, lines: str, tokenizer: Tokenizer, generate: Generate | None, size: int
@@ -216,3 +220,15 @@ class Summary:
         return (
             f"Summary(keep_recent_tokens={self.keep_recent_tokens}, max_summary_tokens={self.max_summary_tokens})"
         )
+
+
+def _prefix_marks(messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """For each non-system message (by index), a digest of it and every non-system
+    message before it: what a summary that folded up to there has read."""
+    digest = hashlib.blake2b(digest_size=16)
+    marks = {}
+    for i, message in enumerate(messages):
+        if not is_instruction(message):
+            digest.update(fingerprint(message).encode("ascii"))
+            marks[i] = digest.hexdigest()
+    return marks

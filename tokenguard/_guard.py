@@ -418,12 +418,13 @@ class Guard:
         """Steps admit..reserve; a cache hit is metered and returned. A refusal is
         metered (no tokens) and re-raised."""
         try:
-            if self.admit is not None:
-                self.admit(call)
-            if self.scope is not None:
-                self.scope(call)
-            if self.fit is not None:
-                self.fit(call)
+            if not call.side:
+                if self.admit is not None:
+                    self.admit(call)
+                if self.scope is not None:
+                    self.scope(call)
+                if self.fit is not None:
+                    self.fit(call)
             # Count the prompt now: a prompt that cannot be counted is refused here, before
             # anything is spent, rather than metered as 0 tokens after the backend ran.
             call.count_input()
@@ -483,6 +484,8 @@ class Guard:
             max_tokens=max_tokens,
         )
         call.params.pop("session", None)  # its own prompt: it must not take over the session's KV cache
+        call.side = True
+        call.outer = running_frame(parent, parent.messages)  # a child of the call it serves, in the tree
         if backend is not self.backend and backend.model is not None:
             call.model = backend.model
         return self.open_stream(call).read().text

@@ -194,6 +194,22 @@ def test_summaries_are_metered_calls_against_the_same_budget():
                                                     if row["stop_reason"] != "budget_exceeded")
 
 
+def test_a_summary_is_a_child_of_the_call_it_serves_and_not_held_to_the_caller_s_input_cap():
+    # max_input_tokens caps what a caller sends (a 15-token turn), not the guard's own summary prompts.
+    guard = Guard(_backend, model="gpt-4o", context=Summary(keep_recent_tokens=60, max_summary_tokens=40),
+                  max_context_tokens=200, max_input_tokens=40)
+    for i in range(25):
+        guard.chat(f"Note {i}: the locker code for gym {i} is {1000 + 7 * i}.", session="s")
+    rows = guard.ledger.records()
+    assert all(row["stop_reason"] == "stop" for row in rows)
+    calls = {row["request_id"]: row for row in rows}
+    summaries = [row for row in rows if row["tags"] == "summary"]
+    assert summaries and all(row["depth"] == 1 for row in summaries)
+    for row in summaries:
+        parent = calls[row["parent_id"]]
+        assert parent["tags"] is None and parent["depth"] == 0 and row["root_id"] == parent["request_id"]
+
+
 @pytest.mark.slow
 def test_the_bundled_model_summarises_a_short_history(bundled_runner):
     from tokenguard.backends import BundledRunner

@@ -100,6 +100,10 @@ class Call:
     #: Whether a guard has run it: a call runs once (its request_id names one ledger row
     #: and its holds), so opening it again is refused.
     opened: bool = False
+    #: A call the guard makes itself on another's behalf (a context strategy's summary):
+    #: the caller's input cap, scope trimming and context fitting are for what callers
+    #: send, not for it (its prompt is sized to fit already).
+    side: bool = False
 
     @property
     def depth(self) -> int:

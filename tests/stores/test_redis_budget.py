@@ -428,3 +428,17 @@ def test_an_outage_fails_closed_or_open_and_both_recover(spare_redis, caplog):
     assert opened.spent() == {"tokens": 300, "usd": 0.0, "reserved_tokens": 0, "reserved_usd": 0.0}
     closed.reserve(10).settle(10)  # the same store reconnects by itself
     assert closed.spent()["tokens"] == 10
+
+
+def test_an_expired_hold_dropped_by_a_process_without_a_ledger_is_still_settled_from_it(redis_server, redis_url):
+    # A dashboard reading usage (no ledger linked) prunes the dead process's hold first.
+    dead, dashboard, guard = (RedisBudgetStore(redis_url) for _ in range(3))
+    guard.add_settled_lookup(lambda request_id: (37, 1_234) if request_id == "written" else None)
+    client = redis_server.client()
+    scope = dead._scope("b", "global|")
+    assert dead.reserve(reservation_id("written", "b"), "b", "global|", 100, 5_000, None, None) is None
+    dead._stop.set()  # it dies: nothing renews its hold any more
+    client.zadd(scope.holds, dict.fromkeys(client.zrange(scope.holds, 0, -1), 0))
+    assert dashboard.usage("b", "global|") == (0, 0, 0, 0)  # dropped from the totals, its id kept
+    assert guard.usage("b", "global|") == (37, 1_234, 0, 0)  # counted from the call's ledger row
+    assert client.zcard(scope.expired) == 0

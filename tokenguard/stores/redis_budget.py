@@ -9,8 +9,8 @@ command runs between a reservation's check and its write. The keys of one budget
                                                                 rt, ru (held by open reservations)
     <prefix>budget:<len(budget)>:<budget>:<key>:holds     zset  reservation id -> expiry (ms, server clock)
     <prefix>budget:<len(budget)>:<budget>:<key>:amounts   hash  reservation id -> "<tokens> <nano_usd>"
-    <prefix>budget:<len(budget)>:<budget>:<key>:expired   zset  expired hold id -> expiry (ms), until
-                                                                it is settled from the ledger
+    <prefix>budget:<len(budget)>:<budget>:<key>:expired   zset  expired hold id -> when it was dropped
+                                                                (ms), until it is settled from the ledger
     <prefix>budget-reservation:<id>                       string the scope's key base; outlives the hold
 
 A hold expires ``reservation_ttl_s`` after it was taken or last renewed, by the Redis
@@ -22,13 +22,15 @@ scope's totals first drops its expired holds (a sorted-set range on the expiry) 
 still counts what it spent when it settles, for ``settle_grace_s`` after the expiry.
 
 A process that died between writing its call's ledger row and settling (the meter and
-settle steps) would leave that spend uncounted. So when the store has a ledger linked
-(:func:`~tokenguard.accounting.budget.link_ledger`, as every Guard does), an expired
-hold's id is also kept in the scope's ``expired`` set, and the next reservation or
-usage read in that scope settles it to what the call's ledger row says, exactly as the
-settle step would have; an id whose call has no row is dropped (its record stays, so a
-stalled process can still settle it). Only one of the two ever counts: both take the
-reservation's record first.
+settle steps) would leave that spend uncounted. So an expired hold's id is also kept
+in the scope's ``expired`` set, whichever process drops the hold (one with no ledger,
+such as a dashboard reading usage, too), and the next reservation or usage read in
+that scope by a process with a ledger linked
+(:func:`~tokenguard.accounting.budget.link_ledger`, as every Guard does) settles it to
+what the call's ledger row says, exactly as the settle step would have; an id whose
+call has no row is dropped (its record stays, so a stalled process can still settle
+it), and one nobody settles is forgotten after a week. Only one of the two ever
+counts: both take the reservation's record first.
 """
 
 from __future__ import annotations
@@ -82,18 +84,18 @@ local function drop_hold(spend, holds, amounts, id, text)
   redis.call('ZREM', holds, id)
 end
 -- Drop every hold whose expiry has passed: its process stopped renewing it. Each hold
--- is dropped once, so this costs O(1) per reservation over its life.
--- With a ledger to settle from ('track' = '1'), each dropped id is kept in 'expired'.
-local function prune(spend, holds, amounts, expired, track, now)
-  local ids = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'WITHSCORES')
-  for i = 1, #ids, 2 do
-    local id = ids[i]
+-- is dropped once, so this costs O(1) per reservation over its life. Each dropped id
+-- is kept in 'expired', whoever prunes it, until a process with a ledger settles it
+-- from its call's row (or for a week: a call with no row by then never had one).
+local function prune(spend, holds, amounts, expired, now)
+  local ids = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
+  for _, id in ipairs(ids) do
     local text = redis.call('HGET', amounts, id)
     if text then drop_hold(spend, holds, amounts, id, text) else redis.call('ZREM', holds, id) end
-    if track == '1' then redis.call('ZADD', expired, ids[i + 1], id) end
+    redis.call('ZADD', expired, now, id)
   end
-  if track == '1' then return redis.call('ZCARD', expired) end
-  return 0
+  if #ids > 0 then redis.call('ZREMRANGEBYSCORE', expired, '-inf', now - 604800000) end
+  return redis.call('ZCARD', expired)
 end
 -- A finished window's keys expire some time after its end ('' = never). An expiry
 -- already past is not set: Redis would delete what was just written.
@@ -105,7 +107,7 @@ end
 """
 
 # ARGV: id, tokens, nano_usd, limit_tokens ('' none), limit_nano_usd ('' none), ttl_ms,
-# record_ttl_ms, scope, expire_at_ms ('' never), track ('1': keep expired ids).
+# record_ttl_ms, scope, expire_at_ms ('' never).
 # Returns {'ok', expired ids waiting}, or {unit, needed, left}: the same decision as
 # base.check_reservation.
 _RESERVE = _LUA_COMMON + """
@@ -116,7 +118,7 @@ if owner then
   if owner == ARGV[8] then return {'ok', 0} end
   return redis.error_reply('reservation id ' .. ARGV[1] .. ' is already used by another budget scope')
 end
-local waiting = prune(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[10], now)
+local waiting = prune(KEYS[1], KEYS[2], KEYS[3], KEYS[4], now)
 local totals = redis.call('HMGET', KEYS[1], 't', 'u', 'rt', 'ru')
 local spent_t, spent_u, held_t, held_u = num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4])
 local tokens, nano_usd = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -179,10 +181,10 @@ expire_scope(KEYS, ARGV[5], now_ms())
 return 1
 """
 
-# KEYS: spend, holds, amounts, expired. ARGV: track. Returns {t, u, rt, ru} without
+# KEYS: spend, holds, amounts, expired. Returns {t, u, rt, ru} without
 # expired holds, and the expired ids waiting to be settled from the ledger.
 _USAGE = _LUA_COMMON + """
-local waiting = prune(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], now_ms())
+local waiting = prune(KEYS[1], KEYS[2], KEYS[3], KEYS[4], now_ms())
 local totals = redis.call('HMGET', KEYS[1], 't', 'u', 'rt', 'ru')
 return {num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4]), waiting}
 """
@@ -414,7 +416,7 @@ class RedisBudgetStore:
             reservation_id, int(tokens), int(nano_usd),
             "" if limit_tokens is None else int(limit_tokens),
             "" if limit_nano_usd is None else int(limit_nano_usd),
-            self._ttl_ms, self._record_ttl_ms, scope.base, self._expire_at_ms(key), self._track,
+            self._ttl_ms, self._record_ttl_ms, scope.base, self._expire_at_ms(key),
         ]
         try:
             reply = self.redis.run(self._reserve, scope.keys(record), args, "reserving")
@@ -475,11 +477,9 @@ class RedisBudgetStore:
 
     def usage(self, budget: str, key: str) -> tuple[int, int, int, int]:
         scope = self._scope(budget, key)
-        t, u, rt, ru, waiting = (int(v) for v in self.redis.run(self._usage, scope.own, [self._track],
-                                                                   "reading usage"))
+        t, u, rt, ru, waiting = (int(v) for v in self.redis.run(self._usage, scope.own, [], "reading usage"))
         if waiting and self._settle_expired_holds(scope, key):
-            t, u, rt, ru, _ = (int(v) for v in self.redis.run(self._usage, scope.own, [self._track],
-                                                              "reading usage"))
+            t, u, rt, ru, _ = (int(v) for v in self.redis.run(self._usage, scope.own, [], "reading usage"))
         return t, u, rt, ru
 
     # -- dead processes' calls -----------------------------------------------------------
@@ -491,15 +491,13 @@ class RedisBudgetStore:
         it; :func:`~tokenguard.accounting.budget.link_ledger` adds the guard's ledger."""
         self._lookups.add(lookup, key=key)
 
-    @property
-    def _track(self) -> str:
-        """'1' when expired holds are kept to be settled from a ledger (one is linked)."""
-        return "1" if self._lookups else "0"
-
     def _settle_expired_holds(self, scope: _Scope, key: str, batch: int = 100) -> int:
         """Settle the expired holds waiting in ``scope`` from their calls' ledger rows
         (at most ``batch`` of them); how many counted. A hold whose lookup failed waits
-        for a later try; one whose call has no row is dropped."""
+        for a later try; one whose call has no row is dropped. A process with no ledger
+        linked leaves them all to one that has one."""
+        if not self._lookups:
+            return 0
         with self.redis.errors("reading expired reservations"):
             waiting = self.redis.client.zrange(scope.expired, 0, batch - 1)
         counted = 0

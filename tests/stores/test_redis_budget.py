@@ -442,3 +442,13 @@ def test_an_expired_hold_dropped_by_a_process_without_a_ledger_is_still_settled_
     assert dashboard.usage("b", "global|") == (0, 0, 0, 0)  # dropped from the totals, its id kept
     assert guard.usage("b", "global|") == (37, 1_234, 0, 0)  # counted from the call's ledger row
     assert client.zcard(scope.expired) == 0
+
+
+def test_a_fail_open_call_s_spend_counts_once_when_its_settle_is_sent_again(redis_server, redis_url):
+    # The client library sends a command again when its reply was lost: the spend must not double.
+    store = RedisBudgetStore(redis_url)
+    scope, rid = store._scope("b", "global|"), reservation_id("admitted-while-down", "b")
+    args = [17, 5_250, store._expire_at_ms("global|"), store._record_ttl_ms]
+    runs = [store.redis.run(store._spend, scope.keys(store._record(rid)), args, "settling") for _ in range(2)]
+    assert runs == [1, 0]
+    assert store.usage("b", "global|") == (17, 5_250, 0, 0)

@@ -201,10 +201,12 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
-# KEYS: spend, holds, amounts, expired. ARGV: tokens, nano_usd, expire_at_ms. Spend without a
-# reservation: a call admitted fail-open while Redis was unreachable settles here.
+# ARGV: tokens, nano_usd, expire_at_ms, record_ttl_ms. Spend without a reservation: a
+# call admitted fail-open while Redis was unreachable settles here, once: the record key
+# it takes first makes a repeat (a retry after a lost reply) spend nothing. 1 if it spent.
 _SPEND = _LUA_COMMON + """
 local now = now_ms()
+if not redis.call('SET', KEYS[5], 'spent', 'NX', 'PX', ARGV[4]) then return 0 end
 add(KEYS[1], 't', tonumber(ARGV[1]))
 add(KEYS[1], 'u', tonumber(ARGV[2]))
 expire_scope(KEYS, ARGV[3], now)
@@ -444,9 +446,8 @@ class RedisBudgetStore:
             self._admitted.discard(reservation_id)
         try:
             if admitted:
-                args: list[str | int] = [int(tokens), int(nano_usd), self._expire_at_ms(key)]
-                self.redis.run(self._spend, scope.own, args, "settling")
-                done = True
+                args: list[str | int] = [int(tokens), int(nano_usd), self._expire_at_ms(key), self._record_ttl_ms]
+                done = bool(self.redis.run(self._spend, scope.keys(record), args, "settling"))
             else:
                 args = [reservation_id, int(tokens), int(nano_usd), scope.base, self._expire_at_ms(key)]
                 done = bool(self.redis.run(self._settle, scope.keys(record), args, "settling"))

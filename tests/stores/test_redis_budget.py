@@ -452,3 +452,14 @@ def test_a_fail_open_call_s_spend_counts_once_when_its_settle_is_sent_again(redi
     runs = [store.redis.run(store._spend, scope.keys(store._record(rid)), args, "settling") for _ in range(2)]
     assert runs == [1, 0]
     assert store.usage("b", "global|") == (17, 5_250, 0, 0)
+
+
+def test_a_key_of_the_wrong_type_fails_a_reservation_before_it_holds_anything(redis_server, redis_url):
+    store = RedisBudgetStore(redis_url)
+    client = redis_server.client()
+    scope = store._scope("b", "global|")
+    client.set(scope.amounts, "not a hash")  # another program wrote there
+    with pytest.raises(StoreError, match=r"WRONGTYPE .* holds a string, not a hash of tokenguard"):
+        store.reserve(reservation_id("one", "b"), "b", "global|", 100, 0, None, None)
+    client.delete(scope.amounts)
+    assert store.usage("b", "global|") == (0, 0, 0, 0)  # nothing is held for good

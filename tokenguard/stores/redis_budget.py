@@ -97,6 +97,17 @@ local function prune(spend, holds, amounts, expired, now)
   if #ids > 0 then redis.call('ZREMRANGEBYSCORE', expired, '-inf', now - 604800000) end
   return redis.call('ZCARD', expired)
 end
+-- A scope's keys are each missing or of their type: spend, amounts hashes; holds,
+-- expired sorted sets; the record a string. Raises before anything is written.
+local function check_types(keys)
+  local want = {'hash', 'zset', 'hash', 'zset', 'string'}
+  for i = 1, #keys do
+    local kind = redis.call('TYPE', keys[i]).ok
+    if kind ~= 'none' and kind ~= want[i] then
+      return error('WRONGTYPE ' .. keys[i] .. ' holds a ' .. kind .. ', not a ' .. want[i] .. ' of tokenguard')
+    end
+  end
+end
 -- A finished window's keys expire some time after its end ('' = never). An expiry
 -- already past is not set: Redis would delete what was just written.
 local function expire_scope(keys, at, now)
@@ -118,6 +129,9 @@ if owner then
   if owner == ARGV[8] then return {'ok', 0} end
   return redis.error_reply('reservation id ' .. ARGV[1] .. ' is already used by another budget scope')
 end
+-- Redis does not undo a script's writes when a later command fails, so a key of the
+-- wrong type is refused before any: totals held for a hold never written would never expire.
+check_types(KEYS)
 local waiting = prune(KEYS[1], KEYS[2], KEYS[3], KEYS[4], now)
 local totals = redis.call('HMGET', KEYS[1], 't', 'u', 'rt', 'ru')
 local spent_t, spent_u, held_t, held_u = num(totals[1]), num(totals[2]), num(totals[3]), num(totals[4])

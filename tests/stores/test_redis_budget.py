@@ -141,11 +141,17 @@ def test_url_options_and_keywords(redis_server):
     store = RedisBudgetStore(redis_server.url(prefix="acme:", fail_open="1"), prefix="beta:", fail_open=False)
     assert (store.prefix, store.fail_open) == ("beta:", False)  # keywords win over the URL
     for bad in ({"fail_open": "maybe"}, {"reservation_ttl_s": "soon"}, {"reservation_ttl_s": "0"},
+                {"reservation_ttl_s": "inf"}, {"reservation_ttl_s": "nan"}, {"reservation_ttl_s": "0.0001"},
                 {"colour": "red"}):
         with pytest.raises(ConfigError):
             RedisBudgetStore(redis_server.url(**bad))
     with pytest.raises(ConfigError, match="redis://"):
         RedisBudgetStore("http://127.0.0.1:6379")
+    # A database that is no number would have been database 0, shared with whatever is there.
+    with pytest.raises(ConfigError, match="the database of a Redis URL is a number"):
+        RedisBudgetStore("redis://127.0.0.1:6379/abc")
+    with pytest.raises(ConfigError, match="cannot read the Redis URL"):
+        RedisBudgetStore("redis://:pw@[::1:6379/0")
 
 
 def test_the_password_never_shows(closed_port):

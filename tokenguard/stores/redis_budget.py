@@ -43,6 +43,7 @@ import weakref
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
+from tokenguard._settings import seconds
 from tokenguard.errors import ConfigError
 from tokenguard.stores.base import Refusal, SettledLookup, SettledLookups
 from tokenguard.stores.redis_client import DEFAULT_PREFIX, RedisConnection, RedisURL, StoreUnavailable
@@ -57,6 +58,8 @@ MAX_EXACT = 2**53
 
 # -- the scripts ------------------------------------------------------------------------
 #
+_MIN_TTL_S = 0.5  # a hold's shortest life: its process renews it every third of that
+
 # KEYS of the scope scripts: 1 spend, 2 holds, 3 amounts, 4 expired, 5 the reservation's record.
 
 _LUA_COMMON = """
@@ -340,9 +343,9 @@ class RedisBudgetStore:
         self.prefix = prefix if prefix is not None else parsed.prefix if parsed.prefix is not None else DEFAULT_PREFIX
         self.fail_open = bool(fail_open if fail_open is not None else parsed.fail_open)
         ttl = reservation_ttl_s if reservation_ttl_s is not None else parsed.reservation_ttl_s
-        self.reservation_ttl_s = 60.0 if ttl is None else float(ttl)
-        if not self.reservation_ttl_s > 0:
-            raise ConfigError(f"reservation_ttl_s must be > 0, got {self.reservation_ttl_s}")
+        self.reservation_ttl_s = 60.0 if ttl is None else seconds("reservation_ttl_s", ttl)
+        if self.reservation_ttl_s < _MIN_TTL_S:  # renewed every third of it, over the network
+            raise ConfigError(f"reservation_ttl_s must be at least {_MIN_TTL_S:g} s, got {self.reservation_ttl_s:g}")
         if settle_grace_s < 0 or (keep_windows_s is not None and keep_windows_s < 0):
             raise ConfigError("settle_grace_s and keep_windows_s must be >= 0")
         self.settle_grace_s = float(settle_grace_s)

@@ -100,7 +100,14 @@ class RedisURL:
         one of tokenguard's options has a bad value."""
         if not is_redis_url(url):
             raise ConfigError(f"a Redis store URL starts with redis://, rediss:// or unix://, got {url!r}")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - parsing it raises on a bad one
+        except ValueError as error:
+            raise ConfigError(f"cannot read the Redis URL {url.split('@')[-1]!r}: {error}") from None
+        database = parts.path.strip("/")
+        if parts.scheme != "unix" and database and not database.isdigit():
+            raise ConfigError(f"the database of a Redis URL is a number (redis://host:6379/0), got {database!r}")
         query = parse_qsl(parts.query, keep_blank_values=True)
         ours = {name: value for name, value in query if name in ("prefix", "fail_open", "reservation_ttl_s")}
         rest = [(name, value) for name, value in query if name not in ours]

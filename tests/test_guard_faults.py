@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import tokenguard as tg
-from tokenguard import BackendError, BackendTimeout, Budget, ConfigError, Guard, TokenGuardError
+from tokenguard import BackendError, BackendTimeout, Budget, BudgetExceeded, ConfigError, Guard, TokenGuardError
 from tokenguard.errors import StoreError
 from tokenguard.stores import MemoryLedgerStore
 
@@ -178,3 +178,10 @@ def test_a_call_cancelled_before_its_first_token_is_billed_its_prompt():
     assert (cancelled["output_tokens"], unread["stop_reason"], unread["input_tokens"]) == (0, "cancelled", 0)
     spent = budget.spent()
     assert spent["tokens"] == cancelled["input_tokens"] and spent["reserved_tokens"] == 0
+
+
+def test_a_refusal_whose_row_cannot_be_written_still_says_why_it_was_refused():
+    # A budget over its limit, and a ledger that is down as well: the user is told about the budget.
+    guard = Guard(_healthy, model="gpt-4o", budget=Budget(tokens=1), ledger=tg.Ledger(DiskFullLedger()))
+    with pytest.raises(BudgetExceeded):
+        guard.complete("hi")

@@ -8,6 +8,7 @@ not configure is absent.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import os
 import threading
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from tokenguard.telemetry import OTelMeter
 
 __all__ = ["Guard"]
+
+logger = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, Any]]
 _DEFAULT_STOP = RepetitionStop()
@@ -437,7 +440,11 @@ class Guard:
             if self.reserve is not None:
                 self.reserve(call)
         except BaseException as error:
-            self._finish(call, Outcome.refused(error))
+            try:
+                self._finish(call, Outcome.refused(error))
+            except Exception:  # its row failed too (a store that is down): say why it was refused
+                logger.warning("call %s: its refusal could not be recorded", call.request_id, exc_info=True)
+                raise error from None
             raise
         return None
 

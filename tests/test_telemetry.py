@@ -251,6 +251,21 @@ def test_a_nested_call_span_is_a_child_of_its_parent_calls_span(otel):
     assert leaf.end_time <= middle.end_time <= root.end_time
 
 
+def test_a_nested_call_whose_parent_this_meter_never_records_is_written_at_once(otel):
+    # The parent guard sends no telemetry here: waiting for its span would hold the child's for good.
+    child = tg.Guard(answer, model=MODEL, telemetry=otel.meter)
+
+    @tg.guard(model=MODEL, telemetry=False)
+    def parent(messages, max_tokens):
+        return child.complete("Which city?").text
+
+    with otel.meter.tracer.start_as_current_span("request") as request:
+        parent("Plan the trip.")
+    [span] = [span for span in otel.spans() if span.name != "request"]
+    assert dict(span.attributes or {})["tokenguard.depth"] == 1
+    assert span.parent is not None and span.parent.span_id == request.get_span_context().span_id
+
+
 def test_a_child_metered_after_its_parent_is_still_its_child(otel):
     import asyncio
 

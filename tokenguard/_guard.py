@@ -404,6 +404,8 @@ class Guard:
         if hit is not None:
             self._remember(call, hit)
             return Opened(call.request_id, reply=hit)
+        if self.telemetry is not None:
+            self.telemetry.started(call)  # the spans of the calls it makes wait for its span
         generation = Generation([watcher.watch(call) for watcher in self.watchers])
         on_end = functools.partial(self._finish, call)
         # The backend runs in the call's frame, so guarded calls it makes are its children.

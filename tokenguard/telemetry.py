@@ -175,15 +175,26 @@ class OTelMeter:
         self._waiting: OrderedDict[str, list[Callable[[Any], None]]] = OrderedDict()
         self._num_waiting = 0
         self._written: OrderedDict[str, Any] = OrderedDict()
+        # Calls of the guards this meter serves that have started and are not metered yet:
+        # only for those is a child's span worth waiting (another guard's call never comes here).
+        self._running: set[str] = set()
         self._lock = threading.Lock()
         self.saved = meter.create_counter(
             "tokenguard.client.tokens.saved", unit="{token}",
             description="Tokens a tokenguard cache hit or stopped loop spared.",
         )
 
+    def started(self, call: Call) -> None:
+        """``call``, of a guard this meter serves, has started: the spans of calls nested
+        in it (metered before it) wait for its span."""
+        with self._lock:
+            self._running.add(call.request_id)
+
     def __call__(self, call: Call, row: Mapping[str, Any], error: BaseException | None = None) -> None:
         """Record one call from its ledger ``row`` (:meth:`tokenguard.pipeline.Meter.__call__`)."""
         if self._maybe_idle and self._idle():
+            with self._lock:
+                self._running.discard(call.request_id)
             return
         model = call.model
         backend = str(row["backend"])
@@ -234,23 +245,23 @@ class OTelMeter:
     def _place_span(self, call: Call, write: Callable[[Any], Any]) -> None:
         """Write a call's span (``write(parent context)`` returns it) under its parent
         call's span: now if that one is written (or the call has no parent), else once
-        it is. Then the spans that waited for this one, and theirs."""
+        it is, when that call is one this meter will record (else under the current span).
+        Then the spans that waited for this one, and theirs."""
         parent_id = call.parent_id
         released: list[Callable[[Any], None]] = []
         with self._lock:
-            if parent_id is not None and parent_id not in self._written:
+            wait = parent_id is not None and parent_id not in self._written and parent_id in self._running
+            if wait and parent_id is not None:
                 self._waiting.setdefault(parent_id, []).append(lambda context: self._place(call, write, context))
                 self._num_waiting += 1
                 while self._num_waiting > MAX_WAITING:
                     oldest = self._waiting.popitem(last=False)[1]
                     self._num_waiting -= len(oldest)
                     released += oldest
-                context = None
-            else:
-                context = self._written.get(parent_id) if parent_id is not None else None
+            context = self._written.get(parent_id) if parent_id is not None else None
         for orphan in released:  # their parent was never metered: under the current span
             orphan(None)
-        if parent_id is None or context is not None:
+        if not wait:
             self._place(call, write, context)
 
     def _place(self, call: Call, write: Callable[[Any], Any], parent: Any) -> None:
@@ -258,6 +269,7 @@ class OTelMeter:
         context = self._trace.set_span_in_context(span)
         with self._lock:
             self._written[call.request_id] = context
+            self._running.discard(call.request_id)
             while len(self._written) > MAX_WAITING:
                 self._written.popitem(last=False)
             children = self._waiting.pop(call.request_id, [])

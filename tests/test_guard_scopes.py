@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import tokenguard as tg
-from tokenguard import Guard, Ledger, guard, reply_of
+from tokenguard import Guard, Ledger, guard, reply_of, scope
 from tokenguard.pipeline import current_frame
 
 TOPICS = ["database migration", "billing invoices", "search ranking", "login tokens", "cache eviction", "deploy"]
@@ -266,6 +266,35 @@ def test_between_pieces_of_a_stream_the_caller_is_not_inside_the_call():
 
     asyncio.run(read())
     assert seen == [0, 0, 0]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_scope_a_guarded_generator_holds_across_a_yield_is_still_its_scope(kind):
+    ledger = Ledger()
+    inner = Guard(lambda messages, max_tokens: "inner", model="gpt-4o", ledger=ledger)
+
+    @guard(model="gpt-4o", ledger=ledger)
+    def pieces(messages, max_tokens):
+        with scope("lookup", max_input_tokens=5_000):
+            yield "a "
+            inner.complete("asked after the yield, inside the scope")
+            yield "b"
+
+    @guard(model="gpt-4o", ledger=ledger)
+    async def apieces(messages, max_tokens):
+        async with scope("lookup", max_input_tokens=5_000):
+            yield "a "
+            await inner.acomplete("asked after the yield, inside the scope")
+            yield "b"
+
+    async def read() -> str:
+        return "".join([piece async for piece in apieces("top")])
+
+    text = "".join(pieces("top")) if kind == "sync" else asyncio.run(read())
+    assert text == "a b" and current_frame() is None
+    child, parent = ledger.records()
+    assert (child["scope"], child["depth"], child["parent_id"]) == ("lookup", 1, parent["request_id"])
+    assert parent["stop_reason"] == "stop"
 
 
 def test_an_error_leaves_every_row_and_no_frame_behind():

@@ -140,12 +140,16 @@ def running_frame(call: Call, *sent: Sequence[Mapping[str, Any]]) -> Frame:
 
 
 class _Framed:
-    """A backend's chunk iterator whose every step runs in a call's frame."""
+    """A backend's chunk iterator whose every step runs in a call's frame.
+
+    Each step starts from the frame the step before it ended in, so a scope the backend
+    (a guarded generator) entered and holds across a ``yield`` is still current when it
+    resumes; the caller's own frame is back after each step."""
 
     __slots__ = ("_frame", "_inner")
 
     def __init__(self, frame: Frame, inner: Any) -> None:
-        self._frame = frame
+        self._frame: Frame | None = frame
         self._inner = inner
 
 
@@ -156,12 +160,20 @@ class _FramedIterator(_Framed):
         return self
 
     def __next__(self) -> Any:
-        return self._frame.run(next, self._inner)
+        return self._step(next, self._inner)
 
     def close(self) -> None:
         close = getattr(self._inner, "close", None)
         if close is not None:
-            self._frame.run(close)
+            self._step(close)
+
+    def _step(self, fn: Callable[..., T], /, *args: Any) -> T:
+        token = _CURRENT.set(self._frame)
+        try:
+            return fn(*args)
+        finally:
+            self._frame = _CURRENT.get()
+            _CURRENT.reset(token)
 
 
 class _FramedAsyncIterator(_Framed):
@@ -177,6 +189,7 @@ class _FramedAsyncIterator(_Framed):
         try:
             return await anext(self._inner)
         finally:
+            self._frame = _CURRENT.get()
             _CURRENT.reset(token)
 
     async def aclose(self) -> None:
@@ -187,6 +200,7 @@ class _FramedAsyncIterator(_Framed):
         try:
             await aclose()
         finally:
+            self._frame = _CURRENT.get()
             _CURRENT.reset(token)
 
 

@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "tokens": {"errors"},
     "runner": {"tokens", "errors"},
     "backends": {"runner", "tokens", "errors"},
-    "stores": {"errors"},
+    "stores": {"_settings", "errors"},
     "accounting": {"stores", "tokens", "_settings", "errors"},
     "context": {"stores", "tokens", "_settings", "errors"},
     "pipeline": {"accounting", "backends", "context", "stores", "tokens", "_settings", "errors"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -215,3 +216,27 @@ def test_a_function_with_a_user_parameter_is_handed_the_call_s_user():
     must_know("hi", user="bob")
     assert seen == ["alice", None, "bob"]
     assert [row["user"] for row in ask.guard.ledger.records()] == ["alice", None]
+
+
+@pytest.mark.parametrize("shape", ["dict", "object"])
+def test_a_cache_hit_of_a_function_returning_completions_is_a_completion_of_the_same_type(shape):
+    # Code that reads completion.choices[0] must work on the second (cached) call as on the first.
+    from openai.types.chat import ChatCompletion
+
+    from tokenguard.cache import ExactCache
+
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-4o",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}
+    make = dict if shape == "dict" else ChatCompletion.model_validate
+    with ExactCache() as cache:
+        @guard(model="gpt-4o", cache=cache)
+        def ask(messages, max_tokens, temperature=1.0):
+            return make(copy.deepcopy(body))
+
+        first, hit = (ask("Capital of France?", temperature=0) for _ in range(2))
+    assert type(hit) is type(first) and reply_of(hit).cached and not reply_of(first).cached
+    as_dict = hit if isinstance(hit, dict) else hit.model_dump()
+    assert as_dict["choices"][0]["message"]["content"] == "Paris."
+    assert as_dict["usage"]["total_tokens"] == 0  # a hit bills nothing
+    assert as_dict["id"] == f"chatcmpl-{reply_of(hit).request_id}"

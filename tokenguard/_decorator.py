@@ -10,7 +10,12 @@ from typing import Any, Protocol, TypeVar, overload
 from tokenguard._guard import Guard
 from tokenguard.accounting import Reply
 from tokenguard.backends import Function
-from tokenguard.backends.openai_format import chunk_from_completion, completion_with_text, is_completion
+from tokenguard.backends.openai_format import (
+    chunk_from_completion,
+    completion_from_cache,
+    completion_with_text,
+    is_completion,
+)
 from tokenguard.errors import ConfigError, InvalidRequest
 from tokenguard.pipeline import AsyncGuardStream, Call, GuardStream
 
@@ -86,12 +91,17 @@ def reply_of(result: Any) -> Reply:
     return reply
 
 
-def _as_returned(raw: Any, reply: Reply, returns_str: bool = False) -> Any:
+def _as_returned(raw: Any, reply: Reply, returns_str: bool = False, template: Any = None) -> Any:
     """What the function returned, as the guard let it through, with ``reply`` attached:
     a string or a chat completion (object or dict) of the same type, holding the guard's
     text (cut at the output cap, a loop's repeats left out). A cache hit (the function
-    was not called) of a function that returns strings is a string too. Anything else
-    (a stream the guard read to meter it; a hit of any other function) gives the reply."""
+    was not called) of a function that returns strings is a string too, and of one that
+    returned completions (``template``, its last) a completion like it: the cached text,
+    no tool calls, a usage of zero. Anything else (a stream the guard read to meter it;
+    a hit before any completion came) gives the reply."""
+    if raw is None and reply.cached and template is not None and not returns_str:
+        ended = "length" if reply.cached_stop_reason == "length" else "stop"
+        raw = completion_from_cache(template, reply.text, ended, f"chatcmpl-{reply.request_id}")
     if isinstance(raw, str) or (raw is None and reply.cached and returns_str):
         out: Any = _GuardedStr(reply.text)
     elif is_completion(raw):
@@ -174,10 +184,17 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
         backend = Function(fn)
         # Whether the function returns strings (annotated so, or seen to): its cache hits are strings too.
         returns_str = [_annotated_str(fn)]
+        template: list[Any] = [None]  # the last completion it returned: a cache hit answers in its shape
         g = Guard(backend, **options)
 
         def prepare(bound: Function, prompt_or_messages: Any, kwargs: dict[str, Any]) -> Call:
             return g.prepare(prompt_or_messages, backend=bound, **kwargs)
+
+        def _returned(raw: Any, reply: Reply) -> Any:
+            returns_str[0] = returns_str[0] or isinstance(raw, str)
+            if is_completion(raw):
+                template[0] = raw
+            return _as_returned(raw, reply, returns_str[0], template[0])
 
         wrapper: Callable[..., Any]
         if inspect.isasyncgenfunction(fn):
@@ -191,8 +208,7 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
             async def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
                 bound = backend.bind(*args)
                 reply = await g.open_astream(functools.partial(prepare, bound, prompt_or_messages, kwargs)).aread()
-                returns_str[0] = returns_str[0] or isinstance(bound.result, str)
-                return _as_returned(bound.result, reply, returns_str[0])
+                return _returned(bound.result, reply)
 
         elif inspect.isgeneratorfunction(fn):
 
@@ -204,8 +220,7 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
             def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
                 bound = backend.bind(*args)
                 reply = g.open_stream(prepare(bound, prompt_or_messages, kwargs)).read()
-                returns_str[0] = returns_str[0] or isinstance(bound.result, str)
-                return _as_returned(bound.result, reply, returns_str[0])
+                return _returned(bound.result, reply)
 
         guarded: Any = functools.update_wrapper(wrapper, fn)
         guarded.guard = g

@@ -101,6 +101,23 @@ def completion_with_text(obj: Any, text: str, finish_reason: str | None = None) 
     return copied
 
 
+def completion_from_cache(template: Any, text: str, finish_reason: str, completion_id: str) -> Any:
+    """A chat completion of ``template``'s type (object or dict) answering ``text`` from
+    a cache: ``completion_id``, no tool calls, and a usage of zero (a hit bills nothing)."""
+    copied = completion_with_text(template, text, finish_reason)
+    if _get(copied, "id") is not None:
+        _set(copied, "id", completion_id)
+    message = _get(_first_choice(copied), "message")
+    if message is not None and _get(message, "tool_calls"):
+        _set(message, "tool_calls", None)
+    usage = _get(copied, "usage")
+    if usage is not None:
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if _get(usage, name) is not None:
+                _set(usage, name, 0)
+    return copied
+
+
 def chunk_from_stream_item(item: Any) -> Chunk:
     """One item of a stream: a plain string, or an OpenAI stream chunk (whose ``delta``
     holds the text; the last chunk may hold only ``usage``)."""

@@ -12,7 +12,7 @@ function.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -184,7 +184,7 @@ def _tool_calls(index: int, value: Any) -> list[dict[str, Any]]:
     return calls
 
 
-def _only(fields: dict[str, Any], known: set[str], where: str) -> None:
+def _only(fields: dict[str, Any], known: Set[str], where: str) -> None:
     """Refuse fields beyond ``known`` that ask for anything: the gateway would forward
     them uncounted (a budget and an input cap see only what is counted)."""
     unknown = sorted(k for k, v in fields.items() if k not in known and _asks(v))
@@ -203,10 +203,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(role, str) or role not in _ROLES:
             raise invalid(f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
                           f"messages[{i}].role")
-        unknown = sorted(k for k, v in message.items() if k not in _MESSAGE_KEYS and _asks(v))
-        if unknown:
-            raise invalid(f"messages[{i}] has fields this gateway does not take: {', '.join(unknown)}",
-                          f"messages[{i}]")
+        _only(message, _MESSAGE_KEYS, f"messages[{i}]")
         kept = {k: v for k, v in message.items() if k in _MESSAGE_KEYS and v is not None}
         kept["content"] = _content(i, role, message.get("content"))
         if "tool_calls" in kept:

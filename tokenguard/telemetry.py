@@ -249,9 +249,10 @@ class OTelMeter:
         Then the spans that waited for this one, and theirs."""
         parent_id = call.parent_id
         released: list[Callable[[Any], None]] = []
+        wait = False
         with self._lock:
-            wait = parent_id is not None and parent_id not in self._written and parent_id in self._running
-            if wait and parent_id is not None:
+            if parent_id is not None and parent_id not in self._written and parent_id in self._running:
+                wait = True
                 self._waiting.setdefault(parent_id, []).append(lambda context: self._place(call, write, context))
                 self._num_waiting += 1
                 while self._num_waiting > MAX_WAITING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import types
@@ -39,10 +40,11 @@ def _code_identity(fn: Callable[..., Any]) -> list[str]:
     return [_code_digest(code), _plain(held)]
 
 
+@functools.lru_cache(maxsize=1024)
 def _code_digest(code: types.CodeType) -> str:
     """A digest of what ``code`` does: its bytecode, constants and the names it reads;
     nested code (a lambda, a comprehension) by its own digest, as a code object's repr
-    holds its address."""
+    holds its address. Remembered per code object (immutable): a cache asks each call."""
     text = _const_text(code.co_consts) + "\0" + " ".join(code.co_names)  # the globals and attributes it reads
     data = code.co_code + text.encode("utf-8", "surrogatepass")
     return hashlib.blake2b(data, digest_size=12).hexdigest()

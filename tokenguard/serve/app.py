@@ -93,7 +93,6 @@ def _too_large(limit: int) -> ApiError:
                     headers={"connection": "close"}, reason="body_too_large")
 
 
-
 # JSON may escape half of a UTF-16 pair alone ("\ud800"): Python decodes it to a str that
 # no UTF-8 encoder (SQLite's, an upstream request's) takes. Only such an escape makes one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -115,6 +114,7 @@ def _holds_lone_surrogate(value: Any) -> bool:
         elif isinstance(item, list):
             pending += item
     return False
+
 
 class _Measured:
     """ASGI middleware: count every request by endpoint and status, and time it to its
@@ -149,13 +149,13 @@ class _Measured:
             self.metrics.observe_request(_endpoint(scope["path"]), status, time.perf_counter() - arrived)
 
 
-
 def _endpoint(path: str) -> str:
     """A request's endpoint label: its route (one label for every model's page), or
     "other" (so a scan of random paths cannot grow the metrics without bound)."""
     if path in _ENDPOINTS:
         return path
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
 
 class Gateway:
     """The routes' state: the guard, who may call, and the limits on what they send."""

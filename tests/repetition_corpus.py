@@ -1,13 +1,14 @@
 """The labelled corpus that repetition stopping is measured on, shared by the tests
 and ``benchmarks/bench_repetition.py``.
 
-Natural texts must never be stopped: the hand-written ones in ``data/repetition/natural``
-(songs with refrains, anaphora, numbered lists and checklists, markdown tables, similar
-lines of code, JSON arrays of similar objects, CSV rows, Chinese with repeated
-particles) and real texts from this machine: the standard library's own modules and the
-READMEs (METADATA) of the installed packages. Left out of the natural set, and reported
-on their own by the benchmark: the standard library's test fixtures and generated codec
-tables, which repeat data on purpose (200 zeros, the same assertion pasted three times).
+Natural texts must never be stopped: the hand-written ones in
+``data/repetition/natural`` (songs with refrains, anaphora, numbered lists and
+checklists, markdown tables, tables and rules drawn with box characters, similar lines
+of code, JSON arrays of similar objects, CSV rows, Chinese with repeated particles) and
+real texts from this machine: the standard library's own modules and the READMEs
+(METADATA) of the installed packages. Left out of the natural set, and reported on their
+own by the benchmark: the standard library's test fixtures and generated codec tables,
+which repeat data on purpose (200 zeros, the same assertion pasted three times).
 
 Looping texts must be stopped: loops the bundled model produced at greedy decoding
 (``data/repetition/looping``, recorded by ``benchmarks/bench_repetition.py --record``)

@@ -104,6 +104,19 @@ def test_it_is_on_by_default_and_stop_none_turns_it_off():
     assert reply.stop_reason == "length" and reply.usage.output_tokens == 200 and reply.usage.saved_tokens == 0
 
 
+def test_a_run_of_one_character_is_judged_as_one_however_it_is_read():
+    # "=" is periodic every 1, 2, 3, ... bytes; only the one-byte pattern's need counts.
+    def stop_at(text: str) -> int | None:
+        return corpus.first_stop(text, 4)
+
+    rule = RepetitionStop()
+    assert stop_at("=" * (rule.min_run_span - 20) + "\nDone.") is None
+    assert stop_at("─" * (rule.min_run_span // 3 - 10) + "\nDone.") is None
+    assert stop_at("Wow" + "!" * 2000) == 3 + rule.min_run_span
+    assert stop_at("ab" + "cd" * 1000) == 2 + rule.min_run_span
+    assert stop_at("x" + "abcd" * 1000) == 1 + rule.min_span  # four bytes: the usual need
+
+
 def test_memory_stays_bounded_on_long_output():
     rule = RepetitionStop()
     watch = rule.watch()
@@ -116,7 +129,7 @@ def test_memory_stays_bounded_on_long_output():
 
 
 def test_bad_options_are_config_errors():
-    for options in ({"min_repeats": 1}, {"min_span": 0}, {"max_period": 0}, {"max_units": 0}):
+    for options in ({"min_repeats": 1}, {"min_span": 0}, {"min_run_span": 0}, {"max_period": 0}, {"max_units": 0}):
         with pytest.raises(ConfigError):
             RepetitionStop(**options)
 

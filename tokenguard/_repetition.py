@@ -12,11 +12,14 @@ doubt, in two views of the same stream:
   (a numbered list whose items are all the same, a loop longer than ``max_period``).
 
 "Beyond doubt" is one rule for both: the repeated stretch holds at least
-``min_repeats`` copies of its pattern and spans at least ``min_span`` bytes. Natural
-text repeats too (refrains, table rules, similar lines of code, ``na na na``, a block
-of code pasted twice), but not three times back to back over that many bytes;
+``min_repeats`` copies of its pattern and spans at least ``min_span`` bytes, or
+``min_run_span`` bytes for a pattern of at most three bytes (one character, or a few
+ASCII ones): rules and separators drawn with ``─`` or ``=`` run to a line's width.
+Natural text repeats too (refrains, table rules, similar lines of code, ``na na na``,
+a block of code pasted twice), but not three times back to back over that many bytes;
 ``benchmarks/bench_repetition.py`` measures the false stops on natural text and how
-soon loops stop.
+soon loops stop. A pattern is judged by its shortest period: a run of ``=`` is
+periodic every 5 bytes too, but it is a run of one character.
 
 Byte spans stand in for tokens: a token is 3 to 4 bytes of English or about one
 Chinese character (3 bytes) in the tokenizers tokenguard meters with. On a stop, the
@@ -49,6 +52,9 @@ _UNIT_END = re.compile(r"\n|(?<=[.!?;:])[ \t]|(?<=[。！？；])")
 _ENDS_UNIT = re.compile(r"(?:\n|[.!?;:][ \t]|[。！？；])$")
 # A list marker at a unit's start: "3.", "3)", "-", "*", "+", "•", "#".
 _LIST_MARKER = re.compile(r"^\s*(?:\d{1,4}[.)]|[-*+•]|#{1,6})\s+")
+# Patterns this short (one character of any script, or up to three ASCII ones) need
+# RepetitionStop.min_run_span.
+_SHORT_PATTERN_BYTES = 3
 # Bytes scanned per vectorised step; bounds the step's memory for a huge chunk.
 _BLOCK = 1024
 # A unit longer than this is cut into pieces of this size (bounded memory per unit).
@@ -63,9 +69,10 @@ class RepetitionStop:
     """End a looping generation (stop reason ``"repetition"``); see the module text.
 
     ``min_repeats``: copies of a pattern needed (3); ``min_span``: bytes the repeated
-    stretch must cover whatever its pattern (160); ``max_period``: the longest pattern
-    looked for in bytes (448); ``max_units``: the longest pattern looked for in lines
-    and sentences (16).
+    stretch must cover whatever its pattern (160); ``min_run_span``: bytes a run of a
+    pattern of at most three bytes must cover (300: a rule of 100 ``─``, 300 ``!``);
+    ``max_period``: the longest pattern looked for in bytes (448); ``max_units``: the
+    longest pattern looked for in lines and sentences (16).
 
     >>> watch = RepetitionStop().watch()
     >>> line = "A budget is a canvas of choices,\\n"
@@ -75,20 +82,22 @@ class RepetitionStop:
 
     min_repeats: int = 3
     min_span: int = 160
+    min_run_span: int = 300
     max_period: int = 448
     max_units: int = 16
 
     def __post_init__(self) -> None:
         if self.min_repeats < 2:
             raise ConfigError("min_repeats must be >= 2: one copy is not a repetition")
-        if self.min_span < 1:
-            raise ConfigError("min_span must be >= 1")
+        if self.min_span < 1 or self.min_run_span < 1:
+            raise ConfigError("min_span and min_run_span must be >= 1")
         if self.max_period < 1 or self.max_units < 1:
             raise ConfigError("max_period and max_units must be >= 1")
 
     def needed_span(self, pattern_bytes: np.ndarray) -> np.ndarray:
         """Bytes a repeated stretch must cover, for patterns of these many bytes."""
-        return np.maximum(self.min_repeats * pattern_bytes, self.min_span)
+        span = np.where(pattern_bytes <= _SHORT_PATTERN_BYTES, self.min_run_span, self.min_span)
+        return np.maximum(self.min_repeats * pattern_bytes, span)
 
     def watch(self, call: Call | None = None) -> RepetitionWatch:
         """A fresh detector for one stream (it needs nothing of the call)."""
@@ -207,11 +216,20 @@ class RepetitionWatch:
         certain = runs >= self._needed_run[None, :]
         hit_rows = np.flatnonzero(certain.any(axis=1))
         if hit_rows.size:
-            i = int(hit_rows[0])
-            lag = int(np.argmax(certain[i]))  # the shortest period that is certain
-            end = self._total + i + 1
-            self._total = end
-            return end, end - int(runs[i, lag]), lag + 1
+            # A stretch periodic at lag p is judged at its shortest period: p counts only
+            # when no shorter lag's stretch covers as much (a run of "=" is periodic at
+            # every lag, and must meet the need of a one-byte pattern).
+            spans = runs[hit_rows] + self._periods[None, :]
+            shorter_cover = np.maximum.accumulate(spans, axis=1)[:, :-1]
+            judged = certain[hit_rows]
+            judged[:, 1:] &= spans[:, 1:] > shorter_cover
+            found = np.flatnonzero(judged.any(axis=1))
+            if found.size:
+                i = int(hit_rows[found[0]])
+                lag = int(np.argmax(judged[found[0]]))  # the shortest period that is certain
+                end = self._total + i + 1
+                self._total = end
+                return end, end - int(runs[i, lag]), lag + 1
         self._runs = runs[-1]
         self._history = stream[-width:]
         self._total += n

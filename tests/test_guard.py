@@ -155,6 +155,38 @@ def test_budget_refuses_before_the_backend_and_settles_to_actual_use():
     assert budget.spent()["tokens"] == totals["input_tokens"] + totals["output_tokens"]
 
 
+def test_tool_definitions_are_input_capped_reserved_metered_and_fitted(read_probe):
+    tok = get_tokenizer("gpt-4o")
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": "Looks a thing up in the catalogue. " * 20,
+        "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": "What to look up"}}},
+    }} for i in range(20)]
+    tool_tokens = tok.count_tools(tools)
+    assert tool_tokens > 2000
+    fn = Calls("ok")
+    guard = Guard(fn, model="gpt-4o", max_output_tokens=10)
+    reply = guard.complete("hi", tools=tools)
+    assert reply.usage.input_tokens == tok.count_messages([{"role": "user", "content": "hi"}]) + tool_tokens
+    assert fn.calls[-1][2]["tools"] == tools  # the backend got them
+    budget = Budget(tokens=1000)
+    with pytest.raises(BudgetExceeded, match="needs up to"):  # reserved: tools + messages + output
+        Guard(fn, model="gpt-4o", max_output_tokens=10, budget=budget).complete("hi", tools=tools)
+    assert budget.spent()["tokens"] == 0 and len(fn.calls) == 1
+    huge = read_probe("word " * 2_000_000)
+    big_tools = [{"type": "function", "function": {"name": "f", "description": huge}}]
+    with pytest.raises(InputTooLong):  # with bounded work, as for messages
+        Guard(fn, model="gpt-4o", max_input_tokens=100).complete("hi", tools=big_tools)
+    assert 0 < huge.furthest <= 16 * 101 and len(fn.calls) == 1
+    # The context window holds the tools whole: the history is fitted into what is left.
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 20} for i in range(200)]
+    window = Guard(fn, model="gpt-4o", max_output_tokens=10, max_context_tokens=tool_tokens + 500)
+    fitted = window.complete(history, tools=tools)
+    assert fitted.usage.input_tokens <= tool_tokens + 500
+    assert tok.count_messages(fn.calls[-1][0]) <= 500
+    with pytest.raises(InputTooLong, match="tokens of tools"):
+        Guard(fn, model="gpt-4o", max_output_tokens=10, max_context_tokens=tool_tokens).complete(history, tools=tools)
+
+
 def test_usd_budget_per_user_and_several_budgets_at_once():
     per_user = Budget(usd=0.0011, per="user")  # worst case 0.00102, actual 0.00003 a call
     overall = Budget(tokens=10_000)

@@ -119,6 +119,46 @@ def test_message_fields_and_tool_calls_are_counted() -> None:
     assert tokenizer.count_messages(parts) == tokenizer.count_messages(base)
 
 
+# The cookbook's tool example: the API reported 105 prompt tokens for gpt-4 and
+# gpt-3.5-turbo, 101 for gpt-4o and gpt-4o-mini.
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_current_weather", "description": "Get the current weather in a given location",
+    "parameters": {"type": "object", "required": ["location"], "properties": {
+        "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+        "unit": {"type": "string", "description": "The unit of temperature to return",
+                 "enum": ["celsius", "fahrenheit"]},
+    }},
+}}]
+WEATHER_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+    {"role": "user", "content": "What's the weather like in San Francisco?"},
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"), [("gpt-4", 105), ("gpt-3.5-turbo", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)]
+)
+def test_cookbook_tool_counts(model: str, expected: int) -> None:
+    assert tg.count_tokens(WEATHER_MESSAGES, model=model, tools=WEATHER_TOOLS) == expected
+
+
+def test_nested_tool_parameters_count_and_bad_tools_are_refused() -> None:
+    tokenizer = tg.get_tokenizer("gpt-4o")
+    flat = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+        "item": {"type": "object", "description": "The item"}}}}}]
+    nested = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+        "item": {"type": "object", "description": "The item", "properties": {
+            "sku": {"type": "string", "description": "Its stock-keeping unit"}}}}}}}]
+    assert tokenizer.count_tools(nested) == tokenizer.count_tools(flat) + 3 + 3 + tokenizer.count(
+        "sku:string:Its stock-keeping unit")
+    assert tokenizer.count_tools(None) == tokenizer.count_tools([]) == 0
+    for bad in ("add", [{"type": "function"}], [{"function": {"description": "no name"}}], {"function": {}}):
+        with pytest.raises(tg.InvalidRequest, match="tools"):
+            tokenizer.count_messages(WEATHER_MESSAGES, tools=bad)
+    with pytest.raises(tg.InvalidRequest, match="message list"):
+        tg.count_tokens("hi", model="gpt-4o", tools=WEATHER_TOOLS)
+
+
 def test_non_text_parts_and_bad_messages_raise_clear_errors() -> None:
     tokenizer = tg.get_tokenizer("gpt-4o")
     with pytest.raises(tg.TokenGuardError, match="image_url"):

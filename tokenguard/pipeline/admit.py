@@ -23,7 +23,8 @@ class Admit:
     that passes is counted exactly, chat template included, and checked again.
 
     The input is what the caller sent: its messages, or for a chat call the new turn
-    (the session's history was admitted turn by turn, and the fit step bounds it).
+    (the session's history was admitted turn by turn, and the fit step bounds it), and
+    the tool definitions it passes.
     """
 
     def __init__(self, max_input_tokens: int) -> None:
@@ -32,9 +33,10 @@ class Admit:
     def __call__(self, call: Call) -> None:
         limit = self.max_input_tokens
         messages = call.messages if call.turn is None else [call.turn]
-        if over_limit(call.tokenizer, messages, limit):
+        sent = [*messages, {"tools": call.tools}] if call.tools else messages
+        if over_limit(call.tokenizer, sent, limit):
             raise InputTooLong(limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens")
-        exact = call.count_input() if call.turn is None else call.tokenizer.count_messages(messages)
+        exact = call.count_input() if call.turn is None else call.tokenizer.count_messages(messages, tools=call.tools)
         if exact > limit:
             raise InputTooLong(
                 limit,

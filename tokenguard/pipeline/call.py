@@ -126,9 +126,14 @@ class Call:
         """The name of the innermost :func:`~tokenguard.scope` the call was made in."""
         return self.outer.name if self.outer is not None else None
 
+    @property
+    def tools(self) -> list[dict[str, Any]] | None:
+        """The tool definitions the backend is sent (``tools=``): part of the prompt."""
+        return self.params.get("tools")
+
     def count_input(self) -> int:
-        """The exact prompt size of ``messages`` (chat template and reply priming
-        included), counted once."""
+        """The exact prompt size of ``messages`` (chat template, tool definitions and
+        reply priming included), counted once."""
         if self.input_tokens is None:
-            self.input_tokens = self.tokenizer.count_messages(self.messages)
+            self.input_tokens = self.tokenizer.count_messages(self.messages, tools=self.tools)
         return self.input_tokens

@@ -70,17 +70,18 @@ class Fit:
         # only what it keeps.
         if sum(len(content_text(m.get("content"))) for m in call.messages) <= budget and call.count_input() <= budget:
             return
+        tools = call.tokenizer.count_tools(call.tools)  # the tool definitions are sent whole
+        room = budget - tools
         # What every strategy keeps must fit: found out with bounded work on a huge message.
-        if over_limit(call.tokenizer, [*filter(is_instruction, call.messages), call.messages[-1]], budget):
-            raise InputTooLong(
-                budget, f"the system messages and the newest message take over the {budget} tokens the context may use"
-            )
+        if room < 0 or over_limit(call.tokenizer, [*filter(is_instruction, call.messages), call.messages[-1]], room):
+            kept = "the system messages and the newest message" + (f" with {tools} tokens of tools" if tools else "")
+            raise InputTooLong(budget, f"{kept} take over the {budget} tokens the context may use")
         strategy = self.strategy
         if isinstance(strategy, ConversationStrategy):
             generate = functools.partial(self.side_call, call) if self.side_call is not None else None
-            fitted = strategy.fit(call.messages, budget, call.tokenizer, session=call.session, generate=generate)
+            fitted = strategy.fit(call.messages, room, call.tokenizer, session=call.session, generate=generate)
         else:
-            fitted = strategy.fit(call.messages, budget, call.tokenizer)
+            fitted = strategy.fit(call.messages, room, call.tokenizer)
         if fitted != call.messages:  # a prompt that already fit keeps its count
             call.context_saved_tokens = self.spared(call.tokenizer, call.messages, fitted)
             call.messages = fitted

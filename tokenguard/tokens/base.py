@@ -61,8 +61,16 @@ class Tokenizer(ABC):
         """The text of ``ids``; an incomplete UTF-8 sequence decodes to U+FFFD."""
 
     @abstractmethod
-    def count_messages(self, messages: Sequence[Message]) -> int:
-        """Exact prompt size of an OpenAI-style message list, reply priming included."""
+    def count_messages(self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """Exact prompt size of an OpenAI-style message list, reply priming included,
+        with the definitions of ``tools`` (OpenAI's ``tools=`` list) when given."""
+
+    def count_tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
+        """The tokens the definitions of ``tools`` add to a prompt (0 for none)."""
+        if not check_tools(tools):
+            return 0
+        probe = [{"role": "user", "content": ""}]
+        return max(self.count_messages(probe, tools=tools) - self.count_messages(probe), 0)
 
     @property
     @abstractmethod
@@ -256,6 +264,19 @@ def check_messages(messages: Sequence[Message]) -> Sequence[Message]:
         if "role" not in message:
             raise InvalidRequest(f"message {i} has no 'role'")
     return messages
+
+
+def check_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
+    """``tools`` after checking it is OpenAI's list of function tools (``None``: none)."""
+    if tools is None:
+        return []
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise InvalidRequest(f"tools must be a list of dicts, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"tools[{i}] must be a dict with a 'function' dict that has a 'name'")
+    return list(tools)
 
 
 def _check_text(text: object) -> None:

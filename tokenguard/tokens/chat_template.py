@@ -20,7 +20,7 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tokenguard.errors import TokenGuardError
+from tokenguard.errors import InvalidRequest, TokenGuardError
 
 # Private-use characters frame a placeholder: \ue000 <index> \ue001.
 _OPEN, _CLOSE = "\ue000", "\ue001"
@@ -72,10 +72,17 @@ def render_chat(
     *,
     special_tokens: Iterable[str],
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
     template_vars: Mapping[str, Any] | None = None,
 ) -> RenderedChat:
-    """Render ``messages`` through ``template`` with every string in ``special_tokens``
-    (and the placeholder characters themselves) hidden inside the messages.
+    """Render ``messages`` (and ``tools``, as transformers hands them) through
+    ``template`` with every string in ``special_tokens`` (and the placeholder characters
+    themselves) hidden inside them.
+
+    Content reaches the template as text, as vLLM gives it to templates that expect
+    text: ``None`` (an assistant message that only calls tools) as ``""``, a list of
+    text parts as their texts joined by line breaks. An openai SDK object (a tool call
+    as the client returned it) goes in as its dict, escaped like the rest.
     """
     originals: list[str] = []
     needles = sorted({*special_tokens, _OPEN, _CLOSE}, key=len, reverse=True)
@@ -92,16 +99,37 @@ def render_chat(
             return {k: escape(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [escape(v) for v in value]
-        return value
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if callable(getattr(value, "model_dump", None)):  # a pydantic object: the openai SDK's types
+            return escape(value.model_dump(exclude_none=True))
+        raise InvalidRequest(f"a chat template is given text, numbers, lists and dicts, not {type(value).__name__}")
 
     try:
         text = _compile(template).render(
-            messages=[escape(dict(m)) for m in messages],
+            messages=[escape({**m, "content": _content_as_text(m.get("content"))}) for m in messages],
+            tools=escape(list(tools)) if tools is not None else None,
             add_generation_prompt=add_generation_prompt,
             **(template_vars or {}),
         )
-    except ChatTemplateError:
+    except (ChatTemplateError, InvalidRequest):
         raise
     except Exception as e:  # a template is model-supplied code: surface any failure as ours
         raise ChatTemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from e
     return RenderedChat(text, originals)
+
+
+def _content_as_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for part in content:
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise InvalidRequest(f"a local model's prompt holds text parts only, not a {kind!r} part")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise InvalidRequest(f"message content must be text or a list of parts, got {type(content).__name__}")

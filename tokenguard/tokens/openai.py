@@ -29,7 +29,7 @@ import regex
 import tiktoken
 
 from tokenguard.errors import InvalidRequest, MissingDependency, TokenGuardError, UnknownTokenizer
-from tokenguard.tokens.base import Message, Tokenizer, check_messages
+from tokenguard.tokens.base import Message, Tokenizer, check_messages, check_tools
 
 ENDOFTEXT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
@@ -201,13 +201,14 @@ class TiktokenTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.encoding.n_vocab
 
-    def count_messages(self, messages: Sequence[Message]) -> int:
+    def count_messages(self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
         """OpenAI's published accounting: 3 tokens per message, 1 per name, 3 to prime
         the reply, plus the tokens of every field's text. Tool calls count their
         function name and JSON arguments (OpenAI publishes no framing for them, so
-        their few framing tokens are not included).
+        their few framing tokens are not included); tool definitions count as
+        :meth:`count_tools` says.
         """
-        total = self.reply_priming
+        total = self.reply_priming + self.count_tools(tools)
         for message in check_messages(messages):
             total += self.tokens_per_message
             for key, value in message.items():
@@ -217,6 +218,44 @@ class TiktokenTokenizer(Tokenizer):
                 total += sum(self.count(text) for text in _texts(value, key))
                 if key == "name":
                     total += self.tokens_per_name
+        return total
+
+    def count_tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
+        """OpenAI's published accounting of tool definitions (the cookbook's, for its
+        gpt-4o and gpt-4 families): per function a few tokens of framing plus
+        ``name:description``, per parameter ``name:type:description`` and its enum
+        values, and a closing; nested object and array parameters are counted the same
+        way, level by level (the cookbook stops at the first level)."""
+        tools = check_tools(tools)
+        if not tools:
+            return 0
+        total = _TOOLS_END
+        for tool in tools:
+            function = tool["function"]
+            total += self._function_framing + self.count(f"{function['name']}:{_description(function)}")
+            parameters = function.get("parameters")
+            if isinstance(parameters, Mapping):
+                total += self._count_properties(parameters)
+        return total
+
+    @cached_property
+    def _function_framing(self) -> int:
+        return 7 if self.encoding.name == "o200k_base" else 10
+
+    def _count_properties(self, schema: Mapping[str, Any]) -> int:
+        """The tokens of an object schema's properties, nested ones included."""
+        properties = schema.get("properties")
+        if not isinstance(properties, Mapping) or not properties:
+            items = schema.get("items")
+            return self._count_properties(items) if isinstance(items, Mapping) else 0
+        total = _PROPERTIES_START
+        for name, prop in properties.items():
+            prop = prop if isinstance(prop, Mapping) else {}
+            total += _PROPERTY + self.count(f"{name}:{prop.get('type', '')}:{_description(prop)}")
+            enum = prop.get("enum")
+            if isinstance(enum, Sequence) and not isinstance(enum, str):
+                total += _ENUM_START + sum(_ENUM_ITEM + self.count(str(item)) for item in enum)
+            total += self._count_properties(prop)
         return total
 
     def _count_tool_call(self, call: Mapping[str, Any]) -> int:
@@ -284,6 +323,17 @@ def long_blank_pretokens(text: str, *, trailing: bool) -> Iterator[tuple[int, in
             elif trailing:
                 yield start, end
         probe = end + 1
+
+
+# The OpenAI cookbook's framing tokens for tool definitions (besides each function's
+# own, in TiktokenTokenizer._function_framing).
+_PROPERTIES_START, _PROPERTY, _ENUM_START, _ENUM_ITEM, _TOOLS_END = 3, 3, -3, 3, 12
+
+
+def _description(schema: Mapping[str, Any]) -> str:
+    """A function's or parameter's description as the accounting reads it: no final period."""
+    description = schema.get("description")
+    return description.removesuffix(".") if isinstance(description, str) else ""
 
 
 def _tool_calls(value: Any) -> list[Mapping[str, Any]]:

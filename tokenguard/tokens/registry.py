@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from tokenguard.errors import UnknownTokenizer
+from tokenguard.errors import InvalidRequest, UnknownTokenizer
 from tokenguard.tokens.base import Message, Tokenizer
 from tokenguard.tokens.bundled import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME, default_model_path
 from tokenguard.tokens.openai import OFFLINE_ENCODINGS, TiktokenTokenizer, encoding_for_model, get_encoding
@@ -42,16 +43,24 @@ def get_tokenizer(name_or_path: str | Path) -> Tokenizer:
     return tokenizer
 
 
-def count_tokens(text_or_messages: str | Sequence[Message], model: str = "gpt-4o") -> int:
-    """Exact token count of a string, or the prompt size of an OpenAI-style message list.
+def count_tokens(
+    text_or_messages: str | Sequence[Message],
+    model: str = "gpt-4o",
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> int:
+    """Exact token count of a string, or the prompt size of an OpenAI-style message list
+    (with the definitions of ``tools``, when given).
 
     >>> count_tokens("人工智能", model="gpt-4o")
     2
     """
     tokenizer = get_tokenizer(model)
     if isinstance(text_or_messages, str):
+        if tools is not None:
+            raise InvalidRequest("tools are counted with a message list, not with plain text")
         return tokenizer.count(text_or_messages)
-    return tokenizer.count_messages(text_or_messages)
+    return tokenizer.count_messages(text_or_messages, tools=tools)
 
 
 def _load(key: str) -> Tokenizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenguard.tokens.base import Message, Tokenizer, check_messages
+from tokenguard.tokens.base import Message, Tokenizer, check_messages, check_tools
 from tokenguard.tokens.chat_template import ChatTemplateError, RenderedChat, render_chat
 
 
@@ -45,20 +45,23 @@ class TemplatedTokenizer(Tokenizer):
         messages: Sequence[Message],
         *,
         add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         template_vars: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        """Ids of ``messages`` rendered through the model's chat template, BOS included
-        when the model wants one. Control-token text inside messages stays plain text.
+        """Ids of ``messages`` (and ``tools``' definitions) rendered through the model's
+        chat template, BOS included when the model wants one. Control-token text inside
+        messages and tools stays plain text.
         """
-        ids = self.encode_trusted(self._render(messages, add_generation_prompt, template_vars))
+        ids = self.encode_trusted(self._render(messages, add_generation_prompt, template_vars, tools))
         if self._wants_bos(ids[:1]):
             ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]  # _wants_bos checked it
         return ids
 
-    def count_messages(self, messages: Sequence[Message]) -> int:
+    def count_messages(self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
         """``len(encode_chat(messages))``, with the messages' text counted by
-        :meth:`count` rather than encoded (long runs in it cost nothing extra)."""
-        rendered = self._render(messages, True, None)
+        :meth:`count` rather than encoded (long runs in it cost nothing extra); ``tools``
+        are handed to the template as ``tools``, as transformers does."""
+        rendered = self._render(messages, True, None, tools)
         total = 0
         first: list[int] | None = None  # the prompt's first id, once known
         for part in self._trusted_parts(rendered):
@@ -84,7 +87,11 @@ class TemplatedTokenizer(Tokenizer):
         return self.add_bos and self.bos_token_id is not None and first != [self.bos_token_id]
 
     def _render(
-        self, messages: Sequence[Message], add_generation_prompt: bool, template_vars: Mapping[str, Any] | None
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool,
+        template_vars: Mapping[str, Any] | None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> RenderedChat:
         if self.chat_template is None:
             raise ChatTemplateError(
@@ -96,6 +103,7 @@ class TemplatedTokenizer(Tokenizer):
             check_messages(messages),
             special_tokens=self.special_tokens,
             add_generation_prompt=add_generation_prompt,
+            tools=check_tools(tools) if tools is not None else None,
             template_vars={
                 "bos_token": self.token_text(self.bos_token_id),
                 "eos_token": self.token_text(self.eos_token_id),

@@ -103,16 +103,32 @@ def test_count_until_is_exact_up_to_the_limit(tokenizer: tg.Tokenizer, text: str
 @given(text=texts, max_tokens=st.integers(min_value=0, max_value=30), side=st.sampled_from(["right", "left"]))
 def test_truncate_keeps_the_longest_fitting_part(tokenizer: tg.Tokenizer, text: str, max_tokens: int,
                                                  side: str) -> None:
+    _check_longest(tokenizer, text, max_tokens, side)
+
+
+PROSE = (
+    "Hello, World! The guard counts every field's text, and a prefix's count does not grow with its length "
+    "everywhere: `benchmark` results, gpt-4o's tokenizer, 人工智能的发展, and calls with their results in their "
+    "original order. Supercalifragilistic words, URLs like https://example.com/a/long/path?query=1, and numbers "
+    "such as 1234567.89 all end mid-word somewhere. "
+)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncate_keeps_the_longest_fitting_part_of_prose(tokenizer: tg.Tokenizer, side: str) -> None:
+    for max_tokens in range(1, 60):
+        _check_longest(tokenizer, PROSE, max_tokens, side)
+
+
+def _check_longest(tokenizer: tg.Tokenizer, text: str, max_tokens: int, side: str) -> None:
+    """The cut fits, and no longer part within 30 characters does (a count may fall
+    again as a word completes: "Hello, Worl" is 4 tokens, "Hello, World" 3)."""
     cut = tokenizer.truncate(text, max_tokens, side=side)
     assert tokenizer.count(cut) <= max_tokens
-    if side == "right":
-        assert text.startswith(cut)
-        longer = text[: len(cut) + 1]
-    else:
-        assert text.endswith(cut)
-        longer = text[len(text) - len(cut) - 1 :]
-    if len(cut) < len(text):
-        assert tokenizer.count(longer) > max_tokens
+    assert text.startswith(cut) if side == "right" else text.endswith(cut)
+    for n in range(len(cut) + 1, min(len(text), len(cut) + 30) + 1):
+        longer = text[:n] if side == "right" else text[len(text) - n :]
+        assert tokenizer.count(longer) > max_tokens, (max_tokens, side, cut, longer)
 
 
 def test_count_until_rejects_a_huge_input_without_reading_it(tokenizer: tg.Tokenizer, read_probe) -> None:

@@ -29,6 +29,8 @@ Message = Mapping[str, Any]
 # count_until's first window is this many characters per allowed token (and at least
 # _MIN_WINDOW); every later window doubles it.
 _CHARS_PER_TOKEN_WINDOW = 8
+# Characters past a cut that truncate checks for a word whose end fits again.
+_WORD_SCAN = 24
 _MIN_WINDOW = 64
 # How far back from a window's end the text beyond it may still change tokenization.
 # Merges in every family we ship stop at pre-token boundaries (whitespace, punctuation,
@@ -178,13 +180,30 @@ class Tokenizer(ABC):
         while too_long < len(text) and self.count(part(too_long)) <= max_tokens:
             fits, too_long = too_long, too_long * 2
         too_long = min(too_long, len(text))
+        window = part(too_long)
         while too_long - fits > 1:
             middle = (fits + too_long) // 2
             if self.count(part(middle)) <= max_tokens:
                 fits = middle
             else:
                 too_long = middle
-        return part(fits)
+        # A prefix's count does not grow with its length everywhere ("Hello, Worl" is 4
+        # tokens, "Hello, World" 3), so the search may stop short inside a word: the text
+        # of the window's first (or last) max_tokens tokens may reach further, and so may
+        # the rest of the word the cut is in.
+        ids = self.encode(window)
+        kept_ids = ids[:max_tokens] if side == "right" else ids[len(ids) - max_tokens :]
+        whole_tokens = self.decode(kept_ids).strip("\ufffd")
+        if len(whole_tokens) > fits and self.count(whole_tokens) <= max_tokens and (
+            text.startswith(whole_tokens) if side == "right" else text.endswith(whole_tokens)
+        ):
+            fits = len(whole_tokens)
+        word_end = fits  # the rest of the word, and the blank after it
+        while word_end < min(len(text), fits + _WORD_SCAN):
+            word_end += 1
+            if part(word_end)[-1 if side == "right" else 0].isspace():
+                break
+        return part(next((n for n in range(word_end, fits, -1) if self.count(part(n)) <= max_tokens), fits))
 
     def encode_trusted(self, text: str | RenderedChat) -> list[int]:
         """Token ids of text the SDK itself produced (a rendered chat template), where

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from tokenguard import Budget, Guard, InvalidRequest, Reply, guard, reply_of
+from tokenguard.cache import ExactCache
 from tokenguard.errors import BudgetExceeded, ConfigError, InputTooLong
 from tokenguard.tokens import get_tokenizer
 
@@ -81,6 +82,33 @@ def test_an_openai_completion_comes_back_as_itself_with_its_tool_calls(as_dict):
     assert result == made[0] if as_dict else result is made[0]  # untouched: the guard changed nothing
     reply = reply_of(result)
     assert reply.text == "Hello" and (reply.usage.input_tokens, reply.usage.output_tokens) == (12, 1)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_completion_that_calls_tools_is_never_cached_whatever_its_finish_reason(as_dict):
+    # OpenAI ends a forced tool call (tool_choice naming the function) with "stop".
+    calls = [{"id": "t1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
+    made = []
+
+    def create(messages, max_tokens, temperature=None):
+        made.append(_completion("", calls, as_dict))
+        return made[-1]
+
+    ask = guard(model="gpt-4o", cache=ExactCache())(create)
+    first, second = ask("Weather?", temperature=0), ask("Weather?", temperature=0)
+    assert len(made) == 2 and reply_of(first).stop_reason == reply_of(second).stop_reason == "tool_calls"
+    assert (second["choices"][0]["message"] if as_dict else second.choices[0].message.__dict__)["tool_calls"] == calls
+
+    def stream(messages, max_tokens, temperature=None):  # the same call, streamed
+        made.append(None)
+        yield {"choices": [{"delta": {"tool_calls": [{"index": 0, **calls[0]}]}, "finish_reason": None}]}
+        yield {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+
+    streamed = guard(model="gpt-4o", cache=ExactCache())(stream)
+    for _ in range(2):
+        pieces = streamed("Weather?", temperature=0)
+        assert list(pieces) == [] and pieces.reply.stop_reason == "tool_calls"
+    assert len(made) == 4
 
 
 @pytest.mark.parametrize("as_dict", [False, True])

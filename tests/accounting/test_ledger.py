@@ -7,6 +7,7 @@ import multiprocessing as mp
 import sqlite3
 import threading
 import time
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -56,6 +57,11 @@ def test_filters_and_totals(ledger):
     assert totals["cost_usd"] == pytest.approx(0.001 * sum(range(12)))
     assert ledger.totals(user="nobody")["cost_usd"] is None
     assert len(ledger.records(since=0, until=time.time() + 1)) == 13
+    # Bounds as report() takes them: an ISO date, a date, a datetime (they were compared as strings).
+    assert len(ledger.records(since="1990-01-01")) == ledger.totals(since=date(1990, 1, 1))["calls"] == 13
+    assert ledger.records(since=datetime.now(timezone.utc) + timedelta(days=1)) == []
+    with pytest.raises(InvalidRequest, match="a time"):
+        ledger.records(since="yesterday-ish")
     with pytest.raises(InvalidRequest, match="unknown ledger filter 'colour'"):
         ledger.records(colour="red")
     with pytest.raises(InvalidRequest, match="unknown ledger columns"):

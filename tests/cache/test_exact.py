@@ -110,6 +110,29 @@ def test_another_function_or_argument_or_model_never_shares_an_answer(cache):
     assert (first("Q?", temperature=0), second("Q?", temperature=0)) == ("A", "B")
 
 
+SYSTEM_PROMPT = "Answer in English."
+
+
+def test_arrays_and_the_constants_a_function_reads_are_part_of_its_identity(cache):
+    global SYSTEM_PROMPT
+
+    @tg.guard(model="gpt-4o-mini", cache=cache)
+    def total(messages, data, *, max_tokens, temperature) -> str:
+        return f"{SYSTEM_PROMPT} sum={int(data.sum())}"
+
+    zeros, five = np.zeros(2000), np.zeros(2000)
+    five[1000] = 5  # the same repr as zeros: numpy elides the middle of a long array
+    assert (total("sum?", zeros, temperature=0), total("sum?", five, temperature=0)) == (
+        "Answer in English. sum=0", "Answer in English. sum=5")
+    assert tg.reply_of(total("sum?", five, temperature=0.0)).cached  # 0 and 0.0 ask alike
+    try:
+        SYSTEM_PROMPT = "Answer in French."  # an edited prompt is a new function
+        assert total("sum?", zeros, temperature=0) == "Answer in French. sum=0"
+    finally:
+        SYSTEM_PROMPT = "Answer in English."
+    assert tg.reply_of(total("sum?", zeros, temperature=0)).cached
+
+
 def test_only_deterministic_requests_are_cached_unless_asked(tmp_path):
     fn = Answers()
     with ExactCache(tmp_path / "c") as cache:

@@ -47,7 +47,9 @@ def _query(filters: Mapping[str, Any]) -> LedgerQuery:
     bounds: dict[str, float] = {}
     for key, value in filters.items():
         if key in ("since", "until"):
-            bounds[key] = value
+            moment = as_timestamp(value)  # epoch seconds, an ISO date or a datetime, as report() takes
+            if moment is not None:
+                bounds[key] = moment
         elif key in COLUMNS and key != "tags":
             equals[key] = value
         else:

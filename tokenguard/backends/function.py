@@ -29,15 +29,25 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 
 
 def _code_identity(fn: Callable[..., Any]) -> list[str]:
-    """A Python function's code, and the values its closure cells and defaults hold, as
-    text that is the same in every process: plain data by its value (a long string by
-    its digest), any other object (a client, a model) by its type."""
+    """A Python function's code, and the values its closure cells, defaults and the
+    module globals it reads hold, as text that is the same in every process: plain data
+    by its value (a long string by its digest), any other object (a client, a model) by
+    its type."""
     code = getattr(fn, "__code__", None)
     if code is None:
         return []
     held = [_cell_value(cell) for cell in getattr(fn, "__closure__", None) or ()]
     held += [getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None)]
+    module = getattr(fn, "__globals__", {})
+    held += [(name, module[name]) for name in code.co_names if isinstance(module.get(name), _DATA)]
     return [_code_digest(code), _plain(held)]
+
+
+# Global values a function's identity reads (a module's SYSTEM_PROMPT), as its closure's
+# are read: constant data only. A list or dict it keeps state in (a log, a counter)
+# would start its cache afresh at every call; modules, classes and functions it names
+# are left to its code.
+_DATA = (str, bytes, int, float, bool, tuple, frozenset)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -80,9 +80,16 @@ def chunk_from_completion(obj: Any) -> Chunk:
         text = _get(choice, "text")  # legacy completions
     return Chunk(
         text=text or "",
-        finish_reason=_get(choice, "finish_reason"),
+        finish_reason=_finish_reason(choice, message),
         usage=usage_from(obj),
     )
+
+
+def _finish_reason(choice: Any, message: Any) -> str | None:
+    """The choice's finish reason; ``"tool_calls"`` for a message that calls tools,
+    whatever the server said (OpenAI says ``"stop"`` when ``tool_choice`` named the
+    function, and some servers always do)."""
+    return "tool_calls" if message is not None and _get(message, "tool_calls") else _get(choice, "finish_reason")
 
 
 def completion_with_text(obj: Any, text: str, finish_reason: str | None = None) -> Any:
@@ -134,6 +141,6 @@ def chunk_from_stream_item(item: Any) -> Chunk:
         text = _get(_get(choice, "message"), "content") or _get(choice, "text")
     return Chunk(
         text=text or "",
-        finish_reason=_get(choice, "finish_reason"),
+        finish_reason=_finish_reason(choice, delta if delta is not None else _get(choice, "message")),
         usage=usage_from(item),
     )

@@ -16,6 +16,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy
+
 from tokenguard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -68,14 +70,19 @@ def fingerprint(call: Call, *, skip_last: bool = False) -> str:
         "backend": call.backend.cache_identity(),
         "model": call.model,
         "messages": call.messages[:-1] if skip_last else call.messages,
-        "params": {k: v for k, v in sorted(call.params.items()) if k not in _NOT_ANSWER_PARAMS},
+        "params": {k: _number(v) for k, v in sorted(call.params.items()) if k not in _NOT_ANSWER_PARAMS},
     }
     return digest(request)
 
 
+def _number(value: Any) -> Any:
+    """A whole float as the int it equals: ``temperature=0`` and ``0.0`` ask alike."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def digest(value: Any) -> str:
     """SHA-256 of ``value``'s canonical JSON (sorted keys; objects JSON cannot encode by
-    their JSON schema when they have one, else their ``repr``)."""
+    their JSON schema when they have one, an array by its data, else their ``repr``)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -87,6 +94,15 @@ def _jsonable(value: Any) -> Any:
             return {"schema": schema()}
         except Exception:  # noqa: BLE001 - fall back to the repr below
             pass
+    if hasattr(value, "__array__") and not isinstance(value, type):  # numpy, pandas: their repr elides
+        try:
+            array = numpy.asarray(value)
+        except Exception:  # noqa: BLE001 - e.g. a tensor on a GPU: fall back to the repr below
+            pass
+        else:
+            if array.dtype != object:
+                data = hashlib.sha256(numpy.ascontiguousarray(array).tobytes()).hexdigest()
+                return {"array": [str(array.dtype), list(array.shape), data]}
     if isinstance(value, (set, frozenset)):
         return sorted(map(repr, value))
     if isinstance(value, bytes):

@@ -105,7 +105,8 @@ class Generation:
             self.usage = chunk.usage
             self.produced = True
         if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
+            if self.finish_reason != "tool_calls":  # a reply that called tools ends in them
+                self.finish_reason = chunk.finish_reason
             self.produced = True
         piece = chunk.text
         if piece:

@@ -84,3 +84,4 @@ def test_close_leaves_a_runner_passed_in_to_its_owner(bundled_runner):
         guard.complete("Hi")
     assert backend.runner is bundled_runner and bundled_runner.stats()["running"] == 0
     assert bundled_runner.generate("Hi", max_tokens=1).token_ids  # still serving
+

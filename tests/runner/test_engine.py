@@ -12,7 +12,7 @@ import time
 import pytest
 from waiting import wait_until
 
-from tokenguard import InputTooLong
+from tokenguard import InputTooLong, InvalidRequest
 from tokenguard.runner import KVCacheTooSmall, LlamaRunner
 from tokenguard.runner.engine.engine import Engine, admission_deadline
 from tokenguard.runner.engine_process import EngineRecipe
@@ -264,3 +264,19 @@ def test_stats_report_the_engine_state(runner):
     for key in ("running", "waiting", "kv_blocks_total", "kv_blocks_free", "sessions", "prefix_tokens_reused"):
         assert isinstance(stats[key], int)
     assert stats["kv_blocks_total"] >= stats["kv_blocks_free"] > 0
+
+
+@pytest.mark.parametrize("bad", [{"seed": 2**70, "temperature": 1.0}, {"session": ["a"]}, {"stop": [1]},
+                                 {"max_tokens": float("nan")}])
+def test_a_bad_request_is_refused_and_the_engine_keeps_serving(runner, bad):
+    # Each of these once failed inside the engine's step and left every later call waiting.
+    with pytest.raises(InvalidRequest):
+        runner.generate("hello world", **{"max_tokens": 3, **bad})
+    assert runner.generate("hello world", max_tokens=3).token_ids
+    assert runner.stats()["waiting"] == runner.stats()["running"] == 0
+
+
+def test_a_prompt_is_text_or_token_ids(runner):
+    for bad in (b"hello", [504.7], None, [True]):
+        with pytest.raises(InvalidRequest, match="a prompt is"):
+            runner.generate(bad, max_tokens=2)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokenguard.errors import MissingDependency, TokenGuardError
+from tokenguard.errors import ConfigError, MissingDependency, TokenGuardError
 from tokenguard.runner import LlamaRunner, ModelNotFound, UnsupportedModel
 from tokenguard.runner.model.loader import load_checkpoint
-from tokenguard.runner.model.precision import resolve_precision
+from tokenguard.runner.model.precision import resolve_device, resolve_precision
 
 
 def test_unsupported_gguf_architecture(tmp_path):
@@ -109,3 +109,13 @@ def test_bad_dtype_and_device_combinations():
         resolve_precision("int4", torch.device("cuda"))
     assert resolve_precision("auto", torch.device("cuda")).name == "bfloat16"
     assert resolve_precision(torch.float16, torch.device("cpu")).name == "float16"
+
+
+def test_a_device_the_runner_cannot_use_is_a_config_error():
+    for device in ("tpu", "mps", 5):
+        with pytest.raises(ConfigError, match=r"device|runs on"):
+            resolve_device(device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")

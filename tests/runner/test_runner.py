@@ -3,8 +3,11 @@ result fields, sampling controls, stop strings, streaming and cancellation."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+import tokenguard as tg
 from tokenguard.errors import InputTooLong
 from tokenguard.runner import GenerationResult, LlamaRunner, TextStream
 
@@ -104,6 +107,17 @@ def test_stream_with_stop_string_never_leaks_it(runner):
     stop = text[start : start + 3]
     pieces = list(runner.stream("leak", max_tokens=40, stop=stop))
     assert "".join(pieces) == text[: text.index(stop)]
+    assert "" not in pieces  # no empty piece at the end either
+
+    async def astream():
+        return [piece async for piece in runner.astream("leak", max_tokens=40, stop=stop)]
+
+    assert asyncio.run(astream()) == pieces
+    # A consumer that leaves at the stop string's piece has still freed the sequence.
+    for _ in runner.stream("leak", max_tokens=200, stop=stop):
+        break
+    stats = runner.stats()
+    assert stats["running"] == stats["waiting"] == 0
 
 
 def test_closing_a_stream_stops_the_model(runner):
@@ -166,3 +180,12 @@ def test_every_precision_mode_generates(tiny_llama, mode):
         assert 1 <= len(r.token_ids) <= 8
     finally:
         runner.close()
+
+
+def test_a_runner_passed_in_names_its_own_model(tiny_llama):
+    with LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32") as runner:
+        guard = tg.Guard(runner, prices={runner.tokenizer.name: (1.0, 2.0)})
+        assert guard.model == runner.tokenizer.name != "SmolLM2-135M-Instruct"
+        reply = guard.complete("hello", max_tokens=2)
+        (row,) = guard.ledger.records()
+        assert row["model"] == guard.model and reply.usage.cost_usd is not None and reply.usage.cost_usd > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenguard.errors import InvalidRequest
 from tokenguard.runner.sampling import Sampler, SamplingParams, sample
 
 
@@ -95,10 +96,20 @@ def test_greedy_rows_of_a_mixed_batch_are_the_argmax():
 @pytest.mark.parametrize("bad", [
     {"max_tokens": 0}, {"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5},
     {"repetition_penalty": 0},
+    # Wrong types and sizes that got past the checks and failed inside the engine.
+    {"max_tokens": 2.5}, {"max_tokens": None}, {"max_tokens": float("nan")}, {"temperature": "1"},
+    {"top_k": 2.5}, {"top_p": None}, {"seed": 2**70}, {"seed": "abc"}, {"seed": 1.5}, {"stop": [1]},
+    {"stop": 5},
 ])
 def test_invalid_params_raise(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequest):
         SamplingParams(**bad)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    params = SamplingParams(temperature=1e-38, seed=1)
+    logits = torch.randn(1000)
+    assert params.greedy and Sampler(params, 1000, [])(logits) == int(logits.argmax())
 
 
 def test_stop_accepts_a_single_string():

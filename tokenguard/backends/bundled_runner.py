@@ -37,7 +37,9 @@ class BundledRunner(Backend):
         self._runner = runner
         self._owns_runner = runner is None  # a runner passed in is its owner's to close
         self._options = {"model": model, "device": device, "dtype": dtype, **runner_options}
-        self.model = model or DEFAULT_MODEL_NAME
+        # A runner passed in names its own model (its tokenizer's name: the bundled model's,
+        # or its file's): the ledger and the prices must not take it for the default.
+        self.model = model or (runner.tokenizer.name if runner is not None else DEFAULT_MODEL_NAME)
         self._lock = threading.Lock()
 
     @property

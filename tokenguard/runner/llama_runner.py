@@ -321,6 +321,9 @@ class LlamaRunner:
             if self.tokenizer.add_bos and bos is not None:
                 ids.insert(0, bos)
             return ids
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            raise InvalidRequest(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         ids = [int(i) for i in prompt]
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
@@ -338,6 +341,8 @@ class LlamaRunner:
     def _submit(self, prompt_ids: list[int], params: SamplingParams, session: str | None,
                 emit: Any) -> tuple[RemoteSequence, ReplyText]:
         """Check the prompt, queue it in the engine, and start its reply text."""
+        if session is not None and not (isinstance(session, str) and session):
+            raise InvalidRequest(f"session must be a non-empty string, got {session!r}")
         self._check_prompt(prompt_ids, params)
         seq = self._serving_engine().submit(prompt_ids, params, self.stop_token_ids, emit, session)
         return seq, ReplyText(self.tokenizer, prompt_ids, params.stop, self.stop_token_ids)
@@ -399,13 +404,16 @@ class LlamaRunner:
         try:
             while not ended:
                 kind, value = events.get()
-                piece, ended = self._on_event(seq, reply, kind, value)
+                piece, ended = self._on_event(reply, kind, value)
+                if reply.stopped:  # a stop string: the engine keeps the session's KV, frees the rest
+                    seq.engine.cancel(seq, keep_session=True)
                 if piece:
                     yield piece
         finally:
             if not ended:  # the consumer left early: stop the model, free the blocks
                 seq.engine.cancel(seq)
-        yield reply.finish()
+        if last := reply.finish():
+            yield last
         yield reply.result(seq.cached_prompt_tokens)
 
     async def _afollow(self, seq: RemoteSequence, reply: ReplyText,
@@ -414,26 +422,27 @@ class LlamaRunner:
         try:
             while not ended:
                 kind, value = await events.get()
-                piece, ended = self._on_event(seq, reply, kind, value)
+                piece, ended = self._on_event(reply, kind, value)
+                if reply.stopped:  # cancelling waits for the engine's step: not on the event loop
+                    await asyncio.to_thread(seq.engine.cancel, seq, keep_session=True)
                 if piece:
                     yield piece
         finally:
             if not ended:
                 await asyncio.to_thread(seq.engine.cancel, seq)
-        yield reply.finish()
+        if last := reply.finish():
+            yield last
         yield reply.result(seq.cached_prompt_tokens)
 
-    def _on_event(self, seq: RemoteSequence, reply: ReplyText, kind: str, value: Any) -> tuple[str, bool]:
-        """Apply one engine event to the reply: ``(text made final, reply ended)``."""
+    def _on_event(self, reply: ReplyText, kind: str, value: Any) -> tuple[str, bool]:
+        """Apply one engine event to the reply: ``(text made final, reply ended)``; a
+        stop string ends it too (``reply.stopped``), and the caller tells the engine."""
         if kind == "error":
             raise value
         if kind == "finish":
             return "", True
         piece = reply.push(value)
-        if reply.stopped:  # a stop string: the engine keeps the session's KV, frees the rest
-            seq.engine.cancel(seq, keep_session=True)
-            return piece, True
-        return piece, False
+        return piece, reply.stopped
 
 
 def _stop_engine(box: list[EngineProcess]) -> None:

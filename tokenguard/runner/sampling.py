@@ -33,21 +33,42 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not isinstance(self.stop, Sequence) or not all(isinstance(s, str) for s in self.stop):
+            raise InvalidRequest(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = tuple(s for s in self.stop if s)
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.temperature < math.inf:  # NaN fails too
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty < math.inf:
-            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if _integer(self.max_tokens) is None or self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if _real(self.temperature) is None or not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.temperature < _MIN_TEMPERATURE:
+            self.temperature = 0.0  # logits divided by less overflow float32: it is greedy anyway
+        if _integer(self.top_k) is None or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if _real(self.top_p) is None or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if _real(self.repetition_penalty) is None or not 0 < self.repetition_penalty < math.inf:
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (_integer(self.seed) is None or not _SEEDS[0] <= self.seed <= _SEEDS[1]):
+            raise InvalidRequest(f"seed must be an integer in [{_SEEDS[0]}, {_SEEDS[1]}], got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# The seeds torch's generators take, and the smallest temperature that does not overflow.
+_SEEDS = (-(2**63), 2**64 - 1)
+_MIN_TEMPERATURE = 1e-5
+
+
+def _integer(value: object) -> int | None:
+    """``value`` if it is an int (a bool is not one), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is a real number (not a bool or a string), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class Sampler:
@@ -85,7 +106,10 @@ def sample(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
 
     Sampled rows draw by the exponential race (the argmax of ``probs / E`` with ``E``
     exponential noise from the row's own generator picks each id with its probability),
-    so a seeded sequence draws the same tokens whatever it is batched with.
+    so a seeded sequence draws the same tokens from the same logits whatever it is
+    batched with. (The logits themselves are batch-invariant in float32; the int4 and
+    int8 CPU modes switch to a dense bfloat16 matmul from 8 rows a step, whose rounding
+    differs, so a busy batch can change a later token, as in other batching servers.)
     """
     if all(s.plain_greedy for s in samplers):
         return logits.argmax(-1).tolist()

@@ -232,7 +232,16 @@ class Engine:
         self.scheduler.blocks.release(self.sessions.expire(self.scheduler.active_sessions()))
 
     def _loop(self) -> None:
-        while self._step():
+        while True:
+            try:
+                serving = self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not leave its callers waiting forever
+                with self._cv:
+                    self._in_flight = set()
+                    self._fail_all(TokenGuardError(f"the engine failed a step: {type(e).__name__}: {e}"))
+                serving = True
+            if not serving:
+                break
             self._on_step()
         self._on_step()
 

@@ -41,7 +41,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, otherwise CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"the runner runs on 'cpu' or 'cuda', not {resolved.type!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but torch sees no CUDA GPU here; use device='cpu' or 'auto'")
+    return resolved
 
 
 def resolve_precision(dtype: str | torch.dtype, device: torch.device) -> Precision:

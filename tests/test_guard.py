@@ -277,6 +277,29 @@ def test_openai_completion_dict_usage_is_used_with_the_cached_rate():
     assert reply.usage.cost_usd < Pricing().cost("gpt-4o", 1000, 3)
 
 
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -100_000, "completion_tokens": -10}, {"prompt_tokens": float("nan"), "completion_tokens": "3"},
+])
+def test_a_negative_or_nan_usage_is_not_believed(usage):
+    completion = {"choices": [{"message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
+                  "usage": usage}
+    budget = Budget(tokens=1000)
+    guard = Guard(lambda messages, max_tokens: completion, model="gpt-4o", budget=budget, max_output_tokens=10)
+    reply = guard.complete("hi")  # counted by the guard instead: no credit for later calls
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (TOK.count_messages(
+        [{"role": "user", "content": "hi"}]), TOK.count("Hi!"))
+    assert budget.spent()["tokens"] == reply.usage.total_tokens > 0
+
+
+def test_cached_tokens_beyond_the_prompt_are_capped_at_it():
+    completion = {"choices": [{"message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 100, "completion_tokens": 3,
+                            "prompt_tokens_details": {"cached_tokens": 500}}}
+    reply = Guard(lambda messages: completion, model="gpt-4o").complete("hi")
+    assert reply.usage.cached_input_tokens == 100
+    assert reply.usage.cost_usd == pytest.approx(Pricing().cost("gpt-4o", 100, 3, 100))
+
+
 def test_openai_stream_chunks_with_final_usage():
     chunks = [
         {"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]},

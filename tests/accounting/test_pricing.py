@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -58,11 +59,13 @@ def test_unknown_model_costs_none_and_warns_once():
     assert not p.known(name)
 
 
-def test_bad_price_spec_is_rejected():
-    with pytest.raises(ConfigError):
-        Pricing({"x": (1.0,)})
-    with pytest.raises(ConfigError):
-        Pricing({"x": (-1.0, 1.0)})
+@pytest.mark.parametrize("spec", [
+    (1.0,), (-1.0, 1.0), 0.5, "0.1,0.2", ("a", "b"), {"in": 1, "out": 2}, (math.nan, 1.0), (math.inf, 1.0),
+    Price(-1, 2), Price(1, math.nan), (True, 1), (None, 1, 2), (1, 2, 3, 4),
+])
+def test_bad_price_spec_is_rejected(spec):
+    with pytest.raises(ConfigError, match="a price is"):
+        Pricing({"x": spec})
 
 
 def test_tiered_prices_stay_exact():

@@ -227,3 +227,35 @@ def test_smollm2_drops_some_control_bytes_so_its_length_proves_nothing(smollm: T
     assert smollm._max_token_chars is None
     assert smollm.count("\x04" * 10) == 0
     assert smollm.count_until("\x04" * 1_000_000, 5) == 0  # a run of them is counted, not read
+
+
+def test_a_tokenizer_folder_with_chat_template_jinja_counts_messages(tokenizer_json: Path, tmp_path: Path) -> None:
+    # transformers now saves the template beside tokenizer_config.json, not inside it.
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    (folder / "tokenizer_config.json").write_text('{"bos_token": "[CLS]"}', encoding="utf-8")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}",
+                                                encoding="utf-8")
+    tokenizer = tg.get_tokenizer(folder)
+    assert tokenizer.count_messages([{"role": "user", "content": "hello world"}]) == 2
+    (folder / "tokenizer_config.json").write_text('{"bos_token": 5}', encoding="utf-8")
+    with pytest.raises(tg.UnknownTokenizer, match="token must be text"):
+        tg.HFTokenizer.from_file(folder)
+    (folder / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(tg.UnknownTokenizer, match="not a readable JSON"):
+        tg.HFTokenizer.from_file(folder)
+
+
+def test_one_relative_path_from_two_folders_is_two_tokenizers(sentencepiece_model: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    others = sorted(p for p in sentencepiece_model.parent.iterdir() if p.name.startswith("tokenizer.model.v"))
+    for name, source in (("one", sentencepiece_model), ("two", others[0])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tok.model").write_bytes(source.read_bytes())
+    monkeypatch.chdir(tmp_path / "one")
+    first = tg.get_tokenizer("tok.model")
+    monkeypatch.chdir(tmp_path / "two")
+    second = tg.get_tokenizer("tok.model")
+    assert first is not second and first.vocab_size == tg.get_tokenizer(sentencepiece_model).vocab_size
+    assert second.vocab_size == tg.get_tokenizer(others[0]).vocab_size != first.vocab_size

@@ -159,6 +159,27 @@ def test_nested_tool_parameters_count_and_bad_tools_are_refused() -> None:
         tg.count_tokens("hi", model="gpt-4o", tools=WEATHER_TOOLS)
 
 
+def test_absent_fields_and_dict_arguments_count_as_a_client_sends_them() -> None:
+    tokenizer = tg.get_tokenizer("gpt-4o")
+    hi = [{"role": "user", "content": "hi"}]
+    assert tokenizer.count_messages([{**hi[0], "name": None}]) == tokenizer.count_messages(hi)
+    call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
+    as_dict = {**call, "function": {"name": "f", "arguments": {"city": "Paris"}}}
+    assert tokenizer.count_messages([{"role": "assistant", "content": None, "tool_calls": [as_dict]}]) == (
+        tokenizer.count_messages([{"role": "assistant", "content": None, "tool_calls": [call]}]))
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": 1}], [{"role": 5, "content": "x"}], [{"role": "user", "content": b"x"}],
+    [{"role": "user", "content": ["str"]}], [{"role": "user", "content": {"type": "text", "text": "hi"}}],
+    [{"role": "user", "content": [{"type": "text", "text": None}]}], [{"role": "user", "content": None}],
+])
+@pytest.mark.parametrize("model", ["gpt-4o", "SmolLM2-135M-Instruct"])
+def test_malformed_messages_are_invalid_requests_when_counted_too(messages, model) -> None:
+    with pytest.raises(tg.InvalidRequest):  # as the guard refuses them
+        tg.count_tokens(messages, model=model)
+
+
 def test_non_text_parts_and_bad_messages_raise_clear_errors() -> None:
     tokenizer = tg.get_tokenizer("gpt-4o")
     with pytest.raises(tg.TokenGuardError, match="image_url"):

@@ -12,6 +12,7 @@ user-set prices; the bundled model costs 0. A model with no known price costs
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 import warnings
@@ -167,13 +168,23 @@ def context_window(model: str) -> int | None:
 
 def _as_price(spec: PriceSpec) -> Price:
     if isinstance(spec, Price):
-        return spec
-    values = tuple(float(v) for v in spec)
-    if len(values) not in (2, 3) or any(v < 0 for v in values):
+        rates: tuple[Any, ...] = (spec.input, spec.output, spec.cached_input)
+    elif isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
+        rates = (*spec, None)[:3]
+    else:
+        rates = (None, None, None)
+    if not (_is_rate(rates[0]) and _is_rate(rates[1]) and (rates[2] is None or _is_rate(rates[2]))):
         raise ConfigError(
-            f"a price is (usd_per_mtok_in, usd_per_mtok_out[, usd_per_mtok_cached_in]), got {spec!r}"
+            "a price is a Price or (usd_per_mtok_in, usd_per_mtok_out[, usd_per_mtok_cached_in]) "
+            f"of finite numbers >= 0, got {spec!r}"
         )
-    return Price(*values)
+    if isinstance(spec, Price):
+        return spec
+    return Price(float(rates[0]), float(rates[1]), None if rates[2] is None else float(rates[2]))
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 _warned: set[str] = set()

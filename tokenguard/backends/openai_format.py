@@ -4,6 +4,7 @@ as dicts (JSON) or as objects (the ``openai`` package's models) alike."""
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from tokenguard.backends.base import BackendUsage, Chunk
@@ -34,7 +35,11 @@ def _set(obj: Any, name: str, value: Any) -> None:
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A reported token count: a whole number >= 0, else ``None`` (not reported: the
+    guard counts for itself rather than bill a negative or NaN count)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        return None
+    return int(value)
 
 
 def usage_from(obj: Any) -> BackendUsage | None:
@@ -54,6 +59,8 @@ def usage_from(obj: Any) -> BackendUsage | None:
     cached = _int(_get(details, "cached_tokens"))
     if input_tokens is None and output_tokens is None:
         return None
+    if cached is not None and input_tokens is not None:
+        cached = min(cached, input_tokens)  # cached prompt tokens are part of the prompt
     return BackendUsage(input_tokens, output_tokens, cached)
 
 

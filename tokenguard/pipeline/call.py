@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenguard.errors import InvalidRequest
+from tokenguard.tokens import check_message
 
 if TYPE_CHECKING:
     from tokenguard.accounting import Reservation
@@ -16,27 +17,6 @@ if TYPE_CHECKING:
     from tokenguard.tokens import Tokenizer
 
 __all__ = ["Call", "as_messages"]
-
-
-def _check_message(index: int, message: object) -> dict[str, Any]:
-    if not isinstance(message, Mapping):
-        raise InvalidRequest(f"message {index} must be a dict with 'role' and 'content', got {type(message).__name__}")
-    role = message.get("role")
-    if not isinstance(role, str) or not role:
-        raise InvalidRequest(f"message {index} has no 'role' (a non-empty string such as 'user')")
-    content = message.get("content")
-    if content is None:
-        # Only an assistant message may carry no text (its tool calls say what it did).
-        if role != "assistant":
-            raise InvalidRequest(f"message {index} ({role}) has no content; only an assistant message may omit it")
-    elif not isinstance(content, str) and not (
-        isinstance(content, list) and all(isinstance(part, Mapping) for part in content)
-    ):
-        raise InvalidRequest(
-            f"message {index} ({role}) has content of type {type(content).__name__}; "
-            "content is a string or a list of parts such as {'type': 'text', 'text': ...}"
-        )
-    return dict(message)
 
 
 def as_messages(prompt_or_messages: object) -> list[dict[str, Any]]:
@@ -61,7 +41,7 @@ def as_messages(prompt_or_messages: object) -> list[dict[str, Any]]:
         ) from None
     if not items:
         raise InvalidRequest("a call needs at least one message")
-    return [_check_message(i, message) for i, message in enumerate(items)]
+    return [dict(check_message(i, message)) for i, message in enumerate(items)]
 
 
 @dataclass(slots=True, eq=False)

@@ -1,7 +1,7 @@
 """Exact, offline token counting for every tokenizer family (tiktoken, SentencePiece,
 Hugging Face ``tokenizer.json``, GGUF vocabularies)."""
 
-from tokenguard.tokens.base import Message, Tokenizer
+from tokenguard.tokens.base import Message, Tokenizer, check_message
 from tokenguard.tokens.bundled import DEFAULT_MODEL_NAME, default_model_path
 from tokenguard.tokens.chat_template import ChatTemplateError
 from tokenguard.tokens.hf import HFTokenizer
@@ -19,6 +19,7 @@ __all__ = [
     "TemplatedTokenizer",
     "TiktokenTokenizer",
     "Tokenizer",
+    "check_message",
     "count_tokens",
     "default_model_path",
     "get_tokenizer",

@@ -274,15 +274,35 @@ class Tokenizer(ABC):
 
 
 def check_messages(messages: Sequence[Message]) -> Sequence[Message]:
-    """``messages`` after checking it is a list of dicts with a role each."""
+    """``messages`` after checking it is a list of messages (see :func:`check_message`)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidRequest(f"messages must be a list of dicts, got {type(messages).__name__}")
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidRequest(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
-        if "role" not in message:
-            raise InvalidRequest(f"message {i} has no 'role'")
+        check_message(i, message)
     return messages
+
+
+def check_message(index: int, message: object) -> Mapping[str, Any]:
+    """``message`` after checking it is an OpenAI-style message: a dict with a non-empty
+    string role, and content that is a string or a list of part dicts, or ``None`` in an
+    assistant message (its tool calls say what it did)."""
+    if not isinstance(message, Mapping):
+        raise InvalidRequest(f"message {index} must be a dict with 'role' and 'content', got {type(message).__name__}")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise InvalidRequest(f"message {index} has no 'role' (a non-empty string such as 'user')")
+    content = message.get("content")
+    if content is None:
+        if role != "assistant":
+            raise InvalidRequest(f"message {index} ({role}) has no content; only an assistant message may omit it")
+    elif not isinstance(content, str) and not (
+        isinstance(content, list) and all(isinstance(part, Mapping) for part in content)
+    ):
+        raise InvalidRequest(
+            f"message {index} ({role}) has content of type {type(content).__name__}; "
+            "content is a string or a list of parts such as {'type': 'text', 'text': ...}"
+        )
+    return message
 
 
 def check_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:

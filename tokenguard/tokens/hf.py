@@ -101,9 +101,11 @@ class HFTokenizer(TemplatedTokenizer):
         except Exception as e:
             raise UnknownTokenizer(f"{file} is not a Hugging Face tokenizer.json: {e}") from e
         config = _read_json(file.parent / "tokenizer_config.json")
-        template = chat_template or config.get("chat_template")
+        template = chat_template or config.get("chat_template") or _read_text(file.parent / "chat_template.jinja")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise UnknownTokenizer(f"{file.parent}: the chat template is not text: {type(template).__name__}")
         bos, eos = _token_content(config.get("bos_token")), _token_content(config.get("eos_token"))
         generation_eos = _read_json(file.parent / "generation_config.json").get("eos_token_id")
         extra_eos = [backend.id_to_token(i) for i in _as_list(generation_eos)]
@@ -134,14 +136,30 @@ _UTF8_BYTES = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:  # not UTF-8, not JSON
+        raise UnknownTokenizer(f"{path} is not a readable JSON file: {e}") from e
+    if not isinstance(config, dict):
+        raise UnknownTokenizer(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _read_text(path: Path) -> str | None:
+    """A file's text (transformers now saves the chat template as ``chat_template.jinja``)."""
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, ValueError) as e:
+        raise UnknownTokenizer(f"{path} is not a readable text file: {e}") from e
 
 
 def _token_content(token: Any) -> str | None:
     """A config's token entry: either the string or ``{"content": ...}``."""
     if isinstance(token, Mapping):
-        return token.get("content")
+        token = token.get("content")
+    if token is not None and not isinstance(token, str):
+        raise UnknownTokenizer(f"a tokenizer_config.json token must be text or {{'content': text}}, got {token!r}")
     return token
 
 

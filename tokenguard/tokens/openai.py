@@ -18,6 +18,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import json
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -212,6 +213,8 @@ class TiktokenTokenizer(Tokenizer):
         for message in check_messages(messages):
             total += self.tokens_per_message
             for key, value in message.items():
+                if value is None:
+                    continue  # an absent field ("name": None) costs nothing
                 if key == "tool_calls":
                     total += sum(self._count_tool_call(call) for call in _tool_calls(value))
                     continue
@@ -262,7 +265,10 @@ class TiktokenTokenizer(Tokenizer):
         function = call.get("function") or {}
         if not isinstance(function, Mapping):
             raise InvalidRequest(f"a tool call's 'function' must be a dict, got {type(function).__name__}")
-        return self.count(str(function.get("name", ""))) + self.count(str(function.get("arguments", "")))
+        arguments = function.get("arguments", "")
+        if not isinstance(arguments, str):  # what a client sends: the arguments as JSON
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        return self.count(str(function.get("name", ""))) + self.count(arguments)
 
 
 # How each shipped pattern treats a run of blanks at the very end of the text:
@@ -358,9 +364,11 @@ def _texts(value: Any, key: str) -> list[str]:
         texts = []
         for part in value:
             if isinstance(part, Mapping) and part.get("type") == "text":
-                texts.append(str(part.get("text", "")))
+                if not isinstance(part.get("text"), str):
+                    raise InvalidRequest(f"a text part of {key!r} must hold its text as a string, got {part!r}")
+                texts.append(part["text"])
             else:
                 kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise TokenGuardError(f"cannot count a {kind!r} part of {key!r} exactly; only text parts are counted")
+                raise InvalidRequest(f"cannot count a {kind!r} part of {key!r} exactly; only text parts are counted")
         return texts
     return [str(value)]

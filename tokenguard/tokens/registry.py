@@ -21,25 +21,37 @@ _ACCEPTED = (
 
 _lock = threading.Lock()
 _cache: dict[str, Tokenizer] = {}
+_names: set[str] = set()  # keys that name a tokenizer (no file): looked up as they are
 
 
 def get_tokenizer(name_or_path: str | Path) -> Tokenizer:
     """The tokenizer for a model name, an encoding name, or a tokenizer/model file.
 
-    Tokenizers are built once per name and shared; all of them work offline.
+    Tokenizers are built once per name (a file: per file, as it is now) and shared; all
+    of them work offline.
 
     >>> get_tokenizer("gpt-4o").count("人工智能")
     2
     """
     key = str(name_or_path)
+    with _lock:
+        tokenizer = _cache.get(key) if key in _names else None
+    if tokenizer is not None:
+        return tokenizer
     if key in DEFAULT_MODEL_ALIASES:
         key = DEFAULT_MODEL_NAME
+    named = key in (DEFAULT_MODEL_NAME, *OFFLINE_ENCODINGS) or encoding_for_model(key) is not None or not _exists(key)
+    if not named:
+        key = _file_key(key)
     with _lock:
         tokenizer = _cache.get(key)
     if tokenizer is None:
-        tokenizer = _load(key)
+        tokenizer = _load(key.split("\0", 1)[0])
         with _lock:
             tokenizer = _cache.setdefault(key, tokenizer)
+            if named:
+                _names.add(str(name_or_path))
+                _cache.setdefault(str(name_or_path), tokenizer)
     return tokenizer
 
 
@@ -63,6 +75,21 @@ def count_tokens(
     return tokenizer.count_messages(text_or_messages, tools=tools)
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, an unknown ~user, a name too long for the OS
+        return False
+
+
+def _file_key(path: str) -> str:
+    """A file's key: its absolute path, and its size and time (a file replaced at the
+    path, or the same relative path from another folder, is another tokenizer)."""
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat()
+    return f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}"
+
+
 def _load(key: str) -> Tokenizer:
     if key in OFFLINE_ENCODINGS:
         return TiktokenTokenizer(get_encoding(key))
@@ -78,13 +105,8 @@ def _load(key: str) -> Tokenizer:
                 f"(it ships {', '.join(OFFLINE_ENCODINGS)})"
             )
         return TiktokenTokenizer(get_encoding(encoding), model=key)
-    try:
-        path = Path(key).expanduser()
-        exists = path.exists()
-    except (OSError, RuntimeError, ValueError):  # a NUL byte, an unknown ~user, a name too long for the OS
-        exists = False
-    if exists:
-        return _load_file(path)
+    if _exists(key):
+        return _load_file(Path(key).expanduser())
     raise UnknownTokenizer(f"unknown tokenizer {key!r}; expected {_ACCEPTED}")
 
 

@@ -104,6 +104,7 @@ def test_the_conversation_and_the_request_must_match(minilm):
         assert not guard.complete([*earlier, question], **GREEDY).cached
         assert not guard.complete([question], max_tokens=7, **GREEDY).cached
         assert not guard.complete([question], user="someone-else", **GREEDY).cached
+        assert not guard.complete([{**question, "name": "bob"}], **GREEDY).cached  # who asks is part of it
         assert not Guard(fn, model="gpt-4o", cache=cache).complete([question], **GREEDY).cached
         assert guard.complete([{"role": "user", "content": "what is the capital of France"}], **GREEDY).cached
 
@@ -306,6 +307,17 @@ def corrupted_entry_is_a_miss(cache: SemanticCache, corrupt: Callable[[], None],
         assert not guard.complete("where is the louvre", **GREEDY).cached
     assert "corrupted semantic cache entry" in caplog.text and len(cache) == 1  # the fresh answer
     assert guard.complete("Where is the Louvre", **GREEDY).cached
+
+
+def test_threshold_one_hits_the_same_question_and_a_global_cache_is_shared(tmp_path):
+    def ask(messages, max_tokens, temperature, user=None):  # takes the caller, as create() does
+        return f"answer for {user}"
+
+    with SemanticCache(embedder=hashed_words, threshold=1.0, scope="global") as cache:
+        guard = Guard(ask, model="gpt-4o-mini", cache=cache)
+        first = guard.complete("What is the capital of France?", user="ann", **GREEDY)
+        again = guard.complete("What is the capital of France?", user="bob", **GREEDY)
+        assert again.cached and again.text == first.text == "answer for ann"
 
 
 def test_a_corrupted_entry_is_a_miss_with_a_warning(caplog):

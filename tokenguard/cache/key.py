@@ -6,8 +6,9 @@ partition (``"user"``: the same ``user=``; ``"session"``: the same ``session=``;
 the backend (for a decorated function, which function and its bound arguments), the
 model, every message that is sent (system prompt and tool messages included), and every
 generation parameter (``tools``, ``tool_choice``, ``response_format``, ``temperature``,
-``max_tokens``, ...). Only the ``session`` routing hint is left out: it changes where
-the KV lives, not the answer.
+``max_tokens``, ...). Only the ``session`` and ``user`` ids the guard hands a backend
+are left out: they change where the KV lives and whom to bill, not the answer (the
+partition keeps users apart).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 
 CacheScope = Literal["user", "session", "global"]
 SCOPES: tuple[CacheScope, ...] = ("user", "session", "global")
-_NOT_ANSWER_PARAMS = frozenset({"session"})
+# What the guard hands a backend itself: the caller's ids. The partition (the scope)
+# is what keeps users apart, so a global cache is shared by everyone.
+_NOT_ANSWER_PARAMS = frozenset({"session", "user"})
 
 
 def check_scope(scope: str) -> CacheScope:
@@ -64,12 +67,15 @@ def is_deterministic(call: Call) -> bool:
 
 def fingerprint(call: Call, *, skip_last: bool = False) -> str:
     """A hex digest of everything in ``call`` that changes the answer; with
-    ``skip_last``, of everything but the newest message (the conversation it is asked in,
-    for a semantic cache, which compares that message by meaning)."""
+    ``skip_last``, of everything but the newest message's content (the conversation it is
+    asked in, and who asks it: a semantic cache compares that content by meaning)."""
+    if skip_last:
+        *earlier, last = call.messages
+        messages = [*earlier, {k: v for k, v in last.items() if k != "content"}]
     request = {
         "backend": call.backend.cache_identity(),
         "model": call.model,
-        "messages": call.messages[:-1] if skip_last else call.messages,
+        "messages": messages if skip_last else call.messages,
         "params": {k: _number(v) for k, v in sorted(call.params.items()) if k not in _NOT_ANSWER_PARAMS},
     }
     return digest(request)

@@ -161,6 +161,11 @@ def _open(path: str | Path | None) -> tuple[SemanticEntries, Path | None]:
     return SQLiteSemanticEntries(file), file
 
 
+# float32 cosines of a vector with itself come out a hair under 1 (0.99999994):
+# threshold=1.0 means "the same question", and must hit it.
+_COSINE_SLACK = 1e-6
+
+
 class SemanticCache:
     """Answers of earlier calls, found by the meaning of the newest user message.
 
@@ -276,7 +281,7 @@ class SemanticCache:
         with self._lock:
             candidates = group.search(asked.vector, CANDIDATES) if group.size else []
         for score, entry_id in candidates:
-            if score < self.threshold:
+            if score < self.threshold - _COSINE_SLACK:
                 break
             entry = self._entries.get(asked.where, entry_id)
             if entry is None:

@@ -262,12 +262,12 @@ def test_chat_reads_turns_from_stdin_and_meters_each_answer(tmp_path):
     exact = count_tokens([{"role": "user", "content": question}], model=BUNDLED)  # chat template included
     assert first.startswith(f"[in {exact} · out ")
     assert " · tail-only · cache miss · $0.000000 · " in first
-    assert "(a new conversation)" in done.stdout
+    assert "(a new conversation: session 't1-2')" in done.stdout
     assert again.startswith("[in 0 · out 0 · tail-only · cache hit, saved ")  # /new: the same first turn
-    # The session total: the hit billed nothing, so it is still the first answer's total.
-    assert first.rsplit("· ", 1)[1] == again.rsplit("· ", 1)[1]
+    # The new session's total starts afresh; the hit billed nothing.
+    assert first.rsplit("· ", 1)[1] != again.rsplit("· ", 1)[1] == "session 0 tokens]"
     with Ledger(ledger) as written:
         rows = written.records()
-    assert [(r["session"], r["cached"], r["input_tokens"]) for r in rows] == [("t1", 0, exact), ("t1", 1, 0)]
+    assert [(r["session"], r["cached"], r["input_tokens"]) for r in rows] == [("t1", 0, exact), ("t1-2", 1, 0)]
     report = tokenguard("report", str(ledger), "--by", "session")
     assert report.returncode == 0 and "t1" in report.stdout

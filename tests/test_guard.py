@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 
 from tokenguard import Budget, Guard, InvalidRequest, Ledger, Reply
 from tokenguard.accounting import Pricing, UnknownPriceWarning
 from tokenguard.backends import BundledRunner, Function, OpenAICompatible
+from tokenguard.context import SessionHistory
 from tokenguard.errors import BudgetExceeded, ConfigError, InputTooLong, TokenGuardError
 from tokenguard.tokens import DEFAULT_MODEL_NAME, get_tokenizer
 
@@ -118,6 +121,14 @@ def test_the_context_window_alone_refuses_a_huge_message_with_bounded_work(read_
     with pytest.raises(InputTooLong, match="take over the 1000 tokens the context may use"):
         guard.complete([{"role": "system", "content": "Be brief."}, {"role": "user", "content": huge}])
     assert 0 < huge.furthest <= 16 * 1001
+
+
+def test_an_output_cap_that_fills_the_window_says_so():
+    fn = Calls()
+    guard = Guard(fn, model="gpt-4", max_output_tokens=8192)  # gpt-4's whole 8,192-token window
+    with pytest.raises(InputTooLong, match="max_tokens=8192 leaves no room for a prompt in the model's 8192-token"):
+        guard.complete("hi")
+    assert fn.calls == [] and guard.complete("hi", max_tokens=100).text
 
 
 def test_max_input_tokens_refuses_before_the_backend(read_probe):
@@ -343,7 +354,10 @@ def test_unknown_price_is_none_and_a_usd_budget_refuses_it():
     assert any(issubclass(w.category, UnknownPriceWarning) for w in caught)
     priced = Guard(Calls("ok"), model="house-model-v7", tokenizer="gpt-4o", prices={"house-model-v7": (1.0, 2.0)})
     assert priced.complete("hi").usage.cost_usd > 0
-    refused = Guard(Calls("ok"), model="house-model-v8", tokenizer="gpt-4o", budget=Budget(usd=1))
+    with pytest.raises(ConfigError, match="no price is known for model 'house-model-v8'"):  # before any call
+        Guard(Calls("ok"), model="house-model-v8", tokenizer="gpt-4o", budget=Budget(usd=1))
+    refused = Guard(Calls("ok"), model="gpt-4o", tokenizer="gpt-4o", budget=Budget(usd=1))
+    refused.model = "house-model-v8"  # a model whose price the guard learns only at the call
     with pytest.raises(TokenGuardError, match="price is unknown"):
         refused.complete("hi")
     assert refused.ledger.records()[0]["stop_reason"] == "error"
@@ -420,9 +434,28 @@ def test_sessions_behave_alike_in_chat_and_chat_stream_and_only_there_carry_hist
     assert len(guard.history.get("s")) == 6
 
 
+def open_files(folder) -> list[str]:
+    """The files under ``folder`` this process holds open."""
+    names = []
+    for fd in list(Path("/proc/self/fd").iterdir()):
+        try:
+            names.append(os.readlink(fd))
+        except OSError:  # closed meanwhile (the listing's own)
+            continue
+    return sorted(name for name in names if name.startswith(str(folder)))
+
+
 def test_a_guard_closes_what_it_holds(tmp_path):
     backend = OpenAICompatible("http://127.0.0.1:9/v1", "gpt-4o")
     _ = backend.client  # opened
+    budget = Budget(tokens=1000, store=tmp_path / "b.sqlite")
+    history = SessionHistory(path=tmp_path / "h.sqlite")
+    with Guard(Calls("ok"), model="gpt-4o", ledger=tmp_path / "l.sqlite", budget=budget, history=history) as guard:
+        guard.chat("hi", session="s")
+        assert open_files(tmp_path)
+    budget.close()  # a budget may be shared by other guards: its owner closes it
+    assert open_files(tmp_path) == []
+    assert guard.chat("again", session="s").text == "ok"  # a later call opens them again
     with Guard(backend, ledger=tmp_path / "l.sqlite") as guard:
         assert guard.backend is backend
     assert backend._client is None and guard.ledger.store.db._conn is None

@@ -95,9 +95,12 @@ def _is_openai_client(obj: object) -> bool:
     return type(obj).__module__.startswith("openai") and hasattr(obj, "chat") and hasattr(obj, "base_url")
 
 
-def _as_backend(backend: object, model: str | None) -> Backend:
-    if backend is None:
-        return BundledRunner()
+_SESSION_TTL_S = 3600.0
+
+
+def _as_backend(backend: object, model: str | None, session_ttl_s: float | None = None) -> Backend:
+    if backend is None:  # its sessions' KV lives as long as their history
+        return BundledRunner() if session_ttl_s is None else BundledRunner(session_ttl_s=session_ttl_s)
     if isinstance(backend, Backend):
         return backend
     if _is_llama_runner(backend):
@@ -178,7 +181,9 @@ class Guard:
     messages and the newest turns, and does nothing when neither bound is known.
     ``max_input_tokens`` caps what the caller sends (for :meth:`chat`, the new turn).
     A chat session's history expires ``session_ttl_s`` after its last use (``None``:
-    never); :meth:`touch` is a heartbeat and :meth:`end_session` frees it at once.
+    never; the bundled runner the guard builds keeps the session's KV as long);
+    :meth:`touch` is a heartbeat (for the history and the runner's KV) and
+    :meth:`end_session` frees both at once.
     Calls nest: a guarded call made while another runs (inside a ``@guard`` function,
     in asyncio tasks it starts, in threads started with ``contextvars.copy_context()``)
     is its child, and its ledger row says so (``depth``, ``parent_id``, ``root_id``).
@@ -223,13 +228,15 @@ class Guard:
         cache: CacheStep | Sequence[CacheStep] | None = None,
         remember: RememberStep | None = None,
         history: SessionHistory | None = None,
-        session_ttl_s: float | None = 3600.0,
+        session_ttl_s: float | None = _SESSION_TTL_S,
         telemetry: bool | str | OTelMeter | None = "auto",
         timeout: float | None = None,
     ) -> None:
         max_output_tokens = token_count("max_output_tokens", max_output_tokens)
         self.timeout = None if timeout is None else seconds("timeout", timeout)
-        self.backend: Backend = _as_backend(backend, model)
+        if history is not None and session_ttl_s != _SESSION_TTL_S:
+            raise ConfigError("session_ttl_s is the history's: with history= pass SessionHistory(ttl_s=...) instead")
+        self.backend: Backend = _as_backend(backend, model, session_ttl_s)
         known = model or self.backend.model
         if known is None:
             raise ConfigError(
@@ -247,6 +254,11 @@ class Guard:
                 f"{getattr(fn, '__qualname__', fn)}() takes no max_tokens, so the model it calls may "
                 f"generate past the {max_output_tokens} output tokens the budget reserves and overspend "
                 "it: add a max_tokens parameter and pass it on (create(..., max_tokens=max_tokens))"
+            )
+        if any(b.usd is not None for b in self.budgets) and not self.pricing.known(self.model):
+            raise ConfigError(
+                f"a budget limits USD but no price is known for model {self.model!r}: set "
+                f"prices={{{self.model!r}: (usd_per_mtok_in, usd_per_mtok_out)}} on the Guard"
             )
         # A hold this process leaves by dying after its call's row is written is settled from that row.
         link_ledger(self.budgets, self.ledger)
@@ -635,9 +647,13 @@ class Guard:
         return await self.achat_stream(message, session=session, user=user, tags=tags, **params).aread()
 
     def touch(self, session: str) -> bool:
-        """Keep ``session``'s history alive without a call (a heartbeat); ``False`` when
-        it is unknown or has expired."""
-        return self.history.touch(session)
+        """Keep ``session``'s history alive without a call (a heartbeat), and what the
+        backend keeps for it (the bundled runner's KV); ``False`` when it is unknown or
+        has expired."""
+        alive = self.history.touch(session)
+        if alive:
+            self.backend.touch_session(session)
+        return alive
 
     def end_session(self, session: str) -> None:
         """Forget ``session`` now: its chat history, what the backend keeps for it (the
@@ -654,14 +670,18 @@ class Guard:
 
     def close(self) -> None:
         """Release what the guard holds open: the backend's connections or model, the
-        ledger's database connection. Also what leaving ``with Guard(...) as guard:``
-        does."""
+        ledger's and the session history's database connections (a later call opens
+        them again). Also what leaving ``with Guard(...) as guard:`` does. Budgets may be
+        shared by guards still running: each has its own :meth:`Budget.close`."""
         close = getattr(self.backend, "close", None)
         try:
             if close is not None:
                 close()
         finally:
-            self.ledger.close()
+            try:
+                self.history.close()
+            finally:
+                self.ledger.close()
 
     def __enter__(self) -> Guard:
         return self

@@ -321,7 +321,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     if args.model is not None and not Path(args.model).exists():
         raise CliError(f"no model at {args.model} (pass a .gguf file or a checkpoint folder)")
     backend = BundledRunner(model=args.model)
-    session, total = args.session, 0
+    session, total, conversations = args.session, 0, 1
     with contextlib.ExitStack() as stack:
         cache = ExactCache()
         stack.callback(cache.close)
@@ -338,9 +338,11 @@ def _run_chat(args: argparse.Namespace) -> int:
                 continue
             if line in _QUIT:
                 break
-            if line == _NEW:
+            if line == _NEW:  # a session of its own: its meter and its ledger rows start afresh
                 guard.end_session(session)
-                print("(a new conversation)", flush=True)
+                conversations += 1
+                session, total = f"{args.session}-{conversations}", 0
+                print(f"(a new conversation: session {session!r})", flush=True)
                 continue
             history = guard.history.get(session)
             if not history and args.system:

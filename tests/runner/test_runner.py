@@ -189,3 +189,20 @@ def test_a_runner_passed_in_names_its_own_model(tiny_llama):
         reply = guard.complete("hello", max_tokens=2)
         (row,) = guard.ledger.records()
         assert row["model"] == guard.model and reply.usage.cost_usd is not None and reply.usage.cost_usd > 0
+
+
+def test_a_guard_keeps_the_runner_s_session_kv_as_long_as_the_history(tiny_llama):
+    import time
+
+    assert tg.Guard(session_ttl_s=123.0).backend._options["session_ttl_s"] == 123.0  # the runner it builds
+    with pytest.raises(tg.ConfigError, match="SessionHistory"):
+        tg.Guard(history=tg.context.SessionHistory(), session_ttl_s=5)
+    with LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", session_ttl_s=2.0) as runner:
+        guard = tg.Guard(runner, max_output_tokens=4, prices={runner.tokenizer.name: (0.0, 0.0)})
+        guard.chat("hello there", session="s")
+        deadline = time.monotonic() + 3.0  # past the runner's TTL, with heartbeats
+        while time.monotonic() < deadline:
+            assert guard.touch("s")
+            time.sleep(0.3)
+        assert runner.stats()["sessions"] == 1
+        assert guard.chat("and again", session="s").usage.cached_input_tokens > 0

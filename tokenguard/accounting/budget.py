@@ -268,6 +268,13 @@ class Budget:
             "usd": None if self.usd is None else self.usd - s["usd"] - s["reserved_usd"],
         }
 
+    def close(self) -> None:
+        """Close the store's connections (a later call opens them again). On Redis it also
+        stops renewing this process's holds: close a budget once its calls are done."""
+        close = getattr(self.store, "close", None)  # a store of your own may hold nothing open
+        if close is not None:
+            close()
+
     def __repr__(self) -> str:
         limits = ", ".join(f"{k}={v}" for k, v in (("tokens", self.tokens), ("usd", self.usd)) if v is not None)
         window = f", window={self.window!r}" if self.window else ""

@@ -97,6 +97,11 @@ class Backend(Protocol):
         blocks) now. Default: nothing is kept, nothing to free."""
         return None
 
+    def touch_session(self, session: str) -> None:
+        """Keep what the backend keeps for ``session`` alive (a heartbeat). Default:
+        nothing is kept."""
+        return None
+
     def cache_identity(self) -> object:
         """JSON-able data that, with the messages and parameters, decides the answer:
         a cache never serves one backend's answer to a call on another. Default: the

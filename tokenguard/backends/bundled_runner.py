@@ -71,6 +71,11 @@ class BundledRunner(Backend):
         if self._runner is not None:
             self._runner.end_session(session)
 
+    def touch_session(self, session: str) -> None:
+        """Keep the session's KV alive (nothing to do before the runner loads)."""
+        if self._runner is not None:
+            self._runner.touch(session)
+
     def context_window(self) -> int:
         """The model's context length (from its GGUF or config), loading it if needed."""
         return self.runner.context_length

@@ -178,6 +178,11 @@ class SessionHistory:
             if self._store is not None:
                 self._store.delete(session)
 
+    def close(self) -> None:
+        """Close the connection to the SQLite file or Redis (a later use opens it again)."""
+        if self._store is not None:
+            self._store.close()
+
     def __len__(self) -> int:
         gone: list[str] = []
         with self._lock:

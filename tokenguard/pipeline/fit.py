@@ -58,6 +58,12 @@ class Fit:
             window = context_window(call.model)
         limits = [limit for limit in (self.max_context_tokens,) if limit is not None]
         if window is not None:
+            if call.max_output_tokens >= window:
+                raise InputTooLong(
+                    0,
+                    f"max_tokens={call.max_output_tokens} leaves no room for a prompt in the model's "
+                    f"{window}-token context: ask for fewer output tokens (max_output_tokens= on the Guard)",
+                )
             limits.append(window - call.max_output_tokens)
         return min(limits) if limits else None
 

@@ -349,11 +349,14 @@ class Guard:
         max_out = _max_tokens(params.pop("max_tokens", None), self.max_output_tokens)
         params["max_tokens"] = max_out
         backend = backend or self.backend
-        backend.warmup()  # a model's first load is not part of this call's latency
         if session is not None and backend.accepts_session:
             params["session"] = session
         if user is not None and getattr(backend, "accepts_user", False):
             params["user"] = user
+        check_params = getattr(backend, "check_params", None)
+        if check_params is not None:
+            check_params(params)
+        backend.warmup()  # a model's first load is not part of this call's latency
         return Call(
             request_id=uuid.uuid4().hex,
             messages=messages,
@@ -651,8 +654,9 @@ class Guard:
         backend keeps for it (the bundled runner's KV); ``False`` when it is unknown or
         has expired."""
         alive = self.history.touch(session)
-        if alive:
-            self.backend.touch_session(session)
+        touch = getattr(self.backend, "touch_session", None)
+        if alive and touch is not None:
+            touch(session)
         return alive
 
     def end_session(self, session: str) -> None:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tokenguard import Guard
+from tokenguard import Guard, InvalidRequest
 from tokenguard.backends import BundledRunner
 from tokenguard.tokens import DEFAULT_MODEL_NAME, get_tokenizer
 
@@ -85,3 +85,11 @@ def test_close_leaves_a_runner_passed_in_to_its_owner(bundled_runner):
     assert backend.runner is bundled_runner and bundled_runner.stats()["running"] == 0
     assert bundled_runner.generate("Hi", max_tokens=1).token_ids  # still serving
 
+
+
+def test_a_parameter_the_runner_cannot_take_is_refused_before_it_loads():
+    guard = Guard(BundledRunner(), max_output_tokens=4)
+    for params in ({"foo": 1}, {"tools": [{"type": "function", "function": {"name": "f"}}]}):
+        with pytest.raises(InvalidRequest, match="the bundled runner does not take"):
+            guard.complete("hi", **params)
+    assert guard.backend._runner is None  # refused before the model loaded

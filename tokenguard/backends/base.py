@@ -72,6 +72,8 @@ class Backend(Protocol):
     - ``greedy_by_default``: a request that sets no ``temperature`` decodes greedily
       (the same answer every time), so a cache may keep it.
     - :meth:`cache_identity`: what, besides the request, decides the answer.
+    - :meth:`check_params`, :meth:`touch_session`: refuse what it cannot take, keep a
+      session alive (newer: the guard does without them on a backend that lacks them).
     """
 
     name: str
@@ -95,6 +97,11 @@ class Backend(Protocol):
     def end_session(self, session: str) -> None:
         """Free what the backend keeps for ``session`` (the bundled runner's KV
         blocks) now. Default: nothing is kept, nothing to free."""
+        return None
+
+    def check_params(self, params: Params) -> None:
+        """Raise :class:`~tokenguard.InvalidRequest` for a parameter the backend cannot
+        take, before the call is admitted. Default: it passes them all on."""
         return None
 
     def touch_session(self, session: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenguard.backends.base import Backend, BackendUsage, Chunk, Params
+from tokenguard.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from tokenguard.runner import GenerationResult, LlamaRunner
@@ -96,6 +97,15 @@ class BundledRunner(Backend):
 
         return get_tokenizer(self._options["model"] or self.model)
 
+    def check_params(self, params: Params) -> None:
+        """The runner samples with these and nothing else (no tools, no response format)."""
+        unknown = sorted(set(params) - _RUNNER_PARAMS)
+        if unknown:
+            raise InvalidRequest(
+                f"the bundled runner does not take {', '.join(map(repr, unknown))}; "
+                f"it takes {', '.join(sorted(_RUNNER_PARAMS))}"
+            )
+
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         with self.runner.stream(messages=list(messages), **params) as pieces:
             for piece in pieces:
@@ -110,6 +120,10 @@ class BundledRunner(Backend):
 
     def __repr__(self) -> str:
         return f"BundledRunner(model={self.model!r})"
+
+
+_RUNNER_PARAMS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
+                            "session"})
 
 
 def _last_chunk(result: GenerationResult | None) -> Chunk:

@@ -220,13 +220,23 @@ def test_a_complete_byte_level_vocabulary_bounds_characters_per_token() -> None:
     assert tokenizer.count_until(" " * 100_000, 10) > 10
 
 
-def test_smollm2_drops_some_control_bytes_so_its_length_proves_nothing(smollm: TemplatedTokenizer) -> None:
+def test_smollm2_drops_some_control_bytes_so_only_other_characters_bound_the_count(
+        smollm: TemplatedTokenizer, reference_tokenizer, read_probe) -> None:
     # The vocabulary has no token for the bytes 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d (as
     # transformers' own tokenizer): such text counts 0 tokens however long it is, so
     # count_until may not call a long text over the limit by its length alone.
-    assert smollm._max_token_chars is None
+    assert smollm._dropped_chars == "\x04\x06\x13\x14\x16\x1d" and smollm._max_token_chars is not None
     assert smollm.count("\x04" * 10) == 0
     assert smollm.count_until("\x04" * 1_000_000, 5) == 0  # a run of them is counted, not read
+    # Mixed runs of them count as one of them (and were tokenized as a whole: seconds a megabyte).
+    mixed = "\x04\x06" * 500_000
+    assert smollm.count(mixed) == smollm.count_until(mixed, 4000) == 0
+    for text in ("a\x04\x06b", "!\x04\x13\x14?", " \x16\x1d\x04 x", "it\x04\x06's", "人\x04\x04工"):
+        assert smollm.count(text) == len(reference_tokenizer(text, add_special_tokens=False)["input_ids"]), text
+    # The other characters still bound the work: the head of such a text is enough.
+    hostile = read_probe("\x04!" * 2_000_000)
+    assert smollm.count_until(hostile, 4000) > 4000
+    assert 0 < hostile.furthest <= 16 * 4001
 
 
 def test_a_tokenizer_folder_with_chat_template_jinja_counts_messages(tokenizer_json: Path, tmp_path: Path) -> None:

@@ -105,6 +105,12 @@ class Tokenizer(ABC):
         ``None`` where it cannot. ``count_until`` uses it to stop reading."""
         return None
 
+    @cached_property
+    def _dropped_chars(self) -> str:
+        """Characters the vocabulary has no token for, which the model never sees: they
+        are outside :attr:`_max_token_chars`' bound (a byte-level BPE may lack a few)."""
+        return ""
+
     # -- shared behaviour -----------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -150,14 +156,17 @@ class Tokenizer(ABC):
             # for such text keeps its first look as cheap as prose's.
             width = len(text[:size].encode("utf-8", "surrogatepass")) / size
             size = max(_MIN_WINDOW, int(size / width))
-        bound = self._max_token_chars
+        bound, dropped = self._max_token_chars, self._dropped_chars
         while size < len(text):
             head = text[:size]
             settled = self.count(head) - self.count(head[-_UNSETTLED_CHARS:]) - 1
             if settled > limit:
                 return settled
-            if bound is not None and len(text) > bound * (limit + 1):
-                return len(text) // bound  # at least limit + 1 tokens: none holds more than `bound` characters
+            # What the bound covers: the text, or (characters the model drops take no
+            # token) the head's other characters.
+            covered = len(text) if not dropped else len(head) - sum(map(head.count, dropped))
+            if bound is not None and covered > bound * (limit + 1):
+                return covered // bound  # at least limit + 1 tokens: none holds more than `bound` characters
             size *= 2
         return self.count(text)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -58,26 +59,51 @@ class HFTokenizer(TemplatedTokenizer):
         ids = [[i] for i in range(self.backend.get_vocab_size(with_added_tokens=False))]
         return self.backend.decode_batch(ids, skip_special_tokens=True)
 
+    def _count_plain(self, text: str) -> int:
+        dropped = self._dropped_runs
+        if dropped is not None:  # a run of dropped characters counts as one: no token either way
+            text = dropped.sub(_first_char, text)
+        return len(self._encode_plain(text))
+
     @cached_property
-    def _max_token_chars(self) -> int | None:
-        """The longest token, in bytes, of a byte-level BPE without a normalizer (GPT-2,
-        Llama 3, SmolLM, Qwen...) whose vocabulary holds all 256 bytes: there every
-        byte of the text lands in a token that is a vocabulary entry or an added token,
-        and a character is at least one byte. Other pipelines can shrink text (a
-        normalizer, an unknown byte dropped) or fold an unknown run into one token: no
-        bound."""
+    def _byte_level_bpe(self) -> tuple[dict[str, Any], list[int]] | None:
+        """A byte-level BPE without a normalizer (GPT-2, Llama 3, SmolLM, Qwen...): its
+        tokenizer.json, and the bytes UTF-8 text can hold that have no token of their own
+        (SmolLM2 has none for 0x04, 0x06, ...). ``None`` for other pipelines."""
         spec = json.loads(self.backend.to_str())
         model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
         steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
         if spec.get("normalizer") is not None or model.get("type") != "BPE":
             return None
-        vocab = model.get("vocab") or {}
         if not any(step.get("type") == "ByteLevel" for step in steps):
             return None
-        if not all(_BYTE_CHARS[byte] in vocab for byte in _UTF8_BYTES):
-            return None  # e.g. SmolLM2's vocabulary has no token for the bytes 0x04, 0x06, ...
+        vocab = model.get("vocab") or {}
+        return spec, [byte for byte in _UTF8_BYTES if _BYTE_CHARS[byte] not in vocab]
+
+    @cached_property
+    def _dropped_chars(self) -> str:
+        """The ASCII characters whose byte has no token: the model never sees them."""
+        found = self._byte_level_bpe
+        return "".join(chr(byte) for byte in found[1] if byte < 0x80) if found is not None else ""
+
+    @cached_property
+    def _dropped_runs(self) -> re.Pattern[str] | None:
+        return re.compile(f"[{re.escape(self._dropped_chars)}]{{2,}}") if self._dropped_chars else None
+
+    @cached_property
+    def _max_token_chars(self) -> int | None:
+        """The longest token, in bytes, of a byte-level BPE without a normalizer: every
+        byte of the text lands in a token that is a vocabulary entry or an added token,
+        and a character is at least one byte, but for the dropped ASCII characters
+        (which ``count_until`` sets aside). A vocabulary that lacks a continuation byte
+        could drop a whole character of any script, and other pipelines can shrink text
+        (a normalizer) or fold an unknown run into one token: no bound."""
+        found = self._byte_level_bpe
+        if found is None or any(0x80 <= byte < 0xC0 for byte in found[1]):
+            return None
+        spec = found[0]
         added = [len(token["content"]) for token in spec.get("added_tokens") or ()]
-        return max([len(token) for token in vocab] + added)
+        return max([len(token) for token in spec["model"]["vocab"]] + added)
 
     @property
     def special_tokens(self) -> Mapping[str, int]:
@@ -131,6 +157,10 @@ def _byte_chars() -> dict[int, str]:
 _BYTE_CHARS = _byte_chars()
 # Bytes that UTF-8 text can hold (never 0xC0, 0xC1 or 0xF5-0xFF).
 _UTF8_BYTES = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
+
+
+def _first_char(match: re.Match[str]) -> str:
+    return match.group()[0]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ class Otel:
 
     def __init__(self) -> None:
         self.spans_out = InMemorySpanExporter()
-        tracer_provider = TracerProvider()
+        self.tracer_provider = tracer_provider = TracerProvider()
         tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans_out))
         self.reader = InMemoryMetricReader()
         self.meter = OTelMeter(tracer_provider=tracer_provider,
@@ -249,6 +249,23 @@ def test_a_nested_call_span_is_a_child_of_its_parent_calls_span(otel):
     assert {span.context.trace_id for span in (root, middle, leaf)} == {request.get_span_context().trace_id}
     assert leaf.start_time >= middle.start_time >= root.start_time  # the calls' own times, not the writing's
     assert leaf.end_time <= middle.end_time <= root.end_time
+
+
+def test_guards_with_meters_of_their_own_still_nest_their_spans(otel):
+    child_meter = OTelMeter(tracer_provider=otel.tracer_provider)
+
+    @tg.guard(model="gpt-4o", telemetry=child_meter)
+    def lookup(messages, max_tokens):
+        return "Priya"
+
+    @tg.guard(model="gpt-4o", telemetry=otel.meter)
+    def research(messages, max_tokens):
+        return lookup([*messages, {"role": "user", "content": "Who?"}])
+
+    with otel.meter.tracer.start_as_current_span("request"):
+        research("Who owns billing?")
+    parent, child = _by_depth([span for span in otel.spans() if span.name != "request"])
+    assert child.parent is not None and child.parent.span_id == parent.context.span_id
 
 
 def test_a_nested_call_whose_parent_this_meter_never_records_is_written_at_once(otel):

@@ -137,6 +137,25 @@ def provider_name(backend: str, model: str) -> str:
     return backend
 
 
+class _CallSpans:
+    """Where the spans of guarded calls stand, shared by every :class:`OTelMeter` in the
+    process (guards nested in each other may each have their own meter): the spans of
+    nested calls waiting for their parent call's span, by its request id; the span
+    contexts of the calls metered last (for a child metered late); and the calls that
+    have started under some meter and are not metered yet (only for those is a child's
+    span worth waiting: a call no meter records never comes)."""
+
+    def __init__(self) -> None:
+        self.waiting: OrderedDict[str, list[Callable[[Any], None]]] = OrderedDict()
+        self.num_waiting = 0
+        self.written: OrderedDict[str, Any] = OrderedDict()
+        self.running: set[str] = set()
+        self.lock = threading.Lock()
+
+
+_CALL_SPANS = _CallSpans()
+
+
 class OTelMeter:
     """Send each metered call to OpenTelemetry: one span, token and duration points.
 
@@ -170,15 +189,7 @@ class OTelMeter:
             "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration.",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
         )
-        # Spans of nested calls waiting for their parent call's span, by its request id,
-        # and the span contexts of the calls metered last (for a child metered late).
-        self._waiting: OrderedDict[str, list[Callable[[Any], None]]] = OrderedDict()
-        self._num_waiting = 0
-        self._written: OrderedDict[str, Any] = OrderedDict()
-        # Calls of the guards this meter serves that have started and are not metered yet:
-        # only for those is a child's span worth waiting (another guard's call never comes here).
-        self._running: set[str] = set()
-        self._lock = threading.Lock()
+        self._tree = _CALL_SPANS  # shared: a parent guard may have a meter of its own
         self.saved = meter.create_counter(
             "tokenguard.client.tokens.saved", unit="{token}",
             description="Tokens a tokenguard cache hit or stopped loop spared.",
@@ -187,14 +198,14 @@ class OTelMeter:
     def started(self, call: Call) -> None:
         """``call``, of a guard this meter serves, has started: the spans of calls nested
         in it (metered before it) wait for its span."""
-        with self._lock:
-            self._running.add(call.request_id)
+        with self._tree.lock:
+            self._tree.running.add(call.request_id)
 
     def __call__(self, call: Call, row: Mapping[str, Any], error: BaseException | None = None) -> None:
         """Record one call from its ledger ``row`` (:meth:`tokenguard.pipeline.Meter.__call__`)."""
         if self._maybe_idle and self._idle():
-            with self._lock:
-                self._running.discard(call.request_id)
+            with self._tree.lock:
+                self._tree.running.discard(call.request_id)
             return
         model = call.model
         backend = str(row["backend"])
@@ -250,16 +261,16 @@ class OTelMeter:
         parent_id = call.parent_id
         released: list[Callable[[Any], None]] = []
         wait = False
-        with self._lock:
-            if parent_id is not None and parent_id not in self._written and parent_id in self._running:
+        with self._tree.lock:
+            if parent_id is not None and parent_id not in self._tree.written and parent_id in self._tree.running:
                 wait = True
-                self._waiting.setdefault(parent_id, []).append(lambda context: self._place(call, write, context))
-                self._num_waiting += 1
-                while self._num_waiting > MAX_WAITING:
-                    oldest = self._waiting.popitem(last=False)[1]
-                    self._num_waiting -= len(oldest)
+                self._tree.waiting.setdefault(parent_id, []).append(lambda context: self._place(call, write, context))
+                self._tree.num_waiting += 1
+                while self._tree.num_waiting > MAX_WAITING:
+                    oldest = self._tree.waiting.popitem(last=False)[1]
+                    self._tree.num_waiting -= len(oldest)
                     released += oldest
-            context = self._written.get(parent_id) if parent_id is not None else None
+            context = self._tree.written.get(parent_id) if parent_id is not None else None
         for orphan in released:  # their parent was never metered: under the current span
             orphan(None)
         if not wait:
@@ -268,13 +279,13 @@ class OTelMeter:
     def _place(self, call: Call, write: Callable[[Any], Any], parent: Any) -> None:
         span = write(parent)
         context = self._trace.set_span_in_context(span)
-        with self._lock:
-            self._written[call.request_id] = context
-            self._running.discard(call.request_id)
-            while len(self._written) > MAX_WAITING:
-                self._written.popitem(last=False)
-            children = self._waiting.pop(call.request_id, [])
-            self._num_waiting -= len(children)
+        with self._tree.lock:
+            self._tree.written[call.request_id] = context
+            self._tree.running.discard(call.request_id)
+            while len(self._tree.written) > MAX_WAITING:
+                self._tree.written.popitem(last=False)
+            children = self._tree.waiting.pop(call.request_id, [])
+            self._tree.num_waiting -= len(children)
         for child in children:
             child(context)
 

@@ -474,8 +474,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--budget-window", choices=_WINDOWS,
                         help="renew the budget every UTC hour, day or month (default: never)")
     limits.add_argument("--budget-store", metavar="FILE",
-                        help="keep the budget in this SQLite file, shared by processes and kept across restarts "
-                             "(default: in memory)")
+                        help="keep the budget in this SQLite file or redis:// URL, shared by processes (and hosts, "
+                             "on Redis) and kept across restarts (default: in memory)")
     limits.add_argument("--max-input-tokens", type=_whole, metavar="N",
                         help="refuse requests whose input is longer (400, context_length_exceeded)")
     limits.add_argument("--max-output-tokens", type=_whole, default=512, metavar="N",

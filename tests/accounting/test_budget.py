@@ -87,11 +87,13 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("limits", [{"tokens": float("nan")}, {"usd": float("nan")}, {"tokens": float("inf")},
-                                    {"tokens": -1}, {"usd": -0.5}, {"tokens": "100"}, {"tokens": True}])
+                                    {"tokens": -1}, {"usd": -0.5}, {"tokens": "100"}, {"tokens": True},
+                                    {"tokens": 1.5}])
 def test_a_limit_that_is_no_finite_number_is_refused_not_unlimited(limits):
     # NaN compares false with everything: accepted, it would admit every call.
-    with pytest.raises(ConfigError, match=r"a budget's (tokens|usd) must be a finite number >= 0"):
+    with pytest.raises(ConfigError, match=r"a budget's (tokens|usd) must be a (finite|whole) number >= 0"):
         Budget(**limits)
+    assert Budget(tokens=1e6).tokens == 1_000_000  # a whole number written as a float is one
 
 
 def test_limits_of_any_real_number_type_hold():

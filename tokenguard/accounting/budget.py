@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
-from tokenguard._settings import limit
+from tokenguard._settings import limit, token_count
 from tokenguard.errors import BudgetExceeded, ConfigError, InvalidRequest, TokenGuardError
 from tokenguard.stores import (
     BudgetStore,
@@ -181,9 +181,11 @@ class Budget:
     ) -> None:
         if tokens is None and usd is None:
             raise ConfigError("a Budget needs tokens=, usd= or both")
-        for unit, value in (("tokens", tokens), ("usd", usd)):
-            if value is not None:
-                limit(f"a budget's {unit}", value)
+        if tokens is not None:  # whole tokens (1e6 is one), 1.5 is a mistake
+            whole = isinstance(tokens, float) and float(tokens).is_integer()
+            tokens = token_count("a budget's tokens", int(tokens) if whole else tokens)
+        if usd is not None:
+            limit("a budget's usd", usd)
         if per not in ("global", "user", "session"):
             raise ConfigError(f'per must be "global", "user" or "session", got {per!r}')
         if window is not None and window not in _WINDOW_FORMAT:

@@ -141,8 +141,8 @@ class OpenAICompatible(Backend):
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        _check_url(self.base_url)
         self.url = f"{self.base_url}/chat/completions"
-        _check_url(self.url)
         self.tokenizer_name = tokenizer
         self.max_tokens_param = max_tokens_param
         self.include_usage = include_usage

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import subprocess
 import sys
@@ -251,6 +252,12 @@ def test_a_corrupted_entry_is_a_miss_with_a_warning(cache, caplog):
         reply = guard.complete("Q?", **GREEDY)
     assert not reply.cached and fn.calls == 2 and "corrupted cache entry" in caplog.text
     assert guard.complete("Q?", **GREEDY).cached  # rewritten by the fresh answer
+    # An entry that parses but would put text in the ledger's numbers is as corrupted.
+    entry = json.loads(cache._store.get(key))
+    for tampered in ({"cost_usd": "free"}, {"output_tokens": -5}, {"input_tokens": 1.5}):
+        cache._store.set(key, json.dumps({**entry, **tampered}).encode())
+        assert not guard.complete("Q?", **GREEDY).cached
+    assert guard.ledger.report().totals["calls"] == len(guard.ledger.records())  # the ledger still reads
 
 
 def test_a_cache_that_cannot_be_opened_fails_at_construction(tmp_path):

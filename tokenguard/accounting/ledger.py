@@ -14,6 +14,7 @@ any :class:`~tokenguard.stores.LedgerStore` is accepted too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -40,6 +41,29 @@ COLUMNS = LEDGER_COLUMNS
 # Counts a row may leave out: written as 0.
 _INTEGERS = tuple(name for name, sql in COLUMNS.items() if sql.startswith("INTEGER NOT NULL"))
 _IN_MEMORY_MAX_ROWS = 100_000
+
+
+# A row's values by column type: what reports add up and format must be numbers.
+_REALS = tuple(name for name, sql in COLUMNS.items() if sql.startswith("REAL"))
+_TEXTS = tuple(name for name, sql in COLUMNS.items() if sql.startswith("TEXT") and name != "tags")
+
+
+def _check_types(values: Mapping[str, Any]) -> None:
+    """Refuse a row a report could not read (a cost as text, a time in milliseconds):
+    the ledger keeps it for good, and every later report would fail on it."""
+    for name in _INTEGERS:
+        value = values[name]
+        if not isinstance(value, int) or value < 0:
+            raise InvalidRequest(f"ledger column {name!r} takes a whole number >= 0, got {value!r}")
+    for name in _REALS:
+        value = values[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise InvalidRequest(f"ledger column {name!r} takes a finite number or None, got {value!r}")
+    for name in _TEXTS:
+        if values[name] is not None and not isinstance(values[name], str):
+            raise InvalidRequest(f"ledger column {name!r} takes text or None, got {values[name]!r}")
+    as_timestamp(values["ts"])  # epoch seconds within the years 1-9999
 
 
 def _query(filters: Mapping[str, Any]) -> LedgerQuery:
@@ -119,7 +143,9 @@ class Ledger:
         if values["ts"] is None:
             values["ts"] = time.time()
         for name in _INTEGERS:
-            values[name] = int(values[name] or 0)
+            values[name] = values[name] or 0
+        _check_types(values)
+        values.update({name: int(values[name] or 0) for name in _INTEGERS})  # cached=True is 1
         if values["tags"] is not None:
             values["tags"] = json.dumps(values["tags"], sort_keys=True, default=str)
         self.store.append(values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -61,9 +62,14 @@ class CachedAnswer:
             answer = cls(**fields)
         except TypeError as e:
             raise ValueError(f"cache entry fields: {e}") from None
-        if not (isinstance(answer.text, str) and isinstance(answer.input_tokens, int)
-                and isinstance(answer.output_tokens, int)):
-            raise ValueError("cache entry has fields of the wrong type")
+        counts = (answer.input_tokens, answer.output_tokens)
+        cost = answer.cost_usd
+        if not (isinstance(answer.text, str) and isinstance(answer.stop_reason, str)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+                and (cost is None or (isinstance(cost, (int, float)) and not isinstance(cost, bool)
+                                      and 0 <= cost < math.inf))
+                and (answer.model is None or isinstance(answer.model, str))):
+            raise ValueError("cache entry has fields of the wrong type")  # its savings would go in the ledger
         return answer
 
     def reply(self, call: Call) -> Reply:

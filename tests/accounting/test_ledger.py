@@ -70,7 +70,7 @@ def test_filters_and_totals(ledger):
     # Values a report could not read are refused too: the ledger would keep them for good.
     for bad in ({"cost_usd": "0.1"}, {"input_tokens": -3}, {"input_tokens": 2.5}, {"ts": time.time() * 1000},
                 {"latency_s": float("nan")}, {"user": 42}):
-        with pytest.raises(InvalidRequest, match="ledger column|a time"):
+        with pytest.raises(InvalidRequest, match=r"ledger column|a time"):
             ledger.write(_row(1, **bad))
     assert len(ledger) == 13 and ledger.report().totals["calls"] == 13
 

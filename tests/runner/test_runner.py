@@ -134,6 +134,24 @@ def test_closing_a_stream_stops_the_model(runner):
     assert list(stream) == []
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_dropped_before_it_is_read_stops_the_model(runner, kind):
+    import gc
+
+    def drop(make):
+        stream = make([1, 2, 3], max_tokens=200)
+        del stream
+        gc.collect()
+
+    async def adrop():
+        drop(runner.astream)
+
+    drop(runner.stream) if kind == "sync" else asyncio.run(adrop())
+    stats = runner.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
 def test_stream_context_manager_closes(runner):
     with runner.stream("ctx", max_tokens=50) as stream:
         next(stream)

@@ -69,6 +69,12 @@ class TextStream(Iterator[str]):
         self._pieces.close()
         self._cancel()
 
+    def __del__(self) -> None:
+        # Dropped unfinished: a started stream's generator cancels as it is collected,
+        # one never iterated would leave the model generating to max_tokens.
+        if self.result is None:
+            _cancel_quietly(self._cancel)
+
     def __enter__(self) -> TextStream:
         return self
 
@@ -99,6 +105,10 @@ class AsyncTextStream(AsyncIterator[str]):
         """Stop generating and free the request's KV blocks."""
         await self._pieces.aclose()
         await asyncio.to_thread(self._cancel)
+
+    def __del__(self) -> None:
+        if self.result is None:  # dropped unfinished, perhaps never iterated (see TextStream)
+            _cancel_quietly(self._cancel)
 
     async def __aenter__(self) -> AsyncTextStream:
         return self
@@ -443,6 +453,15 @@ class LlamaRunner:
             return "", True
         piece = reply.push(value)
         return piece, reply.stopped
+
+
+def _cancel_quietly(cancel: Callable[[], None]) -> None:
+    """Cancel from a finalizer: the engine may be gone already (the runner closed, the
+    interpreter exiting), and a finalizer must not raise."""
+    try:
+        cancel()
+    except Exception:  # nothing is left to stop
+        logger.debug("cancelling a dropped stream failed", exc_info=True)
 
 
 def _stop_engine(box: list[EngineProcess]) -> None:

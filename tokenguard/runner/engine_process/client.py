@@ -322,8 +322,8 @@ def _death_notice(pid: int, code: int, cause: BaseException | None, served: bool
     if not served:
         why = " (its stderr says why)" if code > 0 else ""
         return f"the runner's engine process (pid {pid}) {how} while loading the model{why}"
-    return (f"the runner's engine process (pid {pid}) {how}; its requests failed and it serves no more: "
-            "close this LlamaRunner and build a new one")
+    return (f"the runner's engine process (pid {pid}) {how}; its requests failed (sessions' KV is lost), "
+            "and the runner starts a new engine at its next call")
 
 
 def _log(fields: dict[str, Any]) -> None:

@@ -667,10 +667,16 @@ class Guard:
         self._forget_session(session)
 
     def warmup(self) -> None:
-        """Load now what the first call would otherwise wait for: the backend's model
-        and the tokenizer the guard counts with."""
+        """Load now what the first call would otherwise wait for: the backend's model,
+        the tokenizer the guard counts with, and the embedding model of a semantic cache
+        or a retrieval strategy."""
         self.backend.warmup()
         _ = self.tokenizer
+        strategy = self.fit.strategy if isinstance(self.fit, Fit) else None
+        for step in (*self.caches, strategy):
+            warmup = getattr(step, "warmup", None)
+            if warmup is not None:
+                warmup()
 
     def close(self) -> None:
         """Release what the guard holds open: the backend's connections or model, the

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from one_function import answers_here, script_prelude
 
+import tokenguard as tg
 from tokenguard import Guard
 from tokenguard.cache import SemanticCache, same_details
 from tokenguard.cache import semantic as semantic_module
@@ -318,6 +319,19 @@ def test_threshold_one_hits_the_same_question_and_a_global_cache_is_shared(tmp_p
         first = guard.complete("What is the capital of France?", user="ann", **GREEDY)
         again = guard.complete("What is the capital of France?", user="bob", **GREEDY)
         assert again.cached and again.text == first.text == "answer for ann"
+
+
+def test_guard_warmup_loads_the_embedders_before_the_first_call():
+    seen = []
+
+    def embedder(texts):
+        seen.append(list(texts))
+        return hashed_words(texts)
+
+    with SemanticCache(embedder=embedder) as cache:
+        guard = Guard(Answers(), model="gpt-4o-mini", cache=cache, context=tg.context.Retrieval(embedder))
+        guard.warmup()
+        assert seen == [["warm up"], ["warm up"]]  # the cache's and the strategy's
 
 
 def test_a_corrupted_entry_is_a_miss_with_a_warning(caplog):

@@ -223,6 +223,11 @@ class SemanticCache:
 
     # -- the cache step --------------------------------------------------------------------
 
+    def warmup(self) -> None:
+        """Load the embedding model now (:meth:`tokenguard.Guard.warmup` calls this), so
+        that the first call's latency is the lookup's, not the load's."""
+        self._embed(["warm up"])
+
     def lookup(self, call: Call) -> Reply | None:
         """The answer stored for a question like ``call``'s, as a zero-cost reply, or
         ``None``. A store that cannot be read, or an entry that does not parse, is a miss

@@ -246,6 +246,10 @@ class Retrieval:
         self._chunked: dict[str, _Memory] = {}  # the documents' chunks, per tokenizer
         self._chunk_lock = threading.Lock()
 
+    def warmup(self) -> None:
+        """Load the embedding model now (:meth:`tokenguard.Guard.warmup` calls this)."""
+        self.embed(["warm up"])
+
     def fit(
         self,
         messages: Sequence[Mapping[str, Any]],

@@ -56,9 +56,13 @@ def test_filters_and_totals(ledger):
     assert totals["output_tokens"] == sum(range(12))
     assert totals["cost_usd"] == pytest.approx(0.001 * sum(range(12)))
     assert ledger.totals(user="nobody")["cost_usd"] is None
-    assert len(ledger.records(since=0, until=time.time() + 1)) == 13
+    # A row that spent tokens at an unknown price makes the sum unknown, as in a report.
+    assert ledger.totals()["cost_usd"] is None is ledger.report().totals["cost_usd"]
+    ledger.write(_row(5, saved_tokens=40, saved_usd=None, cost_usd=0.0, cached=1))
+    assert ledger.totals(cached=1)["saved_usd"] is None and ledger.totals(cached=1)["cost_usd"] == 0.0
+    assert len(ledger.records(since=0, until=time.time() + 1)) == 14
     # Bounds as report() takes them: an ISO date, a date, a datetime (they were compared as strings).
-    assert len(ledger.records(since="1990-01-01")) == ledger.totals(since=date(1990, 1, 1))["calls"] == 13
+    assert len(ledger.records(since="1990-01-01")) == ledger.totals(since=date(1990, 1, 1))["calls"] == 14
     assert ledger.records(since=datetime.now(timezone.utc) + timedelta(days=1)) == []
     with pytest.raises(InvalidRequest, match="a time"):
         ledger.records(since="yesterday-ish")
@@ -66,13 +70,13 @@ def test_filters_and_totals(ledger):
         ledger.records(colour="red")
     with pytest.raises(InvalidRequest, match="unknown ledger columns"):
         ledger.write({"colour": "red"})
-    assert len(ledger) == 13  # the refused row wrote nothing
+    assert len(ledger) == 14  # the refused row wrote nothing
     # Values a report could not read are refused too: the ledger would keep them for good.
     for bad in ({"cost_usd": "0.1"}, {"input_tokens": -3}, {"input_tokens": 2.5}, {"ts": time.time() * 1000},
                 {"latency_s": float("nan")}, {"user": 42}):
         with pytest.raises(InvalidRequest, match=r"ledger column|a time"):
             ledger.write(_row(1, **bad))
-    assert len(ledger) == 13 and ledger.report().totals["calls"] == 13
+    assert len(ledger) == 14 and ledger.report().totals["calls"] == 14
 
 
 def test_file_ledger_is_wal_and_durable(tmp_path):

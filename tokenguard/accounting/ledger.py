@@ -177,10 +177,17 @@ class Ledger:
     def totals(self, **filters: Any) -> dict[str, Any]:
         """Sums of tokens, cost and latency over the matching rows, plus ``calls``.
 
-        ``cost_usd`` is ``None`` when no matching row has a known cost.
+        ``cost_usd`` (``saved_usd``) is ``None`` when a matching row spent (saved) tokens
+        at an unknown price, as in :meth:`report`: an unknown cost is never a smaller one.
         """
-        totals = self.store.totals(_query(filters))
-        return {name: value if name == "cost_usd" else (value or 0) for name, value in totals.items()}
+        totals = dict(self.store.totals(_query(filters)))
+        unpriced, unpriced_savings = totals.pop("unpriced", 0), totals.pop("unpriced_savings", 0)
+        result = {name: value if name == "cost_usd" else (value or 0) for name, value in totals.items()}
+        if unpriced:
+            result["cost_usd"] = None
+        if unpriced_savings:
+            result["saved_usd"] = None
+        return result
 
     def report(
         self, by: str | Iterable[str] = "model", since: Moment = None, until: Moment = None, **filters: Any

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "LEDGER_COLUMNS",
     "LEDGER_SUMMED",
+    "UNPRICED_SQL",
     "BudgetStore",
     "LedgerQuery",
     "LedgerStore",
@@ -27,6 +28,7 @@ __all__ = [
     "check_reservation",
     "request_id_of",
     "reservation_id",
+    "unpriced_counts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -195,6 +197,22 @@ LEDGER_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "saved_
                  "latency_s")
 
 
+def unpriced_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """``unpriced``: rows that spent tokens at an unknown price (no ``cost_usd``), and
+    ``unpriced_savings``: rows that saved tokens at an unknown price (no ``saved_usd``).
+    Their sums of USD are unknown, not the sum of the rest."""
+    unpriced = unpriced_savings = 0
+    for row in rows:
+        unpriced += row["cost_usd"] is None and (row["input_tokens"] or 0) + (row["output_tokens"] or 0) > 0
+        unpriced_savings += row["saved_usd"] is None and (row["saved_tokens"] or 0) > 0
+    return {"unpriced": unpriced, "unpriced_savings": unpriced_savings}
+
+
+#: The same, in SQL, for stores that sum there.
+UNPRICED_SQL = ('SUM("cost_usd" IS NULL AND "input_tokens" + "output_tokens" > 0), '
+                'SUM("saved_usd" IS NULL AND "saved_tokens" > 0)')
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerQuery:
     """Which ledger rows: column equalities (``None`` matches a missing value) and a
@@ -229,7 +247,8 @@ class LedgerStore(Protocol):
 
     def totals(self, query: LedgerQuery) -> dict[str, Any]:
         """``{"calls": n}`` plus the sum of each :data:`LEDGER_SUMMED` column over the
-        matching rows; a sum over no known value is ``None``."""
+        matching rows (a sum over no known value is ``None``), and the rows priced at an
+        unknown rate: :func:`unpriced_counts`."""
         ...
 
     def count(self) -> int:

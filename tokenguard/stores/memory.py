@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from tokenguard.stores.base import LEDGER_SUMMED, LedgerQuery, Refusal, check_reservation
+from tokenguard.stores.base import LEDGER_SUMMED, LedgerQuery, Refusal, check_reservation, unpriced_counts
 
 __all__ = ["MemoryBudgetStore", "MemoryLedgerStore"]
 
@@ -117,7 +117,7 @@ class MemoryLedgerStore:
         for name in LEDGER_SUMMED:
             values = [row[name] for row in rows if row[name] is not None]
             result[name] = sum(values) if values else None
-        return result
+        return {**result, **unpriced_counts(rows)}
 
     def count(self) -> int:
         with self._lock:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from tokenguard.errors import ConfigError
-from tokenguard.stores.base import LEDGER_COLUMNS, LEDGER_SUMMED, LedgerQuery
+from tokenguard.stores.base import LEDGER_COLUMNS, LEDGER_SUMMED, LedgerQuery, unpriced_counts
 from tokenguard.stores.redis_client import DEFAULT_PREFIX, RedisConnection, RedisURL
 
 __all__ = ["RedisLedgerStore"]
@@ -97,6 +97,7 @@ class RedisLedgerStore:
     def totals(self, query: LedgerQuery) -> dict[str, Any]:
         calls = 0
         sums: dict[str, Any] = dict.fromkeys(LEDGER_SUMMED)
+        unpriced = dict.fromkeys(("unpriced", "unpriced_savings"), 0)
         for row in self._rows():
             if not query.matches(row):
                 continue
@@ -104,7 +105,9 @@ class RedisLedgerStore:
             for name in LEDGER_SUMMED:
                 if row[name] is not None:
                     sums[name] = row[name] if sums[name] is None else sums[name] + row[name]
-        return {"calls": calls, **sums}
+            for name, count in unpriced_counts([row]).items():
+                unpriced[name] += count
+        return {"calls": calls, **sums, **unpriced}
 
     def count(self) -> int:
         with self.redis.errors("counting rows"):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenguard.stores.base import LEDGER_COLUMNS, LEDGER_SUMMED, LedgerQuery
+from tokenguard.stores.base import LEDGER_COLUMNS, LEDGER_SUMMED, UNPRICED_SQL, LedgerQuery
 from tokenguard.stores.sqlite import SQLiteDatabase
 
 __all__ = ["SQLiteLedgerStore"]
@@ -101,8 +101,10 @@ class SQLiteLedgerStore:
         where, args = _where(query)
         sums = ", ".join(f'SUM("{name}")' for name in LEDGER_SUMMED)
         with self.db.connection() as conn:
-            row = conn.execute(f"SELECT COUNT(*), {sums} FROM calls{where}", args).fetchone()
-        return {"calls": row[0], **dict(zip(LEDGER_SUMMED, row[1:], strict=True))}
+            row = conn.execute(f"SELECT COUNT(*), {sums}, {UNPRICED_SQL} FROM calls{where}", args).fetchone()
+        *summed, unpriced, unpriced_savings = row[1:]
+        return {"calls": row[0], **dict(zip(LEDGER_SUMMED, summed, strict=True)),
+                "unpriced": unpriced or 0, "unpriced_savings": unpriced_savings or 0}
 
     def count(self) -> int:
         with self.db.connection() as conn:

@@ -125,7 +125,7 @@ class DiskFullLedger(MemoryLedgerStore):
 
 
 @pytest.mark.parametrize("run", ["sync", "async"])
-def test_a_ledger_that_cannot_write_ends_the_call_once(run):
+def test_a_ledger_that_cannot_write_ends_the_call_once(run, caplog):
     # The failed end used to leave the stream open: closing it metered and settled the call again.
     budget = Budget(tokens=1000)
     ended = []
@@ -134,19 +134,22 @@ def test_a_ledger_that_cannot_write_ends_the_call_once(run):
     guard.meter.observers.append(lambda call, row, error: ended.append(row["stop_reason"]))
     if run == "sync":
         stream = guard.stream("hi")
-        with pytest.raises(StoreError, match="disk is full"):
+        with pytest.raises(StoreError, match="disk is full") as failed:
             stream.read()
         stream.close()
         assert list(stream) == []
     else:
-        async def read_then_close() -> None:
+        async def read_then_close() -> pytest.ExceptionInfo[StoreError]:
             stream = guard.astream("hi")
-            with pytest.raises(StoreError, match="disk is full"):
+            with pytest.raises(StoreError, match="disk is full") as failed:
                 await stream.aread()
             await stream.aclose()
+            return failed
 
-        asyncio.run(read_then_close())
+        failed = asyncio.run(read_then_close())
     assert ended == ["stop"]
+    assert failed.value.reply.text == "a b"  # the answer is not lost with the row
+    assert "its ledger row could not be written" in caplog.text and '"output_tokens": 2' in caplog.text
     spent = budget.spent()
     assert spent["tokens"] > 0 and spent["reserved_tokens"] == 0  # settled once, to what was used
 

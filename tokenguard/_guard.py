@@ -22,7 +22,7 @@ from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
 from tokenguard.accounting.budget import link_ledger
 from tokenguard.backends import Backend, BundledRunner, Chunk, Function, OpenAICompatible
 from tokenguard.context import ContextStrategy, SessionHistory, TailOnly
-from tokenguard.errors import ConfigError, InvalidRequest, UnknownTokenizer
+from tokenguard.errors import ConfigError, InvalidRequest, StoreError, UnknownTokenizer
 from tokenguard.pipeline import (
     Admit,
     AsyncGuardStream,
@@ -481,6 +481,10 @@ class Guard:
         )
         try:
             self.meter(call, usage, outcome.stop_reason, outcome.error)
+        except StoreError as e:
+            if outcome.succeeded:
+                e.reply = reply  # the answer is not lost with the row
+            raise
         finally:
             if self.settle is not None:
                 self.settle(call, usage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TokenGuardError(Exception):
     """Base class of every error the SDK raises."""
@@ -85,5 +87,9 @@ class StoreError(TokenGuardError, OSError):
     folder cannot be made, it is not a SQLite database, or it stayed locked past the busy
     timeout. The message names the file; the SQLite (or OS) error is chained as the cause.
 
-    It is an ``OSError`` too, like the file errors it stands for.
+    It is an ``OSError`` too, like the file errors it stands for. Raised for a call whose
+    backend answered but whose ledger row could not be written, it carries the answer
+    as ``reply`` (the row itself is logged at ERROR level, to be written again).
     """
+
+    reply: Any = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tokenguard.accounting import Ledger, Pricing, Usage
+from tokenguard.errors import StoreError
 from tokenguard.pipeline.call import Call
 from tokenguard.pipeline.generate import Outcome
 
@@ -142,6 +144,11 @@ class Meter:
         }
         try:
             self.ledger.write(row)
+        except StoreError:
+            # The call happened (perhaps it was paid for): its row, to be written again.
+            logger.error("call %s: its ledger row could not be written: %s", call.request_id,
+                         json.dumps(row, default=str, ensure_ascii=False))
+            raise
         finally:
             for observer in self.observers:
                 try:

@@ -268,6 +268,25 @@ def test_guards_with_meters_of_their_own_still_nest_their_spans(otel):
     assert child.parent is not None and child.parent.span_id == parent.context.span_id
 
 
+def test_a_child_of_a_guard_on_unconfigured_global_providers_is_still_written(otel):
+    from opentelemetry import trace
+
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        pytest.skip("a global tracer provider is configured in this process")
+
+    @tg.guard(model="gpt-4o", telemetry=otel.meter)
+    def lookup(messages, max_tokens):
+        return "Priya"
+
+    @tg.guard(model="gpt-4o")  # telemetry="auto": the global providers, which record nothing yet
+    def research(messages, max_tokens):
+        return lookup([*messages, {"role": "user", "content": "Who?"}])
+
+    research("Who owns billing?")
+    [span] = otel.spans()  # the child's: it must not wait for a parent span that never comes
+    assert dict(span.attributes or {})["tokenguard.depth"] == 1
+
+
 def test_a_nested_call_whose_parent_this_meter_never_records_is_written_at_once(otel):
     # The parent guard sends no telemetry here: waiting for its span would hold the child's for good.
     child = tg.Guard(answer, model=MODEL, telemetry=otel.meter)

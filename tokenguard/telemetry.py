@@ -197,15 +197,21 @@ class OTelMeter:
 
     def started(self, call: Call) -> None:
         """``call``, of a guard this meter serves, has started: the spans of calls nested
-        in it (metered before it) wait for its span."""
+        in it (metered before it) wait for its span, unless this meter records nothing."""
+        if self._maybe_idle and self._idle():
+            return
         with self._tree.lock:
             self._tree.running.add(call.request_id)
 
     def __call__(self, call: Call, row: Mapping[str, Any], error: BaseException | None = None) -> None:
         """Record one call from its ledger ``row`` (:meth:`tokenguard.pipeline.Meter.__call__`)."""
         if self._maybe_idle and self._idle():
-            with self._tree.lock:
+            with self._tree.lock:  # no span comes: whatever waits for one goes under the current span
                 self._tree.running.discard(call.request_id)
+                children = self._tree.waiting.pop(call.request_id, [])
+                self._tree.num_waiting -= len(children)
+            for child in children:
+                child(None)
             return
         model = call.model
         backend = str(row["backend"])

@@ -302,6 +302,28 @@ def test_a_negative_or_nan_usage_is_not_believed(usage):
     assert budget.spent()["tokens"] == reply.usage.total_tokens > 0
 
 
+def test_a_backend_reporting_numpy_counts_is_metered_and_recorded():
+    import numpy as np
+
+    from tokenguard.backends.base import Backend, BackendUsage, Chunk
+
+    class Reports(Backend):  # a backend of one's own, counting with numpy
+        name, model = "custom", "gpt-4o"
+
+        def stream(self, messages, params):
+            yield Chunk(text="hi")
+            yield Chunk(finish_reason="stop", usage=BackendUsage(np.int64(7), np.float64(1.0), np.int64(9)))
+
+        async def astream(self, messages, params):
+            for chunk in self.stream(messages, params):
+                yield chunk
+
+    guard = Guard(Reports())
+    reply = guard.complete("x")
+    assert (reply.usage.input_tokens, reply.usage.output_tokens, reply.usage.cached_input_tokens) == (7, 1, 7)
+    assert guard.ledger.records()[0]["input_tokens"] == 7
+
+
 def test_cached_tokens_beyond_the_prompt_are_capped_at_it():
     completion = {"choices": [{"message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
                   "usage": {"prompt_tokens": 100, "completion_tokens": 3,

@@ -77,6 +77,13 @@ def test_filters_and_totals(ledger):
         with pytest.raises(InvalidRequest, match=r"ledger column|a time"):
             ledger.write(_row(1, **bad))
     assert len(ledger) == 14 and ledger.report().totals["calls"] == 14
+    # numpy's numbers and whole floats are numbers: a backend may report counts in them.
+    import numpy as np
+
+    ledger.write(_row(2, input_tokens=np.int64(7), output_tokens=3.0, cost_usd=np.float32(0.5), cached=True))
+    row = ledger.records()[-1]
+    assert (row["input_tokens"], row["output_tokens"], row["cached"]) == (7, 3, 1) and row["cost_usd"] == 0.5
+    assert type(row["input_tokens"]) is int and type(row["cost_usd"]) is float
 
 
 def test_file_ledger_is_wal_and_durable(tmp_path):

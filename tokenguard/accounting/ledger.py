@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 import uuid
@@ -48,18 +49,24 @@ _REALS = tuple(name for name, sql in COLUMNS.items() if sql.startswith("REAL"))
 _TEXTS = tuple(name for name, sql in COLUMNS.items() if sql.startswith("TEXT") and name != "tags")
 
 
-def _check_types(values: Mapping[str, Any]) -> None:
+def _checked(values: dict[str, Any]) -> None:
     """Refuse a row a report could not read (a cost as text, a time in milliseconds):
-    the ledger keeps it for good, and every later report would fail on it."""
+    the ledger keeps it for good, and every later report would fail on it. Numbers of
+    other types (numpy's, a whole float) become Python ints and floats."""
     for name in _INTEGERS:
         value = values[name]
-        if not isinstance(value, int) or value < 0:
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
+            value = int(float(value))
+        if not isinstance(value, numbers.Integral) or value < 0:
             raise InvalidRequest(f"ledger column {name!r} takes a whole number >= 0, got {value!r}")
+        values[name] = int(value)  # cached=True is 1
     for name in _REALS:
         value = values[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise InvalidRequest(f"ledger column {name!r} takes a finite number or None, got {value!r}")
+        values[name] = float(value)
     for name in _TEXTS:
         if values[name] is not None and not isinstance(values[name], str):
             raise InvalidRequest(f"ledger column {name!r} takes text or None, got {values[name]!r}")
@@ -144,8 +151,7 @@ class Ledger:
             values["ts"] = time.time()
         for name in _INTEGERS:
             values[name] = values[name] or 0
-        _check_types(values)
-        values.update({name: int(values[name] or 0) for name in _INTEGERS})  # cached=True is 1
+        _checked(values)
         if values["tags"] is not None:
             values["tags"] = json.dumps(values["tags"], sort_keys=True, default=str)
         self.store.append(values)

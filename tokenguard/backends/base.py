@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
+import numbers
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,11 +33,32 @@ Params = dict[str, Any]
 @dataclass(frozen=True, slots=True)
 class BackendUsage:
     """Token counts a backend reported itself (e.g. an API's ``usage``). ``None`` where
-    it did not say; ``input_tokens`` includes ``cached_input_tokens``."""
+    it did not say; ``input_tokens`` includes ``cached_input_tokens``.
+
+    A count that is no whole number >= 0 (negative, NaN, text) is taken as not said:
+    the guard counts for itself rather than bill it; numpy's integers and whole floats
+    become ints, and cached tokens are capped at the prompt."""
 
     input_tokens: int | None = None
     output_tokens: int | None = None
     cached_input_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        counts = [reported_count(n) for n in (self.input_tokens, self.output_tokens, self.cached_input_tokens)]
+        if counts[0] is not None and counts[2] is not None:
+            counts[2] = min(counts[2], counts[0])  # cached prompt tokens are part of the prompt
+        for name, count in zip(("input_tokens", "output_tokens", "cached_input_tokens"), counts, strict=True):
+            object.__setattr__(self, name, count)
+
+
+def reported_count(value: object) -> int | None:
+    """A token count a backend reported, as an int, or ``None`` when it is none."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value) if int(value) >= 0 else None
+    number = float(value)
+    return int(number) if 0 <= number < math.inf and number.is_integer() else None
 
 
 @dataclass(slots=True)

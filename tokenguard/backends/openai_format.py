@@ -4,10 +4,9 @@ as dicts (JSON) or as objects (the ``openai`` package's models) alike."""
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
-from tokenguard.backends.base import BackendUsage, Chunk
+from tokenguard.backends.base import BackendUsage, Chunk, reported_count
 from tokenguard.errors import BackendError
 
 __all__ = [
@@ -34,14 +33,6 @@ def _set(obj: Any, name: str, value: Any) -> None:
         setattr(obj, name, value)
 
 
-def _int(value: Any) -> int | None:
-    """A reported token count: a whole number >= 0, else ``None`` (not reported: the
-    guard counts for itself rather than bill a negative or NaN count)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        return None
-    return int(value)
-
-
 def usage_from(obj: Any) -> BackendUsage | None:
     """The ``usage`` of a completion or final stream chunk, OpenAI's names
     (``prompt_tokens``/``completion_tokens``/``prompt_tokens_details.cached_tokens``)
@@ -49,18 +40,16 @@ def usage_from(obj: Any) -> BackendUsage | None:
     usage = _get(obj, "usage")
     if usage is None:
         return None
-    input_tokens = _int(_get(usage, "prompt_tokens"))
+    input_tokens = reported_count(_get(usage, "prompt_tokens"))
     if input_tokens is None:
-        input_tokens = _int(_get(usage, "input_tokens"))
-    output_tokens = _int(_get(usage, "completion_tokens"))
+        input_tokens = reported_count(_get(usage, "input_tokens"))
+    output_tokens = reported_count(_get(usage, "completion_tokens"))
     if output_tokens is None:
-        output_tokens = _int(_get(usage, "output_tokens"))
+        output_tokens = reported_count(_get(usage, "output_tokens"))
     details = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
-    cached = _int(_get(details, "cached_tokens"))
+    cached = reported_count(_get(details, "cached_tokens"))
     if input_tokens is None and output_tokens is None:
         return None
-    if cached is not None and input_tokens is not None:
-        cached = min(cached, input_tokens)  # cached prompt tokens are part of the prompt
     return BackendUsage(input_tokens, output_tokens, cached)
 
 

@@ -268,3 +268,13 @@ def test_a_cache_hit_of_a_function_returning_completions_is_a_completion_of_the_
     assert as_dict["choices"][0]["message"]["content"] == "Paris."
     assert as_dict["usage"]["total_tokens"] == 0  # a hit bills nothing
     assert as_dict["id"] == f"chatcmpl-{reply_of(hit).request_id}"
+
+
+def test_a_tool_call_delta_does_not_end_a_stream_its_finish_reason_does():
+    from tokenguard.backends.openai_format import chunk_from_stream_item
+
+    call = {"index": 0, "id": "t1", "type": "function", "function": {"name": "lookup", "arguments": '{"q"'}}
+    delta = chunk_from_stream_item({"choices": [{"delta": {"tool_calls": [call]}, "finish_reason": None}]})
+    # The server has more to send: a stream that ends here was cut off (OpenAICompatible
+    # raises for one that says [DONE] before any finish reason), not a finished tool call.
+    assert delta.calls_tools and delta.finish_reason is None

@@ -69,6 +69,8 @@ class Chunk:
     #: ``"stop"``, ``"length"`` or the backend's own reason; set on the last chunk.
     finish_reason: str | None = None
     usage: BackendUsage | None = None
+    #: The chunk holds tool calls (the answer calls tools, whatever its finish reason says).
+    calls_tools: bool = False
 
 
 @runtime_checkable

@@ -76,16 +76,17 @@ def chunk_from_completion(obj: Any) -> Chunk:
         text = _get(choice, "text")  # legacy completions
     return Chunk(
         text=text or "",
-        finish_reason=_finish_reason(choice, message),
+        finish_reason=_get(choice, "finish_reason"),
         usage=usage_from(obj),
+        calls_tools=_calls_tools(message),
     )
 
 
-def _finish_reason(choice: Any, message: Any) -> str | None:
-    """The choice's finish reason; ``"tool_calls"`` for a message that calls tools,
-    whatever the server said (OpenAI says ``"stop"`` when ``tool_choice`` named the
-    function, and some servers always do)."""
-    return "tool_calls" if message is not None and _get(message, "tool_calls") else _get(choice, "finish_reason")
+def _calls_tools(message: Any) -> bool:
+    """Whether a message (or a stream delta) holds tool calls: the answer calls tools
+    even when the server ends it with ``"stop"`` (OpenAI does when ``tool_choice`` named
+    the function, and some servers always do)."""
+    return message is not None and bool(_get(message, "tool_calls"))
 
 
 def completion_with_text(obj: Any, text: str, finish_reason: str | None = None) -> Any:
@@ -137,6 +138,7 @@ def chunk_from_stream_item(item: Any) -> Chunk:
         text = _get(_get(choice, "message"), "content") or _get(choice, "text")
     return Chunk(
         text=text or "",
-        finish_reason=_finish_reason(choice, delta if delta is not None else _get(choice, "message")),
+        finish_reason=_get(choice, "finish_reason"),
         usage=usage_from(item),
+        calls_tools=_calls_tools(delta if delta is not None else _get(choice, "message")),
     )

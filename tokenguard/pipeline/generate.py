@@ -70,7 +70,8 @@ class Generation:
     the stream (:attr:`stopped`), and the stream must then close the backend.
     """
 
-    __slots__ = ("_dropped", "_parts", "_received", "_watches", "asked", "finish_reason", "produced", "stop", "usage")
+    __slots__ = ("_dropped", "_parts", "_received", "_watches", "asked", "calls_tools", "finish_reason", "produced",
+                 "stop", "usage")
 
     def __init__(self, watches: Sequence[Watch]) -> None:
         self._watches = list(watches)
@@ -78,6 +79,7 @@ class Generation:
         self._received: list[str] = []  # all the backend's text, what was not passed on included
         #: The backend's own finish reason, from its last chunk.
         self.finish_reason: str | None = None
+        self.calls_tools = False
         #: The counts the backend reported, if it did.
         self.usage: BackendUsage | None = None
         #: True once the backend produced any output (text, a finish reason or usage).
@@ -104,9 +106,11 @@ class Generation:
         if chunk.usage is not None:
             self.usage = chunk.usage
             self.produced = True
+        self.calls_tools = self.calls_tools or chunk.calls_tools
         if chunk.finish_reason is not None:
-            if self.finish_reason != "tool_calls":  # a reply that called tools ends in them
-                self.finish_reason = chunk.finish_reason
+            # An answer that called tools ends in them, whatever the server says.
+            self.finish_reason = "tool_calls" if self.calls_tools and chunk.finish_reason == "stop" else (
+                chunk.finish_reason)
             self.produced = True
         piece = chunk.text
         if piece:

@@ -5,6 +5,9 @@ reservation is released, the session's history is unchanged, and the next call w
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -188,3 +191,41 @@ def test_a_refusal_whose_row_cannot_be_written_still_says_why_it_was_refused():
     guard = Guard(_healthy, model="gpt-4o", budget=Budget(tokens=1), ledger=tg.Ledger(DiskFullLedger()))
     with pytest.raises(BudgetExceeded):
         guard.complete("hi")
+
+
+_CANCEL_WHILE_ENDING = """
+import asyncio, json, time
+import tokenguard as tg
+
+budget = tg.Budget(tokens=1000)
+
+@tg.guard(model="gpt-4o", budget=budget, max_output_tokens=500)
+async def ask(messages, max_tokens):
+    loop = asyncio.get_running_loop()
+    for _ in range(8):  # the application's own blocking work fills the default thread pool
+        loop.run_in_executor(None, time.sleep, 0.5)
+    return "answer"
+
+async def main():
+    await ask("warm up")
+    task = asyncio.ensure_future(ask("question"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    deadline = time.monotonic() + 30  # the server goes on: the call must end while it does
+    while budget.spent()["reserved_tokens"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    rows = ask.guard.ledger.records()
+    print(json.dumps({"rows": [row["stop_reason"] for row in rows], "held": budget.spent()["reserved_tokens"]}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_call_cancelled_while_it_ends_still_leaves_its_row_and_frees_its_hold():
+    # The end step waited in the default thread pool's queue, where the caller's
+    # cancellation dropped it: no row, and the hold kept for good (the next call was
+    # refused). In a fresh process, as an application meets it.
+    done = subprocess.run([sys.executable, "-c", _CANCEL_WHILE_ENDING], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"rows": ["stop", "stop"], "held": 0}  # it had answered: not cancelled

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenguard.accounting import Reply
 from tokenguard.backends import Chunk
@@ -24,9 +25,7 @@ from tokenguard.pipeline.generate import Generation, Outcome
 __all__ = ["AsyncGuardStream", "GuardStream", "Opened"]
 
 _DONE: Any = object()
-# Tasks ending calls whose callers were cancelled while the call opened: held here so
-# they are not collected before they finish.
-_ABANDONED: set[asyncio.Future[None]] = set()
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,35 +198,48 @@ class AsyncGuardStream(_Stream):
         raise StopAsyncIteration
 
     async def _open_in_thread(self, open_: Callable[[], Opened]) -> Opened:
-        opening = asyncio.ensure_future(asyncio.to_thread(open_))
+        """Open the call in a thread of its own. A caller cancelled meanwhile leaves the
+        opening running: what it opens (a budget hold) is then ended as cancelled, by
+        that thread or here, whichever comes second, even as the event loop shuts down."""
+        lock = threading.Lock()
+        state: dict[str, Any] = {"left": False, "opened": None}
+
+        def open_here() -> Opened:
+            opened = open_()
+            with lock:
+                left = state["left"]
+                state["opened"] = opened
+            if left:
+                self._end_unread(opened)
+            return opened
+
         try:
-            # Shielded: the opening runs on in its thread whatever happens here, and
-            # what it opens (a budget hold) must be ended, not dropped.
-            return await asyncio.shield(opening)
+            return await _in_own_thread(open_here)
         except asyncio.CancelledError:
-            _ABANDONED.add(task := asyncio.ensure_future(self._end_abandoned(opening)))
-            task.add_done_callback(_ABANDONED.discard)
+            with lock:
+                state["left"] = True
+                opened = state["opened"]
+            if opened is not None:
+                self._end_unread(opened)
             raise
 
-    async def _end_abandoned(self, opening: asyncio.Future[Opened]) -> None:
-        """End, as cancelled, a call whose opening outlived its caller's cancellation;
-        a refusal was metered by the guard already."""
-        try:
-            opened = await opening
-        except BaseException:  # noqa: BLE001 - a refusal: metered where it was raised
-            return
+    def _end_unread(self, opened: Opened) -> None:
+        """End, as cancelled, a call opened for a caller that has left; the backend was
+        never asked (a refusal was metered by the guard already)."""
         self._adopt(opened)
-        await self.aclose()
+        self._chunks = None  # an async stream never started: nothing runs to be closed
+        self._end(cancelled=True)
 
     async def _aend(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
         """End the call: off the event loop (the ledger and the budgets may wait on
-        SQLite) unless the stream is inline."""
+        SQLite) unless the stream is inline, in a thread of its own that a cancelled
+        caller does not stop (nor a busy thread pool delay): the call always ends."""
         if self.reply is not None:
             return
         if self._inline:
             self._end(error, cancelled=cancelled)
         else:
-            await asyncio.to_thread(self._end, error, cancelled=cancelled)
+            await _in_own_thread(lambda: self._end(error, cancelled=cancelled))
 
     async def aread(self) -> Reply:
         """Read the rest of the stream; the final :class:`Reply`."""
@@ -261,3 +273,30 @@ class AsyncGuardStream(_Stream):
 async def _empty() -> AsyncIterator[Any]:
     return
     yield  # pragma: no cover - makes this an async generator
+
+
+async def _in_own_thread(work: Callable[[], _T]) -> _T:
+    """``work()`` in a new (non-daemon) thread: unlike the default executor's queue, it
+    starts at once and is not cancelled with its caller, and the interpreter waits for
+    it at exit. The caller's cancellation still reaches the caller at once."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="tokenguard-call", daemon=False).start()
+    return await asyncio.shield(done)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -276,11 +277,13 @@ async def _empty() -> AsyncIterator[Any]:
 
 
 async def _in_own_thread(work: Callable[[], _T]) -> _T:
-    """``work()`` in a new (non-daemon) thread: unlike the default executor's queue, it
-    starts at once and is not cancelled with its caller, and the interpreter waits for
-    it at exit. The caller's cancellation still reaches the caller at once."""
+    """``work()`` in a new (non-daemon) thread, in a copy of the caller's context (as
+    ``asyncio.to_thread``): unlike the default executor's queue, it starts at once and
+    is not cancelled with its caller, and the interpreter waits for it at exit. The
+    caller's cancellation still reaches the caller at once."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[_T] = loop.create_future()
+    context = contextvars.copy_context()  # as asyncio.to_thread: the call tree goes along
 
     def settle(result: _T | None, error: BaseException | None) -> None:
         if done.cancelled():
@@ -292,7 +295,7 @@ async def _in_own_thread(work: Callable[[], _T]) -> _T:
 
     def run() -> None:
         try:
-            result, error = work(), None
+            result, error = context.run(work), None
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
             result, error = None, e
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits

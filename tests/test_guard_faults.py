@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -229,3 +230,47 @@ def test_a_call_cancelled_while_it_ends_still_leaves_its_row_and_frees_its_hold(
     done = subprocess.run([sys.executable, "-c", _CANCEL_WHILE_ENDING], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"rows": ["stop", "stop"], "held": 0}  # it had answered: not cancelled
+
+
+@pytest.mark.parametrize("run", ["sync", "async"])
+def test_a_timeout_counts_the_backend_s_time_not_a_slow_reader_s(run):
+    def quick(messages, max_tokens):
+        for i in range(6):
+            yield f" w{i}"
+
+    guard = Guard(quick, model="gpt-4o", timeout=0.5, stop=None)
+    if run == "sync":
+        pieces = []
+        for piece in guard.stream("hi"):
+            time.sleep(0.15)  # the reader takes its time: 0.9 s in all
+            pieces.append(piece)
+    else:
+        async def read_slowly() -> list[str]:
+            got = []
+            async for piece in guard.astream("hi"):
+                await asyncio.sleep(0.15)
+                got.append(piece)
+            return got
+
+        pieces = asyncio.run(read_slowly())
+    assert len(pieces) == 6 and guard.ledger.records()[0]["stop_reason"] == "stop"
+
+
+def test_a_timed_stream_closed_early_stops_its_backend():
+    produced = []
+
+    def model(messages, max_tokens):
+        for i in range(60):
+            produced.append(i)
+            yield f" word{i}"
+
+    guard = Guard(model, model="gpt-4o", timeout=30, stop=None)
+    with guard.stream("hi") as stream:
+        for _ in stream:
+            break
+    time.sleep(0.2)
+    assert len(produced) <= 3  # the worker runs at most a chunk ahead of the reader (it prefetched 60)
+    never_read = guard.stream("hi")
+    time.sleep(0.2)
+    never_read.close()
+    assert len(produced) <= 3 and never_read.reply.usage.input_tokens == 0  # never asked

@@ -28,19 +28,23 @@ def _expired(timeout: float) -> BackendTimeout:
 
 
 class _DeadlineIterator(Iterator[T]):
-    """Steps ``chunks`` in a worker thread and waits for each step at most until the
-    deadline: a ``next`` that blocks for ever cannot be interrupted in its own thread.
-    Once the stream ends or is closed, the worker closes the backend's stream itself
-    (a generator can only be closed by the thread that may be running it); a worker
-    stuck in a backend that never answers is a daemon thread and leaves with the process."""
+    """Steps ``chunks`` in a worker thread and waits for each step at most as long as
+    the timeout has left: a ``next`` that blocks for ever cannot be interrupted in its
+    own thread. The timeout counts the time the reader waits for the backend, not the
+    reader's own time between steps (as the async twin). The worker starts at the first
+    step and runs at most one chunk ahead of the reader, so a stream that is closed (or
+    never read) does not go on generating. Once the stream ends or is closed, the
+    worker closes the backend's stream itself (a generator can only be closed by the
+    thread that may be running it); a worker stuck in a backend that never answers is a
+    daemon thread and leaves with the process."""
 
     def __init__(self, chunks: Iterator[T], timeout: float) -> None:
         self._timeout = timeout
-        self._deadline = time.monotonic() + timeout
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=64)
+        self._left = timeout
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._closed = threading.Event()
         self._worker = threading.Thread(target=self._pull, args=(chunks,), name="tokenguard-deadline", daemon=True)
-        self._worker.start()
+        self._chunks: Iterator[T] | None = chunks  # until the worker takes it, at the first step
 
     def _pull(self, chunks: Iterator[T]) -> None:
         try:
@@ -66,12 +70,19 @@ class _DeadlineIterator(Iterator[T]):
         return False
 
     def __next__(self) -> T:
-        left = self._deadline - time.monotonic()
+        if self._chunks is not None:
+            self._chunks = None
+            if self._closed.is_set():
+                raise StopIteration
+            self._worker.start()
+        started = time.monotonic()
         try:
-            item = self._queue.get(timeout=max(left, 0.0))
+            item = self._queue.get(timeout=max(self._left, 0.0))
         except queue.Empty:
             self.close()
             raise _expired(self._timeout) from None
+        finally:
+            self._left -= time.monotonic() - started
         if item is _DONE:
             raise StopIteration
         if isinstance(item, _Failed):
@@ -80,22 +91,30 @@ class _DeadlineIterator(Iterator[T]):
 
     def close(self) -> None:
         self._closed.set()
+        chunks, self._chunks = self._chunks, None
+        close = getattr(chunks, "close", None)  # never started: no worker runs it, close it here
+        if close is not None:
+            close()
 
 
 class _AsyncDeadlineIterator(AsyncIterator[T]):
-    """Awaits each step of ``chunks`` at most until the deadline; on expiry the step is
-    cancelled, which an async backend handles as a closed stream."""
+    """Awaits each step of ``chunks`` at most as long as the timeout has left (the time
+    spent waiting for steps, not the reader's own); on expiry the step is cancelled,
+    which an async backend handles as a closed stream."""
 
     def __init__(self, chunks: AsyncIterator[T], timeout: float) -> None:
         self._chunks = chunks
         self._timeout = timeout
-        self._deadline = time.monotonic() + timeout
+        self._left = timeout  # the time the reader may still wait for the backend
 
     async def __anext__(self) -> T:
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(anext(self._chunks), max(self._deadline - time.monotonic(), 0.0))
+            return await asyncio.wait_for(anext(self._chunks), max(self._left, 0.0))
         except asyncio.TimeoutError:
             raise _expired(self._timeout) from None
+        finally:
+            self._left -= time.monotonic() - started
 
     async def aclose(self) -> None:
         aclose = getattr(self._chunks, "aclose", None)
@@ -104,8 +123,8 @@ class _AsyncDeadlineIterator(AsyncIterator[T]):
 
 
 def with_deadline(chunks: Iterator[T] | AsyncIterator[T], timeout: float) -> Iterator[T] | AsyncIterator[T]:
-    """``chunks``, ended with :class:`~tokenguard.BackendTimeout` once ``timeout``
-    seconds have passed from now before the stream's last step."""
+    """``chunks``, ended with :class:`~tokenguard.BackendTimeout` once the reader has
+    waited ``timeout`` seconds in all for the backend's steps, before its last."""
     if isinstance(chunks, AsyncIterator):
         return _AsyncDeadlineIterator(chunks, timeout)
     return _DeadlineIterator(chunks, timeout)

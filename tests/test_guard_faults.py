@@ -274,3 +274,32 @@ def test_a_timed_stream_closed_early_stops_its_backend():
     time.sleep(0.2)
     never_read.close()
     assert len(produced) <= 3 and never_read.reply.usage.input_tokens == 0  # never asked
+
+
+def test_a_malformed_answer_is_a_backend_error_with_its_row_and_no_hold():
+    # A content of 42 (or a finish_reason of 7) failed inside the end step: no row, the hold kept for good.
+    budget = Budget(tokens=2000, per="user")
+
+    def answers(content, finish="stop"):
+        def stream(messages, max_tokens):
+            yield {"choices": [{"index": 0, "delta": {"content": content}}]}
+            yield {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+        return stream
+
+    for bad in (answers(42), answers("ok", finish=7)):
+        guard = Guard(bad, model="gpt-4o", budget=budget, max_output_tokens=500)
+        for _ in range(3):
+            with pytest.raises(BackendError, match="malformed answer"):
+                guard.complete("hi", user="alice")
+        assert [r["stop_reason"] for r in guard.ledger.records()] == ["error"] * 3
+    assert budget.spent(user="alice")["reserved_tokens"] == 0
+    parts = Guard(answers([{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]), model="gpt-4o")
+    assert parts.complete("hi").text == "Hello there"  # content parts, as Mistral's API streams them
+
+
+def test_a_call_s_parameters_cannot_replace_what_the_guard_sends():
+    guard = Guard(tg.backends.OpenAICompatible("http://127.0.0.1:9/v1", "gpt-4o-mini"), max_input_tokens=20)
+    for params in ({"messages": [{"role": "user", "content": "word " * 5000}]}, {"model": "gpt-4o"},
+                   {"max_completion_tokens": 100_000}, {"stream": False}, {"n": 2}):
+        with pytest.raises(tg.InvalidRequest):
+            guard.complete("hi", **params)  # refused before any request is made

@@ -52,13 +52,22 @@ class BackendUsage:
 
 
 def reported_count(value: object) -> int | None:
-    """A token count a backend reported, as an int, or ``None`` when it is none."""
+    """A token count a backend reported, as an int, or ``None`` when it is none (or
+    beyond any call's size: a ledger could not even store it)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     if isinstance(value, numbers.Integral):
-        return int(value) if int(value) >= 0 else None
-    number = float(value)
-    return int(number) if 0 <= number < math.inf and number.is_integer() else None
+        count = int(value)
+    else:
+        number = float(value)
+        if not (0 <= number < math.inf and number.is_integer()):
+            return None
+        count = int(number)
+    return count if 0 <= count <= _MOST_TOKENS else None
+
+
+# No call reads or writes more tokens (a context window of a billion tokens is far off).
+_MOST_TOKENS = 10**12
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ import httpx
 from tokenguard.backends.base import Backend, Chunk, Params
 from tokenguard.backends.openai_format import chunk_from_stream_item
 from tokenguard.backends.sse import aiter_sse_data, iter_sse_data
-from tokenguard.errors import BackendError, ConfigError, UnknownTokenizer
+from tokenguard.errors import BackendError, ConfigError, InvalidRequest, UnknownTokenizer
 
 if TYPE_CHECKING:
     from tokenguard.tokens import Message, Tokenizer
@@ -30,6 +30,10 @@ _AFTER_DONE = 16
 
 # What httpx raises for a request that fails or a stream that breaks while being read.
 _TRANSPORT_ERRORS = (httpx.HTTPError, httpx.StreamError)
+
+
+# Request fields the guard sets itself: a call's parameter may not replace them.
+_GUARDED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_completion_tokens"})
 
 
 def _check_url(url: str) -> None:
@@ -170,15 +174,29 @@ class OpenAICompatible(Backend):
                 raise
             return None
 
+    def check_params(self, params: Params) -> None:
+        """The guard owns what it meters and caps: the model, the messages, streaming
+        and the output cap (``max_tokens=``, sent as ``max_tokens_param``); a parameter
+        that would replace one of them, or ask for several answers, is refused."""
+        taken = sorted(_GUARDED_FIELDS & set(params))
+        if taken:
+            raise InvalidRequest(
+                f"{', '.join(map(repr, taken))} would replace what the guard sends and meters; pass max_tokens= "
+                "for the output cap (the backend sends it as its max_tokens_param), and the model and "
+                "messages to the guard itself"
+            )
+        n = params.get("n")
+        if n is not None and n != 1:
+            raise InvalidRequest(f"n={n!r}: the guard meters one answer a call; make n calls instead")
+
     def _body(self, messages: Sequence[Message], params: Params) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": list(messages), "stream": True}
-        rest = dict(params)
-        max_tokens = rest.pop("max_tokens", None)
+        body: dict[str, Any] = {k: v for k, v in params.items() if k != "max_tokens"}
+        body.update(model=self.model, messages=list(messages), stream=True)  # the guard's own, last
+        max_tokens = params.get("max_tokens")
         if max_tokens is not None:
             body[self.max_tokens_param] = max_tokens
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
-        body.update(rest)
         return body
 
     @property

@@ -4,6 +4,7 @@ as dicts (JSON) or as objects (the ``openai`` package's models) alike."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 from tokenguard.backends.base import BackendUsage, Chunk, reported_count
@@ -75,11 +76,28 @@ def chunk_from_completion(obj: Any) -> Chunk:
     if text is None:
         text = _get(choice, "text")  # legacy completions
     return Chunk(
-        text=text or "",
-        finish_reason=_get(choice, "finish_reason"),
+        text=_text(text),
+        finish_reason=_reason(_get(choice, "finish_reason")),
         usage=usage_from(obj),
         calls_tools=_calls_tools(message),
     )
+
+
+def _text(content: Any) -> str:
+    """A message's or delta's content as text: a string, or a list of text parts (as
+    Mistral's API sends them); anything else is a malformed answer."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, Mapping) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return "".join(part["text"] for part in content)
+    raise BackendError(f"a malformed answer: content must be text or a list of text parts, got {content!r:.200}")
+
+
+def _reason(finish_reason: Any) -> str | None:
+    if finish_reason is None or isinstance(finish_reason, str):
+        return finish_reason
+    raise BackendError(f"a malformed answer: finish_reason must be text, got {finish_reason!r:.200}")
 
 
 def _calls_tools(message: Any) -> bool:
@@ -137,8 +155,8 @@ def chunk_from_stream_item(item: Any) -> Chunk:
     if text is None and delta is None:
         text = _get(_get(choice, "message"), "content") or _get(choice, "text")
     return Chunk(
-        text=text or "",
-        finish_reason=_get(choice, "finish_reason"),
+        text=_text(text),
+        finish_reason=_reason(_get(choice, "finish_reason")),
         usage=usage_from(item),
         calls_tools=_calls_tools(delta if delta is not None else _get(choice, "message")),
     )

@@ -303,3 +303,28 @@ def test_a_call_s_parameters_cannot_replace_what_the_guard_sends():
                    {"max_completion_tokens": 100_000}, {"stream": False}, {"n": 2}):
         with pytest.raises(tg.InvalidRequest):
             guard.complete("hi", **params)  # refused before any request is made
+
+
+def test_an_async_backend_left_early_is_closed_at_once_sync_and_async():
+    closed = []
+
+    async def model(messages, max_tokens):
+        try:
+            for i in range(100):
+                yield f" w{i}"
+        finally:
+            closed.append(True)
+
+    guard = Guard(model, model="gpt-4o")
+    with guard.stream("hi") as stream:
+        for _ in stream:
+            break
+    assert closed == [True]  # its finally ran, on the private loop that drove it
+
+    async def leave() -> None:
+        async with guard.astream("hi") as stream:
+            async for _ in stream:
+                break
+        assert closed == [True, True]  # at once, not when the garbage collector gets to it
+
+    asyncio.run(leave())

@@ -240,6 +240,9 @@ def iter_async(agen: AsyncIterator[T]) -> Iterator[T]:
                 return
     finally:
         aclose = getattr(agen, "aclose", None)
-        if aclose is not None:
-            loop.run_until_complete(aclose())
-        loop.close()
+        try:
+            if aclose is not None:
+                loop.run_until_complete(aclose())
+            loop.run_until_complete(loop.shutdown_asyncgens())  # any the backend left open
+        finally:
+            loop.close()

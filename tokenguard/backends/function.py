@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
 import inspect
 import types
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenguard.backends.base import Backend, Chunk, Params, aiter_in_thread, iter_async
@@ -140,7 +141,7 @@ def _chunks(result: Any) -> Iterator[Chunk]:
         raise InvalidRequest(f"{_RETURNS}, got {type(result).__name__}")
 
 
-async def _achunks(result: Any) -> AsyncIterator[Chunk]:
+async def _achunks(result: Any) -> AsyncGenerator[Chunk, None]:
     """Chunks of whatever an async function returned (awaited)."""
     if hasattr(result, "__aiter__"):
         try:
@@ -216,8 +217,9 @@ class Function(Backend):
             result = self._call(messages, params)
             if inspect.isawaitable(result):
                 result = self.result = await result
-            async for chunk in _achunks(result):
-                yield chunk
+            async with contextlib.aclosing(_achunks(result)) as chunks:  # closed at once when we are
+                async for chunk in chunks:
+                    yield chunk
             return
         # A sync function blocks: call it, and iterate what it returns, off the loop.
         async for chunk in aiter_in_thread(lambda: self.stream(messages, params)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 
 import httpx
@@ -249,3 +250,64 @@ def test_a_wrong_path_keeps_its_status(openai_server):
 def test_a_base_url_no_request_could_reach_is_refused_at_once(url):
     with pytest.raises(ConfigError, match="base_url"):
         OpenAICompatible(url, "gpt-4o")
+
+
+def _answering(status: int, content_type: str, body: bytes, headers: dict[str, str] | None = None,
+               cut_after: bool = False):
+    """A server on 127.0.0.1 that answers every POST with this, as servers in the wild do."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if cut_after:  # a chunked stream whose connection drops before its end
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://user:s3cret@127.0.0.1:{server.server_address[1]}/v1"
+
+
+@pytest.mark.parametrize("run", ["sync", "async"])
+def test_answers_that_are_not_event_streams(run):
+    def complete(url):
+        guard = Guard(OpenAICompatible(url, "gpt-4o-mini"))
+        return guard.complete("hi") if run == "sync" else asyncio.run(guard.acomplete("hi"))
+
+    whole = (b'{"choices":[{"index":0,"message":{"content":"Hello"},"finish_reason":"stop"}],'
+             b'"usage":{"prompt_tokens":30,"completion_tokens":2}}')
+    server, url = _answering(200, "application/json", whole)  # a server that ignores stream=true
+    reply = complete(url)
+    assert (reply.text, reply.usage.input_tokens, reply.usage.output_tokens) == ("Hello", 30, 2)
+    server.shutdown()
+    for status, kind, body, headers, said in (
+        (200, "text/html", b"<html>nginx welcome</html>", {}, "200 with text/html, not an event stream"),
+        (307, "text/plain", b"", {"Location": "https://elsewhere/v1/chat/completions"}, "307 (to https://elsewhere"),
+    ):
+        server, url = _answering(status, kind, body, headers)
+        with pytest.raises(BackendError, match=re.escape(said)) as failed:
+            complete(url)
+        assert "s3cret" not in str(failed.value) and "user:***@" in str(failed.value)  # no credential shown
+        server.shutdown()
+    finished = (b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
+                b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1}}\n\n')
+    server, url = _answering(200, "text/event-stream", finished, cut_after=True)  # no [DONE]: the line drops
+    reply = complete(url)
+    assert (reply.text, reply.stop_reason, reply.usage.output_tokens) == ("Hi", "stop", 1)
+    server.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -14,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from tokenguard.backends.base import Backend, Chunk, Params
-from tokenguard.backends.openai_format import chunk_from_stream_item
+from tokenguard.backends.openai_format import chunk_from_completion, chunk_from_stream_item, is_completion
 from tokenguard.backends.sse import aiter_sse_data, iter_sse_data
-from tokenguard.errors import BackendError, ConfigError, InvalidRequest, UnknownTokenizer
+from tokenguard.errors import BackendError, BackendTimeout, ConfigError, InvalidRequest, UnknownTokenizer
 
 if TYPE_CHECKING:
     from tokenguard.tokens import Message, Tokenizer
@@ -52,12 +53,62 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _error(response: httpx.Response, body: bytes) -> BackendError:
+def _error(response: httpx.Response, body: bytes, url: str) -> BackendError:
     text = body[:500].decode("utf-8", "replace")
-    return BackendError(
-        f"{response.request.method} {response.request.url} answered {response.status_code}: {text}",
-        response.status_code,
-    )
+    where = f" (to {response.headers['location']})" if response.headers.get("location") else ""
+    return BackendError(f"POST {url} answered {response.status_code}{where}: {text}", response.status_code)
+
+
+def _not_a_stream(response: httpx.Response, body: bytes, url: str) -> BackendError | Chunk:
+    """What a server that answered 2xx with something else than an event stream sent:
+    a whole chat completion (a server that ignores ``stream``) as one chunk, or an
+    error that names what came instead."""
+    kind = response.headers.get("content-type", "")
+    if kind.startswith("application/json"):
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if is_completion(answer):
+            return chunk_from_completion(answer)
+    text = body[:300].decode("utf-8", "replace")
+    return BackendError(f"POST {url} answered {response.status_code} with {kind or 'no content type'}, "
+                        f"not an event stream: {text}", response.status_code)
+
+
+# Of an answer that is not a stream, the most bytes read (an error page can be endless).
+_MOST_BODY_BYTES = 1 << 20
+
+
+def _head(chunks: Iterator[bytes]) -> bytes:
+    body = bytearray()
+    for part in chunks:
+        body += part
+        if len(body) >= _MOST_BODY_BYTES:
+            break
+    return bytes(body[:_MOST_BODY_BYTES])
+
+
+async def _ahead(chunks: AsyncIterator[bytes]) -> bytes:
+    body = bytearray()
+    async for part in chunks:
+        body += part
+        if len(body) >= _MOST_BODY_BYTES:
+            break
+    return bytes(body[:_MOST_BODY_BYTES])
+
+
+def _is_stream(response: httpx.Response) -> bool:
+    return response.status_code < 300 and response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password or token (``http://svc:secret@host`` names a
+    credential: errors, ledger rows and reprs must not)."""
+    parsed = httpx.URL(url)
+    if parsed.password:
+        return str(parsed.copy_with(username=parsed.username, password="***"))
+    return str(parsed.copy_with(username="***")) if parsed.username else url  # a token as the user
 
 
 class _Read:
@@ -107,10 +158,12 @@ class _Read:
         try:
             yield
         except _TRANSPORT_ERRORS as error:
+            if self.finished:
+                return  # the answer was whole: a connection lost before [DONE] takes nothing from it
+            kind = BackendTimeout if isinstance(error, httpx.TimeoutException) else BackendError
             if not self.answered:
-                raise BackendError(f"POST {self.url} failed: {_describe(error)}") from error
-            when = "after" if self.finished else "before"
-            raise BackendError(f"the stream from {self.url} broke {when} it finished: {_describe(error)}") from error
+                raise kind(f"POST {self.url} failed: {_describe(error)}") from error
+            raise kind(f"the stream from {self.url} broke before it finished: {_describe(error)}") from error
 
 
 class OpenAICompatible(Backend):
@@ -147,6 +200,9 @@ class OpenAICompatible(Backend):
         self.model = model
         _check_url(self.base_url)
         self.url = f"{self.base_url}/chat/completions"
+        #: The URL as errors, ledger rows and reprs show it (its password hidden).
+        self.shown_url = _redacted(self.url)
+        self._client_lock = threading.Lock()
         self.tokenizer_name = tokenizer
         self.max_tokens_param = max_tokens_param
         self.include_usage = include_usage
@@ -202,16 +258,26 @@ class OpenAICompatible(Backend):
     @property
     def client(self) -> httpx.Client:
         if self._client is None:
-            self._client = httpx.Client(timeout=self.timeout)
+            with self._client_lock:  # threads calling first together share one client
+                if self._client is None:
+                    self._client = httpx.Client(timeout=self.timeout)
         return self._client
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
-        read = _Read(self.url)
+        read = _Read(self.shown_url)
         body = self._body(messages, params)
         with read.transport_errors(), self.client.stream("POST", self.url, json=body, headers=self.headers) as r:
-            if r.status_code >= 400:
-                raise _error(r, r.read())
+            if r.status_code >= 300:
+                raise _error(r, _head(r.iter_bytes()), self.shown_url)
             read.answered = True
+            if not _is_stream(r):
+                whole = _not_a_stream(r, _head(r.iter_bytes()), self.shown_url)
+                if isinstance(whole, BackendError):
+                    raise whole
+                read.finished = whole.finish_reason is not None
+                yield whole
+                read.end("sent a whole answer")
+                return
             lines = r.iter_lines()
             for data in iter_sse_data(lines):
                 chunk = read.chunk(data)
@@ -230,13 +296,21 @@ class OpenAICompatible(Backend):
         return client
 
     async def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
-        read = _Read(self.url)
+        read = _Read(self.shown_url)
         body = self._body(messages, params)
         with read.transport_errors():
             async with self._aclient().stream("POST", self.url, json=body, headers=self.headers) as r:
-                if r.status_code >= 400:
-                    raise _error(r, await r.aread())
+                if r.status_code >= 300:
+                    raise _error(r, await _ahead(r.aiter_bytes()), self.shown_url)
                 read.answered = True
+                if not _is_stream(r):
+                    whole = _not_a_stream(r, await _ahead(r.aiter_bytes()), self.shown_url)
+                    if isinstance(whole, BackendError):
+                        raise whole
+                    read.finished = whole.finish_reason is not None
+                    yield whole
+                    read.end("sent a whole answer")
+                    return
                 lines = r.aiter_lines()
                 async for data in aiter_sse_data(lines):
                     chunk = read.chunk(data)
@@ -255,4 +329,4 @@ class OpenAICompatible(Backend):
             self._client = None
 
     def __repr__(self) -> str:
-        return f"OpenAICompatible({self.base_url!r}, {self.model!r})"
+        return f"OpenAICompatible({_redacted(self.base_url)!r}, {self.model!r})"

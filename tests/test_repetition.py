@@ -157,3 +157,14 @@ def test_a_loop_in_a_whole_answer_is_metered_whole_and_saves_nothing():
 
     reply = Guard(completion, model="gpt-4o", max_output_tokens=1000).complete("How are you?")
     assert reply.stop_reason == "repetition" and reply.usage.output_tokens == 801 and reply.usage.saved_tokens == 0
+
+
+def test_a_loop_in_a_whole_answer_past_the_output_cap_is_still_cut_to_one_copy():
+    listing = "Here is the list:\n" + "".join(f"{i}. Berries are good.\n" for i in range(1, 120))
+
+    def answer(messages, *, max_tokens):
+        return listing  # a whole answer, longer than the cap: the cap and the loop in one piece
+
+    reply = Guard(answer, model="gpt-4o", max_output_tokens=512).complete("list")
+    assert reply.stop_reason == "repetition" and reply.text.count("Berries") == 1
+    assert reply.usage.output_tokens == 512  # generated to the cap, metered to it

@@ -121,8 +121,12 @@ class Generation:
         for watch in self._watches:
             verdict = watch.feed(piece)
             if isinstance(verdict, Stop):
+                # The watchers after it still read what it keeps: a loop inside the part the
+                # output cap keeps of a whole answer is still a loop (the later stop wins).
                 self.stop, piece, self._dropped = verdict, verdict.keep, verdict.drop
-                break
+                if not piece:
+                    break
+                continue
             piece = verdict
         if piece:
             self._parts.append(piece)

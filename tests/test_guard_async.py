@@ -263,3 +263,21 @@ def test_steps_run_on_the_event_loop_only_when_none_of_them_can_wait(tmp_path):
         assert tight.budgets[0].spent(user="ann")["reserved_tokens"] == 0
 
     asyncio.run(run())
+
+
+def test_async_calls_over_a_blocking_function_run_together_not_a_pool_s_worth_at_a_time():
+    # Each stream held one of the default executor's few workers (cpu + 4) for as long
+    # as it ran: 12 calls over a blocking function ran 6 at a time.
+    together = threading.Barrier(12)
+
+    def blocking(messages, max_tokens):
+        together.wait(timeout=30)  # every call must be running at once to pass
+        yield "ok"
+
+    guard = Guard(blocking, model="gpt-4o")
+
+    async def all_at_once() -> list[str]:
+        replies = await asyncio.gather(*[guard.acomplete(f"q{i}") for i in range(12)])
+        return [reply.text for reply in replies]
+
+    assert asyncio.run(all_at_once()) == ["ok"] * 12

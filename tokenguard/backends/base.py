@@ -166,13 +166,17 @@ class Backend(Protocol):
 _END = object()
 
 
-async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 64) -> AsyncIterator[T]:
-    """Run a blocking iterator in a worker thread and yield its items on the event loop.
+async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 1) -> AsyncIterator[T]:
+    """Run a blocking iterator in a thread of its own and yield its items on the event
+    loop, the thread at most ``buffer`` items ahead (a stream closed early does not go
+    on generating).
 
     Closing the async iterator asks the worker to stop after its current item and close
     the blocking iterator there (generators are closed in the thread that runs them).
     The worker runs in a copy of the caller's context (as ``asyncio.to_thread`` does),
-    so context variables, such as the guard's call tree, reach the blocking code.
+    so context variables, such as the guard's call tree, reach the blocking code. It is
+    a thread of its own, not one of the default executor's few: a stream holds it for
+    as long as it runs, and concurrent calls must not queue behind each other.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
@@ -205,7 +209,8 @@ async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 64) 
                 close()
         put(_END)
 
-    loop.run_in_executor(None, contextvars.copy_context().run, run)
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(run,), name="tokenguard-backend", daemon=True).start()
     try:
         while True:
             item, error = await queue.get()

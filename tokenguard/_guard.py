@@ -16,6 +16,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from tokenguard._repetition import RepetitionStop
 from tokenguard._settings import seconds, token_count
 from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
@@ -95,6 +97,20 @@ def _is_openai_client(obj: object) -> bool:
     return type(obj).__module__.startswith("openai") and hasattr(obj, "chat") and hasattr(obj, "base_url")
 
 
+def _from_openai_client(client: Any, model: str) -> OpenAICompatible:
+    """The backend that sends what the official client would: its base URL, its auth
+    headers, organization, project and custom headers, its default query (an
+    ``api-version``) and its timeout."""
+    own = {name: value for name, value in {**client.default_headers, **client.auth_headers}.items()
+           if isinstance(value, str)  # the client marks headers it leaves out with an Omit
+           and name.lower() not in _CLIENT_MADE_HEADERS and not name.lower().startswith("x-stainless")}
+    timeout = client.timeout if isinstance(client.timeout, (int, float, httpx.Timeout)) else None
+    return OpenAICompatible(str(client.base_url), model, headers=own,
+                            query=dict(client.default_query or {}), timeout=timeout)
+
+
+# Headers the client sets for its own requests, not for the service.
+_CLIENT_MADE_HEADERS = frozenset({"accept", "content-type", "user-agent"})
 _SESSION_TTL_S = 3600.0
 
 
@@ -108,8 +124,7 @@ def _as_backend(backend: object, model: str | None, session_ttl_s: float | None 
     if _is_openai_client(backend):
         if model is None:
             raise ConfigError("an OpenAI client serves many models: pass model= (for example model='gpt-4o-mini')")
-        client: Any = backend
-        return OpenAICompatible(str(client.base_url), model, client.api_key or None)
+        return _from_openai_client(backend, model)
     if callable(backend):
         return Function(backend)
     raise ConfigError(

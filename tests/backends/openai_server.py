@@ -36,7 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length))
         self.server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
-        if self.path != "/v1/chat/completions":
+        if self.path.split("?")[0] != "/v1/chat/completions":
             return self._json(404, {"error": {"message": "not found"}})
         model = body.get("model")
         if model == "fail":

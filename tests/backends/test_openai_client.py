@@ -55,3 +55,15 @@ def test_an_openai_client_is_a_backend_given_its_model(openai_server):
     assert reply.text == "".join(REPLY_WORDS)
     request = openai_server.requests[-1]
     assert request["body"]["model"] == MODEL and request["headers"]["Authorization"] == "Bearer sk-test"
+    # What the client is configured with goes along: it is billed to the right org and project.
+    configured = openai.OpenAI(base_url=openai_server.base_url, api_key="sk-test", organization="org-1",
+                               project="proj-1", default_headers={"X-Tenant": "acme"},
+                               default_query={"api-version": "2024-06-01"}, timeout=3)
+    with tg.Guard(configured, model=MODEL) as guard:
+        guard.complete("hi")
+    request = openai_server.requests[-1]
+    assert request["path"].endswith("?api-version=2024-06-01")
+    for name, value in (("OpenAI-Organization", "org-1"), ("OpenAI-Project", "proj-1"), ("X-Tenant", "acme"),
+                        ("Authorization", "Bearer sk-test")):
+        assert request["headers"][name] == value
+    assert guard.backend.timeout == 3

@@ -192,12 +192,15 @@ class OpenAICompatible(Backend):
         *,
         tokenizer: str | None = None,
         headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
         timeout: float | httpx.Timeout | None = None,
         max_tokens_param: str = "max_tokens",
         include_usage: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        #: Query parameters sent with every request (Azure's ``api-version``, a gateway's key).
+        self.query = dict(query or {})
         _check_url(self.base_url)
         self.url = f"{self.base_url}/chat/completions"
         #: The URL as errors, ledger rows and reprs show it (its password hidden).
@@ -266,7 +269,8 @@ class OpenAICompatible(Backend):
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         read = _Read(self.shown_url)
         body = self._body(messages, params)
-        with read.transport_errors(), self.client.stream("POST", self.url, json=body, headers=self.headers) as r:
+        with read.transport_errors(), self.client.stream("POST", self.url, json=body, headers=self.headers,
+                                                                   params=self.query) as r:
             if r.status_code >= 300:
                 raise _error(r, _head(r.iter_bytes()), self.shown_url)
             read.answered = True
@@ -299,7 +303,8 @@ class OpenAICompatible(Backend):
         read = _Read(self.shown_url)
         body = self._body(messages, params)
         with read.transport_errors():
-            async with self._aclient().stream("POST", self.url, json=body, headers=self.headers) as r:
+            async with self._aclient().stream("POST", self.url, json=body, headers=self.headers,
+                                              params=self.query) as r:
                 if r.status_code >= 300:
                     raise _error(r, await _ahead(r.aiter_bytes()), self.shown_url)
                 read.answered = True

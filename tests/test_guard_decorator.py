@@ -278,3 +278,18 @@ def test_a_tool_call_delta_does_not_end_a_stream_its_finish_reason_does():
     # The server has more to send: a stream that ends here was cut off (OpenAICompatible
     # raises for one that says [DONE] before any finish reason), not a finished tool call.
     assert delta.calls_tools and delta.finish_reason is None
+
+
+def test_tool_call_arguments_are_metered_when_the_server_reports_no_usage():
+    call = {"index": 0, "id": "t1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+
+    def stream(messages, max_tokens):  # a server without stream_options: no usage at the end
+        yield {"choices": [{"delta": {"tool_calls": [call]}, "finish_reason": None}]}
+        for part in ('{"city": ', '"Paris", ', '"days": 3}'):
+            yield {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}}]}
+        yield {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]}
+
+    pieces = guard(model="gpt-4o")(stream)("Weather?")
+    assert list(pieces) == []  # no text for the reader
+    generated = TOK.count('lookup{"city": "Paris", "days": 3}')
+    assert pieces.reply.stop_reason == "tool_calls" and pieces.reply.usage.output_tokens == generated > 0

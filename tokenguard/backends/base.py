@@ -80,6 +80,9 @@ class Chunk:
     usage: BackendUsage | None = None
     #: The chunk holds tool calls (the answer calls tools, whatever its finish reason says).
     calls_tools: bool = False
+    #: The text of those tool calls (function names and arguments): generated, so metered
+    #: when the backend reports no usage, though it is no part of the reply's text.
+    tool_text: str = ""
 
 
 @runtime_checkable

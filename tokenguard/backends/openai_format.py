@@ -80,6 +80,7 @@ def chunk_from_completion(obj: Any) -> Chunk:
         finish_reason=_reason(_get(choice, "finish_reason")),
         usage=usage_from(obj),
         calls_tools=_calls_tools(message),
+        tool_text=_tool_text(message),
     )
 
 
@@ -105,6 +106,21 @@ def _calls_tools(message: Any) -> bool:
     even when the server ends it with ``"stop"`` (OpenAI does when ``tool_choice`` named
     the function, and some servers always do)."""
     return message is not None and bool(_get(message, "tool_calls"))
+
+
+def _tool_text(message: Any) -> str:
+    """The names and arguments of a message's (or a delta's) tool calls, as text."""
+    calls = _get(message, "tool_calls") if message is not None else None
+    if not calls or isinstance(calls, (str, bytes, Mapping)):
+        return ""
+    parts = []
+    for call in calls:
+        function = _get(call, "function")
+        for field in ("name", "arguments"):
+            value = _get(function, field) if function is not None else None
+            if isinstance(value, str):
+                parts.append(value)
+    return "".join(parts)
 
 
 def completion_with_text(obj: Any, text: str, finish_reason: str | None = None) -> Any:
@@ -154,9 +170,11 @@ def chunk_from_stream_item(item: Any) -> Chunk:
     text = _get(delta, "content")
     if text is None and delta is None:
         text = _get(_get(choice, "message"), "content") or _get(choice, "text")
+    said = delta if delta is not None else _get(choice, "message")
     return Chunk(
         text=_text(text),
         finish_reason=_reason(_get(choice, "finish_reason")),
         usage=usage_from(item),
-        calls_tools=_calls_tools(delta if delta is not None else _get(choice, "message")),
+        calls_tools=_calls_tools(said),
+        tool_text=_tool_text(said),
     )

@@ -107,6 +107,8 @@ class Generation:
             self.usage = chunk.usage
             self.produced = True
         self.calls_tools = self.calls_tools or chunk.calls_tools
+        if chunk.tool_text:
+            self._received.append(chunk.tool_text)  # generated: metered, though not passed on
         if chunk.finish_reason is not None:
             # An answer that called tools ends in them, whatever the server says.
             self.finish_reason = "tool_calls" if self.calls_tools and chunk.finish_reason == "stop" else (

@@ -12,7 +12,7 @@ import pytest
 tf = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from tokenguard import Guard  # noqa: E402
+from tokenguard import Guard, InvalidRequest  # noqa: E402
 from tokenguard.backends import Transformers  # noqa: E402
 from tokenguard.tokens import get_tokenizer  # noqa: E402
 
@@ -83,3 +83,11 @@ def test_async_over_transformers(backend):
 def test_loaded_model_needs_its_tokenizer():
     with pytest.raises(TypeError):
         Transformers(object())
+
+
+def test_parameters_generate_cannot_take_are_refused_before_the_call(backend):
+    guard = Guard(backend, max_output_tokens=4, prices={backend.model: (0, 0)})
+    for params in ({"stop": ["\n"]}, {"seed": 3}, {"n": 2}, {"temperature": "0.7"}, {"max_tokens": 0}):
+        with pytest.raises(InvalidRequest):
+            guard.complete("hi", **params)
+    assert guard.ledger.records() == []  # refused before anything ran

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenguard.backends.base import Backend, BackendUsage, Chunk, Params, aiter_in_thread
-from tokenguard.errors import ConfigError, MissingDependency
+from tokenguard.errors import ConfigError, InvalidRequest, MissingDependency
 
 if TYPE_CHECKING:
     from tokenguard.tokens import Message, Tokenizer
@@ -17,6 +17,7 @@ __all__ = ["Transformers"]
 
 # Our parameter names -> generate()'s; anything else is passed through unchanged.
 _PARAM_NAMES = {"max_tokens": "max_new_tokens"}
+_ACCEPTED = frozenset({"max_tokens", "temperature", "top_p", "top_k", "repetition_penalty"})
 
 
 def _transformers() -> Any:
@@ -129,6 +130,19 @@ class Transformers(Backend):
             list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         return {k: v.to(device) for k, v in encoded.items()}
+
+    def check_params(self, params: Params) -> None:
+        """``generate`` takes these (``max_tokens`` as ``max_new_tokens``); anything else,
+        or a value that is no number where one is due, is refused before the call."""
+        unknown = sorted(set(params) - _ACCEPTED)
+        if unknown:
+            raise InvalidRequest(f"the transformers backend does not take {', '.join(map(repr, unknown))}; "
+                                 f"it takes {', '.join(sorted(_ACCEPTED))}")
+        for name, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise InvalidRequest(f"{name} must be a number >= 0, got {value!r}")
+        if params.get("max_tokens") == 0:
+            raise InvalidRequest("max_tokens must be >= 1")
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         tf = _transformers()

@@ -51,9 +51,13 @@ _FORM_GROUPS = {
     "can": "can could", "may": "may might", "would": "would",
 }
 _FORMS_EN = {word: form for form, words in _FORM_GROUPS.items() for word in words.split()}
-# Polite frames around a question, set aside before anything is read.
+# Verbs that make "could you ..." a request rather than a question about "you".
+_REQUESTS = (r"(?:tell|explain|show|give|help|describe|list|let|recommend|suggest|write|provide|share|say|"
+             r"check|find|summari[sz]e|translate|calculate|convert|compare|define|name)\b")
+# Polite frames around a question, set aside before anything is read: "could you" only
+# at a sentence's start and before a request ("Can you swim?" asks about you).
 _POLITE_EN = re.compile(
-    r"\b(?:(?:could|can|would|will)\s+you\s+(?:please\s+|kindly\s+)*"
+    r"(?:^|(?<=[.!?,;:]\s))(?:(?:could|can|would|will)\s+you\s+(?:please\s+|kindly\s+)*(?=" + _REQUESTS + r")"
     r"|(?:please\s+)?(?:tell|show|let)\s+me(?:\s+know)?\b"
     r"|i\s+(?:would|'d)\s+like\s+to\s+know\b|i\s+(?:want|need)\s+to\s+know\b"
     r"|i\s+(?:was\s+|am\s+|'m\s+)?wondering\b|do\s+you\s+know\b)",
@@ -152,7 +156,8 @@ def _detail(token: str) -> str | None:
         sign, digits = ("-", token[1:]) if token[0] == "-" else ("", token)
         whole, _, fraction = re.sub(r"(?:st|nd|rd|th)$", "", digits).replace(",", "").partition(".")
         fraction = fraction.rstrip("0")
-        return sign + (whole.lstrip("0") or "0") + (f".{fraction}" if fraction else "")
+        # Leading zeros stay: "007" and "02134" are codes, not 7 and 2134.
+        return sign + whole + (f".{fraction}" if fraction else "")
     if "\u3400" <= token <= "\u9fff":
         return None if token in _FILLER_ZH else token
     word = token.lower().strip("'-").removesuffix("'s")

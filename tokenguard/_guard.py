@@ -112,6 +112,7 @@ def _from_openai_client(client: Any, model: str) -> OpenAICompatible:
 # Headers the client sets for its own requests, not for the service.
 _CLIENT_MADE_HEADERS = frozenset({"accept", "content-type", "user-agent"})
 _SESSION_TTL_S = 3600.0
+_FOREVER_S = 10 * 365 * 86400.0  # a history that never expires: its runner KV lives as long
 
 
 def _as_backend(backend: object, model: str | None, session_ttl_s: float | None = None) -> Backend:
@@ -251,7 +252,8 @@ class Guard:
         self.timeout = None if timeout is None else seconds("timeout", timeout)
         if history is not None and session_ttl_s != _SESSION_TTL_S:
             raise ConfigError("session_ttl_s is the history's: with history= pass SessionHistory(ttl_s=...) instead")
-        self.backend: Backend = _as_backend(backend, model, session_ttl_s)
+        history_ttl_s = history.ttl_s if history is not None else session_ttl_s
+        self.backend: Backend = _as_backend(backend, model, _FOREVER_S if history_ttl_s is None else history_ttl_s)
         known = model or self.backend.model
         if known is None:
             raise ConfigError(

@@ -213,6 +213,8 @@ def test_a_guard_keeps_the_runner_s_session_kv_as_long_as_the_history(tiny_llama
     import time
 
     assert tg.Guard(session_ttl_s=123.0).backend._options["session_ttl_s"] == 123.0  # the runner it builds
+    assert tg.Guard(history=tg.context.SessionHistory(ttl_s=86400)).backend._options["session_ttl_s"] == 86400
+    assert tg.Guard(session_ttl_s=None).backend._options["session_ttl_s"] > 10**8  # a history that never expires
     with pytest.raises(tg.ConfigError, match="SessionHistory"):
         tg.Guard(history=tg.context.SessionHistory(), session_ttl_s=5)
     with LlamaRunner(tiny_llama.folder, device="cpu", dtype="float32", session_ttl_s=2.0) as runner:

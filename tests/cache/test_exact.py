@@ -296,3 +296,18 @@ def test_caches_are_looked_up_in_order(tmp_path):
         assert len(first) == len(second) == 1
         assert guard.complete("Q?", user="bob", **GREEDY).cached  # the per-user cache misses, the global hits
         assert fn.calls == 1
+
+
+CALLS_SO_FAR = 0
+
+
+def test_an_answer_is_stored_under_the_key_it_was_looked_up_by(cache):
+    # The function counts its calls in a constant global: the key taken after the call
+    # (with the new count) was hit by the next call's lookup, and served the old answer.
+    @tg.guard(model="gpt-4o-mini", cache=cache)
+    def counts(messages, *, max_tokens, temperature) -> str:
+        global CALLS_SO_FAR
+        CALLS_SO_FAR += 1
+        return f"call {CALLS_SO_FAR}"
+
+    assert [counts("Q?", temperature=0) for _ in range(3)] == ["call 1", "call 2", "call 3"]

@@ -72,8 +72,10 @@ def fingerprint(call: Call, *, skip_last: bool = False) -> str:
     if skip_last:
         *earlier, last = call.messages
         messages = [*earlier, {k: v for k, v in last.items() if k != "content"}]
+    if call.backend_identity is None:
+        call.backend_identity = call.backend.cache_identity()
     request = {
-        "backend": call.backend.cache_identity(),
+        "backend": call.backend_identity,
         "model": call.model,
         "messages": messages if skip_last else call.messages,
         "params": {k: _number(v) for k, v in sorted(call.params.items()) if k not in _NOT_ANSWER_PARAMS},

@@ -84,6 +84,9 @@ class Call:
     #: the caller's input cap, scope trimming and context fitting are for what callers
     #: send, not for it (its prompt is sized to fit already).
     side: bool = False
+    #: The backend's cache identity, taken once (at the cache lookup) so that the answer
+    #: is stored under the key it was looked up by, whatever the function changes meanwhile.
+    backend_identity: Any = None
 
     @property
     def depth(self) -> int:

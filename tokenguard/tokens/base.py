@@ -207,10 +207,13 @@ class Tokenizer(ABC):
             text.startswith(whole_tokens) if side == "right" else text.endswith(whole_tokens)
         ):
             fits = len(whole_tokens)
-        word_end = fits  # the rest of the word, and the blank after it
+        word_end = fits  # the rest of a word of ASCII letters and digits, and the blank after it
         while word_end < min(len(text), fits + _WORD_SCAN):
+            char = text[word_end] if side == "right" else text[len(text) - word_end - 1]
+            if not (char.isascii() and (char.isalnum() or char.isspace())):
+                break  # CJK and symbols end a word where they stand: nothing to complete
             word_end += 1
-            if part(word_end)[-1 if side == "right" else 0].isspace():
+            if char.isspace():
                 break
         return part(next((n for n in range(word_end, fits, -1) if self.count(part(n)) <= max_tokens), fits))
 

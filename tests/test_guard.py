@@ -351,6 +351,14 @@ def test_backend_finish_reason_length_is_kept():
     assert Guard(lambda m: iter(chunks), model="gpt-4o").complete("x").stop_reason == "length"
 
 
+def test_a_chat_without_a_session_is_refused_not_silently_forgetful():
+    guard = Guard(Calls("ok"), model="gpt-4o")
+    with pytest.raises(InvalidRequest, match="session="):
+        guard.chat("hi", session=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="session="):
+        asyncio.run(guard.achat("hi", session=None))  # type: ignore[arg-type]
+
+
 def test_chat_keeps_the_session_history():
     fn = Calls("Noted.")
     guard = Guard(fn, model="gpt-4o")

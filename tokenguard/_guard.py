@@ -612,6 +612,8 @@ class Guard:
         self, message: object, session: str, user: str | None, tags: Any, params: dict[str, Any]
     ) -> Call:
         turn = _as_turn(message)
+        if session is None:
+            raise InvalidRequest("a chat needs session=: its history is the session's (for one call, use complete)")
         _check_caller(user, session)
         call = self.prepare([*self.history.get(session), turn], user=user, session=session, tags=tags, **params)
         call.turn = turn

@@ -328,3 +328,20 @@ def test_an_async_backend_left_early_is_closed_at_once_sync_and_async():
         assert closed == [True, True]  # at once, not when the garbage collector gets to it
 
     asyncio.run(leave())
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "timeout"), reason="asyncio.timeout is Python 3.11+")
+@pytest.mark.parametrize("how", ["sync", "async", "async with a guard timeout"])
+def test_a_backend_s_own_timeout_across_its_yields_still_fires(how):
+    # Each step ran in a task of its own (the sync API's private loop, wait_for under
+    # timeout=): the backend's deadline never fired and a 1 s pause went through.
+    async def model(messages, max_tokens):
+        async with asyncio.timeout(0.2):
+            yield "a"
+            await asyncio.sleep(1)
+            yield " b"
+
+    guard = Guard(model, model="gpt-4o", timeout=30 if how.endswith("timeout") else None)
+    with pytest.raises(TimeoutError) as raised:
+        guard.complete("hi") if how == "sync" else asyncio.run(guard.acomplete("hi"))
+    assert not isinstance(raised.value, BackendTimeout)  # the backend's own, not the guard's

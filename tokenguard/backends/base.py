@@ -231,7 +231,9 @@ def iter_async(agen: AsyncIterator[T]) -> Iterator[T]:
     """Drive an async iterator from sync code on a private event loop.
 
     For a sync call of a backend built on async code; inside a running event loop use
-    the async API instead.
+    the async API instead. Every step runs in one task, as ``async for`` would run it
+    (a backend's ``asyncio.timeout`` held across its yields needs that), and only when
+    the reader asks for it; leaving early closes the iterator in that task.
     """
     try:
         asyncio.get_running_loop()
@@ -240,17 +242,40 @@ def iter_async(agen: AsyncIterator[T]) -> Iterator[T]:
     else:
         raise TokenGuardError("this backend is async; inside an event loop use the guard's async methods")
     loop = asyncio.new_event_loop()
-    try:
-        while True:
-            try:
-                yield loop.run_until_complete(agen.__anext__())
-            except StopAsyncIteration:
-                return
-    finally:
+    asks: asyncio.Queue[bool] = asyncio.Queue()
+    answers: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+
+    async def pump() -> None:
         aclose = getattr(agen, "aclose", None)
         try:
+            while await asks.get():
+                try:
+                    item = await anext(agen)
+                except StopAsyncIteration:
+                    answers.put_nowait((_END, None))
+                    return
+                except BaseException as error:  # noqa: BLE001 - handed to the reader
+                    answers.put_nowait((_END, error))
+                    return
+                answers.put_nowait((item, None))
+        finally:
             if aclose is not None:
-                loop.run_until_complete(aclose())
+                await aclose()
+
+    task = loop.create_task(pump())
+    try:
+        while True:
+            asks.put_nowait(True)
+            item, error = loop.run_until_complete(answers.get())
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        try:
+            asks.put_nowait(False)
+            loop.run_until_complete(task)
             loop.run_until_complete(loop.shutdown_asyncgens())  # any the backend left open
         finally:
             loop.close()

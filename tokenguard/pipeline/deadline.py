@@ -14,6 +14,7 @@ from tokenguard.errors import BackendTimeout
 __all__ = ["with_deadline"]
 
 T = TypeVar("T")
+_in_this_task: Any = getattr(asyncio, "timeout", None)  # Python 3.11+
 _DONE: Any = object()
 _POLL_S = 0.05  # how often a blocked worker checks whether the stream was closed
 
@@ -110,11 +111,26 @@ class _AsyncDeadlineIterator(AsyncIterator[T]):
     async def __anext__(self) -> T:
         started = time.monotonic()
         try:
-            return await asyncio.wait_for(anext(self._chunks), max(self._left, 0.0))
-        except asyncio.TimeoutError:
-            raise _expired(self._timeout) from None
+            return await self._step(max(self._left, 0.0))
         finally:
             self._left -= time.monotonic() - started
+
+    async def _step(self, left: float) -> T:
+        if _in_this_task is None:  # Python 3.10: wait_for runs the step in a task of its own
+            try:
+                return await asyncio.wait_for(anext(self._chunks), left)
+            except asyncio.TimeoutError:
+                raise _expired(self._timeout) from None
+        # In this task: a backend's own asyncio.timeout (or anyio scope) held across its
+        # yields must see every step run in the one task it was entered in.
+        deadline = _in_this_task(left)
+        try:
+            async with deadline:
+                return await anext(self._chunks)
+        except TimeoutError:
+            if deadline.expired():
+                raise _expired(self._timeout) from None
+            raise  # the backend's own timeout, not the guard's
 
     async def aclose(self) -> None:
         aclose = getattr(self._chunks, "aclose", None)

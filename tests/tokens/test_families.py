@@ -165,3 +165,11 @@ def test_a_non_tokenizer_file_is_refused(tmp_path: Path) -> None:
     fake.write_bytes(b"nope")
     with pytest.raises(tg.UnknownTokenizer, match="GGUF"):
         tg.get_tokenizer(fake)
+
+
+def test_decoding_an_id_outside_the_vocabulary_is_an_invalid_request(tokenizer: tg.Tokenizer) -> None:
+    # tiktoken raised KeyError or OverflowError, the Hugging Face families returned "".
+    for ids in ([tokenizer.vocab_size], [-1], ["a"], [True], "abc"):
+        with pytest.raises(tg.InvalidRequest, match="token id"):
+            tokenizer.decode(ids)  # type: ignore[arg-type]
+    assert tokenizer.decode(tokenizer.encode("hello")) == "hello"

@@ -317,6 +317,18 @@ def check_message(index: int, message: object) -> Mapping[str, Any]:
     return message
 
 
+def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """``ids`` as a list, after checking each is a token id of the vocabulary (families
+    otherwise fail each their own way, or decode nothing without a word)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InvalidRequest(f"ids must be a list of token ids, got {type(ids).__name__}")
+    listed = list(ids)
+    for i in listed:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise InvalidRequest(f"{i!r} is no token id of this vocabulary (0 to {vocab_size - 1})")
+    return listed
+
+
 def check_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
     """``tools`` after checking it is OpenAI's list of function tools (``None``: none)."""
     if tools is None:

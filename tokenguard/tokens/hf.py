@@ -12,6 +12,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFBackend
 
 from tokenguard.errors import UnknownTokenizer
+from tokenguard.tokens.base import check_ids
 from tokenguard.tokens.templated import TemplatedTokenizer
 
 
@@ -53,7 +54,7 @@ class HFTokenizer(TemplatedTokenizer):
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=False)
+        return self.backend.decode(check_ids(ids, self.vocab_size), skip_special_tokens=False)
 
     def _token_texts(self) -> Iterable[str]:
         ids = [[i] for i in range(self.backend.get_vocab_size(with_added_tokens=False))]

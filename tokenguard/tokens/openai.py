@@ -30,7 +30,7 @@ import regex
 import tiktoken
 
 from tokenguard.errors import InvalidRequest, MissingDependency, TokenGuardError, UnknownTokenizer
-from tokenguard.tokens.base import Message, Tokenizer, check_messages, check_tools
+from tokenguard.tokens.base import Message, Tokenizer, check_ids, check_messages, check_tools
 
 ENDOFTEXT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
@@ -192,7 +192,7 @@ class TiktokenTokenizer(Tokenizer):
         return max(map(len, self.encoding._mergeable_ranks))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode(list(ids))
+        return self.encoding.decode(check_ids(ids, self.vocab_size))
 
     @property
     def special_tokens(self) -> Mapping[str, int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import sentencepiece
 
 from tokenguard.errors import UnknownTokenizer
+from tokenguard.tokens.base import check_ids
 from tokenguard.tokens.templated import TemplatedTokenizer
 
 
@@ -37,7 +38,7 @@ class SentencePieceTokenizer(TemplatedTokenizer):
         return self.processor.encode(text, out_type=int)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.processor.decode(list(ids))
+        return self.processor.decode(check_ids(ids, self.vocab_size))
 
     def _token_texts(self) -> Iterable[str]:
         sp = self.processor

@@ -144,6 +144,16 @@ class _Read:
         self.finished = self.finished or chunk.finish_reason is not None
         return chunk
 
+    def whole(self, response: httpx.Response, body: bytes) -> Chunk:
+        """The one chunk of a 2xx answer that is no event stream: a whole chat completion
+        (a server that ignores ``stream``); anything else raises, naming what came."""
+        answer = _not_a_stream(response, body, self.url)
+        if isinstance(answer, BackendError):
+            raise answer
+        self.finished = answer.finish_reason is not None
+        self.end("sent a whole answer")
+        return answer
+
     def end(self, how: str) -> None:
         """The stream ended (``how``: what the server did); raise unless it finished."""
         if not self.finished:
@@ -275,12 +285,7 @@ class OpenAICompatible(Backend):
                 raise _error(r, _head(r.iter_bytes()), self.shown_url)
             read.answered = True
             if not _is_stream(r):
-                whole = _not_a_stream(r, _head(r.iter_bytes()), self.shown_url)
-                if isinstance(whole, BackendError):
-                    raise whole
-                read.finished = whole.finish_reason is not None
-                yield whole
-                read.end("sent a whole answer")
+                yield read.whole(r, _head(r.iter_bytes()))
                 return
             lines = r.iter_lines()
             for data in iter_sse_data(lines):
@@ -309,12 +314,7 @@ class OpenAICompatible(Backend):
                     raise _error(r, await _ahead(r.aiter_bytes()), self.shown_url)
                 read.answered = True
                 if not _is_stream(r):
-                    whole = _not_a_stream(r, await _ahead(r.aiter_bytes()), self.shown_url)
-                    if isinstance(whole, BackendError):
-                        raise whole
-                    read.finished = whole.finish_reason is not None
-                    yield whole
-                    read.end("sent a whole answer")
+                    yield read.whole(r, await _ahead(r.aiter_bytes()))
                     return
                 lines = r.aiter_lines()
                 async for data in aiter_sse_data(lines):

@@ -311,3 +311,19 @@ def test_answers_that_are_not_event_streams(run):
     reply = complete(url)
     assert (reply.text, reply.stop_reason, reply.usage.output_tokens) == ("Hi", "stop", 1)
     server.shutdown()
+
+
+def test_an_event_loop_s_client_closes_as_the_loop_shuts_down(openai_server):
+    backend = OpenAICompatible(openai_server.base_url, "gpt-4o-mini")
+    guard = Guard(backend)
+    clients = []
+
+    async def call() -> None:
+        await guard.acomplete("hi")
+        clients.append(await backend._aclient())
+
+    for _ in range(3):  # an application that runs asyncio.run per request
+        asyncio.run(call())
+    # Each loop's client (its pooled connections) closed as asyncio.run shut the loop down,
+    # not whenever the garbage collector gets to it.
+    assert len({id(client) for client in clients}) == 3 and all(client.is_closed for client in clients)

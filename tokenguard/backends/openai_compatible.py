@@ -76,6 +76,13 @@ def _not_a_stream(response: httpx.Response, body: bytes, url: str) -> BackendErr
                         f"not an event stream: {text}", response.status_code)
 
 
+async def _closed_with_the_loop(client: httpx.AsyncClient) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
 # Of an answer that is not a stream, the most bytes read (an error page can be endless).
 _MOST_BODY_BYTES = 1 << 20
 
@@ -224,10 +231,11 @@ class OpenAICompatible(Backend):
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
         self._client: httpx.Client | None = None
-        # One AsyncClient per event loop: an httpx AsyncClient must not cross loops.
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        # One AsyncClient per event loop (an httpx AsyncClient must not cross loops), with
+        # the suspended generator that closes it as the loop shuts down.
+        self._aclients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, AsyncIterator[None]]
+        ] = weakref.WeakKeyDictionary()
 
     def cache_identity(self) -> object:
         """The server and the model: two servers may serve different models by one name."""
@@ -297,19 +305,25 @@ class OpenAICompatible(Backend):
                 yield chunk
             read.end("closed the stream")
 
-    def _aclient(self) -> httpx.AsyncClient:
+    async def _aclient(self) -> httpx.AsyncClient:
+        """This event loop's client (an httpx AsyncClient must not cross loops). It is
+        closed as its loop shuts down (``asyncio.run`` does at its end): a suspended
+        async generator of the loop holds it, and the loop closes those then."""
         loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            client = self._aclients[loop] = httpx.AsyncClient(timeout=self.timeout)
-        return client
+        held = self._aclients.get(loop)
+        if held is None:
+            client = httpx.AsyncClient(timeout=self.timeout)
+            closer = _closed_with_the_loop(client)
+            await anext(closer)  # now the loop knows it, and closes it when it shuts down
+            held = self._aclients[loop] = (client, closer)
+        return held[0]
 
     async def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
         read = _Read(self.shown_url)
         body = self._body(messages, params)
         with read.transport_errors():
-            async with self._aclient().stream("POST", self.url, json=body, headers=self.headers,
-                                              params=self.query) as r:
+            client = await self._aclient()
+            async with client.stream("POST", self.url, json=body, headers=self.headers, params=self.query) as r:
                 if r.status_code >= 300:
                     raise _error(r, await _ahead(r.aiter_bytes()), self.shown_url)
                 read.answered = True

@@ -283,6 +283,7 @@ async def _in_own_thread(work: Callable[[], _T]) -> _T:
     caller's cancellation still reaches the caller at once."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[_T] = loop.create_future()
+    done.add_done_callback(_retrieved)  # a caller that left does not read it: no "never retrieved" noise
     context = contextvars.copy_context()  # as asyncio.to_thread: the call tree goes along
 
     def settle(result: _T | None, error: BaseException | None) -> None:
@@ -303,3 +304,8 @@ async def _in_own_thread(work: Callable[[], _T]) -> _T:
 
     threading.Thread(target=run, name="tokenguard-call", daemon=False).start()
     return await asyncio.shield(done)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

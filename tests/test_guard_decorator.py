@@ -293,3 +293,14 @@ def test_tool_call_arguments_are_metered_when_the_server_reports_no_usage():
     assert list(pieces) == []  # no text for the reader
     generated = TOK.count('lookup{"city": "Paris", "days": 3}')
     assert pieces.reply.stop_reason == "tool_calls" and pieces.reply.usage.output_tokens == generated > 0
+
+
+def test_a_stream_of_several_choices_is_read_as_its_first():
+    def two_answers(messages, max_tokens):  # create(..., n=2, stream=True) interleaves them
+        for index, text in ((0, "Red"), (1, "Blue"), (0, " apple."), (1, " sky.")):
+            yield {"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+        yield {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        yield {"choices": [{"index": 1, "delta": {}, "finish_reason": "stop"}]}
+
+    pieces = guard(model="gpt-4o")(two_answers)("Name a colour and a thing of it.")
+    assert "".join(pieces) == "Red apple." and pieces.reply.text == "Red apple."

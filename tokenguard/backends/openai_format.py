@@ -60,12 +60,14 @@ def is_completion(obj: Any) -> bool:
 
 
 def _first_choice(obj: Any) -> Any:
+    """The answer the guard meters: choice 0 (with ``n > 1`` a stream interleaves the
+    choices' chunks, each marked with its ``index``; the others are not read)."""
     choices = _get(obj, "choices")
     if not choices:
         return None
     if isinstance(choices, (str, bytes, dict)) or not hasattr(choices, "__getitem__"):
         raise BackendError(f"a malformed completion: 'choices' must be a list, got {type(choices).__name__}")
-    return choices[0]
+    return next((choice for choice in choices if _get(choice, "index") in (0, None)), None)
 
 
 def chunk_from_completion(obj: Any) -> Chunk:

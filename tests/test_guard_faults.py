@@ -345,3 +345,26 @@ def test_a_backend_s_own_timeout_across_its_yields_still_fires(how):
     with pytest.raises(TimeoutError) as raised:
         guard.complete("hi") if how == "sync" else asyncio.run(guard.acomplete("hi"))
     assert not isinstance(raised.value, BackendTimeout)  # the backend's own, not the guard's
+
+
+def test_a_timed_stream_dropped_unclosed_closes_its_backend():
+    import gc
+
+    closed = []
+
+    def model(messages, max_tokens):
+        try:
+            for i in range(60):
+                yield f" word{i}"
+        finally:
+            closed.append(True)
+
+    guard = Guard(model, model="gpt-4o", timeout=30, stop=None)
+    stream = guard.stream("hi")
+    next(stream)
+    del stream  # neither read to the end nor closed
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while not closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert closed == [True] and guard.ledger.records()[0]["stop_reason"] == "cancelled"

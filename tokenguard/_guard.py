@@ -409,11 +409,11 @@ class Guard:
         return AsyncGuardStream(open_, inline=inline)
 
     def can_run_inline(self, prompt_or_messages: object) -> bool:
-        """Whether an async call with this input may run the guard's steps (admission,
-        counting, budgets, the ledger) on the event loop rather than in a worker thread,
-        which costs two thread hand-offs a call (about 270 us of CPU here, more than the
-        steps). Only when none of them can wait: every budget, the ledger and the
-        histories in this process, no cache and no context strategy but
+        """Whether an async call with this input may run the guard's steps (admission, counting,
+        budgets, the ledger) on the event loop rather than in worker threads, which
+        costs two thread hand-offs a call (more CPU than the steps themselves). Only
+        when none of them can wait: every budget, the ledger and the histories in this
+        process, no cache and no context strategy but
         :class:`~tokenguard.context.TailOnly`, a backend that loads no model, a prompt
         under 16,000 characters, not nested in another guarded call, and after this
         guard's first call (which loads the tokenizer). Meter observers run inline too:

@@ -55,6 +55,8 @@ def _checked(values: dict[str, Any]) -> None:
     other types (numpy's, a whole float) become Python ints and floats."""
     for name in _INTEGERS:
         value = values[name]
+        if type(value) is int and value >= 0:  # the common case, without the numbers ABCs' cost
+            continue
         if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
             value = int(float(value))
         if not isinstance(value, numbers.Integral) or value < 0:
@@ -62,7 +64,7 @@ def _checked(values: dict[str, Any]) -> None:
         values[name] = int(value)  # cached=True is 1
     for name in _REALS:
         value = values[name]
-        if value is None:
+        if value is None or (type(value) is float and math.isfinite(value)):
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise InvalidRequest(f"ledger column {name!r} takes a finite number or None, got {value!r}")

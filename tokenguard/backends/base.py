@@ -9,11 +9,13 @@ the policy: counting, caps, budgets and the ledger.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import numbers
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -169,17 +171,25 @@ class Backend(Protocol):
 _END = object()
 
 
+# Threads of tokenguard's own, started once and reused (a thread a call cost 150 us):
+# the opening and ending of async calls (short, and they must finish: the interpreter
+# waits for them at exit) and blocking backends' streams (as long as the stream). Not
+# the default executor, which the application may fill, and which has few workers.
+CALL_STEPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokenguard-call")
+BACKEND_STREAMS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="tokenguard-backend")
+
+
 async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 1) -> AsyncIterator[T]:
-    """Run a blocking iterator in a thread of its own and yield its items on the event
-    loop, the thread at most ``buffer`` items ahead (a stream closed early does not go
-    on generating).
+    """Run a blocking iterator in a thread of :data:`BACKEND_STREAMS` and yield its items
+    on the event loop, the thread at most ``buffer`` items ahead (a stream closed early
+    does not go on generating).
 
     Closing the async iterator asks the worker to stop after its current item and close
     the blocking iterator there (generators are closed in the thread that runs them).
     The worker runs in a copy of the caller's context (as ``asyncio.to_thread`` does),
     so context variables, such as the guard's call tree, reach the blocking code. It is
-    a thread of its own, not one of the default executor's few: a stream holds it for
-    as long as it runs, and concurrent calls must not queue behind each other.
+    not one of the default executor's few: a stream holds it for as long as it runs, and
+    concurrent calls must not queue behind each other.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
@@ -192,17 +202,24 @@ async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 1) -
         except RuntimeError:  # the loop is gone: nobody is listening any more
             stop.set()
 
+    def wait_for_room() -> bool:
+        """Whether the reader wants another item (False: it left, or its loop closed)."""
+        while not room.acquire(timeout=0.1):
+            if stop.is_set() or loop.is_closed():
+                return False
+        return not stop.is_set()
+
     def run() -> None:
         iterator = None
         try:
             iterator = make()
-            for item in iterator:
+            while wait_for_room():  # asked for before it is made: at most `buffer` ahead
+                item = next(iterator, _END)
+                if item is _END:
+                    break
                 put(item)
-                while not room.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                if stop.is_set():
-                    return
+            else:
+                return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer
             put(_END, error)
             return
@@ -212,8 +229,7 @@ async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 1) -
                 close()
         put(_END)
 
-    context = contextvars.copy_context()
-    threading.Thread(target=context.run, args=(run,), name="tokenguard-backend", daemon=True).start()
+    BACKEND_STREAMS.submit(contextvars.copy_context().run, run)
     try:
         while True:
             item, error = await queue.get()
@@ -263,10 +279,13 @@ def iter_async(agen: AsyncIterator[T]) -> Iterator[T]:
                 await aclose()
 
     task = loop.create_task(pump())
+    stepping = False  # a step is running: leaving now (Ctrl-C) must not wait for it
     try:
         while True:
             asks.put_nowait(True)
+            stepping = True
             item, error = loop.run_until_complete(answers.get())
+            stepping = False
             if item is _END:
                 if error is not None:
                     raise error
@@ -274,8 +293,12 @@ def iter_async(agen: AsyncIterator[T]) -> Iterator[T]:
             yield item
     finally:
         try:
-            asks.put_nowait(False)
-            loop.run_until_complete(task)
+            if stepping:
+                task.cancel()
+            else:
+                asks.put_nowait(False)
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
             loop.run_until_complete(loop.shutdown_asyncgens())  # any the backend left open
         finally:
             loop.close()

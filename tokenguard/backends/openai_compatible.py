@@ -42,10 +42,10 @@ def _check_url(url: str) -> None:
     scheme) at construction, instead of on the first call."""
     try:
         parsed = httpx.URL(url)
-    except httpx.InvalidURL as error:
-        raise ConfigError(f"base_url is not a URL: {url!r} ({error})") from error
+    except httpx.InvalidURL:
+        raise ConfigError("base_url is not a URL (it is not shown: it may hold a credential)") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"base_url must be an http:// or https:// URL with a host, got {url!r}")
+        raise ConfigError(f"base_url must be an http:// or https:// URL with a host, got {_redacted(url)!r}")
 
 
 def _describe(error: BaseException) -> str:

@@ -28,57 +28,66 @@ def _expired(timeout: float) -> BackendTimeout:
     return BackendTimeout(f"the backend did not finish within the guard's timeout of {timeout:g} s")
 
 
-class _DeadlineIterator(Iterator[T]):
-    """Steps ``chunks`` in a worker thread and waits for each step at most as long as
-    the timeout has left: a ``next`` that blocks for ever cannot be interrupted in its
-    own thread. The timeout counts the time the reader waits for the backend, not the
-    reader's own time between steps (as the async twin). The worker starts at the first
-    step and runs at most one chunk ahead of the reader, so a stream that is closed (or
-    never read) does not go on generating. Once the stream ends or is closed, the
-    worker closes the backend's stream itself (a generator can only be closed by the
-    thread that may be running it); a worker stuck in a backend that never answers is a
-    daemon thread and leaves with the process."""
+class _Pump:
+    """What a deadline iterator's worker shares with its reader, and nothing more: the
+    worker must not hold the iterator, or one dropped unclosed would never be collected
+    (and its worker would keep the backend's stream open for good)."""
 
-    def __init__(self, chunks: Iterator[T], timeout: float) -> None:
-        self._timeout = timeout
-        self._left = timeout
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
-        self._closed = threading.Event()
-        self._worker = threading.Thread(target=self._pull, args=(chunks,), name="tokenguard-deadline", daemon=True)
-        self._chunks: Iterator[T] | None = chunks  # until the worker takes it, at the first step
+    def __init__(self) -> None:
+        self.items: queue.Queue[Any] = queue.Queue()
+        self.asks = threading.Semaphore(0)  # one release per item the reader waits for
+        self.closed = threading.Event()
 
-    def _pull(self, chunks: Iterator[T]) -> None:
+    def run(self, chunks: Iterator[Any]) -> None:
         try:
-            for chunk in chunks:
-                if not self._put(chunk):
-                    break
-            else:
-                self._put(_DONE)
+            while self._asked():
+                chunk = next(chunks, _DONE)
+                self.items.put(chunk)
+                if chunk is _DONE:
+                    return
         except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
-            self._put(_Failed(error))
+            self.items.put(_Failed(error))
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
 
-    def _put(self, item: Any) -> bool:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _asked(self) -> bool:
+        """Wait until the reader asks for an item (False: it closed the stream)."""
+        while not self.asks.acquire(timeout=_POLL_S):
+            if self.closed.is_set():
+                return False
+        return not self.closed.is_set()
+
+
+class _DeadlineIterator(Iterator[T]):
+    """Steps ``chunks`` in a worker thread and waits for each step at most as long as
+    the timeout has left: a ``next`` that blocks for ever cannot be interrupted in its
+    own thread. The timeout counts the time the reader waits for the backend, not the
+    reader's own time between steps (as the async twin). The worker starts at the first
+    step and pulls a chunk only when the reader asks for it, so a stream that is closed
+    (or dropped, or never read) does not go on generating. Once the stream ends or is
+    closed, the worker closes the backend's stream itself (a generator can only be
+    closed by the thread that may be running it); a worker stuck in a backend that never
+    answers is a daemon thread and leaves with the process."""
+
+    def __init__(self, chunks: Iterator[T], timeout: float) -> None:
+        self._timeout = timeout
+        self._left = timeout
+        self._pump = _Pump()
+        self._chunks: Iterator[T] | None = chunks  # until the worker takes it, at the first step
 
     def __next__(self) -> T:
+        pump = self._pump
         if self._chunks is not None:
-            self._chunks = None
-            if self._closed.is_set():
+            chunks, self._chunks = self._chunks, None
+            if pump.closed.is_set():
                 raise StopIteration
-            self._worker.start()
+            threading.Thread(target=pump.run, args=(chunks,), name="tokenguard-deadline", daemon=True).start()
         started = time.monotonic()
+        pump.asks.release()
         try:
-            item = self._queue.get(timeout=max(self._left, 0.0))
+            item = pump.items.get(timeout=max(self._left, 0.0))
         except queue.Empty:
             self.close()
             raise _expired(self._timeout) from None
@@ -91,11 +100,14 @@ class _DeadlineIterator(Iterator[T]):
         return item
 
     def close(self) -> None:
-        self._closed.set()
+        self._pump.closed.set()
         chunks, self._chunks = self._chunks, None
         close = getattr(chunks, "close", None)  # never started: no worker runs it, close it here
         if close is not None:
             close()
+
+    def __del__(self) -> None:
+        self._pump.closed.set()  # dropped unclosed: the worker stops and closes the backend's stream
 
 
 class _AsyncDeadlineIterator(AsyncIterator[T]):

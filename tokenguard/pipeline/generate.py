@@ -109,6 +109,7 @@ class Generation:
         self.calls_tools = self.calls_tools or chunk.calls_tools
         if chunk.tool_text:
             self._received.append(chunk.tool_text)  # generated: metered, though not passed on
+            self.produced = True
         if chunk.finish_reason is not None:
             # An answer that called tools ends in them, whatever the server says.
             self.finish_reason = "tool_calls" if self.calls_tools and chunk.finish_reason == "stop" else (

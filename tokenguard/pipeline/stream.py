@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from tokenguard.accounting import Reply
 from tokenguard.backends import Chunk
+from tokenguard.backends.base import CALL_STEPS
 from tokenguard.pipeline.generate import Generation, Outcome
 
 __all__ = ["AsyncGuardStream", "GuardStream", "Opened"]
@@ -199,7 +200,7 @@ class AsyncGuardStream(_Stream):
         raise StopAsyncIteration
 
     async def _open_in_thread(self, open_: Callable[[], Opened]) -> Opened:
-        """Open the call in a thread of its own. A caller cancelled meanwhile leaves the
+        """Open the call in a thread of CALL_STEPS. A caller cancelled meanwhile leaves the
         opening running: what it opens (a budget hold) is then ended as cancelled, by
         that thread or here, whichever comes second, even as the event loop shuts down."""
         lock = threading.Lock()
@@ -220,8 +221,8 @@ class AsyncGuardStream(_Stream):
             with lock:
                 state["left"] = True
                 opened = state["opened"]
-            if opened is not None:
-                self._end_unread(opened)
+            if opened is not None:  # opened, but the caller has left: end it off the loop
+                CALL_STEPS.submit(contextvars.copy_context().run, self._end_unread, opened)
             raise
 
     def _end_unread(self, opened: Opened) -> None:
@@ -233,7 +234,7 @@ class AsyncGuardStream(_Stream):
 
     async def _aend(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
         """End the call: off the event loop (the ledger and the budgets may wait on
-        SQLite) unless the stream is inline, in a thread of its own that a cancelled
+        SQLite) unless the stream is inline, in a thread of CALL_STEPS that a cancelled
         caller does not stop (nor a busy thread pool delay): the call always ends."""
         if self.reply is not None:
             return
@@ -277,10 +278,11 @@ async def _empty() -> AsyncIterator[Any]:
 
 
 async def _in_own_thread(work: Callable[[], _T]) -> _T:
-    """``work()`` in a new (non-daemon) thread, in a copy of the caller's context (as
-    ``asyncio.to_thread``): unlike the default executor's queue, it starts at once and
-    is not cancelled with its caller, and the interpreter waits for it at exit. The
-    caller's cancellation still reaches the caller at once."""
+    """``work()`` in a thread of :data:`~tokenguard.backends.base.CALL_STEPS`, in a copy
+    of the caller's context (as ``asyncio.to_thread``): unlike the default executor's
+    queue (which the application may fill), it is not cancelled with its caller, and
+    the interpreter waits for it at exit. The caller's cancellation still reaches the
+    caller at once."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[_T] = loop.create_future()
     done.add_done_callback(_retrieved)  # a caller that left does not read it: no "never retrieved" noise
@@ -302,7 +304,7 @@ async def _in_own_thread(work: Callable[[], _T]) -> _T:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="tokenguard-call", daemon=False).start()
+    CALL_STEPS.submit(run)
     return await asyncio.shield(done)
 
 

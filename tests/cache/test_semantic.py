@@ -150,6 +150,7 @@ def test_same_details_reads_numbers_words_and_order():
     assert same_details("Convert 1,500 km to miles", "convert 1500.0 km to miles")
     assert same_details("Could you please tell me what my balance is?", "What's my balance?")
     assert same_details("请问你能告诉我北京的人口吗", "北京的人口")
+    assert same_details("Could you please tell me: what's the capital of france??", "What is the capital of France?")
     assert not same_details("Can you swim?", "Will you swim?")  # a question about you, not a polite frame
     assert not same_details("What can you do?", "What will you do?")
     assert not same_details("Call agent 007", "Call agent 7") and not same_details("Zip 02134", "Zip 2134")

@@ -57,10 +57,10 @@ _REQUESTS = (r"(?:tell|explain|show|give|help|describe|list|let|recommend|sugges
 # Polite frames around a question, set aside before anything is read: "could you" only
 # at a sentence's start and before a request ("Can you swim?" asks about you).
 _POLITE_EN = re.compile(
-    r"(?:^|(?<=[.!?,;:]\s))(?:(?:could|can|would|will)\s+you\s+(?:please\s+|kindly\s+)*(?=" + _REQUESTS + r")"
-    r"|(?:please\s+)?(?:tell|show|let)\s+me(?:\s+know)?\b"
-    r"|i\s+(?:would|'d)\s+like\s+to\s+know\b|i\s+(?:want|need)\s+to\s+know\b"
-    r"|i\s+(?:was\s+|am\s+|'m\s+)?wondering\b|do\s+you\s+know\b)",
+    r"(?:(?:^|(?<=[.!?,;:]\s))(?:could|can|would|will)\s+you\s+(?:please\s+|kindly\s+)*(?=" + _REQUESTS + r")"
+    r"|\b(?:please\s+)?(?:tell|show|let)\s+me(?:\s+know)?\b"
+    r"|\bi\s+(?:would|'d)\s+like\s+to\s+know\b|\bi\s+(?:want|need)\s+to\s+know\b"
+    r"|\bi\s+(?:was\s+|am\s+|'m\s+)?wondering\b|\bdo\s+you\s+know\b)",
     re.IGNORECASE,
 )
 _CONTRACTIONS = [

@@ -150,6 +150,16 @@ def test_max_input_tokens_refuses_before_the_backend(read_probe):
     assert guard.complete("short").stop_reason == "stop"
 
 
+def test_max_completion_tokens_is_max_tokens_by_its_newer_name():
+    fn = Calls("ok")
+    guard = Guard(fn, model="gpt-4o", max_output_tokens=512)
+    guard.complete("hi", max_completion_tokens=40)
+    guard.complete("hi", max_completion_tokens=3000)  # may lower the guard's cap, never raise it
+    assert [(max_tokens, params) for _, max_tokens, params in fn.calls] == [(40, {}), (512, {})]
+    with pytest.raises(InvalidRequest, match="not both"):
+        guard.complete("hi", max_tokens=10, max_completion_tokens=20)
+
+
 def test_budget_refuses_before_the_backend_and_settles_to_actual_use():
     fn = Calls("ok")
     budget = Budget(tokens=300)

@@ -339,3 +339,21 @@ def test_a_scope_sets_the_share_its_calls_may_forward():
     assert (wide["scope"], none["scope"], root["scope"]) == ("wide", "none", None)
     assert 0.9 * root["input_tokens"] < wide["input_tokens"] <= root["input_tokens"]
     assert none["input_tokens"] == tg.count_tokens([task(2)], model="gpt-4o")
+
+
+def test_a_nested_call_s_tool_definitions_count_against_its_scope():
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": "Looks something up in the company knowledge base and returns it " * 6,
+    }} for i in range(5)]
+    got = []
+    child = tg.Guard(lambda messages, max_tokens, **kw: got.append(messages) or "c", model="gpt-4o")
+
+    def plan(messages, max_tokens):
+        child.complete([*messages, {"role": "user", "content": "Look up note 3."}], tools=tools)
+        return "p"
+
+    parent = tg.Guard(plan, model="gpt-4o")
+    notes = [{"role": "user", "content": f"Note {i}: " + "details " * 20} for i in range(15)]
+    with tg.scope("research", max_input_tokens=450):
+        parent.complete([*notes, {"role": "user", "content": "Plan."}])
+    assert tg.count_tokens(got[-1], model="gpt-4o", tools=tools) <= 450  # was 508: the tools were not counted

@@ -363,6 +363,10 @@ class Guard:
         prepared while another guarded call runs, it is that call's child."""
         messages = as_messages(prompt_or_messages)
         _check_caller(user, session)
+        if "max_completion_tokens" in params:  # OpenAI's newer name for the same cap
+            if "max_tokens" in params:
+                raise InvalidRequest("pass max_tokens or max_completion_tokens, not both")
+            params["max_tokens"] = params.pop("max_completion_tokens")
         max_out = _max_tokens(params.pop("max_tokens", None), self.max_output_tokens)
         params["max_tokens"] = max_out
         backend = backend or self.backend

@@ -68,6 +68,11 @@ class TrimForwarded:
                     f"of {limit} of scope {outer.name!r}",
                 )
             return
+        tools = call.tokenizer.count_tools(call.tools)  # sent whole: the messages get what is left
+        if limit is not None:
+            limit = max(limit - tools, 0)
+        if fill is not None:
+            fill = max(fill - tools, 0)
         try:
             fitted = self.strategy.fit(
                 call.messages, _UNBOUNDED if limit is None else limit, call.tokenizer, keep=own, fill=fill

@@ -142,6 +142,35 @@ def test_cookbook_tool_counts(model: str, expected: int) -> None:
     assert tg.count_tokens(WEATHER_MESSAGES, model=model, tools=WEATHER_TOOLS) == expected
 
 
+def test_tools_with_referenced_definitions_count_what_they_refer_to() -> None:
+    # pydantic writes nested models as $ref into $defs, optional ones as anyOf: they were not counted.
+    tokenizer = tg.get_tokenizer("gpt-4o")
+    address = {"type": "object", "properties": {"city": {"type": "string", "description": "The city, in full"}}}
+    inline = [{"type": "function", "function": {"name": "order", "parameters": {"type": "object", "properties": {
+        "ship_to": address, "bill_to": address}}}}]
+    referenced = [{"type": "function", "function": {"name": "order", "parameters": {
+        "type": "object", "$defs": {"Address": address}, "properties": {
+            "ship_to": {"$ref": "#/$defs/Address"},
+            "bill_to": {"anyOf": [{"$ref": "#/$defs/Address"}, {"type": "null"}]}}}}}]
+    assert tokenizer.count_tools(referenced) >= tokenizer.count_tools(inline) - 2  # the types differ: "" vs object
+    looped = [{"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "$defs": {"Node": {"type": "object", "properties": {"child": {"$ref": "#/$defs/Node"}}}},
+        "properties": {"root": {"$ref": "#/$defs/Node"}}}}}]
+    assert 0 < tokenizer.count_tools(looped) < 200  # a schema that refers to itself is counted to a depth
+
+
+def test_an_input_cap_does_not_refuse_tools_their_count_fits() -> None:
+    # The cap's bounded pre-check read every string of the schema ("object", titles,
+    # patterns), which the accounting does not: a 44-token input was refused at 49.
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {
+        "code": {"type": "string", "title": "Code " * 30, "pattern": "^[A-Z]{3}-[0-9]{4}$" * 10,
+                 "examples": ["ABC-1234"] * 20}}}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    exact = tg.count_tokens(messages, model="gpt-4o", tools=tools)
+    guard = tg.Guard(lambda messages, max_tokens, **kw: "ok", model="gpt-4o", max_input_tokens=exact)
+    assert guard.complete(messages, tools=tools).usage.input_tokens == exact
+
+
 def test_nested_tool_parameters_count_and_bad_tools_are_refused() -> None:
     tokenizer = tg.get_tokenizer("gpt-4o")
     flat = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {

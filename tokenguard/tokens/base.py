@@ -67,6 +67,19 @@ class Tokenizer(ABC):
         """Exact prompt size of an OpenAI-style message list, reply priming included,
         with the definitions of ``tools`` (OpenAI's ``tools=`` list) when given."""
 
+    def tool_texts(self, tools: Sequence[Mapping[str, Any]] | None) -> Iterator[str]:
+        """The texts of ``tools`` that their count reads (a chat template renders all of
+        them): an input cap bounds them without reading more."""
+        pending: list[Any] = [check_tools(tools)]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str):
+                yield item
+            elif isinstance(item, Mapping):
+                pending.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                pending.extend(item)
+
     def count_tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
         """The tokens the definitions of ``tools`` add to a prompt (0 for none)."""
         if not check_tools(tools):

@@ -238,27 +238,42 @@ class TiktokenTokenizer(Tokenizer):
             total += self._function_framing + self.count(f"{function['name']}:{_description(function)}")
             parameters = function.get("parameters")
             if isinstance(parameters, Mapping):
-                total += self._count_properties(parameters)
+                total += self._count_properties(parameters, _definitions(parameters))
         return total
+
+    def tool_texts(self, tools: Sequence[Mapping[str, Any]] | None) -> Iterator[str]:
+        """The texts :meth:`count_tools` reads (names, descriptions, parameter names and
+        types, enum values): an input cap bounds them without reading the rest."""
+        for tool in check_tools(tools):
+            function = tool["function"]
+            yield function["name"]
+            yield _description(function)
+            parameters = function.get("parameters")
+            if isinstance(parameters, Mapping):
+                yield from _property_texts(parameters, _definitions(parameters), 0)
 
     @cached_property
     def _function_framing(self) -> int:
         return 7 if self.encoding.name == "o200k_base" else 10
 
-    def _count_properties(self, schema: Mapping[str, Any]) -> int:
-        """The tokens of an object schema's properties, nested ones included."""
+    def _count_properties(self, schema: Mapping[str, Any], defs: Mapping[str, Any], depth: int = 0) -> int:
+        """The tokens of an object schema's properties, nested ones included: through
+        ``$ref`` to ``$defs`` and each of ``anyOf``/``oneOf``/``allOf`` (pydantic writes
+        nested models so), to a bounded depth (a schema may refer to itself)."""
+        schema = _resolved(schema, defs)
         properties = schema.get("properties")
+        if depth > _MOST_SCHEMA_DEPTH:
+            return 0
         if not isinstance(properties, Mapping) or not properties:
-            items = schema.get("items")
-            return self._count_properties(items) if isinstance(items, Mapping) else 0
+            return sum(self._count_properties(nested, defs, depth + 1) for nested in _alternatives(schema))
         total = _PROPERTIES_START
         for name, prop in properties.items():
-            prop = prop if isinstance(prop, Mapping) else {}
+            prop = _resolved(prop if isinstance(prop, Mapping) else {}, defs)
             total += _PROPERTY + self.count(f"{name}:{prop.get('type', '')}:{_description(prop)}")
             enum = prop.get("enum")
             if isinstance(enum, Sequence) and not isinstance(enum, str):
                 total += _ENUM_START + sum(_ENUM_ITEM + self.count(str(item)) for item in enum)
-            total += self._count_properties(prop)
+            total += self._count_properties(prop, defs, depth + 1)
         return total
 
     def _count_tool_call(self, call: Mapping[str, Any]) -> int:
@@ -334,6 +349,56 @@ def long_blank_pretokens(text: str, *, trailing: bool) -> Iterator[tuple[int, in
 # The OpenAI cookbook's framing tokens for tool definitions (besides each function's
 # own, in TiktokenTokenizer._function_framing).
 _PROPERTIES_START, _PROPERTY, _ENUM_START, _ENUM_ITEM, _TOOLS_END = 3, 3, -3, 3, 12
+
+
+_MOST_SCHEMA_DEPTH = 8
+
+
+def _definitions(parameters: Mapping[str, Any]) -> Mapping[str, Any]:
+    found = parameters.get("$defs") or parameters.get("definitions")
+    return found if isinstance(found, Mapping) else {}
+
+
+def _resolved(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``schema`` with a local ``$ref`` (``#/$defs/Name``) replaced by what it names (the
+    ref site's own keys, such as its description, kept)."""
+    ref = schema.get("$ref")
+    if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/")):
+        return schema
+    target = defs.get(ref.rsplit("/", 1)[1])
+    if not isinstance(target, Mapping):
+        return schema
+    return {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+
+
+def _alternatives(schema: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """The schemas nested in one without properties of its own: its items, its choices."""
+    items = schema.get("items")
+    if isinstance(items, Mapping):
+        yield items
+    for key in ("anyOf", "oneOf", "allOf"):
+        choices = schema.get(key)
+        if isinstance(choices, Sequence) and not isinstance(choices, str):
+            yield from (choice for choice in choices if isinstance(choice, Mapping))
+
+
+def _property_texts(schema: Mapping[str, Any], defs: Mapping[str, Any], depth: int) -> Iterator[str]:
+    schema = _resolved(schema, defs)
+    if depth > _MOST_SCHEMA_DEPTH:
+        return
+    properties = schema.get("properties")
+    if not isinstance(properties, Mapping) or not properties:
+        for nested in _alternatives(schema):
+            yield from _property_texts(nested, defs, depth + 1)
+        return
+    for name, prop in properties.items():
+        prop = _resolved(prop if isinstance(prop, Mapping) else {}, defs)
+        yield str(name)
+        yield _description(prop)
+        enum = prop.get("enum")
+        if isinstance(enum, Sequence) and not isinstance(enum, str):
+            yield from (str(item) for item in enum)
+        yield from _property_texts(prop, defs, depth + 1)
 
 
 def _description(schema: Mapping[str, Any]) -> str:

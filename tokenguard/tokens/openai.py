@@ -247,7 +247,7 @@ class TiktokenTokenizer(Tokenizer):
         for tool in check_tools(tools):
             function = tool["function"]
             yield function["name"]
-            yield _description(function)
+            yield from _raw_description(function)  # as given: a bound's texts are not copied
             parameters = function.get("parameters")
             if isinstance(parameters, Mapping):
                 yield from _property_texts(parameters, _definitions(parameters), 0)
@@ -394,11 +394,17 @@ def _property_texts(schema: Mapping[str, Any], defs: Mapping[str, Any], depth: i
     for name, prop in properties.items():
         prop = _resolved(prop if isinstance(prop, Mapping) else {}, defs)
         yield str(name)
-        yield _description(prop)
+        yield from _raw_description(prop)
         enum = prop.get("enum")
         if isinstance(enum, Sequence) and not isinstance(enum, str):
             yield from (str(item) for item in enum)
         yield from _property_texts(prop, defs, depth + 1)
+
+
+def _raw_description(schema: Mapping[str, Any]) -> Iterator[str]:
+    description = schema.get("description")
+    if isinstance(description, str):
+        yield description
 
 
 def _description(schema: Mapping[str, Any]) -> str:

@@ -334,6 +334,16 @@ def test_a_backend_reporting_numpy_counts_is_metered_and_recorded():
     assert guard.ledger.records()[0]["input_tokens"] == 7
 
 
+def test_a_server_s_reported_output_past_the_cap_is_billed_to_the_cap():
+    # A server that ignored max_tokens said it wrote 600 tokens: the budget went 588 under.
+    completion = {"choices": [{"message": {"role": "assistant", "content": "word " * 600}, "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 11, "completion_tokens": 600}}
+    budget = Budget(tokens=1000)
+    guard = Guard(lambda messages, max_tokens: completion, model="gpt-4o", budget=budget, max_output_tokens=10)
+    reply = guard.complete("hi")
+    assert reply.usage.output_tokens == 10 and budget.spent()["tokens"] == 11 + 10
+
+
 def test_cached_tokens_beyond_the_prompt_are_capped_at_it():
     completion = {"choices": [{"message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
                   "usage": {"prompt_tokens": 100, "completion_tokens": 3,

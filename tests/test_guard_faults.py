@@ -300,7 +300,7 @@ def test_a_malformed_answer_is_a_backend_error_with_its_row_and_no_hold():
 def test_a_call_s_parameters_cannot_replace_what_the_guard_sends():
     guard = Guard(tg.backends.OpenAICompatible("http://127.0.0.1:9/v1", "gpt-4o-mini"), max_input_tokens=20)
     for params in ({"messages": [{"role": "user", "content": "word " * 5000}]}, {"model": "gpt-4o"},
-                   {"max_completion_tokens": 100_000}, {"stream": False}, {"n": 2}):
+                   {"stream": False}, {"n": 2}):  # max_completion_tokens is max_tokens: it may only lower the cap
         with pytest.raises(tg.InvalidRequest):
             guard.complete("hi", **params)  # refused before any request is made
 

@@ -806,3 +806,31 @@ def test_the_bundled_runner_serves_concurrent_clients_and_frees_its_kv_blocks(bu
         assert row["output_tokens"] == usage.completion_tokens
     assert Counter(r["stop_reason"] for r in rows.values())["cancelled"] == 1
     assert metrics["tokenguard_kv_blocks_total"] > 0 and metrics["tokenguard_engine_running"] == 0
+
+
+def test_an_upstream_s_refusal_and_busy_answers_reach_the_client_as_such():
+    from tokenguard.errors import BackendError
+    from tokenguard.serve.errors import api_error
+
+    refused = api_error(BackendError(
+        "POST http://llm.internal/v1/chat/completions answered 400: {\"message\": \"maximum context length is 8192\"}",
+        400))
+    assert refused.status == 400 and "maximum context length is 8192" in refused.body()["error"]["message"]
+    assert "llm.internal" not in json.dumps(refused.body())  # its words, not its address
+    busy = api_error(BackendError("POST http://llm.internal/v1/chat/completions answered 429: slow down", 429))
+    assert busy.status == 429 and busy.headers.get("retry-after") == "1"
+    assert api_error(BackendError("POST http://x/v1/chat/completions answered 500: boom", 500)).status == 502
+
+
+def test_an_upstream_s_finish_reason_and_a_usd_budget_are_said_as_they_are():
+    from tokenguard.accounting import Reply, Usage
+    from tokenguard.errors import BudgetExceeded
+    from tokenguard.serve.errors import api_error
+    from tokenguard.serve.shapes import finish_reason
+
+    for reason, said in (("content_filter", "content_filter"), ("tool_calls", "tool_calls"), ("length", "length"),
+                         ("repetition", "stop"), ("stop", "stop")):
+        assert finish_reason(Reply("x", reason, [], Usage(), "r", "m")) == said
+    spending = tg.Budget(usd=0.0001, per="user")
+    refusal = api_error(BudgetExceeded(spending, "user:ann", "usd", 0.005, 0.0001))
+    assert refusal.status == 429 and "your spending budget is spent" in refusal.body()["error"]["message"]

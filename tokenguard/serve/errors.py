@@ -76,8 +76,16 @@ def _budget_refusal(error: BudgetExceeded) -> ApiError:
     retry = _seconds_to_next_window(window)
     if retry is not None:
         headers["retry-after"] = str(retry)
-    return ApiError(429, f"{scope} token budget is spent{span}: this request {amounts}",
+    kind = "spending" if error.unit == "usd" else "token"
+    return ApiError(429, f"{scope} {kind} budget is spent{span}: this request {amounts}",
                     type="insufficient_quota", code="insufficient_quota", headers=headers, reason="budget_exceeded")
+
+
+def _upstream_words(error: BackendError) -> str:
+    """What an upstream said in its refusal: the text after the status in the backend's
+    message (``POST <url> answered 400: <body>``), the URL left out."""
+    _, _, body = str(error).partition(f"answered {error.status}")
+    return body.lstrip(": ").strip()[:500] or "no reason given"
 
 
 def api_error(error: BaseException, *, request_id: str | None = None) -> ApiError:
@@ -95,6 +103,14 @@ def api_error(error: BaseException, *, request_id: str | None = None) -> ApiErro
     if isinstance(error, BackendError):
         logger.warning("request %s: the backend failed: %s", request_id, error)
         said = f" (it answered {error.status})" if error.status else ""
+        if error.status == 429 or error.status == 503:  # the upstream is busy: the client may come back
+            return ApiError(error.status, f"the model backend is busy{said}; try again shortly",
+                            type="api_error", code="upstream_busy", headers={"retry-after": "1"})
+        if error.status is not None and 400 <= error.status < 500 and error.status not in (401, 403):
+            # The upstream refused the request itself (too long for its model, a bad value):
+            # the client's to fix, and not to retry. Its own words, without its URL.
+            return ApiError(400, f"the model backend refused the request{said}: {_upstream_words(error)}",
+                            code="upstream_refused")
         return ApiError(502, f"the model backend failed{said}", type="api_error", code="backend_error")
     if isinstance(error, TokenGuardError) and isinstance(error, ValueError) and not isinstance(error, ConfigError):
         # A request the backend itself cannot take (the bundled runner's KV pool is smaller than it).

@@ -31,9 +31,14 @@ def dumps(obj: Any) -> bytes:
 
 def finish_reason(reply: Reply) -> str:
     """OpenAI's ``finish_reason`` for a reply: ``"length"`` when its text was cut at the
-    output cap (a cached answer's when the call that stored it was), else ``"stop"`` (the
-    model finished, a stop string, a loop the guard ended)."""
-    return "length" if (reply.cached_stop_reason or reply.stop_reason) == "length" else "stop"
+    output cap (a cached answer's when the call that stored it was), the upstream's
+    ``"content_filter"`` or ``"tool_calls"`` as it said them, else ``"stop"`` (the model
+    finished, a stop string, a loop the guard ended)."""
+    reason = reply.cached_stop_reason or reply.stop_reason
+    return reason if reason in _OPENAI_REASONS else "stop"
+
+
+_OPENAI_REASONS = frozenset({"length", "content_filter", "tool_calls"})
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:

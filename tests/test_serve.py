@@ -834,3 +834,18 @@ def test_an_upstream_s_finish_reason_and_a_usd_budget_are_said_as_they_are():
     spending = tg.Budget(usd=0.0001, per="user")
     refusal = api_error(BudgetExceeded(spending, "user:ann", "usd", 0.005, 0.0001))
     assert refusal.status == 429 and "your spending budget is spent" in refusal.body()["error"]["message"]
+
+
+def test_fields_sent_with_their_defaults_ask_for_nothing_and_pass():
+    # Clients that fill every field with its default (penalties of 0, an empty logit_bias)
+    # could not use the bundled gateway: each default was refused as a request.
+    from tokenguard.serve.errors import ApiError
+    from tokenguard.serve.parse import BUNDLED_PARAMS, parse_chat
+
+    hi = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for neutral in ({"logit_bias": {}}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"tool_choice": "none"},
+                    {"response_format": {"type": "text"}}, {"top_logprobs": 0}, {"user": ""}):
+        parse_chat({**hi, **neutral}, model="m", allowed=BUNDLED_PARAMS)
+    for asking in ({"presence_penalty": 0.5}, {"tool_choice": "auto"}, {"logit_bias": {"50256": -100}}):
+        with pytest.raises(ApiError):
+            parse_chat({**hi, **asking}, model="m", allowed=BUNDLED_PARAMS)

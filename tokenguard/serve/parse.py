@@ -130,6 +130,18 @@ def _asks(value: Any) -> bool:
     return value is not None and value is not False and value != [] and value != {}
 
 
+# Values that ask for nothing a field's absence does not: clients that send every field
+# with its default (penalties of 0, an empty logit_bias) must not be refused for them.
+_NEUTRAL: dict[str, Any] = {
+    "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
+    "min_p": 0, "repetition_penalty": 1, "tool_choice": "none", "top_logprobs": 0, "best_of": 1,
+}
+
+
+def _neutral(name: str, value: Any) -> bool:
+    return name in _NEUTRAL and not isinstance(value, bool) and value == _NEUTRAL[name]
+
+
 def _check_model(body: Mapping[str, Any], model: str) -> None:
     asked = body.get("model")
     if not isinstance(asked, str) or not asked:
@@ -223,7 +235,7 @@ def _common(body: Any, model: str, allowed: frozenset[str]) -> tuple[dict[str, A
     _check_model(body, model)
     if not body.keys() <= _PLAIN:  # the common case skips both checks
         for name, value in body.items():
-            if name in _REFUSED and _asks(value):
+            if name in _REFUSED and _asks(value) and not _neutral(name, value):
                 raise invalid(f"'{name}' is not supported: this gateway answers text, without {_REFUSED[name]}", name)
         unknown = sorted(name for name, value in body.items() if name not in _KNOWN and value is not None)
         if unknown:
@@ -242,6 +254,8 @@ def _common(body: Any, model: str, allowed: frozenset[str]) -> tuple[dict[str, A
         if value is None:
             continue
         if name not in allowed:
+            if _neutral(name, value):
+                continue  # asks for nothing this backend does not do anyway
             takes = ", ".join(sorted(allowed))
             raise invalid(f"'{name}' is not supported by this gateway's backend; it takes: {takes}", name)
         params[name] = check(name, value)
@@ -256,7 +270,7 @@ def _common(body: Any, model: str, allowed: frozenset[str]) -> tuple[dict[str, A
         if not stream:
             raise invalid("'stream_options' is only allowed with 'stream': true", "stream_options")
         include_usage = bool(options.get("include_usage"))
-    user = body.get("user")
+    user = body.get("user") or None  # "" names nobody
     if user is not None and (not isinstance(user, str) or not user or len(user) > _MAX_USER_CHARS):
         raise invalid(f"'user' must be a string of 1 to {_MAX_USER_CHARS} characters", "user")
     return params, bool(stream), include_usage, user, _metadata(body.get("metadata"))

@@ -846,6 +846,7 @@ def test_fields_sent_with_their_defaults_ask_for_nothing_and_pass():
     for neutral in ({"logit_bias": {}}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"tool_choice": "none"},
                     {"response_format": {"type": "text"}}, {"top_logprobs": 0}, {"user": ""}):
         parse_chat({**hi, **neutral}, model="m", allowed=BUNDLED_PARAMS)
-    for asking in ({"presence_penalty": 0.5}, {"tool_choice": "auto"}, {"logit_bias": {"50256": -100}}):
+    for asking in ({"presence_penalty": 0.5}, {"tool_choice": "auto"}, {"logit_bias": {"50256": -100}},
+                   {"max_tokens": 0}, {"max_completion_tokens": 0}):
         with pytest.raises(ApiError):
             parse_chat({**hi, **asking}, model="m", allowed=BUNDLED_PARAMS)

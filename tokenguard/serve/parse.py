@@ -246,7 +246,7 @@ def _common(body: Any, model: str, allowed: frozenset[str]) -> tuple[dict[str, A
     params: dict[str, Any] = {}
     caps = [(k, body[k]) for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
     for name, value in caps:
-        _integer(0)(name, value)
+        _integer(1)(name, value)  # as OpenAI: an answer of no tokens is no answer
     if caps:
         params["max_tokens"] = min(value for _, value in caps)
     for name in body.keys() & _SAMPLING.keys():

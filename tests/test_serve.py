@@ -361,7 +361,7 @@ MALFORMED = [
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}',
      "'temperature' must be >= 0 and <= 2"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
-     "'max_tokens' must be an integer >= 0"),
+     "'max_tokens' must be an integer >= 1"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1}',
      "'frequency_penalty' is not supported by this gateway's backend"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream_options": {}}',

@@ -56,7 +56,9 @@ class Meter:
                 output_tokens = min(call.tokenizer.count_until(outcome.streamed, cap), cap)
             # Past the cap the guard asked for, a backend's own count is not the guard's to
             # bill either (a server that ignored max_tokens): the reader got the cap's worth.
-            output_tokens = min(output_tokens, call.max_output_tokens)
+            # A function that takes no max_tokens was never asked: what it reports stands.
+            if getattr(call.backend, "takes_max_tokens", True):
+                output_tokens = min(output_tokens, call.max_output_tokens)
             usage = self.priced(
                 call,
                 call.count_input() if input_tokens is None else input_tokens,

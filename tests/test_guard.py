@@ -516,3 +516,16 @@ def test_a_llama_runner_is_a_backend_as_it_is(bundled_runner):
     guard = Guard(bundled_runner, max_output_tokens=4)
     assert isinstance(guard.backend, BundledRunner) and guard.backend.runner is bundled_runner
     assert guard.complete("Say hi.").usage.output_tokens <= 4
+
+
+def test_openai_sdk_messages_are_taken_as_their_dicts():
+    # The function-calling loop appends completion.choices[0].message to its list.
+    from openai.types.chat import ChatCompletionMessage
+
+    said = ChatCompletionMessage(role="assistant", content=None, tool_calls=[
+        {"id": "1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}])
+    messages = [{"role": "user", "content": "hi"}, said, {"role": "tool", "tool_call_id": "1", "content": "42"}]
+    as_dicts = [messages[0], said.model_dump(exclude_none=True), messages[2]]
+    fn = Calls("ok")
+    reply = Guard(fn, model="gpt-4o").complete(messages)
+    assert fn.calls[-1][0] == as_dicts and reply.usage.input_tokens == TOK.count_messages(as_dicts)

@@ -168,3 +168,14 @@ def test_a_chat_on_the_bundled_model_recalls_an_old_fact(bundled_runner):
     assert any(text.startswith(RECALLED_HEADER) and "4417" in text for text in recalled)
     assert len(guard.history.get("r")) == 28  # the history keeps everything; the prompt recalls
     guard.end_session("r")  # the runner is shared by the test session: give its KV blocks back
+
+
+def test_an_embedder_of_the_wrong_shape_is_a_config_error():
+    import numpy as np
+
+    history = [{"role": "user", "content": f"question {i} " + "pad " * 40} for i in range(30)]
+    for embedder in (lambda texts: [[1.0, 0.0, 0.0]], lambda texts: np.ones((len(texts), 3 + len(texts)))):
+        guard = Guard(lambda messages, max_tokens: "ok", model="gpt-4o", max_context_tokens=300,
+                      context=Retrieval(embedder))
+        with pytest.raises(ConfigError, match="one vector per text"):
+            guard.complete(history)

@@ -146,9 +146,20 @@ def as_embedder(embedder: object) -> Embedder:
     if not callable(embedder):
         raise ConfigError(f"embedder must be a callable or have .encode(), got {type(embedder).__name__}")
     function: Callable[[Sequence[str]], Any] = embedder
+    width: list[int] = []  # the vectors' dimension, once seen: an index takes one
 
     def normalised(texts: Sequence[str]) -> np.ndarray:
-        vectors = np.atleast_2d(np.asarray(function(texts), dtype=np.float32))
+        try:
+            vectors = np.atleast_2d(np.asarray(function(texts), dtype=np.float32))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"the embedder must return one vector of numbers per text: {error}") from error
+        if vectors.ndim != 2 or len(vectors) != len(texts) or (width and vectors.shape[1] != width[0]):
+            earlier = f" (earlier vectors had {width[0]} numbers)" if width else ""
+            raise ConfigError(
+                f"the embedder must return one vector per text, all of one size: asked for {len(texts)}, "
+                f"got an array of shape {vectors.shape}{earlier}"
+            )
+        width[:] = [vectors.shape[1]]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))
 

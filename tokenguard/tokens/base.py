@@ -302,15 +302,17 @@ def check_messages(messages: Sequence[Message]) -> Sequence[Message]:
     """``messages`` after checking it is a list of messages (see :func:`check_message`)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidRequest(f"messages must be a list of dicts, got {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        check_message(i, message)
-    return messages
+    return [check_message(i, message) for i, message in enumerate(messages)]
 
 
 def check_message(index: int, message: object) -> Mapping[str, Any]:
     """``message`` after checking it is an OpenAI-style message: a dict with a non-empty
     string role, and content that is a string or a list of part dicts, or ``None`` in an
-    assistant message (its tool calls say what it did)."""
+    assistant message (its tool calls say what it did). An openai SDK message (what
+    ``completion.choices[0].message`` is) is taken as its dict."""
+    dump = getattr(message, "model_dump", None)
+    if not isinstance(message, Mapping) and callable(dump):
+        message = dump(exclude_none=True)
     if not isinstance(message, Mapping):
         raise InvalidRequest(f"message {index} must be a dict with 'role' and 'content', got {type(message).__name__}")
     role = message.get("role")

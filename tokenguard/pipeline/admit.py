@@ -10,6 +10,7 @@ from tokenguard.context import content_text
 from tokenguard.errors import InputTooLong
 from tokenguard.pipeline.call import Call
 from tokenguard.tokens import Tokenizer
+from tokenguard.tokens.base import strings_in
 
 __all__ = ["Admit", "over_limit"]
 
@@ -68,20 +69,7 @@ def _texts(message: Mapping[str, Any]) -> Iterator[str]:
         elif key == "tool_calls" and isinstance(value, list):
             for call in value:
                 function = call.get("function") if isinstance(call, Mapping) else None
-                yield from _strings([function.get("name"), function.get("arguments")] if isinstance(function, Mapping)
-                                    else call)
+                yield from strings_in([function.get("name"), function.get("arguments")] if isinstance(function, Mapping)
+                                      else call)
         elif key != "role":
-            yield from _strings(value)
-
-
-def _strings(value: Any) -> Iterator[str]:
-    """Every string in ``value``, at any depth."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, Mapping):
-            pending += item.values()
-        elif isinstance(item, (list, tuple)):
-            pending += item
+            yield from strings_in(value)

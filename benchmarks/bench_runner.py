@@ -1,6 +1,7 @@
 """Single-stream speed and accuracy of the bundled runner against transformers (and llama.cpp).
 
-For each precision mode of ``LlamaRunner`` and for ``transformers`` ``generate`` on the
+For each precision mode of ``LlamaRunner`` (with its native decode step, and without it:
+every decode step through PyTorch's operators) and for ``transformers`` ``generate`` on the
 same GGUF: prefill tokens/s for one prompt, and decode tokens/s for 128 greedy new
 tokens (end-of-sequence ignored, so every engine decodes the same count). Prints the
 machine, the measured memory bandwidth and each mode's bandwidth roofline (weight bytes
@@ -294,6 +295,13 @@ def main() -> None:
         rows.append((f"tokenguard {mode}", pf, dec, roofline))
         print(f"  measured tokenguard {mode:9s} prefill {pf:8.1f} tok/s  decode {dec:7.1f} tok/s  "
               f"({mib:.0f} MiB weights/token)", flush=True)
+        if model.native_decode:  # the same model with every decode step through PyTorch's operators
+            model.use_native_decode(False)
+            pf, dec = time_runner(model, prompt_ids, args.new_tokens, args.runs)
+            model.use_native_decode(True)
+            rows.append((f"tokenguard {mode} (PyTorch path)", pf, dec, roofline))
+            print(f"  measured tokenguard {mode:9s} prefill {pf:8.1f} tok/s  decode {dec:7.1f} tok/s  "
+                  "without the native decode step", flush=True)
         models[mode] = model
     del weights
     if not args.skip_transformers:

@@ -39,6 +39,16 @@ def package_file(distribution: str, path: str) -> Path:
     return located
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_decode_built() -> None:
+    """The runner's native decode step compiled before any test (``make`` builds it; a
+    fresh checkout builds it here, once): a test never sees the first build's log line
+    or waits for it inside its own timing."""
+    from tokenguard.runner.model.native import load_extension
+
+    load_extension()
+
+
 @pytest.fixture(scope="session")
 def sentencepiece_model() -> Path:
     return package_file("mistral-common", "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3")

@@ -114,6 +114,10 @@ class FixedShapeDecode:
         hidden = self.model(self.ids, positions, self)
         return self.model.compute_logits(hidden)
 
+    def decode_slots(self) -> None:
+        """Never the native (CPU) decode step: these steps are captured for CUDA graphs."""
+        return None
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this step's ``k``/``v [B, kv_heads, D]`` and attend ``q [B, heads, D]``
         over each row's context (query heads sharing a KV head in the query-length dim,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenguard.runner.model.kv_cache import attend_one
+from tokenguard.runner.model.kv_cache import DecodeSlots, attend_one
 
 
 @dataclass(slots=True)
@@ -66,6 +66,7 @@ class PagedKVCache:
         self._decode_rows: list[int] = []
         self._decode_contexts: list[Context] = []
         self._decode_mask: torch.Tensor | None = None
+        self._decode_lengths: torch.Tensor | None = None  # of several decoding sequences
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -106,15 +107,27 @@ class PagedKVCache:
                 self._prefills.append((row, part.new, part.cached, context))
             row += part.new
         self._write = writes[0] if len(writes) == 1 else torch.cat([_as_index(w, self.device) for w in writes])
-        self._decode_mask = None
+        self._decode_mask = self._decode_lengths = None
         if len(self._decode_contexts) > 1:
-            lengths = torch.tensor([_length(c) for c in self._decode_contexts], device=self.device)
+            self._decode_lengths = lengths = torch.tensor([_length(c) for c in self._decode_contexts],
+                                                          device=self.device)
             longest = int(lengths.max())
             index = torch.zeros(len(lengths), longest, dtype=torch.long, device=self.device)
             for i, context in enumerate(self._decode_contexts):
                 index[i, : _length(context)] = _as_index(context, self.device)
             self._decode_contexts = [index]
             self._decode_mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None])[:, None, None]
+
+    def decode_slots(self) -> DecodeSlots | None:
+        if self._prefills or not self._decode_rows:
+            return None
+        write = _as_index(self._write, self.device)
+        if self._decode_lengths is None:  # one sequence
+            context = _as_index(self._decode_contexts[0], self.device)
+            return DecodeSlots(self.k, self.v, write, context[None], torch.tensor([len(context)], device=self.device))
+        index = self._decode_contexts[0]
+        assert isinstance(index, torch.Tensor)  # prepare() padded the contexts into one index
+        return DecodeSlots(self.k, self.v, write, index, self._decode_lengths)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this step's ``k``/``v [T, kv_heads, D]`` and attend ``q [T, heads, D]``."""

@@ -27,8 +27,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Precision,
-                device: torch.device | str = "cpu") -> LlamaModel:
+                device: torch.device | str = "cpu", *, native: bool = True) -> LlamaModel:
     """The model of ``weights`` (HF names) with linear layers in ``precision``'s format.
+
+    ``native``: decode-only steps on CPU run the native decode step (see
+    :mod:`~tokenguard.runner.model.native`; compiled on first use, PyTorch where it cannot be).
 
     Converting a large float checkpoint to int4 or int8 takes a while: progress is
     logged at DEBUG every quarter of the layers.
@@ -111,6 +114,7 @@ def build_model(config: LlamaConfig, weights: dict[str, Weight], precision: Prec
     if weights:
         raise UnsupportedModel(f"checkpoint has tensors the Llama model does not use: {sorted(weights)[:5]}")
     model = model.to(device).eval()
+    model.use_native_decode(native)
     logger.debug("built the model (%s on %s) in %.1f s", precision.name, device, time.perf_counter() - start)
     return model
 

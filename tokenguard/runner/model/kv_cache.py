@@ -5,10 +5,27 @@ gets the attention output back, so the engine's paged cache
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSlots:
+    """Where a decode-only step reads and writes the KV cache.
+
+    ``keys``/``values`` are the pools ``[layers, kv_heads, slots, head_dim]``; row ``b``
+    writes its new key and value at slot ``write[b]`` and attends over the slots
+    ``context[b, :lengths[b]]`` (which include ``write[b]``).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    write: torch.Tensor  # [B] int64
+    context: torch.Tensor  # [B, L] int64, rows padded past their length
+    lengths: torch.Tensor  # [B] int64
 
 
 class KVCache(Protocol):
@@ -20,6 +37,11 @@ class KVCache(Protocol):
         ``q``: ``[T, num_heads, head_dim]``; ``k``, ``v``: ``[T, num_kv_heads, head_dim]``
         (RoPE applied). Returns ``[T, num_heads, head_dim]``.
         """
+        ...
+
+    def decode_slots(self) -> DecodeSlots | None:
+        """The slots of the coming step if each of its tokens decodes one token of its own
+        sequence (the native decode step takes those, see :mod:`.native`); else None."""
         ...
 
 
@@ -61,6 +83,7 @@ class ContiguousKVCache:
         self.capacity = capacity
         self.length = 0  # tokens cached after the current step
         self._start = 0
+        self._positions = torch.arange(capacity, device=device)
 
     def begin(self, start: int, num_tokens: int) -> None:
         """Place the next forward's ``num_tokens`` tokens at positions ``start...``."""
@@ -68,6 +91,13 @@ class ContiguousKVCache:
         if start > self.length or end > self.capacity:
             raise ValueError(f"tokens {start}..{end} do not fit a cache of {self.length}/{self.capacity}")
         self._start, self.length = start, end
+
+    def decode_slots(self) -> DecodeSlots | None:
+        start, end = self._start, self.length
+        if end - start != 1:
+            return None
+        return DecodeSlots(self.k, self.v, self._positions[start:end], self._positions[None, :end],
+                           torch.tensor([end], device=self.k.device))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         start, end = self._start, self.length

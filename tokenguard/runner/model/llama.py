@@ -16,6 +16,7 @@ from torch import nn
 
 from tokenguard.runner.model.config import LlamaConfig, rope_inv_freq
 from tokenguard.runner.model.kv_cache import KVCache
+from tokenguard.runner.model.native import NativeDecode, native_decode_for
 from tokenguard.runner.model.quant import Kernel, KernelModule, kernel_of
 
 
@@ -128,15 +129,51 @@ class LlamaModel(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self._layer_steps = tuple(layer.forward for layer in layers)  # see DecoderLayer
+        self._wants_native = False
+        self._native: NativeDecode | None = None
+
+    @property
+    def native_decode(self) -> bool:
+        """Whether decode-only steps run the native decode step (see :mod:`.native`)."""
+        return self._native is not None
+
+    def use_native_decode(self, enabled: bool = True) -> bool:
+        """Run decode-only steps through the native decode step where it applies (on
+        CPU, where it can be built); return whether it now does."""
+        self._wants_native = enabled
+        self._native = native_decode_for(self) if enabled else None
+        return self._native is not None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LlamaModel:
+        """``nn.Module._apply`` (``.to()``, ...), then the native step of the moved tensors."""
+        super()._apply(fn, recurse)
+        if self._wants_native:
+            self.use_native_decode()
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and deep-copied without the native step, bound again on arrival."""
+        state = self.__dict__.copy()
+        state["_native"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.use_native_decode(self._wants_native)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed, in ``dtype``) of the tokens
         ``input_ids [T]`` at ``positions [T]``."""
         x = F.embedding(input_ids, self.embed_tokens).to(self.residual_dtype)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], float32 like HF
-        cos = freqs.cos().repeat(1, 2)[:, None, :].to(self.dtype)  # [T, 1, D]
+        cos = freqs.cos().repeat(1, 2)  # [T, D]
         sin = freqs.sin()
-        sin = torch.cat([-sin, sin], dim=-1)[:, None, :].to(self.dtype)  # signed, see apply_rope
+        sin = torch.cat([-sin, sin], dim=-1)  # signed, see apply_rope
+        native = self._native
+        slots = kv_cache.decode_slots() if native is not None else None
+        if native is not None and slots is not None:
+            return self.norm(native(x, cos, sin, slots))
+        cos, sin = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)  # [T, 1, D]
         for layer_step in self._layer_steps:
             x = layer_step(x, cos, sin, kv_cache)
         return self.norm(x)

@@ -2,9 +2,10 @@
 
 ``LlamaRunner`` serves through the engine (paged KV, batching); this loop over one
 contiguous cache is the model alone, which the benchmark times and the tests hold the
-engine to (same greedy tokens). (``torch.compile`` of the decode step was measured on CPU
-with torch 2.13, the whole step at a fixed context with the C++ wrapper: 62 s to compile
-and 14.7 ms a token against eager's 12.4, so it is not used.)
+engine to (same greedy tokens). On CPU its decode steps run the model's native decode
+step (:mod:`tokenguard.runner.model.native`). (``torch.compile`` of the decode step was
+measured on CPU with torch 2.13, the whole step at a fixed context with the C++ wrapper:
+62 s to compile and 14.7 ms a token against eager's 12.4, so it is not used.)
 """
 
 from __future__ import annotations

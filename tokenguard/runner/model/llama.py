@@ -159,7 +159,7 @@ class LlamaModel(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.use_native_decode(self._wants_native)
+        self.use_native_decode(state.get("_wants_native", False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed, in ``dtype``) of the tokens
@@ -170,7 +170,8 @@ class LlamaModel(nn.Module):
         sin = freqs.sin()
         sin = torch.cat([-sin, sin], dim=-1)  # signed, see apply_rope
         native = self._native
-        slots = kv_cache.decode_slots() if native is not None else None
+        describe = getattr(kv_cache, "decode_slots", None) if native is not None else None
+        slots = describe() if describe is not None else None  # (a cache of one's own may not describe steps)
         if native is not None and slots is not None:
             return self.norm(native(x, cos, sin, slots))
         cos, sin = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)  # [T, 1, D]

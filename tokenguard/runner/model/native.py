@@ -17,14 +17,17 @@ turns it off; ``make`` builds it ahead of time (:func:`load_extension`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.machinery
 import importlib.util
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, cast
@@ -77,48 +80,97 @@ def _build_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
 
 
-def _import_built(name: str, folder: Path) -> ModuleType | None:
-    """The extension ``name`` if ``folder`` holds its build (importing it takes milliseconds;
-    asking the builder whether it is up to date takes half a second)."""
-    library = folder / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
+def _import(name: str, library: Path) -> ModuleType | None:
+    """The extension ``name`` from ``library`` (milliseconds; asking PyTorch's builder
+    whether a build is up to date takes half a second), or None if there is none or it
+    does not load (then it is built again)."""
     if not library.is_file():
-        library = folder / f"{name}.so"
-        if not library.is_file():
-            return None
+        return None
     spec = importlib.util.spec_from_file_location(name, library)
     if spec is None or spec.loader is None:
         return None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        logger.debug("could not load %s (%s); building it again", library, e)
+        return None
     return module
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """One builder at a time across processes. The kernel drops an ``flock`` when its
+    process dies, so a build killed halfway (Ctrl-C during a first start) leaves no lock
+    behind for the next one to wait on forever."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: builds may overlap; each writes its own scratch folder
+        yield
+        return
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_or_build() -> ModuleType:
+    """The extension from its cached build, else built now: in a scratch folder, then moved
+    into place in one rename, so a reader never sees half a library. A failed build leaves
+    its reason in ``failed.txt`` beside it, and later processes do not try again until
+    that file is deleted."""
+    name = _build_name()
+    folder = _build_root() / name
+    library = folder / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"
+    module = _import(name, library)
+    if module is not None:
+        return module
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder / "build.lock"):
+        module = _import(name, library)  # built by another process while this one waited
+        if module is not None:
+            return module
+        failed = folder / "failed.txt"
+        if failed.is_file():
+            raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()}); delete {failed} to try again")
+        from torch.utils import cpp_extension
+
+        logger.info("building the native decode step (once per machine, about 30 s)")
+        scratch = Path(tempfile.mkdtemp(prefix="build-", dir=folder))
+        try:
+            module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(_CFLAGS),
+                                        build_directory=str(scratch), verbose=False)
+            os.replace(scratch / library.name, library)
+        except Exception as e:
+            failed.write_text(_reason(e) + "\n")
+            raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return module
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 def load_extension() -> ModuleType | None:
     """The compiled extension, built on the first call on a machine; None (with a warning,
-    once) where it cannot be built, or when ``TOKENGUARD_NATIVE=0``."""
+    once a process) where it cannot be built, or when ``TOKENGUARD_NATIVE=0``."""
     global _extension, _failure
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     with _lock:
-        if _extension is not None or _failure is not None:
-            return _extension
-        name = _build_name()
-        folder = _build_root() / name
-        try:
-            _extension = _import_built(name, folder)
-            if _extension is None:
-                from torch.utils import cpp_extension
-
-                logger.info("building the native decode step (once per machine, about 30 s)")
-                folder.mkdir(parents=True, exist_ok=True)
-                _extension = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(_CFLAGS),
-                                                build_directory=str(folder), verbose=False)
-        except Exception as e:  # noqa: BLE001 - any failure to build falls back to PyTorch
-            lines = str(e).strip().splitlines()
-            _failure = f"{type(e).__name__}: {lines[-1] if lines else ''}"
-            logger.warning("the native decode step could not be built (%s); decoding runs on the slower PyTorch "
-                           "path. It needs a C++ compiler and ninja (pip install ninja); set %s=0 to skip it.",
-                           _failure, DISABLE_ENV)
+        if _extension is None and _failure is None:
+            try:
+                _extension = _load_or_build()
+            except Exception as e:  # noqa: BLE001 - any failure to build falls back to PyTorch
+                _failure = _reason(e)
+                logger.warning("the native decode step could not be built (%s); decoding runs on the slower "
+                               "PyTorch path. It needs a C++ compiler and ninja (pip install ninja); set %s=0 to "
+                               "skip it.", _failure, DISABLE_ENV)
         return _extension
 
 

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -168,31 +169,35 @@ Tensor attend(const Tensor& queries_t, const Tensor& keys_t, const Tensor& value
   const T* values = values_t.data_ptr<T>();
   const int64_t head_stride = keys_t.stride(0), context_stride = context_t.stride(0);
   const int64_t* context = context_t.data_ptr<int64_t>();
-  int64_t chunks = 1;
-  for (int64_t b = 0; b < rows; ++b) chunks = std::max(chunks, (lengths[b] + kChunk - 1) / kChunk);
-  // Per (row, query head, chunk): the chunk's largest score, its sum of exponentials and
-  // its sum of values weighted by them.
-  const int64_t partials = rows * heads * chunks;
-  std::vector<float> maxima(partials), sums(partials), weighted(partials * dim);
+  // Each row's context in chunks of kChunk positions, numbered across rows.
+  std::vector<int64_t> first_chunk(rows + 1, 0), chunk_row;
+  for (int64_t b = 0; b < rows; ++b) {
+    first_chunk[b + 1] = first_chunk[b] + (lengths[b] + kChunk - 1) / kChunk;
+    chunk_row.insert(chunk_row.end(), first_chunk[b + 1] - first_chunk[b], b);
+  }
+  const int64_t chunks = first_chunk[rows];
+  // Per (chunk, query head): the chunk's largest score, its sum of exponentials and its
+  // sum of values weighted by them (every entry is written before it is read).
+  std::vector<float> maxima(chunks * heads), sums(chunks * heads);
+  const std::unique_ptr<float[]> weighted(new float[chunks * heads * dim]);
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
-  at::parallel_for(0, rows * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * kChunk), block(kChunk * dim);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (kv_heads * chunks), g = item / chunks % kv_heads, chunk = item % chunks;
-      const int64_t start = chunk * kChunk, count = std::min(lengths[b], start + kChunk) - start;
-      if (count <= 0) continue;
+      const int64_t k = item / kv_heads, g = item % kv_heads, b = chunk_row[k];
+      const int64_t start = (k - first_chunk[b]) * kChunk, count = std::min(lengths[b] - start, kChunk);
       const int64_t* positions = context + b * context_stride + start;
       const float* q = queries + (b * heads + g * group) * dim;  // the group's query heads
-      const int64_t slot = (b * heads + g * group) * chunks + chunk;  // query head j's: slot + j * chunks
+      const int64_t slot = k * heads + g * group;  // query head j's partials: slot + j
       for (int64_t t = 0; t < count; ++t) to_float(keys + g * head_stride + positions[t] * dim, &block[t * dim], dim);
       for (int64_t j = 0; j < group; ++j) {
         const float* qj = q + j * dim;
         float* s = &scores[j * kChunk];
         for (int64_t t = 0; t < count; ++t) {
-          const float* k = &block[t * dim];
+          const float* key = &block[t * dim];
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < dim; ++i) dot += qj[i] * k[i];
+          for (int64_t i = 0; i < dim; ++i) dot += qj[i] * key[i];
           s[t] = dot * scale;
         }
         const float top = *std::max_element(s, s + count);
@@ -202,12 +207,12 @@ Tensor attend(const Tensor& queries_t, const Tensor& keys_t, const Tensor& value
           s[t] = exp_nonpositive(s[t] - top);
           total += s[t];
         }
-        maxima[slot + j * chunks] = top;
-        sums[slot + j * chunks] = total;
+        maxima[slot + j] = top;
+        sums[slot + j] = total;
       }
       for (int64_t t = 0; t < count; ++t) to_float(values + g * head_stride + positions[t] * dim, &block[t * dim], dim);
       for (int64_t j = 0; j < group; ++j) {
-        float* acc = &weighted[(slot + j * chunks) * dim];
+        float* acc = &weighted[(slot + j) * dim];
         const float* s = &scores[j * kChunk];
         std::fill(acc, acc + dim, 0.f);
         for (int64_t t = 0; t < count; ++t) {
@@ -223,16 +228,15 @@ Tensor attend(const Tensor& queries_t, const Tensor& keys_t, const Tensor& value
   T* out = out_t.data_ptr<T>();
   std::vector<float> merged(dim);
   for (int64_t b = 0; b < rows; ++b) {
-    const int64_t used = (lengths[b] + kChunk - 1) / kChunk;
     for (int64_t h = 0; h < heads; ++h) {
-      const int64_t base = (b * heads + h) * chunks;
-      const float top = *std::max_element(maxima.begin() + base, maxima.begin() + base + used);
+      float top = -INFINITY;
+      for (int64_t k = first_chunk[b]; k < first_chunk[b + 1]; ++k) top = std::max(top, maxima[k * heads + h]);
       float total = 0.f;
       std::fill(merged.begin(), merged.end(), 0.f);
-      for (int64_t c = 0; c < used; ++c) {
-        const float w = exp_nonpositive(maxima[base + c] - top);
-        total += w * sums[base + c];
-        const float* acc = &weighted[(base + c) * dim];
+      for (int64_t k = first_chunk[b]; k < first_chunk[b + 1]; ++k) {
+        const float w = exp_nonpositive(maxima[k * heads + h] - top);
+        total += w * sums[k * heads + h];
+        const float* acc = &weighted[(k * heads + h) * dim];
         for (int64_t i = 0; i < dim; ++i) merged[i] += w * acc[i];
       }
       T* o = out + (b * heads + h) * dim;
@@ -322,5 +326,8 @@ Tensor decode_layers(Tensor x, const Tensor& cos, const Tensor& sin, const std::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_layers", &decode_layers, "Every decoder layer of a decode step (see native_decode.cpp)");
+  // Arguments are converted before the call: the step itself runs without the GIL, so the
+  // engine process's other threads (requests, cancellations) are not held up by it.
+  m.def("decode_layers", &decode_layers, "Every decoder layer of a decode step (see native_decode.cpp)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -57,9 +57,9 @@ _failure: str | None = None  # why it could not be built, once tried
 
 def _build_name() -> str:
     """The extension's module name: a digest of its source, the PyTorch version, the
-    Python, the compiler flags and this CPU's instruction sets (it is compiled with ``-march=native``,
-    so a home directory shared by different machines must not share one build). A build
-    of the same name is the same build."""
+    Python, the compiler flags and this CPU's instruction sets (it is compiled with
+    ``-march=native``, so a home directory shared by different machines must not share
+    one build). A build of the same name is the same build."""
     cpu = platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -151,15 +151,7 @@ int64_t consecutive_start(const Tensor& context, const Tensor& lengths, int64_t 
   return consecutive ? positions[0] : -1;
 }
 
-// Attention of ``queries [B, H, 1, D]`` over each row's context in the layer's
-// ``keys``/``values [Hkv, slots, D]``, read where they lie. One row over consecutive slots
-// (single-stream decoding) goes to PyTorch's fused kernel on a view of the pool. Other
-// steps (a batch, or blocks out of order) would have PyTorch gather every context into
-// a padded copy first, which costs more than the attention; here work items are (row, KV
-// head, chunk of context): the query heads sharing a KV head read each key once, a long
-// context splits across threads, and the chunks' partial softmaxes are merged at the end
-// (as flash decoding does).
-constexpr int64_t kChunk = 128;
+constexpr int64_t kChunk = 128;  // context positions per attention work item
 
 // Replaces the scores ``s[0..count)`` by e^(score - max); returns (max, sum of them).
 inline std::pair<float, float> exponentiate(float* s, int64_t count) {
@@ -287,6 +279,14 @@ ChunkKernel<T> chunk_kernel(int64_t group, int64_t dim) {
   return attend_chunk<T>;
 }
 
+// Attention of ``queries [B, H, 1, D]`` over each row's context in the layer's
+// ``keys``/``values [Hkv, slots, D]``, read where they lie. One row over consecutive slots
+// (single-stream decoding) goes to PyTorch's fused kernel on a view of the pool. Other
+// steps (a batch, or blocks out of order) would have PyTorch gather every context into
+// a padded copy first, which costs more than the attention; here work items are (row, KV
+// head, chunk of context): the query heads sharing a KV head read each key once, a long
+// context splits across threads, and the chunks' partial softmaxes are merged at the end
+// (as flash decoding does).
 template <typename T>
 Tensor attend(const Tensor& queries_t, const Tensor& keys_t, const Tensor& values_t, const Tensor& context_t,
               const Tensor& lengths_t, int64_t first) {

@@ -809,12 +809,12 @@ def test_the_bundled_runner_serves_concurrent_clients_and_frees_its_kv_blocks(bu
 
 
 def test_an_upstream_s_refusal_and_busy_answers_reach_the_client_as_such():
+    from tokenguard.backends.openai_compatible import _error
     from tokenguard.errors import BackendError
     from tokenguard.serve.errors import api_error
 
-    refused = api_error(BackendError(
-        "POST http://llm.internal/v1/chat/completions answered 400: {\"message\": \"maximum context length is 8192\"}",
-        400))
+    body = b'{"message": "maximum context length is 8192"}'
+    refused = api_error(_error(httpx.Response(400, content=body), body, "http://llm.internal/v1/chat/completions"))
     assert refused.status == 400 and "maximum context length is 8192" in refused.body()["error"]["message"]
     assert "llm.internal" not in json.dumps(refused.body())  # its words, not its address
     busy = api_error(BackendError("POST http://llm.internal/v1/chat/completions answered 429: slow down", 429))

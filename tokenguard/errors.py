@@ -70,10 +70,12 @@ class BudgetExceeded(TokenGuardError):
 
 class BackendError(TokenGuardError):
     """The backend failed: an error answer, or a stream that ended before it finished.
-    ``status`` is the HTTP status, where there is one."""
+    ``status`` is the HTTP status, and ``detail`` what the server said in its error
+    answer (its body's text), where there are."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None) -> None:
         self.status = status
+        self.detail = detail
         super().__init__(message)
 
 

@@ -56,7 +56,7 @@ def _describe(error: BaseException) -> str:
 def _error(response: httpx.Response, body: bytes, url: str) -> BackendError:
     text = body[:500].decode("utf-8", "replace")
     where = f" (to {response.headers['location']})" if response.headers.get("location") else ""
-    return BackendError(f"POST {url} answered {response.status_code}{where}: {text}", response.status_code)
+    return BackendError(f"POST {url} answered {response.status_code}{where}: {text}", response.status_code, text)
 
 
 def _not_a_stream(response: httpx.Response, body: bytes, url: str) -> BackendError | Chunk:

@@ -82,10 +82,8 @@ def _budget_refusal(error: BudgetExceeded) -> ApiError:
 
 
 def _upstream_words(error: BackendError) -> str:
-    """What an upstream said in its refusal: the text after the status in the backend's
-    message (``POST <url> answered 400: <body>``), the URL left out."""
-    _, _, body = str(error).partition(f"answered {error.status}")
-    return body.lstrip(": ").strip()[:500] or "no reason given"
+    """What an upstream said in its refusal (the backend's ``detail``), not its URL."""
+    return (error.detail or "").strip()[:500] or "no reason given"
 
 
 def api_error(error: BaseException, *, request_id: str | None = None) -> ApiError:

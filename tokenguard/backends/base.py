@@ -179,6 +179,16 @@ CALL_STEPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokenguard-ca
 BACKEND_STREAMS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="tokenguard-backend")
 
 
+def wait_until_asked(asks: threading.Semaphore, stopped: Callable[[], bool], poll_s: float = 0.05) -> bool:
+    """In a worker that makes items only when its reader asks: wait for the next ask
+    (one release of ``asks``), looking every ``poll_s`` whether the reader has gone;
+    False once ``stopped()``."""
+    while not asks.acquire(timeout=poll_s):
+        if stopped():
+            return False
+    return not stopped()
+
+
 async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 1) -> AsyncIterator[T]:
     """Run a blocking iterator in a thread of :data:`BACKEND_STREAMS` and yield its items
     on the event loop, the thread at most ``buffer`` items ahead (a stream closed early
@@ -202,18 +212,12 @@ async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 1) -
         except RuntimeError:  # the loop is gone: nobody is listening any more
             stop.set()
 
-    def wait_for_room() -> bool:
-        """Whether the reader wants another item (False: it left, or its loop closed)."""
-        while not room.acquire(timeout=0.1):
-            if stop.is_set() or loop.is_closed():
-                return False
-        return not stop.is_set()
-
     def run() -> None:
         iterator = None
         try:
             iterator = make()
-            while wait_for_room():  # asked for before it is made: at most `buffer` ahead
+            # asked for before it is made: at most `buffer` ahead (none once the reader left or its loop closed)
+            while wait_until_asked(room, lambda: stop.is_set() or loop.is_closed()):
                 item = next(iterator, _END)
                 if item is _END:
                     break

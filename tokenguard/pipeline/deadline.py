@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
+from tokenguard.backends.base import wait_until_asked
 from tokenguard.errors import BackendTimeout
 
 __all__ = ["with_deadline"]
@@ -40,7 +41,7 @@ class _Pump:
 
     def run(self, chunks: Iterator[Any]) -> None:
         try:
-            while self._asked():
+            while wait_until_asked(self.asks, self.closed.is_set, _POLL_S):
                 chunk = next(chunks, _DONE)
                 self.items.put(chunk)
                 if chunk is _DONE:
@@ -52,12 +53,6 @@ class _Pump:
             if close is not None:
                 close()
 
-    def _asked(self) -> bool:
-        """Wait until the reader asks for an item (False: it closed the stream)."""
-        while not self.asks.acquire(timeout=_POLL_S):
-            if self.closed.is_set():
-                return False
-        return not self.closed.is_set()
 
 
 class _DeadlineIterator(Iterator[T]):

@@ -814,7 +814,7 @@ def test_an_upstream_s_refusal_and_busy_answers_reach_the_client_as_such():
     from tokenguard.serve.errors import api_error
 
     body = b'{"message": "maximum context length is 8192"}'
-    refused = api_error(_error(httpx.Response(400, content=body), body, "http://llm.internal/v1/chat/completions"))
+    refused = api_error(_error(400, {}, body, "http://llm.internal/v1/chat/completions"))
     assert refused.status == 400 and "maximum context length is 8192" in refused.body()["error"]["message"]
     assert "llm.internal" not in json.dumps(refused.body())  # its words, not its address
     busy = api_error(BackendError("POST http://llm.internal/v1/chat/completions answered 429: slow down", 429))

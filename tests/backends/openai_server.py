@@ -18,6 +18,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 REPLY_WORDS = ["Hello", " from", " the", " test", " server", "."]
 PROMPT_TOKENS = 42  # what the server claims the prompt cost; the guard must report it
@@ -36,7 +37,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length))
         self.server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
-        if self.path.split("?")[0] != "/v1/chat/completions":
+        # A proxy is sent the whole URL ("http://host/v1/..."): answer it as the host would.
+        if urlsplit(self.path).path != "/v1/chat/completions":
             return self._json(404, {"error": {"message": "not found"}})
         model = body.get("model")
         if model == "fail":

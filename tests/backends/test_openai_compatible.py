@@ -6,6 +6,7 @@ import asyncio
 import re
 import socket
 
+import aiohttp
 import httpx
 import pytest
 from openai_server import PROMPT_TOKENS, REPLY_WORDS
@@ -13,7 +14,7 @@ from openai_server import PROMPT_TOKENS, REPLY_WORDS
 from tokenguard import Budget, Guard, TokenGuardError
 from tokenguard.backends import BackendError, OpenAICompatible
 from tokenguard.backends.sse import iter_sse_data
-from tokenguard.errors import ConfigError
+from tokenguard.errors import BackendTimeout, ConfigError
 from tokenguard.tokens import get_tokenizer
 
 TOK = get_tokenizer("gpt-4o")
@@ -133,7 +134,13 @@ def test_unknown_model_tokenizer_asks_for_one(openai_server):
 UNFINISHED = {
     "abort": r"sent \[DONE\] before it finished",  # role chunk, [DONE], hang-up (llama.cpp)
     "break": "closed the stream before it finished",  # two pieces, then a clean EOF
-    "cut": "broke before it finished: RemoteProtocolError",  # two pieces, then a torn body
+    "cut": "broke before it finished: {torn}",  # two pieces, then a torn body
+}
+# What each transport raises underneath (sync calls go through httpx, async ones aiohttp).
+CAUSES = {
+    False: {"torn": httpx.RemoteProtocolError, "refused": httpx.ConnectError, "timeout": httpx.ReadTimeout},
+    True: {"torn": aiohttp.ClientPayloadError, "refused": aiohttp.ClientConnectorError,
+           "timeout": aiohttp.SocketTimeoutError},
 }
 
 
@@ -160,7 +167,8 @@ def _closed_port_url():
 @pytest.mark.parametrize("model", sorted(UNFINISHED))
 def test_a_stream_that_never_finished_raises(openai_server, model, asynchronous):
     backend = OpenAICompatible(openai_server.base_url, model, tokenizer="gpt-4o")
-    with pytest.raises(BackendError, match=UNFINISHED[model]) as info:
+    said = UNFINISHED[model].format(torn=CAUSES[asynchronous]["torn"].__name__)
+    with pytest.raises(BackendError, match=said) as info:
         _drain(backend, asynchronous)
     assert backend.url in str(info.value) and info.value.status is None
 
@@ -209,7 +217,7 @@ def test_a_torn_stream_is_metered_for_what_was_seen(openai_server, asynchronous)
     guard = Guard(OpenAICompatible(openai_server.base_url, "cut", tokenizer="gpt-4o"), budget=budget, prices=FREE)
     with pytest.raises(BackendError, match="broke before it finished") as info:
         asyncio.run(guard.acomplete("hi")) if asynchronous else guard.complete("hi")
-    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+    assert isinstance(info.value.__cause__, CAUSES[asynchronous]["torn"])
     row = guard.ledger.records()[0]
     assert row["stop_reason"] == "error" and row["output_tokens"] == TOK.count("".join(REPLY_WORDS[:2]))
     assert budget.spent()["reserved_tokens"] == 0 and budget.spent()["tokens"] == row["input_tokens"] + row[
@@ -225,18 +233,21 @@ def test_a_refused_connection_is_a_backend_error_naming_the_url(asynchronous):
     with pytest.raises(BackendError) as info:
         asyncio.run(guard.acomplete("hi")) if asynchronous else guard.complete("hi")
     assert isinstance(info.value, TokenGuardError) and info.value.status is None
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
-    assert f"POST {backend.url} failed: ConnectError" in str(info.value)
+    refused = CAUSES[asynchronous]["refused"]
+    assert isinstance(info.value.__cause__, refused)
+    assert f"POST {backend.url} failed: {refused.__name__}" in str(info.value)
     assert guard.ledger.records()[0]["stop_reason"] == "error"
     assert budget.spent()["reserved_tokens"] == 0 and budget.spent()["tokens"] == 0
 
 
+@pytest.mark.parametrize("timeout", [0.2, httpx.Timeout(10.0, read=0.2)], ids=["seconds", "httpx-timeout"])
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
-def test_a_read_timeout_is_a_backend_error(openai_server, asynchronous):
-    backend = OpenAICompatible(openai_server.base_url, "stall", tokenizer="gpt-4o", timeout=0.2)
-    with pytest.raises(BackendError, match="broke before it finished: ReadTimeout") as info:
+def test_a_read_timeout_is_a_backend_error(openai_server, asynchronous, timeout):
+    backend = OpenAICompatible(openai_server.base_url, "stall", tokenizer="gpt-4o", timeout=timeout)
+    timeout = CAUSES[asynchronous]["timeout"]
+    with pytest.raises(BackendTimeout, match=f"broke before it finished: {timeout.__name__}") as info:
         _drain(backend, asynchronous)
-    assert isinstance(info.value.__cause__, httpx.ReadTimeout) and backend.url in str(info.value)
+    assert isinstance(info.value.__cause__, timeout) and backend.url in str(info.value)
 
 
 def test_a_wrong_path_keeps_its_status(openai_server):
@@ -320,10 +331,57 @@ def test_an_event_loop_s_client_closes_as_the_loop_shuts_down(openai_server):
 
     async def call() -> None:
         await guard.acomplete("hi")
-        clients.append(await backend._aclient())
+        clients.append(await backend._session())
 
     for _ in range(3):  # an application that runs asyncio.run per request
         asyncio.run(call())
     # Each loop's client (its pooled connections) closed as asyncio.run shut the loop down,
     # not whenever the garbage collector gets to it.
-    assert len({id(client) for client in clients}) == 3 and all(client.is_closed for client in clients)
+    assert len({id(client) for client in clients}) == 3 and all(client.closed for client in clients)
+
+
+async def _chunks(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+def test_async_lines_split_at_every_line_break_wherever_the_chunks_end():
+    from tokenguard.backends.openai_compatible import _alines
+
+    async def lines(*parts: bytes) -> list[str]:
+        return [line async for line in _alines(_chunks(*parts), "http://x")]
+
+    # "\r\n" torn between two chunks is one break, not a line and a blank one.
+    assert asyncio.run(lines(b"data: a\r", b"\ndata: b\r\rda", b"ta: c\n", b"\n")) == [
+        "data: a", "data: b", "", "data: c", ""]
+    assert asyncio.run(lines(b"data: \xc3", b"\xa9t\xc3\xa9\r\n", b"no break at the end\r")) == [
+        "data: été", "no break at the end"]
+    with pytest.raises(BackendError, match="a line of over"):
+        asyncio.run(lines(*[b"x" * (1 << 20)] * 9))
+
+
+@pytest.mark.parametrize("run", ["sync", "async"])
+def test_an_event_stream_with_carriage_return_line_breaks(run):
+    stream = (b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\r\r'
+              b'data: {"choices":[{"index":0,"delta":{"content":" there"},"finish_reason":"stop"}]}\r\r'
+              b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\r\rdata: [DONE]\r\r')
+    server, url = _answering(200, "text/event-stream", stream)
+    guard = Guard(OpenAICompatible(url, "gpt-4o-mini"))
+    reply = guard.complete("hi") if run == "sync" else asyncio.run(guard.acomplete("hi"))
+    assert (reply.text, reply.stop_reason, reply.usage.output_tokens) == ("Hi there", "stop", 2)
+    server.shutdown()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(openai_server, monkeypatch, asynchronous):
+    proxy = openai_server.base_url.removesuffix("/v1")
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.setenv("NO_PROXY", "")
+    # A host no resolver knows: only the proxy (the test server) can answer for it.
+    chunks = _drain(OpenAICompatible("http://llm.invalid/v1", "gpt-4o", tokenizer="gpt-4o"), asynchronous)
+    assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)
+    assert openai_server.requests[-1]["path"] == "http://llm.invalid/v1/chat/completions"
+    monkeypatch.setenv("HTTP_PROXY", _closed_port_url().removesuffix("/v1"))  # a proxy that refuses all
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    chunks = _drain(OpenAICompatible(openai_server.base_url, "gpt-4o", tokenizer="gpt-4o"), asynchronous)
+    assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)

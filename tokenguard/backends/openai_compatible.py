@@ -1,17 +1,22 @@
 """A backend for any OpenAI-compatible chat-completions server (OpenAI, vLLM, TGI,
-llama.cpp server, Ollama, ``tokenguard serve``), streaming over SSE with httpx."""
+llama.cpp server, Ollama, ``tokenguard serve``), streaming over SSE: with httpx for
+sync calls and aiohttp for async ones (httpx's async client costs several times the
+CPU a request, which a gateway pays on every call)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import re
 import threading
+import urllib.request
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import httpx
 
 from tokenguard.backends.base import Backend, Chunk, Params
@@ -29,8 +34,9 @@ _DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # end gives its connection back to the pool; a server that goes on is cut off there.
 _AFTER_DONE = 16
 
-# What httpx raises for a request that fails or a stream that breaks while being read.
-_TRANSPORT_ERRORS = (httpx.HTTPError, httpx.StreamError)
+# What httpx raises for a request that fails or a stream that breaks while being read;
+# aiohttp raises a ClientError (its timeouts are ServerTimeoutErrors, a kind of it).
+_TRANSPORT_ERRORS = (httpx.HTTPError, httpx.StreamError, aiohttp.ClientError)
 
 
 # Request fields the guard sets itself: a call's parameter may not replace them.
@@ -53,17 +59,19 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _error(response: httpx.Response, body: bytes, url: str) -> BackendError:
+def _error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> BackendError:
+    """An answer of ``status`` 300 or more, as the error that names it (and where a
+    redirect pointed: the guard follows none, since a POST must not be resent)."""
     text = body[:500].decode("utf-8", "replace")
-    where = f" (to {response.headers['location']})" if response.headers.get("location") else ""
-    return BackendError(f"POST {url} answered {response.status_code}{where}: {text}", response.status_code, text)
+    where = f" (to {headers['location']})" if headers.get("location") else ""
+    return BackendError(f"POST {url} answered {status}{where}: {text}", status, text)
 
 
-def _not_a_stream(response: httpx.Response, body: bytes, url: str) -> BackendError | Chunk:
+def _not_a_stream(status: int, headers: Mapping[str, str], body: bytes, url: str) -> BackendError | Chunk:
     """What a server that answered 2xx with something else than an event stream sent:
     a whole chat completion (a server that ignores ``stream``) as one chunk, or an
     error that names what came instead."""
-    kind = response.headers.get("content-type", "")
+    kind = headers.get("content-type", "")
     if kind.startswith("application/json"):
         try:
             answer = json.loads(body)
@@ -72,15 +80,15 @@ def _not_a_stream(response: httpx.Response, body: bytes, url: str) -> BackendErr
         if is_completion(answer):
             return chunk_from_completion(answer)
     text = body[:300].decode("utf-8", "replace")
-    return BackendError(f"POST {url} answered {response.status_code} with {kind or 'no content type'}, "
-                        f"not an event stream: {text}", response.status_code)
+    return BackendError(f"POST {url} answered {status} with {kind or 'no content type'}, "
+                        f"not an event stream: {text}", status)
 
 
-async def _closed_with_the_loop(client: httpx.AsyncClient) -> AsyncIterator[None]:
+async def _closed_with_the_loop(session: aiohttp.ClientSession) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await client.aclose()
+        await session.close()
 
 
 # Of an answer that is not a stream, the most bytes read (an error page can be endless).
@@ -105,8 +113,52 @@ async def _ahead(chunks: AsyncIterator[bytes]) -> bytes:
     return bytes(body[:_MOST_BODY_BYTES])
 
 
-def _is_stream(response: httpx.Response) -> bool:
-    return response.status_code < 300 and response.headers.get("content-type", "").startswith("text/event-stream")
+def _is_stream(headers: Mapping[str, str]) -> bool:
+    return headers.get("content-type", "").startswith("text/event-stream")
+
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+# The longest line of an event stream read (a server that never ends one is cut off).
+_MOST_LINE_BYTES = 8 << 20
+
+
+async def _alines(chunks: AsyncIterator[bytes], url: str) -> AsyncIterator[str]:
+    """The lines of a body arriving in ``chunks``, split at ``\\n``, ``\\r\\n`` or ``\\r``
+    as event streams may be (aiohttp's own line reader knows only ``\\n``)."""
+    pending = b""
+    async for part in chunks:
+        pending += part
+        # A "\r" at the end may be the first half of a "\r\n": wait for what follows it.
+        end = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
+        *lines, rest = _LINE_BREAK.split(pending[:end])
+        pending = rest + pending[end:]
+        if len(pending) > _MOST_LINE_BYTES:
+            raise BackendError(f"{url} sent a line of over {_MOST_LINE_BYTES} bytes in its event stream")
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``,
+    ``ALL_PROXY``, less ``NO_PROXY``), as httpx's clients honour it. Looked up once a
+    session: aiohttp's own ``trust_env`` reads the environment and ``~/.netrc`` again on
+    every request, which costs more than the request."""
+    parsed = httpx.URL(url)
+    if urllib.request.proxy_bypass(parsed.host):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parsed.scheme) or proxies.get("all")
+
+
+def _client_timeout(timeout: float | httpx.Timeout) -> aiohttp.ClientTimeout:
+    """``timeout`` in aiohttp's terms: httpx's connect and read limits are aiohttp's
+    sock_connect and sock_read; its pool limit bounds the wait for a connection."""
+    if not isinstance(timeout, httpx.Timeout):
+        return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+    return aiohttp.ClientTimeout(total=None, connect=timeout.pool, sock_connect=timeout.connect,
+                                 sock_read=timeout.read)
 
 
 def _redacted(url: str) -> str:
@@ -151,10 +203,10 @@ class _Read:
         self.finished = self.finished or chunk.finish_reason is not None
         return chunk
 
-    def whole(self, response: httpx.Response, body: bytes) -> Chunk:
+    def whole(self, status: int, headers: Mapping[str, str], body: bytes) -> Chunk:
         """The one chunk of a 2xx answer that is no event stream: a whole chat completion
         (a server that ignores ``stream``); anything else raises, naming what came."""
-        answer = _not_a_stream(response, body, self.url)
+        answer = _not_a_stream(status, headers, body, self.url)
         if isinstance(answer, BackendError):
             raise answer
         self.finished = answer.finish_reason is not None
@@ -170,14 +222,15 @@ class _Read:
 
     @contextmanager
     def transport_errors(self) -> Iterator[None]:
-        """Turn an httpx error raised in the block into a :class:`BackendError` that
-        names the URL and the cause (chained), so every failure is a TokenGuardError."""
+        """Turn an httpx or aiohttp error raised in the block into a :class:`BackendError`
+        that names the URL and the cause (chained), so every failure is a TokenGuardError."""
         try:
             yield
         except _TRANSPORT_ERRORS as error:
             if self.finished:
                 return  # the answer was whole: a connection lost before [DONE] takes nothing from it
-            kind = BackendTimeout if isinstance(error, httpx.TimeoutException) else BackendError
+            timed_out = isinstance(error, (httpx.TimeoutException, aiohttp.ServerTimeoutError))
+            kind = BackendTimeout if timed_out else BackendError
             if not self.answered:
                 raise kind(f"POST {self.url} failed: {_describe(error)}") from error
             raise kind(f"the stream from {self.url} broke before it finished: {_describe(error)}") from error
@@ -231,10 +284,10 @@ class OpenAICompatible(Backend):
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
         self._client: httpx.Client | None = None
-        # One AsyncClient per event loop (an httpx AsyncClient must not cross loops), with
-        # the suspended generator that closes it as the loop shuts down.
-        self._aclients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, AsyncIterator[None]]
+        # One aiohttp session per event loop (a session must not cross loops), with the
+        # suspended generator that closes it as the loop shuts down.
+        self._sessions: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncIterator[None]]
         ] = weakref.WeakKeyDictionary()
 
     def cache_identity(self) -> object:
@@ -290,10 +343,10 @@ class OpenAICompatible(Backend):
         with read.transport_errors(), self.client.stream("POST", self.url, json=body, headers=self.headers,
                                                                    params=self.query) as r:
             if r.status_code >= 300:
-                raise _error(r, _head(r.iter_bytes()), self.shown_url)
+                raise _error(r.status_code, r.headers, _head(r.iter_bytes()), self.shown_url)
             read.answered = True
-            if not _is_stream(r):
-                yield read.whole(r, _head(r.iter_bytes()))
+            if not _is_stream(r.headers):
+                yield read.whole(r.status_code, r.headers, _head(r.iter_bytes()))
                 return
             lines = r.iter_lines()
             for data in iter_sse_data(lines):
@@ -305,32 +358,33 @@ class OpenAICompatible(Backend):
                 yield chunk
             read.end("closed the stream")
 
-    async def _aclient(self) -> httpx.AsyncClient:
-        """This event loop's client (an httpx AsyncClient must not cross loops). It is
+    async def _session(self) -> aiohttp.ClientSession:
+        """This event loop's session (an aiohttp session must not cross loops). It is
         closed as its loop shuts down (``asyncio.run`` does at its end): a suspended
         async generator of the loop holds it, and the loop closes those then."""
         loop = asyncio.get_running_loop()
-        held = self._aclients.get(loop)
+        held = self._sessions.get(loop)
         if held is None:
-            client = httpx.AsyncClient(timeout=self.timeout)
-            closer = _closed_with_the_loop(client)
+            session = aiohttp.ClientSession(timeout=_client_timeout(self.timeout), proxy=_env_proxy(self.url))
+            closer = _closed_with_the_loop(session)
             await anext(closer)  # now the loop knows it, and closes it when it shuts down
-            held = self._aclients[loop] = (client, closer)
+            held = self._sessions[loop] = (session, closer)
         return held[0]
 
     async def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
         read = _Read(self.shown_url)
         body = self._body(messages, params)
         with read.transport_errors():
-            client = await self._aclient()
-            async with client.stream("POST", self.url, json=body, headers=self.headers, params=self.query) as r:
-                if r.status_code >= 300:
-                    raise _error(r, await _ahead(r.aiter_bytes()), self.shown_url)
+            session = await self._session()
+            async with session.post(self.url, json=body, headers=self.headers, params=self.query,
+                                    allow_redirects=False) as r:
+                if r.status >= 300:
+                    raise _error(r.status, r.headers, await _ahead(r.content.iter_any()), self.shown_url)
                 read.answered = True
-                if not _is_stream(r):
-                    yield read.whole(r, await _ahead(r.aiter_bytes()))
+                if not _is_stream(r.headers):
+                    yield read.whole(r.status, r.headers, await _ahead(r.content.iter_any()))
                     return
-                lines = r.aiter_lines()
+                lines = _alines(r.content.iter_any(), self.shown_url)
                 async for data in aiter_sse_data(lines):
                     chunk = read.chunk(data)
                     if chunk is None:
@@ -342,7 +396,7 @@ class OpenAICompatible(Backend):
                 read.end("closed the stream")
 
     def close(self) -> None:
-        """Close the sync HTTP client (async clients close with their event loop)."""
+        """Close the sync HTTP client (async sessions close with their event loop)."""
         if self._client is not None:
             self._client.close()
             self._client = None

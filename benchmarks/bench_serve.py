@@ -2,19 +2,30 @@
 client sees through the gateway against calling the upstream directly, at 1, 16 and 64
 concurrent clients, for whole (JSON) and streamed (SSE) answers.
 
-    python benchmarks/bench_serve.py [--requests 3000] [--clients 1,16,64] [--ledger] [--profile]
+    python benchmarks/bench_serve.py [--requests 3000] [--clients 1,16,64] [--upstream-ms 20,0]
+                                     [--ledger] [--profile]
 
 Three processes share the machine: a minimal upstream (raw asyncio HTTP/1.1, a fixed
-six-word answer, ~30 µs a request), the gateway (`create_app` over
+six-word answer, ~30 µs of CPU a request), the gateway (`create_app` over
 `OpenAICompatible`, served by uvicorn: a key file, a per-user token budget, the
 in-memory ledger, or a SQLite one with --ledger) and this process, which drives
 keep-alive connections over raw sockets so that the client costs as little CPU as it
-can. Each request's latency is from its first byte sent to its last byte received.
+can. Each client sends its next request as soon as its answer is in; a request's
+latency is from its first byte sent to its last byte received.
+
+Two regimes, one table each (--upstream-ms):
+
+- the upstream answers after a fixed delay (20 ms: a fast model server's short answer),
+  so the gateway sees the load 1, 16 or 64 users make and the "added" latency is what
+  the gateway itself costs a request, waits for the loop included;
+- the upstream answers at once (0 ms): the clients then keep the gateway busy all the
+  time, and the table measures its capacity, not its cost: a request waits for every
+  other client's, so the added p50 is about clients x the gateway's CPU a request.
 
 "added" is the gateway's p50 (p99) minus the direct p50 (p99); "x" the ratio of the
 two. "gw CPU" is the gateway process's CPU time per request (user + system, from
 /proc). With --profile the gateway also runs once under cProfile (every thread) and
-its time is summed per area (uvicorn, starlette, httpx, the guard's steps, ...).
+its time is summed per area (uvicorn, starlette, aiohttp, the guard's steps, ...).
 
 Target: p50 added under 1 ms and p99 added under 5 ms at 16 clients.
 """
@@ -24,10 +35,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import os
 import platform
 import pstats
+import random
 import signal
 import subprocess
 import sys
@@ -65,10 +79,11 @@ def _upstream_answer(body: dict[str, object]) -> bytes:
             "usage": usage}).encode()
         return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
                 + str(len(data)).encode() + b"\r\n\r\n" + data)
-    events = [{"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}]
+    events: list[dict[str, Any]] = [{"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}]
     events += [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in WORDS]
     events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    if (body.get("stream_options") or {}).get("include_usage"):  # type: ignore[union-attr]
+    options: Any = body.get("stream_options") or {}
+    if options.get("include_usage"):
         events.append({"choices": [], "usage": usage})
     payload = b"".join(b"data: " + json.dumps({"id": "u", "object": "chat.completion.chunk", "model": MODEL, **e})
                        .encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
@@ -76,7 +91,17 @@ def _upstream_answer(body: dict[str, object]) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + chunked
 
 
-async def _upstream_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+# The upstream's delays, as fractions of --delay-ms: evenly spread over 0.5-1.5 (equal
+# delays would keep the clients in step, a convoy no real traffic makes), in a fixed
+# shuffled cycle, so that any DELAY_CYCLE requests in a row, direct or through the
+# gateway, wait the very same delays between them.
+DELAY_CYCLE = 64
+_DELAY_FRACTIONS = [0.5 + (i + 0.5) / DELAY_CYCLE for i in range(DELAY_CYCLE)]
+random.Random(0).shuffle(_DELAY_FRACTIONS)
+delays = itertools.cycle(_DELAY_FRACTIONS)
+
+
+async def _upstream_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -86,6 +111,8 @@ async def _upstream_connection(reader: asyncio.StreamReader, writer: asyncio.Str
                 if name.strip().lower() == b"content-length":
                     length = int(value)
             body = json.loads(await reader.readexactly(length)) if length else {}
+            if delay_s:
+                await asyncio.sleep(next(delays) * delay_s)
             writer.write(_upstream_answer(body))
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
@@ -93,8 +120,9 @@ async def _upstream_connection(reader: asyncio.StreamReader, writer: asyncio.Str
         writer.close()
 
 
-async def _serve_upstream() -> None:
-    server = await asyncio.start_server(_upstream_connection, "127.0.0.1", 0, backlog=1024)
+async def _serve_upstream(delay_s: float) -> None:
+    server = await asyncio.start_server(functools.partial(_upstream_connection, delay_s=delay_s),
+                                        "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await server.serve_forever()
@@ -141,6 +169,27 @@ def _bare_app() -> Any:
     return Starlette(routes=[Route("/v1/chat/completions", complete, methods=["POST"])])
 
 
+def _bare_proxy(upstream: str) -> Any:
+    """The floor of any Python gateway: Starlette forwarding the body to the upstream
+    with aiohttp and its answer back, nothing read, counted or checked."""
+    import aiohttp
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def forward(request: Request) -> Response:
+        if not sessions:
+            sessions.append(aiohttp.ClientSession())
+        async with sessions[0].post(f"{upstream}/chat/completions", data=await request.body(),
+                                    headers={"content-type": "application/json"}) as answer:
+            return Response(await answer.read(), answer.status, media_type=answer.content_type)
+
+    return Starlette(routes=[Route("/v1/chat/completions", forward, methods=["POST"])])
+
+
 def _serve_gateway(upstream: str, keys: str, ledger: str | None, profile: str | None, variant: str) -> None:
     import uvicorn
 
@@ -156,7 +205,8 @@ def _serve_gateway(upstream: str, keys: str, ledger: str | None, profile: str | 
                      budget=tg.Budget(tokens=10**15, per="user"), **options)
     sock = listen("127.0.0.1", 0)
     print(sock.getsockname()[1], flush=True)
-    app = _bare_app() if variant == "bare" else create_app(guard, keys=KeyFile(keys))
+    app = (_bare_app() if variant == "bare" else _bare_proxy(upstream) if variant == "bare-proxy"
+           else create_app(guard, keys=KeyFile(keys)))
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):
@@ -251,7 +301,7 @@ class Run:
 
 
 def _measure(port: int, request: bytes, clients: int, total: int, pid: int) -> Run:
-    asyncio.run(_drive(port, request, clients, min(total, 200)))  # warm: connections, caches, the JIT-less paths
+    asyncio.run(_drive(port, request, clients, min(total, 200)))  # warm: connections, caches
     before = _cpu_s(pid)
     latencies, wall = asyncio.run(_drive(port, request, clients, total))
     return Run(latencies, wall, _cpu_s(pid) - before)
@@ -293,7 +343,7 @@ def _wait_ready(port: int, request: bytes) -> None:
 AREAS = [  # (area, substrings of a function's file), first match wins
     ("uvicorn + httptools (HTTP server)", ("uvicorn", "httptools")),
     ("starlette (routing, request)", ("starlette",)),
-    ("httpx + httpcore (client to upstream)", ("httpx", "httpcore", "h11", "anyio", "sniffio")),
+    ("aiohttp (client to upstream)", ("aiohttp", "yarl", "multidict")),
     ("tokenguard.serve (parse, auth, answer)", ("tokenguard/serve",)),
     ("tokenguard backends (SSE parse)", ("tokenguard/backends",)),
     ("tokenguard pipeline (the guard's steps)", ("tokenguard/pipeline", "tokenguard/_guard", "tokenguard/_repetition",
@@ -316,21 +366,69 @@ def _areas(path: str) -> list[tuple[str, float]]:
 
 
 VARIANTS = [
-    ("bare", "uvicorn + Starlette answering a fixed completion (the floor, no guard)"),
-    ("function", "+ tokenguard serve and the guard, over a function backend (no RepetitionStop)"),
-    ("no-stop", "+ the upstream through OpenAICompatible (httpx) instead of the function"),
-    ("full", "+ RepetitionStop: the guard's defaults (what the table above ran)"),
+    ("bare", "uvicorn + Starlette answering a fixed completion (no guard, no upstream)"),
+    ("bare-proxy", "uvicorn + Starlette passing requests to the upstream with aiohttp (the floor)"),
+    ("function", "tokenguard serve and the guard over a function backend (no RepetitionStop)"),
+    ("no-stop", "+ the upstream through OpenAICompatible (aiohttp) instead of the function"),
+    ("full", "+ RepetitionStop: the guard's defaults (the gateway of the tables above)"),
 ]
+
+
+def _row_requests(args: argparse.Namespace, clients: int, delay_ms: float) -> int:
+    """A row's requests: --requests, fewer where --seconds would not hold them all at
+    this delay, and a whole number of delay cycles (the same delays either way)."""
+    fit = args.seconds * clients / (delay_ms / 1e3) if delay_ms else args.requests
+    return max(DELAY_CYCLE, int(min(args.requests, fit)) // DELAY_CYCLE * DELAY_CYCLE)
+
+
+def _table(args: argparse.Namespace, key: str, gateway_args: list[str], up_port: int, delay_ms: float) -> None:
+    """Direct and through the gateway, each mode and number of clients: one table, with
+    the same rows for the floor (a bare proxy, JSON answers) under it."""
+    if delay_ms:
+        print(f"\nthe upstream answers in {delay_ms / 2:g}-{delay_ms * 1.5:g} ms: the load of that many users "
+              "(the target's regime)")
+    else:
+        print("\nthe upstream answers at once: the clients keep the gateway busy (its capacity; "
+              "added ~ clients x CPU/req)")
+    header = (f"{'':11} {'mode':6} {'clients':>7} | {'direct p50':>10} {'p99':>7} | {'gateway p50':>11} {'p99':>7} | "
+              f"{'added p50':>9} {'p99':>7} | {'x p50':>6} {'x p99':>6} | {'gw req/s':>8} {'gw CPU/req':>10}")
+    print(header)
+    print("-" * len(header))
+    for variant, modes in (("full", args.modes.split(",")), ("bare-proxy", ["json"])):
+        for row in _rows(args, key, [*gateway_args, "--variant", variant], up_port, delay_ms, modes):
+            print(f"{'gateway' if variant == 'full' else 'floor':11} {row}", flush=True)
+
+
+def _rows(args: argparse.Namespace, key: str, gateway_args: list[str], up_port: int, delay_ms: float,
+          modes: list[str]) -> Iterator[str]:
+    with _process(*gateway_args) as (gw, gw_port):
+        for mode in modes:
+            direct_req = _request(up_port, None, mode == "stream")
+            gateway_req = _request(gw_port, key, mode == "stream")
+            _wait_ready(gw_port, gateway_req)
+            for clients in (int(c) for c in args.clients.split(",")):
+                total = _row_requests(args, clients, delay_ms)
+                direct = _measure(up_port, direct_req, clients, total, os.getpid())
+                through = _measure(gw_port, gateway_req, clients, total, gw.pid)
+                d50, d99, g50, g99 = direct.pct(0.5), direct.pct(0.99), through.pct(0.5), through.pct(0.99)
+                yield (f"{mode:6} {clients:>7} | {d50:>8.3f}ms {d99:>5.2f}ms | {g50:>9.3f}ms {g99:>5.2f}ms "
+                       f"| {g50 - d50:>7.3f}ms {g99 - d99:>5.2f}ms | {g50 / d50:>5.1f}x {g99 / d99:>5.1f}x "
+                       f"| {through.rate:>8.0f} {through.cpu_s / len(through.latencies) * 1e6:>8.0f}µs")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per row (default 3000)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="fewer requests a row where more would take longer (default 10)")
     parser.add_argument("--clients", default="1,16,64", help="concurrent clients per row (default 1,16,64)")
+    parser.add_argument("--upstream-ms", default="20,0",
+                        help="the upstream's answer delays, one table each (default 20,0)")
     parser.add_argument("--modes", default="json,stream", help="json, stream or both (default)")
     parser.add_argument("--ledger", action="store_true", help="a SQLite ledger instead of the in-memory one")
     parser.add_argument("--profile", action="store_true", help="also profile the gateway at 16 clients")
     parser.add_argument("--role", choices=["upstream", "gateway"], help=argparse.SUPPRESS)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--keys", help=argparse.SUPPRESS)
     parser.add_argument("--ledger-file", help=argparse.SUPPRESS)
@@ -340,7 +438,7 @@ def main() -> None:
     _fast_loop()
     if args.role == "upstream":
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve_upstream())
+            asyncio.run(_serve_upstream(args.delay_ms / 1e3))
         return
     if args.role == "gateway":
         _serve_gateway(args.upstream, args.keys, args.ledger_file, args.profile_file, args.variant)
@@ -348,57 +446,50 @@ def main() -> None:
 
     from tokenguard.serve import add_key
 
-    levels = [int(c) for c in args.clients.split(",")]
-    modes = args.modes.split(",")
-    with tempfile.TemporaryDirectory() as tmp, _process("--role", "upstream") as (_, up_port):
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}; ledger: {'SQLite' if args.ledger else 'in memory'}; "
+          f"{args.requests} requests a row, or {args.seconds:g} s of them")
+    with tempfile.TemporaryDirectory() as tmp:
         keys = str(Path(tmp) / "keys.jsonl")
         key = add_key(keys, "bench")
-        gateway_args = ["--role", "gateway", "--upstream", f"http://127.0.0.1:{up_port}/v1", "--keys", keys]
-        if args.ledger:
-            gateway_args += ["--ledger-file", str(Path(tmp) / "usage.sqlite")]
-        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-              f"{platform.python_version()}; ledger: {'SQLite' if args.ledger else 'in memory'}; "
-              f"{args.requests} requests a row")
-        header = (f"{'mode':6} {'clients':>7} | {'direct p50':>10} {'p99':>7} | {'gateway p50':>11} {'p99':>7} | "
-                  f"{'added p50':>9} {'p99':>7} | {'x p50':>6} {'x p99':>6} | {'gw req/s':>8} {'gw CPU/req':>10}")
-        rows = []
-        with _process(*gateway_args) as (gw, gw_port):
-            for mode in modes:
-                direct_req = _request(up_port, None, mode == "stream")
-                gateway_req = _request(gw_port, key, mode == "stream")
-                _wait_ready(gw_port, gateway_req)
-                for clients in levels:
-                    direct = _measure(up_port, direct_req, clients, args.requests, os.getpid())
-                    through = _measure(gw_port, gateway_req, clients, args.requests, gw.pid)
-                    d50, d99, g50, g99 = direct.pct(0.5), direct.pct(0.99), through.pct(0.5), through.pct(0.99)
-                    rows.append(f"{mode:6} {clients:>7} | {d50:>8.3f}ms {d99:>5.2f}ms | {g50:>9.3f}ms {g99:>5.2f}ms "
-                                f"| {g50 - d50:>7.3f}ms {g99 - d99:>5.2f}ms | {g50 / d50:>5.1f}x {g99 / d99:>5.1f}x "
-                                f"| {through.rate:>8.0f} {through.cpu_s / len(through.latencies) * 1e6:>8.0f}µs")
-        print(header)
-        print("-" * len(header))
-        print("\n".join(rows))
-        print(f"\nwhere the gateway's time goes, json answers, by what the gateway process runs ({args.requests} "
-              "requests a column):")
-        print(f"  {'':78} {'CPU/req':>8} {'p50 @1':>8} {'p50 @16':>8}")
-        for variant, label in VARIANTS:
-            with _process(*gateway_args, "--variant", variant) as (gw, gw_port):
-                request = _request(gw_port, key, False)
-                _wait_ready(gw_port, request)
-                alone = _measure(gw_port, request, 1, args.requests, gw.pid)
-                loaded = _measure(gw_port, request, 16, args.requests, gw.pid)
-            print(f"  {label:78} {loaded.cpu_s / len(loaded.latencies) * 1e6:>5.0f} µs {alone.pct(0.5):>5.2f} ms "
-                  f"{loaded.pct(0.5):>5.2f} ms")
-        if args.profile:
-            profile_file = str(Path(tmp) / "gateway.prof")
-            with _process(*gateway_args, "--profile-file", profile_file) as (gw, gw_port):
-                request = _request(gw_port, key, False)
-                _wait_ready(gw_port, request)
-                _measure(gw_port, request, 16, args.requests, gw.pid)
-            total = sum(t for _, t in _areas(profile_file))
-            print(f"\nwhere the gateway's time goes (cProfile, every thread, json at 16 clients; own time, "
-                  f"{total / (args.requests + 200) * 1e6:.0f} µs a request under the profiler):")
-            for area, seconds in _areas(profile_file):
-                print(f"  {area:45} {seconds / total:6.1%}")
+
+        def gateway_args(up_port: int) -> list[str]:
+            more = ["--ledger-file", str(Path(tmp) / "usage.sqlite")] if args.ledger else []
+            return ["--role", "gateway", "--upstream", f"http://127.0.0.1:{up_port}/v1", "--keys", keys, *more]
+
+        for delay_ms in (float(d) for d in args.upstream_ms.split(",")):
+            with _process("--role", "upstream", "--delay-ms", str(delay_ms)) as (_, up_port):
+                _table(args, key, gateway_args(up_port), up_port, delay_ms)
+        with _process("--role", "upstream") as (_, up_port):
+            _where_the_time_goes(args, key, gateway_args(up_port))
+
+
+def _where_the_time_goes(args: argparse.Namespace, key: str, gateway_args: list[str]) -> None:
+    """The gateway's CPU a request and its p50 as its layers are added, at saturation;
+    with --profile, its time by area under cProfile."""
+    print(f"\nwhere the gateway's time goes, json answers from an upstream that answers at once "
+          f"({args.requests} requests a column):")
+    print(f"  {'':78} {'CPU/req':>8} {'p50 @1':>8} {'p50 @16':>8}")
+    for variant, label in VARIANTS:
+        with _process(*gateway_args, "--variant", variant) as (gw, gw_port):
+            request = _request(gw_port, key, False)
+            _wait_ready(gw_port, request)
+            alone = _measure(gw_port, request, 1, args.requests, gw.pid)
+            loaded = _measure(gw_port, request, 16, args.requests, gw.pid)
+        print(f"  {label:78} {loaded.cpu_s / len(loaded.latencies) * 1e6:>5.0f} µs {alone.pct(0.5):>5.2f} ms "
+              f"{loaded.pct(0.5):>5.2f} ms")
+    if args.profile:
+        profile_file = str(Path(tempfile.gettempdir()) / f"bench_serve_gateway_{os.getpid()}.prof")
+        with _process(*gateway_args, "--profile-file", profile_file) as (gw, gw_port):
+            request = _request(gw_port, key, False)
+            _wait_ready(gw_port, request)
+            _measure(gw_port, request, 16, args.requests, gw.pid)
+        total = sum(t for _, t in _areas(profile_file))
+        print(f"\nwhere the gateway's time goes (cProfile, every thread, json at 16 clients; own time, "
+              f"{total / (args.requests + 200) * 1e6:.0f} µs a request under the profiler):")
+        for area, seconds in _areas(profile_file):
+            print(f"  {area:45} {seconds / total:6.1%}")
+        os.unlink(profile_file)
 
 
 if __name__ == "__main__":

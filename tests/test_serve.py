@@ -223,14 +223,18 @@ def test_models_health_and_an_unknown_model(keys):
         with pytest.raises(openai.NotFoundError):
             client.models.retrieve("gpt-17")
         no_route = httpx.get(f"{served.url}/v2/everything")
+        slashed = httpx.post(f"{served.url}/v1/chat/completions/", headers={"authorization": f"Bearer {key['alice']}"},
+                             json={"model": MODEL, "messages": QUESTION})
         metrics = served.metrics()
     assert health.status_code == 200 and health.json() == {"status": "ok", "model": MODEL}
     # One label for every model's page; anything else is "other", however many paths a scan tries.
     assert metrics['tokenguard_http_requests_total{endpoint="/v1/models/{model}",status="200"}'] == 1
     assert metrics['tokenguard_http_requests_total{endpoint="/v1/models/{model}",status="404"}'] == 1
-    assert metrics['tokenguard_http_requests_total{endpoint="other",status="404"}'] == 1
+    assert metrics['tokenguard_http_requests_total{endpoint="other",status="404"}'] == 2
     assert missing.value.code == "model_not_found" and "this gateway serves 'gpt-4o'" in missing.value.message
     assert no_route.status_code == 404 and no_route.json()["error"]["code"] == "not_found"
+    # Not Starlette's empty redirect (a POST the client would have to send again): the route, named.
+    assert slashed.status_code == 404 and "the route is /v1/chat/completions" in slashed.json()["error"]["message"]
     assert served.guard.ledger.records() == []
 
 
@@ -329,15 +333,19 @@ def test_oversize_input_is_400_and_metered_as_refused(keys):
         client = s.client(key["alice"])
         with pytest.raises(openai.BadRequestError) as too_long:
             client.chat.completions.create(model=MODEL, messages=long_question)
+        with pytest.raises(openai.BadRequestError) as too_long_prompt:
+            client.completions.create(model=MODEL, prompt=long_question[0]["content"])
         assert client.chat.completions.create(model=MODEL, messages=QUESTION).choices[0].message.content == REPLY
         huge = httpx.post(f"{s.url}/v1/chat/completions", headers={"authorization": f"Bearer {key['alice']}"},
                           json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 10_000}]})
         metrics = s.metrics()
-    assert too_long.value.code == "context_length_exceeded"
+    assert too_long.value.code == "context_length_exceeded" and too_long.value.param == "messages"
     assert "is over the limit of 50" in too_long.value.message
+    # /v1/completions has no messages: the error names what the client sent.
+    assert too_long_prompt.value.code == "context_length_exceeded" and too_long_prompt.value.param == "prompt"
     assert huge.status_code == 413 and "over this gateway's limit of 4000 bytes" in huge.json()["error"]["message"]
-    assert [r["stop_reason"] for r in s.guard.ledger.records()] == ["input_too_long", "stop"]
-    assert metrics['tokenguard_refusals_total{reason="input_too_long"}'] == 1
+    assert [r["stop_reason"] for r in s.guard.ledger.records()] == ["input_too_long", "input_too_long", "stop"]
+    assert metrics['tokenguard_refusals_total{reason="input_too_long"}'] == 2
     assert metrics['tokenguard_refusals_total{reason="body_too_large"}'] == 1
 
 

@@ -295,8 +295,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing errors (404, 405) as OpenAI-style JSON."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     code = {404: "not_found", 405: "method_not_allowed"}.get(status)
-    message = (f"no route {request.method} {request.url.path}" if status in (404, 405)
-               else "the gateway failed to answer")
+    path = request.url.path
+    message = f"no route {request.method} {path}" if status in (404, 405) else "the gateway failed to answer"
+    if status == 404 and path != "/" and path.endswith("/") and path.rstrip("/") in _ENDPOINTS:
+        message += f" (the route is {path.rstrip('/')}, without the last '/')"
     error = ApiError(status, message, code=code, type="invalid_request_error" if status < 500 else "api_error")
     return JSONResponse(error.body(), status, getattr(exc, "headers", None))
 
@@ -350,6 +352,9 @@ def create_app(
         exception_handlers={HTTPException: _http_error, Exception: _http_error},
         lifespan=lifespan,
     )
+    # A route with an extra "/" is a 404 that names the route, not Starlette's empty 307
+    # (a client that followed it would send its POST twice, or not at all).
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     app.state.metrics = metrics
     return app

@@ -86,16 +86,18 @@ def _upstream_words(error: BackendError) -> str:
     return (error.detail or "").strip()[:500] or "no reason given"
 
 
-def api_error(error: BaseException, *, request_id: str | None = None) -> ApiError:
-    """``error`` as the client may see it. Refusals keep their words; a failing backend
-    becomes 502 without its URL or answer; anything else a generic 500 (logged here,
-    with ``request_id``, to find it in the ledger)."""
+def api_error(error: BaseException, *, request_id: str | None = None, input_field: str = "messages") -> ApiError:
+    """``error`` as the client may see it. Refusals keep their words (an input too long
+    names ``input_field``: ``"prompt"`` on /v1/completions); a failing backend becomes
+    502 without its URL or answer; anything else a generic 500 (logged here, with
+    ``request_id``, to find it in the ledger)."""
     if isinstance(error, ApiError):
         return error
     if isinstance(error, BudgetExceeded):
         return _budget_refusal(error)
     if isinstance(error, InputTooLong):
-        return ApiError(400, str(error), code="context_length_exceeded", param="messages", reason="input_too_long")
+        return ApiError(400, str(error), code="context_length_exceeded", param=input_field,
+                        reason="input_too_long")
     if isinstance(error, InvalidRequest):
         return invalid(str(error))
     if isinstance(error, BackendError):

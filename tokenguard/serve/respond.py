@@ -125,7 +125,7 @@ class GuardedResponse(Response):
         except StopAsyncIteration:
             first = None
         except Exception as error:  # noqa: BLE001 - refused before anything was generated: answered, not raised
-            refusal = api_error(error, request_id=self.request_id)
+            refusal = self._failure(error)
             headers = {**refusal.headers, **({"x-request-id": self.request_id} if self.request_id else {})}
             await json_response(send, refusal.status, refusal.body(), headers)
             return
@@ -137,6 +137,10 @@ class GuardedResponse(Response):
         finally:
             if stream.reply is None:  # cancelled while sending, outside the stream: end the call now
                 await stream.aclose()
+
+    def _failure(self, error: BaseException) -> ApiError:
+        return api_error(error, request_id=self.request_id,
+                         input_field="prompt" if self.request.kind == "text" else "messages")
 
     def _answer_shape(self) -> Answer:
         return Answer(self.request.kind, self.stream.request_id, self.model, int(time.time()))
@@ -152,7 +156,7 @@ class GuardedResponse(Response):
                 async for piece in stream:
                     await send({"type": "http.response.body", "body": answer.piece(piece), "more_body": True})
             except Exception as error:  # noqa: BLE001 - the status is sent: the failure becomes an event
-                failure = api_error(error, request_id=stream.request_id)
+                failure = self._failure(error)
                 await send({"type": "http.response.body", "body": answer.error_event(failure), "more_body": False})
                 return
         assert stream.reply is not None  # the stream ended
@@ -166,7 +170,7 @@ class GuardedResponse(Response):
                 async for _ in stream:
                     pass
             except Exception as error:  # noqa: BLE001 - answered with its status
-                failure: ApiError = api_error(error, request_id=stream.request_id)
+                failure = self._failure(error)
                 await json_response(send, failure.status, failure.body(), {"x-request-id": stream.request_id})
                 return
         assert stream.reply is not None

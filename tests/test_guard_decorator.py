@@ -82,6 +82,7 @@ def test_an_openai_completion_comes_back_as_itself_with_its_tool_calls(as_dict):
     assert result == made[0] if as_dict else result is made[0]  # untouched: the guard changed nothing
     reply = reply_of(result)
     assert reply.text == "Hello" and (reply.usage.input_tokens, reply.usage.output_tokens) == (12, 1)
+    assert reply.tool_calls == calls  # read from dicts and from objects alike
 
 
 @pytest.mark.parametrize("as_dict", [False, True])
@@ -107,7 +108,7 @@ def test_a_completion_that_calls_tools_is_never_cached_whatever_its_finish_reaso
     streamed = guard(model="gpt-4o", cache=ExactCache())(stream)
     for _ in range(2):
         pieces = streamed("Weather?", temperature=0)
-        assert list(pieces) == [] and pieces.reply.stop_reason == "tool_calls"
+        assert list(pieces) == [] and pieces.reply.stop_reason == "tool_calls" and pieces.reply.tool_calls == calls
     assert len(made) == 4
 
 

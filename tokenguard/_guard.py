@@ -52,7 +52,7 @@ from tokenguard.pipeline import (
     with_deadline,
 )
 from tokenguard.stores import MemoryBudgetStore, MemoryLedgerStore
-from tokenguard.tokens import Tokenizer, get_tokenizer
+from tokenguard.tokens import Tokenizer, check_message, get_tokenizer
 
 if TYPE_CHECKING:
     from tokenguard.telemetry import OTelMeter
@@ -62,6 +62,9 @@ __all__ = ["Guard"]
 logger = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, Any]]
+#: What one chat turn sends: a user's text, a message, or several messages (the results
+#: of the tools the last answer called, one message each).
+Turn = str | Mapping[str, Any] | Sequence[Mapping[str, Any]]
 _DEFAULT_STOP = RepetitionStop()
 _DEFAULT_CONTEXT = TailOnly()
 _DEFAULT_SCOPE = TrimForwarded()
@@ -133,12 +136,17 @@ def _as_backend(backend: object, model: str | None, session_ttl_s: float | None 
     )
 
 
-def _as_turn(message: object) -> dict[str, Any]:
+def _as_turn(message: object) -> list[dict[str, Any]]:
     if isinstance(message, str):
-        return {"role": "user", "content": message}
+        return [{"role": "user", "content": message}]
     if isinstance(message, Mapping):
-        return dict(message)
-    raise InvalidRequest(f"a chat message is a string or a message dict, got {type(message).__name__}")
+        return [dict(message)]
+    if isinstance(message, Sequence) and not isinstance(message, bytes) and message:
+        return [dict(check_message(i, m)) for i, m in enumerate(message)]
+    raise InvalidRequest(
+        f"a chat turn is a string, a message dict or a non-empty list of them, got {type(message).__name__}"
+        + (" (empty)" if isinstance(message, Sequence) and not message else "")
+    )
 
 
 def _with_tag(tags: Any, tag: str) -> Any:
@@ -499,6 +507,7 @@ class Guard:
             usage=usage,
             request_id=call.request_id,
             model=call.model,
+            tool_calls=outcome.tool_calls,
         )
         try:
             self.meter(call, usage, outcome.stop_reason, outcome.error)
@@ -588,7 +597,7 @@ class Guard:
 
     def chat_stream(
         self,
-        message: str | Mapping[str, Any],
+        message: Turn,
         *,
         session: str,
         user: str | None = None,
@@ -601,7 +610,7 @@ class Guard:
 
     def chat(
         self,
-        message: str | Mapping[str, Any],
+        message: Turn,
         *,
         session: str,
         user: str | None = None,
@@ -609,7 +618,11 @@ class Guard:
         **params: Any,
     ) -> Reply:
         """Send ``message`` in ``session``, whose earlier turns go along with it; the
-        turn and its reply are added to the session's history when the call succeeds."""
+        turn and its reply are added to the session's history when the call succeeds.
+
+        A reply that calls tools (``reply.tool_calls``) is kept with its calls; send
+        their results as the next turn, a ``{"role": "tool", "tool_call_id": ...,
+        "content": ...}`` message each (a list of them when it called several)."""
         return self.chat_stream(message, session=session, user=user, tags=tags, **params).read()
 
     def _chat_call(
@@ -619,7 +632,7 @@ class Guard:
         if session is None:
             raise InvalidRequest("a chat needs session=: its history is the session's (for one call, use complete)")
         _check_caller(user, session)
-        call = self.prepare([*self.history.get(session), turn], user=user, session=session, tags=tags, **params)
+        call = self.prepare([*self.history.get(session), *turn], user=user, session=session, tags=tags, **params)
         call.turn = turn
         return call
 
@@ -654,7 +667,7 @@ class Guard:
 
     def achat_stream(
         self,
-        message: str | Mapping[str, Any],
+        message: Turn,
         *,
         session: str,
         user: str | None = None,
@@ -666,7 +679,7 @@ class Guard:
 
     async def achat(
         self,
-        message: str | Mapping[str, Any],
+        message: Turn,
         *,
         session: str,
         user: str | None = None,

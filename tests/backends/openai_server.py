@@ -8,7 +8,10 @@ drops the connection after two pieces. Servers that stop a generation badly:
 (llama.cpp's server under load); ``"cut"`` streams chunked and hangs up in the middle
 of the body after two pieces (a transport error); ``"stall"`` sends the role chunk and
 then nothing for ``STALL_S`` seconds. ``"nodone"`` finishes properly but closes without
-``[DONE]``. Every request body is kept in ``requests``.
+``[DONE]``. ``"tools"`` calls get_weather for Paris and Rome (two calls, their
+arguments streamed in pieces and interleaved, as OpenAI streams parallel calls) unless
+the last message is a tool's result, which it answers. Every request body is kept in
+``requests``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from urllib.parse import urlsplit
 
 REPLY_WORDS = ["Hello", " from", " the", " test", " server", "."]
 PROMPT_TOKENS = 42  # what the server claims the prompt cost; the guard must report it
-STALL_S = 2.0  # how long "stall" keeps silent mid-stream
+STALL_S = 2.0
+TOOL_CITIES = ["Paris", "Rome"]  # what "tools" asks get_weather about  # how long "stall" keeps silent mid-stream
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -76,6 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
             if model == "abort":
                 self._write(b"data: [DONE]\n\n")
                 return self._hang_up()
+            if model == "tools" and body["messages"][-1]["role"] != "tool":
+                return self._tool_calls(body)
             if model == "stall":
                 time.sleep(STALL_S)  # the client's read timeout fires first
                 return
@@ -91,6 +97,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self._write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):
             self.server.hangups += 1
+
+    def _tool_calls(self, body: dict[str, Any]) -> None:
+        def delta(index: int, **part: Any) -> None:
+            self._event({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": index, **part}]},
+                                      "finish_reason": None}]})
+
+        for index in range(len(TOOL_CITIES)):
+            delta(index, id=f"call_{index}", type="function", function={"name": "get_weather", "arguments": ""})
+        for index in range(len(TOOL_CITIES)):
+            delta(index, function={"arguments": '{"city": '})
+        for index, city in enumerate(TOOL_CITIES):
+            delta(index, function={"arguments": f'"{city}"}}'})
+        self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            self._event({"choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 20}})
+        self._write(b"data: [DONE]\n\n")
 
     def _event(self, obj: dict[str, Any]) -> None:
         self._write(b"data: " + json.dumps(obj).encode() + b"\n\n")

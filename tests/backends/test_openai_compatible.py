@@ -9,12 +9,12 @@ import socket
 import aiohttp
 import httpx
 import pytest
-from openai_server import PROMPT_TOKENS, REPLY_WORDS
+from openai_server import PROMPT_TOKENS, REPLY_WORDS, TOOL_CITIES
 
 from tokenguard import Budget, Guard, TokenGuardError
 from tokenguard.backends import BackendError, OpenAICompatible
 from tokenguard.backends.sse import iter_sse_data
-from tokenguard.errors import BackendTimeout, ConfigError
+from tokenguard.errors import BackendTimeout, ConfigError, InvalidRequest
 from tokenguard.tokens import get_tokenizer
 
 TOK = get_tokenizer("gpt-4o")
@@ -385,3 +385,34 @@ def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(openai_s
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     chunks = _drain(OpenAICompatible(openai_server.base_url, "gpt-4o", tokenizer="gpt-4o"), asynchronous)
     assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_chat_keeps_the_tools_an_answer_called_for_their_results(openai_server, asynchronous):
+    guard = Guard(OpenAICompatible(openai_server.base_url, "tools", tokenizer="gpt-4o"), prices={"tools": (0, 0)})
+
+    def chat(turn):
+        return asyncio.run(guard.achat(turn, session="s")) if asynchronous else guard.chat(turn, session="s")
+
+    asked = chat("What is the weather in Paris and Rome?")
+    assert (asked.text, asked.stop_reason) == ("", "tool_calls")
+    assert asked.tool_calls == [
+        {"id": f"call_{i}", "type": "function",
+         "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}}
+        for i, city in enumerate(TOOL_CITIES)
+    ]
+    results = [{"role": "tool", "tool_call_id": call["id"], "content": "18 C, sunny"} for call in asked.tool_calls]
+    answered = chat(results)  # both results in one turn: each call is answered before the model speaks
+    assert (answered.text, answered.stop_reason, answered.tool_calls) == ("".join(REPLY_WORDS), "stop", None)
+    sent = openai_server.requests[-1]["body"]["messages"]
+    assert sent == [{"role": "user", "content": "What is the weather in Paris and Rome?"},
+                    {"role": "assistant", "content": "", "tool_calls": asked.tool_calls}, *results]
+    assert guard.history.get("s") == [*sent, {"role": "assistant", "content": answered.text}]
+
+
+def test_a_chat_turn_must_be_text_or_messages():
+    guard = Guard(lambda messages, max_tokens: "hi", model="gpt-4o")
+    for turn, said in (([], "empty"), (7, "got int"), ([{"content": "no role"}], "no 'role'")):
+        with pytest.raises(InvalidRequest, match=said):
+            guard.chat(turn, session="s")
+    assert guard.history.get("s") == [] and guard.ledger.records() == []

@@ -61,7 +61,8 @@ class Reply:
     ``messages`` is exactly what was sent to the backend. ``cached`` is ``True`` when
     the answer came from a cache (``stop_reason`` ``"cache"``): the backend was not called;
     ``cached_stop_reason`` is then the stop reason of the call that stored it
-    (``"length"``: the answer was cut at its output cap).
+    (``"length"``: the answer was cut at its output cap). ``tool_calls`` are the tools
+    the model called, in OpenAI's shape (``stop_reason`` ``"tool_calls"``), else ``None``.
     """
 
     text: str
@@ -72,6 +73,7 @@ class Reply:
     model: str | None = None
     cached: bool = False
     cached_stop_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     def __str__(self) -> str:
         return self.text

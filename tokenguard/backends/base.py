@@ -85,6 +85,10 @@ class Chunk:
     #: The text of those tool calls (function names and arguments): generated, so metered
     #: when the backend reports no usage, though it is no part of the reply's text.
     tool_text: str = ""
+    #: The tool calls themselves, in OpenAI's shape (``id``, ``type``, ``function`` with its
+    #: ``name`` and ``arguments``), each with its ``index`` where the server gave one: a
+    #: whole answer's calls, or a stream's parts of them (the guard joins the parts).
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 @runtime_checkable

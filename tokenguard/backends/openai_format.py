@@ -83,6 +83,7 @@ def chunk_from_completion(obj: Any) -> Chunk:
         usage=usage_from(obj),
         calls_tools=_calls_tools(message),
         tool_text=_tool_text(message),
+        tool_calls=_tool_calls(message),
     )
 
 
@@ -123,6 +124,24 @@ def _tool_text(message: Any) -> str:
             if isinstance(value, str):
                 parts.append(value)
     return "".join(parts)
+
+
+def _tool_calls(message: Any) -> tuple[dict[str, Any], ...]:
+    """A message's (or a delta's) tool calls as plain dicts in OpenAI's shape, with what
+    each part holds: ``index``, ``id`` and ``type`` where given, and the ``function``'s
+    ``name`` and ``arguments`` (a stream sends the arguments in pieces)."""
+    calls = _get(message, "tool_calls") if message is not None else None
+    if not calls or isinstance(calls, (str, bytes, Mapping)) or not hasattr(calls, "__iter__"):
+        return ()
+    parts = []
+    for call in calls:
+        part: dict[str, Any] = {key: value for key in ("index", "id", "type")
+                                if (value := _get(call, key)) is not None}
+        function = _get(call, "function")
+        part["function"] = {field: value for field in ("name", "arguments")
+                            if isinstance(value := _get(function, field), str)}
+        parts.append(part)
+    return tuple(parts)
 
 
 def completion_with_text(obj: Any, text: str, finish_reason: str | None = None) -> Any:
@@ -179,4 +198,5 @@ def chunk_from_stream_item(item: Any) -> Chunk:
         usage=usage_from(item),
         calls_tools=_calls_tools(said),
         tool_text=_tool_text(said),
+        tool_calls=_tool_calls(said),
     )

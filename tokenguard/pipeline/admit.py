@@ -33,7 +33,7 @@ class Admit:
 
     def __call__(self, call: Call) -> None:
         limit = self.max_input_tokens
-        messages = call.messages if call.turn is None else [call.turn]
+        messages = call.messages if call.turn is None else call.turn
         sent = [*messages, {"tools": list(call.tokenizer.tool_texts(call.tools))}] if call.tools else messages
         if over_limit(call.tokenizer, sent, limit):
             raise InputTooLong(limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens")

@@ -48,8 +48,9 @@ def as_messages(prompt_or_messages: object) -> list[dict[str, Any]]:
 class Call:
     """The state of one call. Steps read the request part and fill in the rest.
 
-    ``turn`` is the new user message of a :meth:`~tokenguard.Guard.chat` call: the
-    remember step adds it and the reply to the session's history when the call succeeds.
+    ``turn`` is the new message of a :meth:`~tokenguard.Guard.chat` call (or messages:
+    the results of the tools its last answer called): the remember step adds them and
+    the reply to the session's history when the call succeeds.
     ``outer`` is the :class:`~tokenguard.pipeline.tree.Frame` the call was made in: the
     guarded call it is nested in and the innermost scope, if any (``None``: a root call
     outside every scope); :attr:`depth`, :attr:`parent_id` and :attr:`root_id` link the
@@ -66,7 +67,7 @@ class Call:
     user: str | None = None
     session: str | None = None
     tags: Any = None
-    turn: dict[str, Any] | None = None
+    turn: list[dict[str, Any]] | None = None
     ts: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     #: Exact prompt size, once counted (see :meth:`count_input`).

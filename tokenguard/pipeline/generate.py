@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tokenguard.backends import BackendUsage, Chunk
 from tokenguard.errors import BudgetExceeded, InputTooLong
@@ -49,6 +50,8 @@ class Outcome:
     error: BaseException | None = None
     streamed: str = ""
     stopped_early: bool = False
+    #: The tool calls the answer made (OpenAI's shape), or ``None``.
+    tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -70,8 +73,8 @@ class Generation:
     the stream (:attr:`stopped`), and the stream must then close the backend.
     """
 
-    __slots__ = ("_dropped", "_parts", "_received", "_watches", "asked", "calls_tools", "finish_reason", "produced",
-                 "stop", "usage")
+    __slots__ = ("_calls", "_dropped", "_parts", "_received", "_watches", "asked", "calls_tools", "finish_reason",
+                 "produced", "stop", "usage")
 
     def __init__(self, watches: Sequence[Watch]) -> None:
         self._watches = list(watches)
@@ -80,6 +83,7 @@ class Generation:
         #: The backend's own finish reason, from its last chunk.
         self.finish_reason: str | None = None
         self.calls_tools = False
+        self._calls: dict[int, dict[str, Any]] = {}  # the tool calls by index, as their parts came
         #: The counts the backend reported, if it did.
         self.usage: BackendUsage | None = None
         #: True once the backend produced any output (text, a finish reason or usage).
@@ -107,6 +111,8 @@ class Generation:
             self.usage = chunk.usage
             self.produced = True
         self.calls_tools = self.calls_tools or chunk.calls_tools
+        for position, part in enumerate(chunk.tool_calls):
+            self._join(position, part)
         if chunk.tool_text:
             self._received.append(chunk.tool_text)  # generated: metered, though not passed on
             self.produced = True
@@ -135,6 +141,27 @@ class Generation:
             self._parts.append(piece)
         return piece
 
+    def _join(self, position: int, part: dict[str, Any]) -> None:
+        """Add one part of a tool call to the call it belongs to: the one of its
+        ``index`` (a whole answer's calls have none: their position), its arguments
+        appended, its id, type and name taken where they first come."""
+        index = part.get("index")
+        call = self._calls.setdefault(index if isinstance(index, int) else position,
+                                      {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        if isinstance(part.get("id"), str) and part["id"] and not call["id"]:
+            call["id"] = part["id"]
+        if isinstance(part.get("type"), str) and part["type"]:
+            call["type"] = part["type"]
+        function = part.get("function") or {}
+        if function.get("name") and not call["function"]["name"]:
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """The answer's tool calls, whole, in order (``None`` when it made none)."""
+        return [self._calls[index] for index in sorted(self._calls)] or None
+
     def outcome(self, error: BaseException | None = None, *, cancelled: bool = False) -> Outcome:
         """How the call ended: ``error`` is what ended it, if anything; ``cancelled``
         that the caller closed it early (a cancelling error such as
@@ -160,4 +187,5 @@ class Generation:
             error=error,
             streamed="".join(self._received),
             stopped_early=early,
+            tool_calls=self.tool_calls,
         )

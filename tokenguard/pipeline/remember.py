@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenguard.accounting import Reply
 from tokenguard.context import SessionHistory
 from tokenguard.pipeline.call import Call
@@ -17,4 +19,7 @@ class RememberTurn:
 
     def __call__(self, call: Call, reply: Reply) -> None:
         if call.turn is not None and call.session is not None:
-            self.history.append(call.session, call.turn, {"role": "assistant", "content": reply.text})
+            answer: dict[str, Any] = {"role": "assistant", "content": reply.text}
+            if reply.tool_calls:  # the tool results the caller sends next answer these
+                answer["tool_calls"] = reply.tool_calls
+            self.history.append(call.session, *call.turn, answer)

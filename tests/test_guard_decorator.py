@@ -305,3 +305,20 @@ def test_a_stream_of_several_choices_is_read_as_its_first():
 
     pieces = guard(model="gpt-4o")(two_answers)("Name a colour and a thing of it.")
     assert "".join(pieces) == "Red apple." and pieces.reply.text == "Red apple."
+
+
+def test_a_legacy_function_call_is_metered_as_a_tool_call():
+    function = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+    def legacy(messages, max_tokens):
+        yield {"choices": [{"delta": {"function_call": {"name": function["name"], "arguments": ""}}}]}
+        yield {"choices": [{"delta": {"function_call": {"arguments": function["arguments"]}}}]}
+        yield {"choices": [{"delta": {}, "finish_reason": "function_call"}]}
+
+    def tools(messages, max_tokens):
+        yield {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": function}]}}]}
+        yield {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]}
+
+    old, new = (Guard(fn, model="gpt-4o").complete("Weather in Paris?") for fn in (legacy, tools))
+    assert (old.stop_reason, new.stop_reason) == ("function_call", "tool_calls")
+    assert old.usage.output_tokens == new.usage.output_tokens > 0  # generated, though no text

@@ -117,6 +117,9 @@ def test_message_fields_and_tool_calls_are_counted() -> None:
     assert tokenizer.count_messages([*base, call]) > tokenizer.count_messages(base) + 3
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert tokenizer.count_messages(parts) == tokenizer.count_messages(base)
+    # The legacy API's function_call counts as the tool call it is, not as the text of a dict.
+    legacy = {"role": "assistant", "content": None, "function_call": call["tool_calls"][0]["function"]}
+    assert tokenizer.count_messages([*base, legacy]) == tokenizer.count_messages([*base, call])
 
 
 # The cookbook's tool example: the API reported 105 prompt tokens for gpt-4 and
@@ -140,6 +143,19 @@ WEATHER_MESSAGES = [
 )
 def test_cookbook_tool_counts(model: str, expected: int) -> None:
     assert tg.count_tokens(WEATHER_MESSAGES, model=model, tools=WEATHER_TOOLS) == expected
+
+
+def test_the_legacy_functions_parameter_is_prompt_as_tools_are() -> None:
+    functions = [tool["function"] for tool in WEATHER_TOOLS]
+
+    def create(messages, max_tokens, tools=None, functions=None):
+        return "It is sunny."
+
+    guard = tg.Guard(create, model="gpt-4o")
+    with_tools = guard.complete(WEATHER_MESSAGES, tools=WEATHER_TOOLS).usage.input_tokens
+    assert guard.complete(WEATHER_MESSAGES, functions=functions).usage.input_tokens == with_tools == 101
+    with pytest.raises(tg.InvalidRequest, match="functions must be a list"):
+        guard.complete(WEATHER_MESSAGES, functions=functions[0])
 
 
 def test_tools_with_referenced_definitions_count_what_they_refer_to() -> None:

@@ -105,15 +105,22 @@ def _reason(finish_reason: Any) -> str | None:
 
 
 def _calls_tools(message: Any) -> bool:
-    """Whether a message (or a stream delta) holds tool calls: the answer calls tools
-    even when the server ends it with ``"stop"`` (OpenAI does when ``tool_choice`` named
-    the function, and some servers always do)."""
-    return message is not None and bool(_get(message, "tool_calls"))
+    """Whether a message (or a stream delta) holds tool calls (or the legacy
+    ``function_call``): the answer calls tools even when the server ends it with
+    ``"stop"`` (OpenAI does when ``tool_choice`` named the function, and some servers
+    always do)."""
+    return message is not None and bool(_get(message, "tool_calls") or _get(message, "function_call"))
 
 
 def _tool_text(message: Any) -> str:
-    """The names and arguments of a message's (or a delta's) tool calls, as text."""
-    calls = _get(message, "tool_calls") if message is not None else None
+    """The names and arguments of a message's (or a delta's) tool calls, or of its
+    legacy ``function_call``, as text."""
+    if message is None:
+        return ""
+    calls = _get(message, "tool_calls")
+    legacy = _get(message, "function_call")
+    if legacy is not None and not isinstance(legacy, (str, bytes)):
+        calls = [*(calls if isinstance(calls, list) else []), {"function": legacy}]
     if not calls or isinstance(calls, (str, bytes, Mapping)):
         return ""
     parts = []

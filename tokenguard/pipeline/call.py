@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -112,8 +112,14 @@ class Call:
 
     @property
     def tools(self) -> list[dict[str, Any]] | None:
-        """The tool definitions the backend is sent (``tools=``): part of the prompt."""
-        return self.params.get("tools")
+        """The tool definitions the backend is sent: part of the prompt. ``tools=``, and
+        the legacy ``functions=`` as the function tools they are."""
+        tools, functions = self.params.get("tools"), self.params.get("functions")
+        if functions is None:
+            return tools
+        if isinstance(functions, (str, bytes, Mapping)) or not isinstance(functions, Sequence):
+            raise InvalidRequest(f"functions must be a list of function dicts, got {type(functions).__name__}")
+        return [*(tools or []), *({"type": "function", "function": function} for function in functions)]
 
     def count_input(self) -> int:
         """The exact prompt size of ``messages`` (chat template, tool definitions and

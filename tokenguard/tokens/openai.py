@@ -204,8 +204,8 @@ class TiktokenTokenizer(Tokenizer):
 
     def count_messages(self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
         """OpenAI's published accounting: 3 tokens per message, 1 per name, 3 to prime
-        the reply, plus the tokens of every field's text. Tool calls count their
-        function name and JSON arguments (OpenAI publishes no framing for them, so
+        the reply, plus the tokens of every field's text. Tool calls (and the legacy
+        ``function_call``) count their function name and JSON arguments (OpenAI publishes no framing for them, so
         their few framing tokens are not included); tool definitions count as
         :meth:`count_tools` says.
         """
@@ -217,6 +217,9 @@ class TiktokenTokenizer(Tokenizer):
                     continue  # an absent field ("name": None) costs nothing
                 if key == "tool_calls":
                     total += sum(self._count_tool_call(call) for call in _tool_calls(value))
+                    continue
+                if key == "function_call":  # the legacy API's one call: counted as a tool call
+                    total += self._count_tool_call({"function": value})
                     continue
                 total += sum(self.count(text) for text in _texts(value, key))
                 if key == "name":

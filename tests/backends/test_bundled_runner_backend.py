@@ -56,6 +56,13 @@ def test_guard_chat_sessions_reuse_the_runners_kv(bundled_runner):
     second = guard.chat("Name another one.", session="colors")
     assert second.usage.cached_input_tokens > 0  # turn 2 prefilled only what was new
     assert guard.ledger.records()[-1]["cached_input_tokens"] == second.usage.cached_input_tokens
+    # A turn closed after its first piece is metered with what the KV covered all the same.
+    third = guard.chat_stream("And one more?", session="colors")
+    next(iter(third))
+    third.close()
+    row = guard.ledger.records()[-1]
+    assert row["stop_reason"] == "cancelled" and row["cached_input_tokens"] > second.usage.cached_input_tokens
+    assert row["input_tokens"] == guard.tokenizer.count_messages(third.reply.messages)
     bundled_runner.end_session("colors")
 
 

@@ -11,6 +11,7 @@ from tokenguard.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from tokenguard.runner import GenerationResult, LlamaRunner
+    from tokenguard.runner.llama_runner import AsyncTextStream, TextStream
     from tokenguard.tokens import Message, Tokenizer
 
 __all__ = ["BundledRunner"]
@@ -108,14 +109,16 @@ class BundledRunner(Backend):
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         with self.runner.stream(messages=list(messages), **params) as pieces:
-            for piece in pieces:
-                yield Chunk(text=piece)
+            for i, piece in enumerate(pieces):
+                yield Chunk(text=piece, usage=None if i else _prompt_usage(pieces))
         yield _last_chunk(pieces.result)
 
     async def astream(self, messages: Sequence[Message], params: Params) -> AsyncIterator[Chunk]:
         async with self.runner.astream(messages=list(messages), **params) as pieces:
+            first = True
             async for piece in pieces:
-                yield Chunk(text=piece)
+                yield Chunk(text=piece, usage=_prompt_usage(pieces) if first else None)
+                first = False
         yield _last_chunk(pieces.result)
 
     def __repr__(self) -> str:
@@ -124,6 +127,15 @@ class BundledRunner(Backend):
 
 _RUNNER_PARAMS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
                             "session"})
+
+
+def _prompt_usage(pieces: TextStream | AsyncTextStream) -> BackendUsage | None:
+    """The prompt's counts, sent with the first piece (its tokens and those the
+    session's KV covered), so that a call closed before its end is metered with them;
+    the last chunk's usage replaces it."""
+    if pieces.prompt_tokens is None:
+        return None
+    return BackendUsage(pieces.prompt_tokens, None, pieces.cached_prompt_tokens)
 
 
 def _last_chunk(result: GenerationResult | None) -> Chunk:

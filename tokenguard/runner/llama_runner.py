@@ -17,7 +17,7 @@ from collections.abc import (
     Sequence,
 )
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,27 +41,48 @@ from tokenguard.tokens import DEFAULT_MODEL_NAME, Message, TemplatedTokenizer, T
 logger = logging.getLogger(__name__)
 
 
+class _Started(NamedTuple):
+    """What a stream knows once its first piece is out: the prompt's tokens and how many
+    of them the session's kept KV covered."""
+
+    prompt_tokens: int
+    cached_prompt_tokens: int
+
+
+# What a stream's generator yields: text pieces, a _Started before the first of them,
+# and the GenerationResult at its end.
+_Item = str | _Started | GenerationResult
+
+
 class TextStream(Iterator[str]):
     """Text pieces of a generation as they become final; ``result`` once exhausted.
 
     Pieces never split a character and never contain (part of) a stop string.
     ``close()`` - or leaving a ``with`` block - stops the model and frees the request's
-    KV blocks at once.
+    KV blocks at once. From the first piece on, ``prompt_tokens`` and
+    ``cached_prompt_tokens`` say what the prompt cost (known before ``result``, for a
+    stream closed early).
     """
 
-    def __init__(self, pieces: Generator[str | GenerationResult, None, None], cancel: Callable[[], None]) -> None:
+    def __init__(self, pieces: Generator[_Item, None, None], cancel: Callable[[], None]) -> None:
         self._pieces = pieces
         self._cancel = cancel
         self.result: GenerationResult | None = None
+        self.prompt_tokens: int | None = None
+        self.cached_prompt_tokens: int | None = None
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
         item = next(self._pieces)
+        if isinstance(item, _Started):
+            self.prompt_tokens, self.cached_prompt_tokens = item
+            item = next(self._pieces)
         if isinstance(item, GenerationResult):
             self.result = item
             raise StopIteration
+        assert isinstance(item, str)  # one _Started at most, before the first piece
         return item
 
     def close(self) -> None:
@@ -86,19 +107,25 @@ class AsyncTextStream(AsyncIterator[str]):
     """The async twin of :class:`TextStream`: ``async for piece in stream``; ``result``
     once exhausted; ``await stream.aclose()`` stops the model."""
 
-    def __init__(self, pieces: AsyncGenerator[str | GenerationResult, None], cancel: Callable[[], None]) -> None:
+    def __init__(self, pieces: AsyncGenerator[_Item, None], cancel: Callable[[], None]) -> None:
         self._pieces = pieces
         self._cancel = cancel
         self.result: GenerationResult | None = None
+        self.prompt_tokens: int | None = None
+        self.cached_prompt_tokens: int | None = None
 
     def __aiter__(self) -> AsyncTextStream:
         return self
 
     async def __anext__(self) -> str:
         item = await self._pieces.__anext__()
+        if isinstance(item, _Started):
+            self.prompt_tokens, self.cached_prompt_tokens = item
+            item = await self._pieces.__anext__()
         if isinstance(item, GenerationResult):
             self.result = item
             raise StopAsyncIteration
+        assert isinstance(item, str)  # one _Started at most, before the first piece
         return item
 
     async def aclose(self) -> None:
@@ -372,7 +399,7 @@ class LlamaRunner:
         loads, seconds) in a worker thread at the first iteration, not on the event loop."""
         submitted: list[RemoteSequence] = []
 
-        async def pieces() -> AsyncGenerator[str | GenerationResult, None]:
+        async def pieces() -> AsyncGenerator[_Item, None]:
             await asyncio.to_thread(self._serving_engine)
             seq, reply, events = self._asubmit(prompt_ids, params, session)
             submitted.append(seq)
@@ -409,8 +436,8 @@ class LlamaRunner:
         return TextStream(self._follow(seq, reply, events), lambda: seq.engine.cancel(seq))
 
     def _follow(self, seq: RemoteSequence, reply: ReplyText,
-                events: queue.SimpleQueue[tuple[str, Any]]) -> Generator[str | GenerationResult, None, None]:
-        ended = False
+                events: queue.SimpleQueue[tuple[str, Any]]) -> Generator[_Item, None, None]:
+        ended = started = False
         try:
             while not ended:
                 kind, value = events.get()
@@ -418,6 +445,9 @@ class LlamaRunner:
                 if reply.stopped:  # a stop string: the engine keeps the session's KV, frees the rest
                     seq.engine.cancel(seq, keep_session=True)
                 if piece:
+                    if not started:
+                        started = True
+                        yield _Started(reply.prompt_tokens, seq.cached_prompt_tokens)
                     yield piece
         finally:
             if not ended:  # the consumer left early: stop the model, free the blocks
@@ -427,8 +457,8 @@ class LlamaRunner:
         yield reply.result(seq.cached_prompt_tokens)
 
     async def _afollow(self, seq: RemoteSequence, reply: ReplyText,
-                       events: asyncio.Queue[tuple[str, Any]]) -> AsyncGenerator[str | GenerationResult, None]:
-        ended = False
+                       events: asyncio.Queue[tuple[str, Any]]) -> AsyncGenerator[_Item, None]:
+        ended = started = False
         try:
             while not ended:
                 kind, value = await events.get()
@@ -436,6 +466,9 @@ class LlamaRunner:
                 if reply.stopped:  # cancelling waits for the engine's step: not on the event loop
                     await asyncio.to_thread(seq.engine.cancel, seq, keep_session=True)
                 if piece:
+                    if not started:
+                        started = True
+                        yield _Started(reply.prompt_tokens, seq.cached_prompt_tokens)
                     yield piece
         finally:
             if not ended:

@@ -12,6 +12,7 @@ import logging
 import operator
 import os
 import threading
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -108,8 +109,15 @@ def _from_openai_client(client: Any, model: str) -> OpenAICompatible:
            if isinstance(value, str)  # the client marks headers it leaves out with an Omit
            and name.lower() not in _CLIENT_MADE_HEADERS and not name.lower().startswith("x-stainless")}
     timeout = client.timeout if isinstance(client.timeout, (int, float, httpx.Timeout)) else None
-    return OpenAICompatible(str(client.base_url), model, headers=own,
-                            query=dict(client.default_query or {}), timeout=timeout)
+    base_url = str(client.base_url).rstrip("/")
+    if _is_azure_client(client) and "/deployments" not in str(client.base_url.path):
+        # As the Azure client routes a chat call: to the deployment its model names.
+        base_url += f"/deployments/{urllib.parse.quote(model, safe='')}"
+    return OpenAICompatible(base_url, model, headers=own, query=dict(client.default_query or {}), timeout=timeout)
+
+
+def _is_azure_client(client: object) -> bool:
+    return type(client).__name__ in ("AzureOpenAI", "AsyncAzureOpenAI")
 
 
 # Headers the client sets for its own requests, not for the service.

@@ -17,6 +17,7 @@ the last message is a tool's result, which it answers. Every request body is kep
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,7 +43,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(length))
         self.server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
         # A proxy is sent the whole URL ("http://host/v1/..."): answer it as the host would.
-        if urlsplit(self.path).path != "/v1/chat/completions":
+        # Azure's path names the deployment.
+        path = urlsplit(self.path).path
+        if path != "/v1/chat/completions" and not re.fullmatch(r"/openai/deployments/[^/]+/chat/completions", path):
             return self._json(404, {"error": {"message": "not found"}})
         model = body.get("model")
         if model == "fail":

@@ -46,6 +46,22 @@ def test_an_async_client_gets_messages_from_a_prompt_string(openai_server):
     assert tg.reply_of(completion).stop_reason == "stop"
 
 
+@pytest.mark.parametrize("kind", [openai.AzureOpenAI, openai.AsyncAzureOpenAI])
+def test_an_azure_client_calls_the_deployment_its_model_names(openai_server, kind):
+    root = openai_server.base_url.removesuffix("/v1")
+    client = kind(azure_endpoint=root, api_key="az-key", api_version="2024-06-01")
+    with tg.Guard(client, model=MODEL) as guard:
+        assert guard.complete("hi").text == "".join(REPLY_WORDS)
+    request = openai_server.requests[-1]
+    assert request["path"] == f"/openai/deployments/{MODEL}/chat/completions?api-version=2024-06-01"
+    assert request["headers"]["api-key"] == "az-key"
+    # A client made for one deployment routes there already, whatever the model is called.
+    pinned = kind(azure_endpoint=root, azure_deployment="prod-4o", api_key="az-key", api_version="2024-06-01")
+    with tg.Guard(pinned, model=MODEL) as guard:
+        guard.complete("hi")
+    assert openai_server.requests[-1]["path"].startswith("/openai/deployments/prod-4o/chat/completions?")
+
+
 def test_an_openai_client_is_a_backend_given_its_model(openai_server):
     client = openai.OpenAI(base_url=openai_server.base_url, api_key="sk-test")
     with pytest.raises(tg.ConfigError, match="pass model="):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 
@@ -338,6 +339,7 @@ def test_an_event_loop_s_client_closes_as_the_loop_shuts_down(openai_server):
     # Each loop's client (its pooled connections) closed as asyncio.run shut the loop down,
     # not whenever the garbage collector gets to it.
     assert len({id(client) for client in clients}) == 3 and all(client.closed for client in clients)
+    assert not backend._sessions  # and was let go: a session holds its loop
 
 
 async def _chunks(*parts: bytes):
@@ -346,16 +348,18 @@ async def _chunks(*parts: bytes):
 
 
 def test_async_lines_split_at_every_line_break_wherever_the_chunks_end():
-    from tokenguard.backends.openai_compatible import _alines
+    from tokenguard.backends import async_http
 
     async def lines(*parts: bytes) -> list[str]:
-        return [line async for line in _alines(_chunks(*parts), "http://x")]
+        return [line async for line in async_http.lines(_chunks(*parts), "http://x")]
 
     # "\r\n" torn between two chunks is one break, not a line and a blank one.
     assert asyncio.run(lines(b"data: a\r", b"\ndata: b\r\rda", b"ta: c\n", b"\n")) == [
         "data: a", "data: b", "", "data: c", ""]
     assert asyncio.run(lines(b"data: \xc3", b"\xa9t\xc3\xa9\r\n", b"no break at the end\r")) == [
         "data: été", "no break at the end"]
+    # A "\r" held at a chunk's end is a break even when the next chunk holds none.
+    assert asyncio.run(lines(b"a\r", b"b", b"c\n")) == ["a", "bc"]
     with pytest.raises(BackendError, match="a line of over"):
         asyncio.run(lines(*[b"x" * (1 << 20)] * 9))
 
@@ -382,7 +386,7 @@ def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(openai_s
     assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)
     assert openai_server.requests[-1]["path"] == "http://llm.invalid/v1/chat/completions"
     monkeypatch.setenv("HTTP_PROXY", _closed_port_url().removesuffix("/v1"))  # a proxy that refuses all
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", f"127.0.0.1:{openai_server.server_address[1]}")  # an entry may name the port
     chunks = _drain(OpenAICompatible(openai_server.base_url, "gpt-4o", tokenizer="gpt-4o"), asynchronous)
     assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)
 
@@ -416,3 +420,29 @@ def test_a_chat_turn_must_be_text_or_messages():
         with pytest.raises(InvalidRequest, match=said):
             guard.chat(turn, session="s")
     assert guard.history.get("s") == [] and guard.ledger.records() == []
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_both_transports_send_the_same_request(openai_server, asynchronous):
+    # Credentials in the URL are Basic auth (in place of the key's header), query values
+    # are spelled as httpx spells them, and NaN is refused (it is no JSON).
+    url = openai_server.base_url.replace("http://", "http://svc:pa%40ss@")
+    backend = OpenAICompatible(url, "gpt-4o", api_key="sk-test", query={"debug": True, "x": None, "n": 3})
+    assert "".join(c.text for c in _drain(backend, asynchronous)) == "".join(REPLY_WORDS)
+    request = openai_server.requests[-1]
+    assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(b"svc:pa@ss").decode()
+    assert request["path"] == "/v1/chat/completions?debug=true&x=&n=3"
+    with pytest.raises(ValueError, match="JSON"):
+        if asynchronous:
+            asyncio.run(anext(backend.astream(HI, {"temperature": float("nan")})))
+        else:
+            next(backend.stream(HI, {"temperature": float("nan")}))
+    with pytest.raises(ConfigError, match="query parameter 'tags'"):
+        OpenAICompatible(openai_server.base_url, "gpt-4o", query={"tags": ["a", "b"]})
+
+
+def test_async_calls_name_a_socks_proxy_they_cannot_use(openai_server, monkeypatch):
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(ConfigError, match="not SOCKS"):
+        _drain(OpenAICompatible(openai_server.base_url, "gpt-4o"), asynchronous=True)

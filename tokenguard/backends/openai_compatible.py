@@ -1,24 +1,22 @@
 """A backend for any OpenAI-compatible chat-completions server (OpenAI, vLLM, TGI,
 llama.cpp server, Ollama, ``tokenguard serve``), streaming over SSE: with httpx for
-sync calls and aiohttp for async ones (httpx's async client costs several times the
-CPU a request, which a gateway pays on every call)."""
+sync calls and aiohttp for async ones (see :mod:`~tokenguard.backends.async_http`)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
-import re
 import threading
-import urllib.request
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
 
+from tokenguard.backends import async_http
 from tokenguard.backends.base import Backend, Chunk, Params
 from tokenguard.backends.openai_format import chunk_from_completion, chunk_from_stream_item, is_completion
 from tokenguard.backends.sse import aiter_sse_data, iter_sse_data
@@ -84,10 +82,11 @@ def _not_a_stream(status: int, headers: Mapping[str, str], body: bytes, url: str
                         f"not an event stream: {text}", status)
 
 
-async def _closed_with_the_loop(session: aiohttp.ClientSession) -> AsyncIterator[None]:
+async def _closed_with_the_loop(session: aiohttp.ClientSession, forget: Callable[[], object]) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        forget()  # the session holds its loop: kept, neither would ever be collected
         await session.close()
 
 
@@ -117,48 +116,15 @@ def _is_stream(headers: Mapping[str, str]) -> bool:
     return headers.get("content-type", "").startswith("text/event-stream")
 
 
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-# The longest line of an event stream read (a server that never ends one is cut off).
-_MOST_LINE_BYTES = 8 << 20
-
-
-async def _alines(chunks: AsyncIterator[bytes], url: str) -> AsyncIterator[str]:
-    """The lines of a body arriving in ``chunks``, split at ``\\n``, ``\\r\\n`` or ``\\r``
-    as event streams may be (aiohttp's own line reader knows only ``\\n``)."""
-    pending = b""
-    async for part in chunks:
-        pending += part
-        # A "\r" at the end may be the first half of a "\r\n": wait for what follows it.
-        end = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
-        *lines, rest = _LINE_BREAK.split(pending[:end])
-        pending = rest + pending[end:]
-        if len(pending) > _MOST_LINE_BYTES:
-            raise BackendError(f"{url} sent a line of over {_MOST_LINE_BYTES} bytes in its event stream")
-        for line in lines:
-            yield line.decode("utf-8", "replace")
-    if pending:
-        yield pending.rstrip(b"\r").decode("utf-8", "replace")
-
-
-def _env_proxy(url: str) -> str | None:
-    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``,
-    ``ALL_PROXY``, less ``NO_PROXY``), as httpx's clients honour it. Looked up once a
-    session: aiohttp's own ``trust_env`` reads the environment and ``~/.netrc`` again on
-    every request, which costs more than the request."""
-    parsed = httpx.URL(url)
-    if urllib.request.proxy_bypass(parsed.host):
-        return None
-    proxies = urllib.request.getproxies()
-    return proxies.get(parsed.scheme) or proxies.get("all")
-
-
-def _client_timeout(timeout: float | httpx.Timeout) -> aiohttp.ClientTimeout:
-    """``timeout`` in aiohttp's terms: httpx's connect and read limits are aiohttp's
-    sock_connect and sock_read; its pool limit bounds the wait for a connection."""
-    if not isinstance(timeout, httpx.Timeout):
-        return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-    return aiohttp.ClientTimeout(total=None, connect=timeout.pool, sock_connect=timeout.connect,
-                                 sock_read=timeout.read)
+def _query_text(name: str, value: object) -> str:
+    """A query parameter's value as both transports send it (httpx's spelling)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ConfigError(f"query parameter {name!r} must be text, a number, a bool or None, got {type(value).__name__}")
 
 
 def _redacted(url: str) -> str:
@@ -270,7 +236,7 @@ class OpenAICompatible(Backend):
         self.base_url = base_url.rstrip("/")
         self.model = model
         #: Query parameters sent with every request (Azure's ``api-version``, a gateway's key).
-        self.query = dict(query or {})
+        self.query = {name: _query_text(name, value) for name, value in (query or {}).items()}
         _check_url(self.base_url)
         self.url = f"{self.base_url}/chat/completions"
         #: The URL as errors, ledger rows and reprs show it (its password hidden).
@@ -284,6 +250,7 @@ class OpenAICompatible(Backend):
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
         self._client: httpx.Client | None = None
+        self._target = async_http.Target(self.url)
         # One aiohttp session per event loop (a session must not cross loops), with the
         # suspended generator that closes it as the loop shuts down.
         self._sessions: weakref.WeakKeyDictionary[
@@ -365,8 +332,8 @@ class OpenAICompatible(Backend):
         loop = asyncio.get_running_loop()
         held = self._sessions.get(loop)
         if held is None:
-            session = aiohttp.ClientSession(timeout=_client_timeout(self.timeout), proxy=_env_proxy(self.url))
-            closer = _closed_with_the_loop(session)
+            session = async_http.new_session(self.url, self.timeout)
+            closer = _closed_with_the_loop(session, lambda: self._sessions.pop(loop, None))
             await anext(closer)  # now the loop knows it, and closes it when it shuts down
             held = self._sessions[loop] = (session, closer)
         return held[0]
@@ -375,8 +342,8 @@ class OpenAICompatible(Backend):
         read = _Read(self.shown_url)
         body = self._body(messages, params)
         with read.transport_errors():
-            session = await self._session()
-            async with session.post(self.url, json=body, headers=self.headers, params=self.query,
+            session, target = await self._session(), self._target
+            async with session.post(target.url, json=body, headers=target.headers(self.headers), params=self.query,
                                     allow_redirects=False) as r:
                 if r.status >= 300:
                     raise _error(r.status, r.headers, await _ahead(r.content.iter_any()), self.shown_url)
@@ -384,7 +351,7 @@ class OpenAICompatible(Backend):
                 if not _is_stream(r.headers):
                     yield read.whole(r.status, r.headers, await _ahead(r.content.iter_any()))
                     return
-                lines = _alines(r.content.iter_any(), self.shown_url)
+                lines = async_http.lines(r.content.iter_any(), self.shown_url)
                 async for data in aiter_sse_data(lines):
                     chunk = read.chunk(data)
                     if chunk is None:

@@ -25,6 +25,7 @@ from tokenguard.accounting import Budget, Ledger, PriceSpec, Pricing, Reply
 from tokenguard.accounting.budget import link_ledger
 from tokenguard.backends import Backend, BundledRunner, Chunk, Function, OpenAICompatible
 from tokenguard.context import ContextStrategy, SessionHistory, TailOnly
+from tokenguard.context.messages import answered_calls_only
 from tokenguard.errors import ConfigError, InvalidRequest, StoreError, UnknownTokenizer
 from tokenguard.pipeline import (
     Admit,
@@ -117,7 +118,8 @@ def _from_openai_client(client: Any, model: str) -> OpenAICompatible:
 
 
 def _is_azure_client(client: object) -> bool:
-    return type(client).__name__ in ("AzureOpenAI", "AsyncAzureOpenAI")
+    # By name, as _is_openai_client: importing openai only to ask would be slow.
+    return any(kind.__name__ == "BaseAzureClient" for kind in type(client).__mro__)
 
 
 # Headers the client sets for its own requests, not for the service.
@@ -640,7 +642,8 @@ class Guard:
         if session is None:
             raise InvalidRequest("a chat needs session=: its history is the session's (for one call, use complete)")
         _check_caller(user, session)
-        call = self.prepare([*self.history.get(session), *turn], user=user, session=session, tags=tags, **params)
+        sent = answered_calls_only([*self.history.get(session), *turn])
+        call = self.prepare(sent, user=user, session=session, tags=tags, **params)
         call.turn = turn
         return call
 

@@ -46,7 +46,11 @@ def test_an_async_client_gets_messages_from_a_prompt_string(openai_server):
     assert tg.reply_of(completion).stop_reason == "stop"
 
 
-@pytest.mark.parametrize("kind", [openai.AzureOpenAI, openai.AsyncAzureOpenAI])
+class _TeamAzureOpenAI(openai.AzureOpenAI):
+    """An application's own subclass of the Azure client."""
+
+
+@pytest.mark.parametrize("kind", [openai.AzureOpenAI, openai.AsyncAzureOpenAI, _TeamAzureOpenAI])
 def test_an_azure_client_calls_the_deployment_its_model_names(openai_server, kind):
     root = openai_server.base_url.removesuffix("/v1")
     client = kind(azure_endpoint=root, api_key="az-key", api_version="2024-06-01")

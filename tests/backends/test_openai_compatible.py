@@ -446,3 +446,25 @@ def test_async_calls_name_a_socks_proxy_they_cannot_use(openai_server, monkeypat
     monkeypatch.setenv("NO_PROXY", "")
     with pytest.raises(ConfigError, match="not SOCKS"):
         _drain(OpenAICompatible(openai_server.base_url, "gpt-4o"), asynchronous=True)
+
+
+def test_tool_calls_left_unanswered_are_not_sent_again(openai_server):
+    guard = Guard(OpenAICompatible(openai_server.base_url, "tools", tokenizer="gpt-4o"), prices={"tools": (0, 0)})
+    asked = guard.chat("What is the weather in Paris and Rome?", session="s")
+    paris, rome = asked.tool_calls
+    guard.chat([{"role": "tool", "tool_call_id": paris["id"], "content": "18 C"}], session="s")  # Rome's unanswered
+    assert openai_server.requests[-1]["body"]["messages"][1]["tool_calls"] == [paris]
+    guard.chat("Never mind the weather.", session="s")
+    sent = openai_server.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
+    assert sent[1]["tool_calls"] == [paris]  # OpenAI refuses a call no tool message answers
+    assert guard.history.get("s")[1]["tool_calls"] == [paris, rome]  # the history keeps what was said
+
+
+def test_a_call_prepared_by_hand_may_still_name_its_turn_as_one_message():
+    guard = Guard(lambda messages, max_tokens: "Hello.", model="gpt-4o")
+    turn = {"role": "user", "content": "Hi"}
+    call = guard.prepare([turn], session="s")
+    call.turn = turn  # as chat() did before a turn could be several messages
+    assert guard.open_stream(call).read().text == "Hello."
+    assert guard.history.get("s") == [turn, {"role": "assistant", "content": "Hello."}]

@@ -117,3 +117,38 @@ def test_outcome_of_a_failure_and_of_a_cancellation():
     cancelled = generation.outcome(asyncio.CancelledError())
     assert cancelled.stop_reason == "cancelled" and cancelled.spent and cancelled.text == "partial"
     assert generation.outcome(cancelled=True).stop_reason == "cancelled"
+
+
+def _calls(*chunks: list[dict]) -> list[dict] | None:
+    """The tool calls a Generation joins from chunks holding these tool-call parts."""
+    generation = Generation([])
+    for parts in chunks:
+        generation.feed(Chunk(calls_tools=True, tool_calls=tuple(parts)))
+    return generation.outcome().tool_calls
+
+
+def _call(id_: str | None, name: str, arguments: str) -> dict:
+    return {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_tool_calls_are_joined_from_the_parts_servers_stream():
+    paris, rome = '{"city": "Paris"}', '{"city": "Rome"}'
+    # OpenAI: by index, the id and name first, the arguments in pieces, calls interleaved.
+    assert _calls([{"index": 0, "id": "a", "type": "function", "function": {"name": "weather", "arguments": ""}}],
+                  [{"index": 1, "id": "b", "function": {"name": "weather"}}],
+                  [{"index": 0, "function": {"arguments": paris[:5]}}], [{"index": 1, "function": {"arguments": rome}}],
+                  [{"index": 0, "function": {"arguments": paris[5:]}}]) == [
+        _call("a", "weather", paris), _call("b", "weather", rome)]
+    # Every call numbered 0, or none, each whole in its own chunk: two calls all the same.
+    for numbered in ({"index": 0}, {}):
+        assert _calls([{**numbered, "id": "a", "function": {"name": "weather", "arguments": paris}}],
+                      [{**numbered, "id": "b", "function": {"name": "weather", "arguments": rome}}]) == [
+            _call("a", "weather", paris), _call("b", "weather", rome)]
+        assert _calls([{**numbered, "function": {"name": "weather", "arguments": paris}}],
+                      [{**numbered, "function": {"name": "time", "arguments": rome}}]) == [
+            _call(None, "weather", paris), _call(None, "time", rome)]
+    # The call sent whole again with each piece: the last one stands, not their sum.
+    assert _calls([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": paris[:5]}}],
+                  [{"index": 0, "id": "a", "function": {"name": "weather", "arguments": paris}}]) == [
+        _call("a", "weather", paris)]
+    assert _calls() is None

@@ -113,24 +113,13 @@ def _calls_tools(message: Any) -> bool:
 
 
 def _tool_text(message: Any) -> str:
-    """The names and arguments of a message's (or a delta's) tool calls, or of its
+    """The names and arguments of a message's (or a delta's) tool calls, and of its
     legacy ``function_call``, as text."""
-    if message is None:
-        return ""
-    calls = _get(message, "tool_calls")
-    legacy = _get(message, "function_call")
+    parts = list(_tool_calls(message))
+    legacy = _get(message, "function_call") if message is not None else None
     if legacy is not None and not isinstance(legacy, (str, bytes)):
-        calls = [*(calls if isinstance(calls, list) else []), {"function": legacy}]
-    if not calls or isinstance(calls, (str, bytes, Mapping)):
-        return ""
-    parts = []
-    for call in calls:
-        function = _get(call, "function")
-        for field in ("name", "arguments"):
-            value = _get(function, field) if function is not None else None
-            if isinstance(value, str):
-                parts.append(value)
-    return "".join(parts)
+        parts += _tool_calls({"tool_calls": [{"function": legacy}]})
+    return "".join(part["function"].get("name", "") + part["function"].get("arguments", "") for part in parts)
 
 
 def _tool_calls(message: Any) -> tuple[dict[str, Any], ...]:

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "FINGERPRINT_FIELDS", "INSTRUCTION_ROLES", "canonical", "content_text", "fingerprint", "is_instruction",
-    "message_line", "message_text", "turn_key",
+    "FINGERPRINT_FIELDS", "INSTRUCTION_ROLES", "answered_calls_only", "canonical", "content_text", "fingerprint",
+    "is_instruction", "message_line", "message_text", "turn_key",
 ]
 
 #: The fields that make two messages the same message: who said it, what it says, and
@@ -80,3 +80,26 @@ def message_line(message: Mapping[str, Any]) -> str:
     input, a recalled turn): ``"user: ..."``, ``"tool result: ..."``."""
     role = message.get("role")
     return f"{'tool result' if role == 'tool' else role}: {message_text(message)}"
+
+
+def answered_calls_only(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``messages`` with each assistant message's tool calls cut to those the tool
+    messages right after it answer (OpenAI refuses a call left unanswered: a chat that
+    went on without sending a call's result must not send the call either). Messages
+    not changed are the same objects."""
+    kept: list[Mapping[str, Any]] = []
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if calls and isinstance(calls, list):
+            answered = set()
+            for later in messages[i + 1:]:
+                if later.get("role") != "tool":
+                    break
+                answered.add(later.get("tool_call_id"))
+            left = [call for call in calls if isinstance(call, Mapping) and call.get("id") in answered]
+            if len(left) != len(calls):
+                message = {key: value for key, value in message.items() if key != "tool_calls"}
+                if left:
+                    message["tool_calls"] = left
+        kept.append(message)
+    return kept

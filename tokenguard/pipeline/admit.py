@@ -33,11 +33,12 @@ class Admit:
 
     def __call__(self, call: Call) -> None:
         limit = self.max_input_tokens
-        messages = call.messages if call.turn is None else call.turn
+        turn = call.turn_messages()
+        messages = call.messages if turn is None else turn
         sent = [*messages, {"tools": list(call.tokenizer.tool_texts(call.tools))}] if call.tools else messages
         if over_limit(call.tokenizer, sent, limit):
             raise InputTooLong(limit, f"input exceeds max_input_tokens: it is over the limit of {limit} tokens")
-        exact = call.count_input() if call.turn is None else call.tokenizer.count_messages(messages, tools=call.tools)
+        exact = call.count_input() if turn is None else call.tokenizer.count_messages(messages, tools=call.tools)
         if exact > limit:
             raise InputTooLong(
                 limit,

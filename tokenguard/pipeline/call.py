@@ -67,7 +67,7 @@ class Call:
     user: str | None = None
     session: str | None = None
     tags: Any = None
-    turn: list[dict[str, Any]] | None = None
+    turn: list[dict[str, Any]] | dict[str, Any] | None = None
     ts: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     #: Exact prompt size, once counted (see :meth:`count_input`).
@@ -109,6 +109,10 @@ class Call:
     def scope_name(self) -> str | None:
         """The name of the innermost :func:`~tokenguard.scope` the call was made in."""
         return self.outer.name if self.outer is not None else None
+
+    def turn_messages(self) -> list[dict[str, Any]] | None:
+        """:attr:`turn` as a list of messages (one message dict, as it once was, is one)."""
+        return [self.turn] if isinstance(self.turn, Mapping) else self.turn
 
     @property
     def tools(self) -> list[dict[str, Any]] | None:

@@ -142,20 +142,35 @@ class Generation:
         return piece
 
     def _join(self, position: int, part: dict[str, Any]) -> None:
-        """Add one part of a tool call to the call it belongs to: the one of its
-        ``index`` (a whole answer's calls have none: their position), its arguments
-        appended, its id, type and name taken where they first come."""
+        """Add one part of a tool call to the call it belongs to, as OpenAI streams them:
+        the call of its ``index`` (a whole answer's calls have none: their position),
+        its arguments appended, its id, type and name taken where they first come.
+
+        Servers that stray from that are read too: a part with another ``id``, or a
+        second ``name`` without the same id, starts a call of its own (servers that
+        number every call 0, or none); a part that repeats its call's id and name sends
+        the call whole again, and its arguments replace the ones so far.
+        """
         index = part.get("index")
-        call = self._calls.setdefault(index if isinstance(index, int) else position,
-                                      {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-        if isinstance(part.get("id"), str) and part["id"] and not call["id"]:
-            call["id"] = part["id"]
+        key = index if isinstance(index, int) else position
+        part_id = part.get("id") if isinstance(part.get("id"), str) and part["id"] else None
+        function = part.get("function") or {}
+        name = function.get("name") if isinstance(function.get("name"), str) else ""
+        arguments = function.get("arguments") or ""
+        call = self._calls.get(key)
+        resent = (call is not None and part_id is not None and part_id == call["id"]
+                  and name != "" and call["function"]["name"] != "")
+        if call is not None and not resent and (
+            (part_id and call["id"] and part_id != call["id"]) or (name and call["function"]["name"])
+        ):
+            key, call = max(self._calls) + 1, None  # another call under a taken key
+        if call is None:
+            call = self._calls[key] = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        call["id"] = call["id"] or part_id
         if isinstance(part.get("type"), str) and part["type"]:
             call["type"] = part["type"]
-        function = part.get("function") or {}
-        if function.get("name") and not call["function"]["name"]:
-            call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += function.get("arguments") or ""
+        call["function"]["name"] = call["function"]["name"] or name
+        call["function"]["arguments"] = arguments if resent else call["function"]["arguments"] + arguments
 
     @property
     def tool_calls(self) -> list[dict[str, Any]] | None:

@@ -18,8 +18,9 @@ class RememberTurn:
         self.history = history
 
     def __call__(self, call: Call, reply: Reply) -> None:
-        if call.turn is not None and call.session is not None:
+        turn = call.turn_messages()
+        if turn is not None and call.session is not None:
             answer: dict[str, Any] = {"role": "assistant", "content": reply.text}
             if reply.tool_calls:  # the tool results the caller sends next answer these
                 answer["tool_calls"] = reply.tool_calls
-            self.history.append(call.session, *call.turn, answer)
+            self.history.append(call.session, *turn, answer)

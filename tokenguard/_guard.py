@@ -99,7 +99,9 @@ def _is_llama_runner(obj: object) -> bool:
 
 def _is_openai_client(obj: object) -> bool:
     # The official client (openai.OpenAI or AsyncOpenAI), told by its module and shape.
-    return type(obj).__module__.startswith("openai") and hasattr(obj, "chat") and hasattr(obj, "base_url")
+    # An application's own subclass of one is one too.
+    from_openai = any(kind.__module__.startswith("openai") for kind in type(obj).__mro__)
+    return from_openai and hasattr(obj, "chat") and hasattr(obj, "base_url")
 
 
 def _from_openai_client(client: Any, model: str) -> OpenAICompatible:

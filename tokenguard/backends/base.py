@@ -79,6 +79,8 @@ class Chunk:
     text: str = ""
     #: ``"stop"``, ``"length"`` or the backend's own reason; set on the last chunk.
     finish_reason: str | None = None
+    #: The counts the backend reported so far: a later chunk's replace an earlier one's
+    #: (the bundled runner sends the prompt's with its first piece, all of them at the end).
     usage: BackendUsage | None = None
     #: The chunk holds tool calls (the answer calls tools, whatever its finish reason says).
     calls_tools: bool = False

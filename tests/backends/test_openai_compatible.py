@@ -14,7 +14,7 @@ from openai_server import PROMPT_TOKENS, REPLY_WORDS, TOOL_CITIES
 
 from tokenguard import Budget, Guard, TokenGuardError
 from tokenguard.backends import BackendError, OpenAICompatible
-from tokenguard.backends.sse import iter_sse_data
+from tokenguard.backends.sse import EventStream
 from tokenguard.errors import BackendTimeout, ConfigError, InvalidRequest
 from tokenguard.tokens import get_tokenizer
 
@@ -116,10 +116,22 @@ def test_async_stream(openai_server):
     assert reply.usage.input_tokens == PROMPT_TOKENS and again.usage.output_tokens == len(REPLY_WORDS)
 
 
-def test_sse_decoder_rules():
-    lines = [": comment", "event: message", "data: {\"a\":", "data: 1}", "", "data: [DONE]", ""]
-    assert list(iter_sse_data(lines)) == ['{"a":\n1}', "[DONE]"]
-    assert list(iter_sse_data(["data:x"])) == ["x"]
+def _events(*parts: bytes) -> list[str]:
+    stream = EventStream("http://x")
+    return [data for part in parts for data in stream.feed(part)] + stream.end()
+
+
+def test_event_stream_rules():
+    body = b': comment\nevent: message\ndata: {"a":\ndata: 1}\n\ndata: [DONE]\n\n'
+    assert _events(body) == ['{"a":\n1}', "[DONE]"]
+    assert _events(b"data:x") == ["x"]  # an event the body's end leaves open
+    # Lines end at \n, \r\n or \r wherever the chunks fall: a "\r\n" torn between two
+    # chunks is one break (not a line and a blank one that would end the event early).
+    assert _events(b"data: a\r", b"\ndata: b\r\r", b"data: c\n", b"\n") == ["a\nb", "c"]
+    assert _events(b"data: a\r", b"\r") == ["a"]  # a held "\r" is a break when the next holds none
+    assert _events(b"data: \xc3", b"\xa9t\xc3\xa9\r\n\r\n") == ["été"]  # a character split between chunks
+    with pytest.raises(BackendError, match="a line of over"):
+        _events(*[b"x" * (1 << 20)] * 9)
 
 
 def test_unknown_model_tokenizer_asks_for_one(openai_server):
@@ -340,28 +352,6 @@ def test_an_event_loop_s_client_closes_as_the_loop_shuts_down(openai_server):
     # not whenever the garbage collector gets to it.
     assert len({id(client) for client in clients}) == 3 and all(client.closed for client in clients)
     assert not backend._sessions  # and was let go: a session holds its loop
-
-
-async def _chunks(*parts: bytes):
-    for part in parts:
-        yield part
-
-
-def test_async_lines_split_at_every_line_break_wherever_the_chunks_end():
-    from tokenguard.backends import async_http
-
-    async def lines(*parts: bytes) -> list[str]:
-        return [line async for line in async_http.lines(_chunks(*parts), "http://x")]
-
-    # "\r\n" torn between two chunks is one break, not a line and a blank one.
-    assert asyncio.run(lines(b"data: a\r", b"\ndata: b\r\rda", b"ta: c\n", b"\n")) == [
-        "data: a", "data: b", "", "data: c", ""]
-    assert asyncio.run(lines(b"data: \xc3", b"\xa9t\xc3\xa9\r\n", b"no break at the end\r")) == [
-        "data: été", "no break at the end"]
-    # A "\r" held at a chunk's end is a break even when the next chunk holds none.
-    assert asyncio.run(lines(b"a\r", b"b", b"c\n")) == ["a", "bc"]
-    with pytest.raises(BackendError, match="a line of over"):
-        asyncio.run(lines(*[b"x" * (1 << 20)] * 9))
 
 
 @pytest.mark.parametrize("run", ["sync", "async"])

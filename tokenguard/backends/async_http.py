@@ -1,6 +1,5 @@
 """The async transport of :class:`~tokenguard.backends.OpenAICompatible`: an aiohttp
-session set up to behave as the sync path's httpx client does, and the lines of a
-streamed body.
+session set up to behave as the sync path's httpx client does.
 
 aiohttp rather than httpx's async client, which costs several times the CPU a request
 (a gateway pays it on every call). What httpx does by default is done here too: the
@@ -14,42 +13,14 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import re
 import urllib.request
-from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
 
-from tokenguard.errors import BackendError, ConfigError
+from tokenguard.errors import ConfigError
 
-__all__ = ["MOST_LINE_BYTES", "Target", "lines", "new_session"]
-
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-#: The longest line of an event stream read (a server that never ends one is cut off).
-MOST_LINE_BYTES = 8 << 20
-
-
-async def lines(chunks: AsyncIterator[bytes], url: str) -> AsyncIterator[str]:
-    """The lines of a body arriving in ``chunks``, split at ``\\n``, ``\\r\\n`` or ``\\r``
-    as event streams may be (aiohttp's own line reader knows only ``\\n``). Each byte is
-    searched about once, however the lines fall across chunks."""
-    pending = bytearray()
-    async for part in chunks:
-        held_cr = pending.endswith(b"\r")
-        pending += part
-        if held_cr or b"\n" in part or b"\r" in part:
-            # A "\r" at the end may be the first half of a "\r\n": wait for what follows it.
-            end = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
-            *done, rest = _LINE_BREAK.split(pending[:end])
-            pending = bytearray(rest) + pending[end:]
-            for line in done:
-                yield line.decode("utf-8", "replace")
-        if len(pending) > MOST_LINE_BYTES:
-            raise BackendError(f"{url} sent a line of over {MOST_LINE_BYTES} bytes in its event stream")
-    if pending:
-        yield pending.rstrip(b"\r").decode("utf-8", "replace")
-
+__all__ = ["Target", "new_session"]
 
 class Target:
     """Where a session posts: ``url`` without its credentials, which become a Basic

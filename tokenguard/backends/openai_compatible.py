@@ -19,7 +19,7 @@ import httpx
 from tokenguard.backends import async_http
 from tokenguard.backends.base import Backend, Chunk, Params
 from tokenguard.backends.openai_format import chunk_from_completion, chunk_from_stream_item, is_completion
-from tokenguard.backends.sse import aiter_sse_data, iter_sse_data
+from tokenguard.backends.sse import EventStream
 from tokenguard.errors import BackendError, BackendTimeout, ConfigError, InvalidRequest, UnknownTokenizer
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["OpenAICompatible"]
 
 _DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-# Lines read past ``[DONE]`` for the body's end (usually none): a response read to its
+# Reads past ``[DONE]`` for the body's end (usually one, empty): a response read to its
 # end gives its connection back to the pool; a server that goes on is cut off there.
 _AFTER_DONE = 16
 
@@ -110,6 +110,24 @@ async def _ahead(chunks: AsyncIterator[bytes]) -> bytes:
         if len(body) >= _MOST_BODY_BYTES:
             break
     return bytes(body[:_MOST_BODY_BYTES])
+
+
+def _events(parts: Iterator[bytes], url: str) -> Iterator[str]:
+    """The data of each event in a body arriving in ``parts``."""
+    stream = EventStream(url)
+    for part in parts:
+        yield from stream.feed(part)
+    yield from stream.end()
+
+
+async def _aevents(parts: AsyncIterator[bytes], url: str) -> AsyncIterator[str]:
+    """The async twin of :func:`_events`."""
+    stream = EventStream(url)
+    async for part in parts:
+        for data in stream.feed(part):
+            yield data
+    for data in stream.end():
+        yield data
 
 
 def _is_stream(headers: Mapping[str, str]) -> bool:
@@ -315,11 +333,11 @@ class OpenAICompatible(Backend):
             if not _is_stream(r.headers):
                 yield read.whole(r.status_code, r.headers, _head(r.iter_bytes()))
                 return
-            lines = r.iter_lines()
-            for data in iter_sse_data(lines):
+            parts = r.iter_bytes()
+            for data in _events(parts, self.shown_url):
                 chunk = read.chunk(data)
                 if chunk is None:
-                    for _ in itertools.islice(lines, _AFTER_DONE):  # the body's end: the connection is reused
+                    for _ in itertools.islice(parts, _AFTER_DONE):  # the body's end: the connection is reused
                         pass
                     return
                 yield chunk
@@ -351,12 +369,12 @@ class OpenAICompatible(Backend):
                 if not _is_stream(r.headers):
                     yield read.whole(r.status, r.headers, await _ahead(r.content.iter_any()))
                     return
-                lines = async_http.lines(r.content.iter_any(), self.shown_url)
-                async for data in aiter_sse_data(lines):
+                parts = r.content.iter_any()
+                async for data in _aevents(parts, self.shown_url):
                     chunk = read.chunk(data)
                     if chunk is None:
                         for _ in range(_AFTER_DONE):  # the body's end: the connection is reused
-                            if await anext(lines, None) is None:
+                            if await anext(parts, None) is None:
                                 break
                         return
                     yield chunk

@@ -105,14 +105,14 @@ class RepetitionStop:
 
 
 @functools.lru_cache(maxsize=16)
-def _lag_tables(rule: RepetitionStop) -> tuple[np.ndarray, np.ndarray]:
-    """The periods 1..max_period, and the run of matching bytes each needs to be
-    certain (a run of r bytes at lag p covers r + p bytes), shared read-only by the
-    rule's watches."""
+def _lag_tables(rule: RepetitionStop) -> tuple[np.ndarray, np.ndarray, int]:
+    """The periods 1..max_period, the run of matching bytes each needs to be certain
+    (a run of r bytes at lag p covers r + p bytes), shared read-only by the rule's
+    watches, and the fewest bytes that could make any repetition certain."""
     periods = np.arange(1, rule.max_period + 1)
     needed_run = rule.needed_span(periods) - periods
     periods.flags.writeable = needed_run.flags.writeable = False
-    return periods, needed_run
+    return periods, needed_run, int(needed_run.min())
 
 
 class RepetitionWatch:
@@ -120,16 +120,16 @@ class RepetitionWatch:
 
     def __init__(self, rule: RepetitionStop) -> None:
         self.rule = rule
-        self._periods, self._needed_run = _lag_tables(rule)
-        # The last max_period bytes (-1: nothing yet, matches no byte).
-        self._history = np.full(rule.max_period, -1, dtype=np.int16)
-        self._runs = np.zeros(rule.max_period, dtype=np.int64)
+        self._periods, self._needed_run, self._slack = _lag_tables(rule)
+        # The last max_period bytes (-1: nothing yet, matches no byte) and the runs at
+        # each lag: made at the first scan (a short reply, never scanned, needs neither).
+        self._history: np.ndarray | None = None
+        self._runs: np.ndarray | None = None
         self._total = 0  # bytes scanned
         self._seen = 0  # bytes fed: scanned, and pending
-        # Bytes not scanned yet, and how many more bytes could make a repetition certain.
+        # Bytes not scanned yet, and (_slack) how many more could make a repetition certain.
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._slack = int(self._needed_run.min())
         # The text passed on lately (at most _TAIL_CHARS), to turn a byte cut into characters.
         self._tail: deque[str] = deque()
         self._tail_chars = 0
@@ -139,7 +139,7 @@ class RepetitionWatch:
         self._unit_start = 0
         # Enough units for a stretch of tiny ones (longer runs of them: the byte view).
         self._units: deque[tuple[int, int, int]] = deque(maxlen=8 * rule.max_units)
-        self._unit_runs = np.zeros(rule.max_units, dtype=np.int64)
+        self._unit_runs: np.ndarray | None = None  # made at the first completed unit
 
     def feed(self, piece: str) -> str | Stop:
         data = piece.encode("utf-8", "surrogatepass")
@@ -196,6 +196,9 @@ class RepetitionWatch:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
+        if self._history is None:
+            self._history = np.full(self.rule.max_period, -1, dtype=np.int16)
+            self._runs = np.zeros(self.rule.max_period, dtype=np.int64)
         for start in range(0, len(data), _BLOCK):
             block = np.frombuffer(data[start : start + _BLOCK], dtype=np.uint8).astype(np.int16)
             found = self._scan_block(block)
@@ -205,6 +208,7 @@ class RepetitionWatch:
         return None
 
     def _scan_block(self, block: np.ndarray) -> tuple[int, int, int] | None:
+        assert self._history is not None and self._runs is not None  # made by _scan_bytes
         n = len(block)
         width = len(self._history)
         stream = np.concatenate([self._history, block])
@@ -270,6 +274,8 @@ class RepetitionWatch:
         latest = units[-1][0]
         lags = np.arange(1, q_max + 1)
         same = np.fromiter((units[-1 - q][0] == latest for q in lags), dtype=bool, count=q_max)
+        if self._unit_runs is None:
+            self._unit_runs = np.zeros(self.rule.max_units, dtype=np.int64)
         runs = self._unit_runs[:q_max]
         runs[:] = np.where(same, runs + 1, 0)
         for q in lags:

@@ -124,7 +124,9 @@ def _events(*parts: bytes) -> list[str]:
 def test_event_stream_rules():
     body = b': comment\nevent: message\ndata: {"a":\ndata: 1}\n\ndata: [DONE]\n\n'
     assert _events(body) == ['{"a":\n1}', "[DONE]"]
-    assert _events(b"data:x") == ["x"]  # an event the body's end leaves open
+    assert _events(b"data:x\n") == ["x"]  # an event the body's end leaves open
+    assert _events(b'data: {"a": 1}\n\ndata: {"b"') == ['{"a": 1}']  # cut inside a line: that event is not whole
+    assert _events(b"\xef\xbb", b"\xbfdata: a\n\n") == ["a"]  # a byte-order mark, even split, is skipped
     # Lines end at \n, \r\n or \r wherever the chunks fall: a "\r\n" torn between two
     # chunks is one break (not a line and a blank one that would end the event early).
     assert _events(b"data: a\r", b"\ndata: b\r\r", b"data: c\n", b"\n") == ["a\nb", "c"]
@@ -366,9 +368,11 @@ def test_an_event_stream_with_carriage_return_line_breaks(run):
     server.shutdown()
 
 
+@pytest.mark.parametrize("scheme", ["http://", ""], ids=["url", "host-port"])
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
-def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(openai_server, monkeypatch, asynchronous):
-    proxy = openai_server.base_url.removesuffix("/v1")
+def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(openai_server, monkeypatch, asynchronous,
+                                                                       scheme):
+    proxy = openai_server.base_url.removesuffix("/v1").replace("http://", scheme)
     monkeypatch.setenv("HTTP_PROXY", proxy)
     monkeypatch.setenv("NO_PROXY", "")
     # A host no resolver knows: only the proxy (the test server) can answer for it.
@@ -402,6 +406,8 @@ def test_a_chat_keeps_the_tools_an_answer_called_for_their_results(openai_server
     assert sent == [{"role": "user", "content": "What is the weather in Paris and Rome?"},
                     {"role": "assistant", "content": "", "tool_calls": asked.tool_calls}, *results]
     assert guard.history.get("s") == [*sent, {"role": "assistant", "content": answered.text}]
+    asked.tool_calls.clear()  # the reply is the caller's: the history keeps its own copy
+    assert guard.history.get("s")[1]["tool_calls"] == sent[1]["tool_calls"] != []
 
 
 def test_a_chat_turn_must_be_text_or_messages():
@@ -417,18 +423,19 @@ def test_both_transports_send_the_same_request(openai_server, asynchronous):
     # Credentials in the URL are Basic auth (in place of the key's header), query values
     # are spelled as httpx spells them, and NaN is refused (it is no JSON).
     url = openai_server.base_url.replace("http://", "http://svc:pa%40ss@")
-    backend = OpenAICompatible(url, "gpt-4o", api_key="sk-test", query={"debug": True, "x": None, "n": 3})
+    backend = OpenAICompatible(url, "gpt-4o", api_key="sk-test",
+                               query={"debug": True, "x": None, "n": 3, "tag": ["a", "b"]})
     assert "".join(c.text for c in _drain(backend, asynchronous)) == "".join(REPLY_WORDS)
     request = openai_server.requests[-1]
     assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(b"svc:pa@ss").decode()
-    assert request["path"] == "/v1/chat/completions?debug=true&x=&n=3"
+    assert request["path"] == "/v1/chat/completions?debug=true&x=&n=3&tag=a&tag=b"
     with pytest.raises(ValueError, match="JSON"):
         if asynchronous:
             asyncio.run(anext(backend.astream(HI, {"temperature": float("nan")})))
         else:
             next(backend.stream(HI, {"temperature": float("nan")}))
     with pytest.raises(ConfigError, match="query parameter 'tags'"):
-        OpenAICompatible(openai_server.base_url, "gpt-4o", query={"tags": ["a", "b"]})
+        OpenAICompatible(openai_server.base_url, "gpt-4o", query={"tags": [{"a": "b"}]})
 
 
 def test_async_calls_name_a_socks_proxy_they_cannot_use(openai_server, monkeypatch):

@@ -139,16 +139,21 @@ def test_tool_calls_are_joined_from_the_parts_servers_stream():
                   [{"index": 0, "function": {"arguments": paris[:5]}}], [{"index": 1, "function": {"arguments": rome}}],
                   [{"index": 0, "function": {"arguments": paris[5:]}}]) == [
         _call("a", "weather", paris), _call("b", "weather", rome)]
-    # Every call numbered 0, or none, each whole in its own chunk: two calls all the same.
-    for numbered in ({"index": 0}, {}):
-        assert _calls([{**numbered, "id": "a", "function": {"name": "weather", "arguments": paris}}],
-                      [{**numbered, "id": "b", "function": {"name": "weather", "arguments": rome}}]) == [
-            _call("a", "weather", paris), _call("b", "weather", rome)]
-        assert _calls([{**numbered, "function": {"name": "weather", "arguments": paris}}],
-                      [{**numbered, "function": {"name": "time", "arguments": rome}}]) == [
-            _call(None, "weather", paris), _call(None, "time", rome)]
-    # The call sent whole again with each piece: the last one stands, not their sum.
-    assert _calls([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": paris[:5]}}],
-                  [{"index": 0, "id": "a", "function": {"name": "weather", "arguments": paris}}]) == [
+    # Servers that repeat the id, type or name in every part: still one call.
+    assert _calls([{"index": 0, "id": "a", "type": "function", "function": {"name": "weather", "arguments": ""}}],
+                  [{"index": 0, "id": "a", "function": {"name": "weather", "arguments": paris[:5]}}],
+                  [{"index": 0, "type": "function", "function": {"name": "weather", "arguments": paris[5:]}}]) == [
         _call("a", "weather", paris)]
+    # Servers that number every call 0, or none: a new id begins a call, and the parts
+    # after it go on with that call.
+    for numbered in ({"index": 0}, {}):
+        assert _calls([{**numbered, "id": "a", "function": {"name": "weather", "arguments": ""}}],
+                      [{**numbered, "function": {"arguments": paris}}],
+                      [{**numbered, "id": "b", "function": {"name": "weather", "arguments": rome[:4]}}],
+                      [{**numbered, "function": {"arguments": rome[4:]}}]) == [
+            _call("a", "weather", paris), _call("b", "weather", rome)]
+    # A whole answer's calls: their positions.
+    assert _calls([{"id": "a", "function": {"name": "weather", "arguments": paris}},
+                   {"id": "b", "function": {"name": "time", "arguments": rome}}]) == [
+        _call("a", "weather", paris), _call("b", "time", rome)]
     assert _calls() is None

@@ -47,7 +47,7 @@ class Target:
 
 def new_session(url: str, timeout: float | httpx.Timeout) -> aiohttp.ClientSession:
     """A session for requests to ``url``, made in the running event loop."""
-    ssl = httpx.create_ssl_context() if url.startswith("https:") else True
+    ssl = httpx.create_ssl_context() if httpx.URL(url).scheme == "https" else True
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=ssl),
         timeout=_client_timeout(timeout),
@@ -57,18 +57,20 @@ def new_session(url: str, timeout: float | httpx.Timeout) -> aiohttp.ClientSessi
 
 
 def _env_proxy(url: str) -> str | None:
-    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``,
-    ``ALL_PROXY``, less ``NO_PROXY``, whose entries may name a port), as httpx's
-    clients read it (the environment only). Looked up once a session: aiohttp's own
+    """The proxy named for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, or
+    the system's settings on macOS and Windows; less ``NO_PROXY``, whose entries may
+    name a port), as httpx's clients read it. Looked up once a session: aiohttp's own
     ``trust_env`` reads the environment and ``~/.netrc`` again on every request, which
     costs more than the request."""
     parsed = httpx.URL(url)
     where = f"{parsed.host}:{parsed.port}" if parsed.port else parsed.host
     if urllib.request.proxy_bypass_environment(where):  # type: ignore[attr-defined]  # untyped, not private
         return None
-    proxies = urllib.request.getproxies_environment()
+    proxies = urllib.request.getproxies()
     proxy = proxies.get(parsed.scheme) or proxies.get("all")
-    if proxy and not proxy.startswith(("http://", "https://")):
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"  # as httpx reads "host:3128"
+    if proxy and not proxy.lower().startswith(("http://", "https://")):
         raise ConfigError(f"the environment names the proxy {proxy.split('@')[-1]!r} for {parsed.host}: "
                           "async calls go through http:// proxies only (not SOCKS); set NO_PROXY or "
                           "HTTPS_PROXY to an HTTP proxy")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import httpx
 
-from tokenguard.backends import async_http
+from tokenguard.backends.async_http import Target, new_session
 from tokenguard.backends.base import Backend, Chunk, Params
 from tokenguard.backends.openai_format import chunk_from_completion, chunk_from_stream_item, is_completion
 from tokenguard.backends.sse import EventStream
@@ -134,15 +134,22 @@ def _is_stream(headers: Mapping[str, str]) -> bool:
     return headers.get("content-type", "").startswith("text/event-stream")
 
 
-def _query_text(name: str, value: object) -> str:
-    """A query parameter's value as both transports send it (httpx's spelling)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    raise ConfigError(f"query parameter {name!r} must be text, a number, a bool or None, got {type(value).__name__}")
+def _query_pairs(query: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
+    """Query parameters as both transports send them: httpx's spelling of each value
+    (``true``, ``""`` for None), a list or tuple as the parameter repeated."""
+    pairs = []
+    for name, given in query.items():
+        for value in given if isinstance(given, (list, tuple)) else [given]:
+            if isinstance(value, bool):
+                pairs.append((name, "true" if value else "false"))
+            elif value is None:
+                pairs.append((name, ""))
+            elif isinstance(value, (str, int, float)):
+                pairs.append((name, str(value)))
+            else:
+                raise ConfigError(f"query parameter {name!r} must be text, a number, a bool or None (or a list of "
+                                  f"them), got {type(value).__name__}")
+    return tuple(pairs)
 
 
 def _redacted(url: str) -> str:
@@ -253,8 +260,9 @@ class OpenAICompatible(Backend):
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
-        #: Query parameters sent with every request (Azure's ``api-version``, a gateway's key).
-        self.query = {name: _query_text(name, value) for name, value in (query or {}).items()}
+        #: Query parameters sent with every request (Azure's ``api-version``, a gateway's key),
+        #: as (name, value) pairs.
+        self.query = _query_pairs(query or {})
         _check_url(self.base_url)
         self.url = f"{self.base_url}/chat/completions"
         #: The URL as errors, ledger rows and reprs show it (its password hidden).
@@ -268,7 +276,7 @@ class OpenAICompatible(Backend):
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
         self._client: httpx.Client | None = None
-        self._target = async_http.Target(self.url)
+        self._target = Target(self.url)
         # One aiohttp session per event loop (a session must not cross loops), with the
         # suspended generator that closes it as the loop shuts down.
         self._sessions: weakref.WeakKeyDictionary[
@@ -350,7 +358,7 @@ class OpenAICompatible(Backend):
         loop = asyncio.get_running_loop()
         held = self._sessions.get(loop)
         if held is None:
-            session = async_http.new_session(self.url, self.timeout)
+            session = new_session(self.url, self.timeout)
             closer = _closed_with_the_loop(session, lambda: self._sessions.pop(loop, None))
             await anext(closer)  # now the loop knows it, and closes it when it shuts down
             held = self._sessions[loop] = (session, closer)

@@ -73,8 +73,8 @@ class Generation:
     the stream (:attr:`stopped`), and the stream must then close the backend.
     """
 
-    __slots__ = ("_calls", "_dropped", "_parts", "_received", "_watches", "asked", "calls_tools", "finish_reason",
-                 "produced", "stop", "usage")
+    __slots__ = ("_calls", "_dropped", "_latest", "_parts", "_received", "_watches", "asked", "calls_tools",
+                 "finish_reason", "produced", "stop", "usage")
 
     def __init__(self, watches: Sequence[Watch]) -> None:
         self._watches = list(watches)
@@ -83,7 +83,8 @@ class Generation:
         #: The backend's own finish reason, from its last chunk.
         self.finish_reason: str | None = None
         self.calls_tools = False
-        self._calls: dict[int, dict[str, Any]] = {}  # the tool calls by index, as their parts came
+        self._calls: list[dict[str, Any]] = []  # the tool calls, in the order they began
+        self._latest: dict[int, dict[str, Any]] = {}  # by a part's index (or position): the latest call begun
         #: The counts the backend reported, if it did.
         self.usage: BackendUsage | None = None
         #: True once the backend produced any output (text, a finish reason or usage).
@@ -144,38 +145,30 @@ class Generation:
     def _join(self, position: int, part: dict[str, Any]) -> None:
         """Add one part of a tool call to the call it belongs to, as OpenAI streams them:
         the call of its ``index`` (a whole answer's calls have none: their position),
-        its arguments appended, its id, type and name taken where they first come.
-
-        Servers that stray from that are read too: a part with another ``id``, or a
-        second ``name`` without the same id, starts a call of its own (servers that
-        number every call 0, or none); a part that repeats its call's id and name sends
-        the call whole again, and its arguments replace the ones so far.
-        """
+        its arguments appended, its id, type and name taken where they first come (some
+        servers repeat them in every part). A part with another ``id`` than its index's
+        call starts a call of its own (servers that number every call 0, or none), and
+        the parts after it go on with that call."""
         index = part.get("index")
         key = index if isinstance(index, int) else position
         part_id = part.get("id") if isinstance(part.get("id"), str) and part["id"] else None
-        function = part.get("function") or {}
-        name = function.get("name") if isinstance(function.get("name"), str) else ""
-        arguments = function.get("arguments") or ""
-        call = self._calls.get(key)
-        resent = (call is not None and part_id is not None and part_id == call["id"]
-                  and name != "" and call["function"]["name"] != "")
-        if call is not None and not resent and (
-            (part_id and call["id"] and part_id != call["id"]) or (name and call["function"]["name"])
-        ):
-            key, call = max(self._calls) + 1, None  # another call under a taken key
-        if call is None:
-            call = self._calls[key] = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        call = self._latest.get(key)
+        if call is None or (part_id and call["id"] and part_id != call["id"]):
+            call = self._latest[key] = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            self._calls.append(call)
         call["id"] = call["id"] or part_id
         if isinstance(part.get("type"), str) and part["type"]:
             call["type"] = part["type"]
-        call["function"]["name"] = call["function"]["name"] or name
-        call["function"]["arguments"] = arguments if resent else call["function"]["arguments"] + arguments
+        function = part.get("function") or {}
+        if isinstance(function.get("name"), str) and not call["function"]["name"]:
+            call["function"]["name"] = function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"] += function["arguments"]
 
     @property
     def tool_calls(self) -> list[dict[str, Any]] | None:
         """The answer's tool calls, whole, in order (``None`` when it made none)."""
-        return [self._calls[index] for index in sorted(self._calls)] or None
+        return list(self._calls) or None
 
     def outcome(self, error: BaseException | None = None, *, cancelled: bool = False) -> Outcome:
         """How the call ended: ``error`` is what ended it, if anything; ``cancelled``

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from tokenguard.accounting import Reply
@@ -22,5 +23,5 @@ class RememberTurn:
         if turn is not None and call.session is not None:
             answer: dict[str, Any] = {"role": "assistant", "content": reply.text}
             if reply.tool_calls:  # the tool results the caller sends next answer these
-                answer["tool_calls"] = reply.tool_calls
+                answer["tool_calls"] = copy.deepcopy(reply.tool_calls)  # the reply's are the caller's to change
             self.history.append(call.session, *turn, answer)

@@ -8,7 +8,8 @@ drops the connection after two pieces. Servers that stop a generation badly:
 (llama.cpp's server under load); ``"cut"`` streams chunked and hangs up in the middle
 of the body after two pieces (a transport error); ``"stall"`` sends the role chunk and
 then nothing for ``STALL_S`` seconds. ``"nodone"`` finishes properly but closes without
-``[DONE]``. ``"tools"`` calls get_weather for Paris and Rome (two calls, their
+``[DONE]``. ``"linger"`` answers in full, then holds the body open ``STALL_S`` before it ends it
+(``lingered`` is set then). ``"tools"`` calls get_weather for Paris and Rome (two calls, their
 arguments streamed in pieces and interleaved, as OpenAI streams parallel calls) unless
 the last message is a tool's result, which it answers. Every request body is kept in
 ``requests``.
@@ -98,6 +99,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event({"choices": [], "usage": usage})
             if model != "nodone":
                 self._write(b"data: [DONE]\n\n")
+            if model == "linger":
+                time.sleep(STALL_S)
+                self.server.lingered.set()
         except (BrokenPipeError, ConnectionResetError):
             self.server.hangups += 1
 
@@ -148,6 +152,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[dict[str, Any]] = []
         self.hangups = 0
+        self.lingered = threading.Event()
 
 
 class OpenAIServer:

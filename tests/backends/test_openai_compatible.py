@@ -465,3 +465,10 @@ def test_a_call_prepared_by_hand_may_still_name_its_turn_as_one_message():
     call.turn = turn  # as chat() did before a turn could be several messages
     assert guard.open_stream(call).read().text == "Hello."
     assert guard.history.get("s") == [turn, {"role": "assistant", "content": "Hello."}]
+
+
+def test_an_async_call_ends_at_done_though_the_server_holds_the_body_open(openai_server):
+    backend = OpenAICompatible(openai_server.base_url, "linger", tokenizer="gpt-4o")
+    chunks = _drain(backend, asynchronous=True)
+    assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)
+    assert not openai_server.lingered.is_set()  # it returned while the server still held the body

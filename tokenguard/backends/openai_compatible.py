@@ -5,12 +5,12 @@ sync calls and aiohttp for async ones (see :mod:`~tokenguard.backends.async_http
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -31,6 +31,10 @@ _DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # Reads past ``[DONE]`` for the body's end (usually one, empty): a response read to its
 # end gives its connection back to the pool; a server that goes on is cut off there.
 _AFTER_DONE = 16
+# How long an async call waits for the body's end after ``[DONE]`` (it comes at once from
+# a server that behaves): a server that holds the body open past it does not hold the
+# finished call too; its connection is closed instead of reused.
+_AFTER_DONE_S = 0.25
 
 # What httpx raises for a request that fails or a stream that breaks while being read;
 # aiohttp raises a ClientError (its timeouts are ServerTimeoutErrors, a kind of it).
@@ -130,6 +134,12 @@ async def _aevents(parts: AsyncIterator[bytes], url: str) -> AsyncIterator[str]:
         yield data
 
 
+async def _body_end(parts: AsyncIterator[bytes]) -> None:
+    for _ in range(_AFTER_DONE):
+        if await anext(parts, None) is None:
+            return
+
+
 def _is_stream(headers: Mapping[str, str]) -> bool:
     return headers.get("content-type", "").startswith("text/event-stream")
 
@@ -211,7 +221,7 @@ class _Read:
                 f"{self.url}: the server {how} before it finished (no chunk carried a finish_reason)"
             )
 
-    @contextmanager
+    @contextlib.contextmanager
     def transport_errors(self) -> Iterator[None]:
         """Turn an httpx or aiohttp error raised in the block into a :class:`BackendError`
         that names the URL and the cause (chained), so every failure is a TokenGuardError."""
@@ -381,9 +391,8 @@ class OpenAICompatible(Backend):
                 async for data in _aevents(parts, self.shown_url):
                     chunk = read.chunk(data)
                     if chunk is None:
-                        for _ in range(_AFTER_DONE):  # the body's end: the connection is reused
-                            if await anext(parts, None) is None:
-                                break
+                        with contextlib.suppress(asyncio.TimeoutError):  # the body's end: the connection is reused
+                            await asyncio.wait_for(_body_end(parts), _AFTER_DONE_S)
                         return
                     yield chunk
                 read.end("closed the stream")

@@ -406,8 +406,9 @@ def test_a_chat_keeps_the_tools_an_answer_called_for_their_results(openai_server
     assert sent == [{"role": "user", "content": "What is the weather in Paris and Rome?"},
                     {"role": "assistant", "content": "", "tool_calls": asked.tool_calls}, *results]
     assert guard.history.get("s") == [*sent, {"role": "assistant", "content": answered.text}]
-    asked.tool_calls.clear()  # the reply is the caller's: the history keeps its own copy
-    assert guard.history.get("s")[1]["tool_calls"] == sent[1]["tool_calls"] != []
+    asked.tool_calls.clear()  # the reply and the turn are the caller's: the history keeps its own copies
+    results[0]["content"] = "changed"
+    assert guard.history.get("s")[1:3] == sent[1:3] and sent[1]["tool_calls"] != [] and sent[2]["content"] != "changed"
 
 
 def test_a_chat_turn_must_be_text_or_messages():
@@ -429,6 +430,7 @@ def test_both_transports_send_the_same_request(openai_server, asynchronous):
     request = openai_server.requests[-1]
     assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(b"svc:pa@ss").decode()
     assert request["path"] == "/v1/chat/completions?debug=true&x=&n=3&tag=a&tag=b"
+    assert OpenAICompatible(url, "gpt-4o", query=backend.query).query == backend.query  # pairs are taken too
     with pytest.raises(ValueError, match="JSON"):
         if asynchronous:
             asyncio.run(anext(backend.astream(HI, {"temperature": float("nan")})))

@@ -66,6 +66,17 @@ def test_sessions_and_messages_are_bounded():
     assert len(history) == 3 and history.get("s") == []  # the least recently used went
 
 
+def test_a_bound_takes_a_call_s_results_with_it():
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]}
+    result = {"role": "tool", "tool_call_id": "a", "content": "18 C"}
+    history = SessionHistory(max_messages=2, ttl_s=None)
+    answer = {"role": "assistant", "content": "Sunny."}
+    history.append("s", {"role": "user", "content": "Weather?"}, call, result, answer)
+    # The call went with the oldest messages: its result, sent alone, would be refused.
+    assert history.get("s") == [answer]
+
+
 def test_bad_bounds_are_config_errors():
     with pytest.raises(ConfigError):
         SessionHistory(ttl_s=0)

@@ -43,3 +43,10 @@ def test_a_call_that_is_no_dict_is_left_for_the_count_to_refuse():
     assert kept == messages
     with pytest.raises(InvalidRequest, match="each tool call must be a dict"):
         get_tokenizer("gpt-4o").count_messages(kept)
+
+
+def test_a_call_id_made_again_later_is_that_call_s():
+    # Servers reuse ids ("call_0" in every answer): a result answers the latest call of its id.
+    messages = [USER, _asked("a"), USER, _asked("a"), _result("a")]
+    unanswered = {"role": "assistant", "content": ""}
+    assert answered_calls_only(messages) == [USER, unanswered, USER, _asked("a"), _result("a")]

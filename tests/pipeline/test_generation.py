@@ -152,8 +152,34 @@ def test_tool_calls_are_joined_from_the_parts_servers_stream():
                       [{**numbered, "id": "b", "function": {"name": "weather", "arguments": rome[:4]}}],
                       [{**numbered, "function": {"arguments": rome[4:]}}]) == [
             _call("a", "weather", paris), _call("b", "weather", rome)]
+    # Whole calls under one index (or none) and no ids: a name on a whole call begins another.
+    for numbered in ({"index": 0}, {}):
+        assert _calls([{**numbered, "function": {"name": "weather", "arguments": paris}}],
+                      [{**numbered, "function": {"name": "weather", "arguments": rome}}],
+                      [{**numbered, "function": {"name": "time", "arguments": "{}"}}]) == [
+            _call(None, "weather", paris), _call(None, "weather", rome), _call(None, "time", "{}")]
+    # The arguments so far sent again with more, in every part: not summed.
+    assert _calls([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": paris[:5]}}],
+                  [{"index": 0, "id": "a", "function": {"name": "weather", "arguments": paris}}]) == [
+        _call("a", "weather", paris)]
     # A whole answer's calls: their positions.
     assert _calls([{"id": "a", "function": {"name": "weather", "arguments": paris}},
                    {"id": "b", "function": {"name": "time", "arguments": rome}}]) == [
         _call("a", "weather", paris), _call("b", "time", rome)]
     assert _calls() is None
+
+
+def test_a_tool_call_is_metered_once_however_its_parts_repeat_it():
+    def streamed(*chunks: list[dict]) -> str:
+        generation = Generation([])
+        for parts in chunks:
+            generation.feed(Chunk(calls_tools=True, tool_calls=tuple(parts)))
+        return generation.outcome().streamed
+
+    plain = streamed([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": ""}}],
+                     [{"index": 0, "function": {"arguments": '{"city": '}}],
+                     [{"index": 0, "function": {"arguments": '"Paris"}'}}])
+    repeated = streamed([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": ""}}],
+                        [{"index": 0, "id": "a", "function": {"name": "weather", "arguments": '{"city": '}}],
+                        [{"index": 0, "id": "a", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}])
+    assert plain == repeated == 'weather{"city": "Paris"}'

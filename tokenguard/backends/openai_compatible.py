@@ -144,11 +144,12 @@ def _is_stream(headers: Mapping[str, str]) -> bool:
     return headers.get("content-type", "").startswith("text/event-stream")
 
 
-def _query_pairs(query: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
+def _query_pairs(query: Mapping[str, object] | Sequence[tuple[str, object]]) -> tuple[tuple[str, str], ...]:
     """Query parameters as both transports send them: httpx's spelling of each value
-    (``true``, ``""`` for None), a list or tuple as the parameter repeated."""
+    (``true``, ``""`` for None), a list or tuple as the parameter repeated; given as a
+    mapping or as (name, value) pairs (another backend's ``query``)."""
     pairs = []
-    for name, given in query.items():
+    for name, given in query.items() if isinstance(query, Mapping) else query:
         for value in given if isinstance(given, (list, tuple)) else [given]:
             if isinstance(value, bool):
                 pairs.append((name, "true" if value else "false"))
@@ -263,7 +264,7 @@ class OpenAICompatible(Backend):
         *,
         tokenizer: str | None = None,
         headers: Mapping[str, str] | None = None,
-        query: Mapping[str, str] | None = None,
+        query: Mapping[str, object] | Sequence[tuple[str, object]] | None = None,
         timeout: float | httpx.Timeout | None = None,
         max_tokens_param: str = "max_tokens",
         include_usage: bool = True,

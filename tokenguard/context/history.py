@@ -21,11 +21,15 @@ __all__ = ["SessionHistory"]
 
 def _bounded(history: list[dict[str, Any]], max_messages: int) -> list[dict[str, Any]]:
     """``history`` with its oldest messages gone beyond ``max_messages`` (a leading
-    system message stays)."""
+    system message stays), and with them the results of tool calls that went (a result
+    sent without its call is refused)."""
     excess = len(history) - max_messages
     if excess > 0:
         start = 1 if history and is_instruction(history[0]) else 0
-        del history[start : start + excess]
+        end = start + excess
+        while end < len(history) and history[end].get("role") == "tool":
+            end += 1
+        del history[start:end]
     return history
 
 

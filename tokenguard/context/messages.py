@@ -84,13 +84,13 @@ def message_line(message: Mapping[str, Any]) -> str:
 
 def answered_calls_only(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """``messages`` with each assistant message's tool calls cut to those the tool
-    messages right after it answer, and the results of calls cut left out with them:
-    OpenAI refuses a call left unanswered, and a result of no call before it (a chat
-    that went on without a call's result must not send the call, nor a late result).
-    A call that is no dict is left for the count to refuse. Messages not changed are
-    the same objects."""
+    messages right after it answer, and the late results of the calls cut left out with
+    them: OpenAI refuses a call left unanswered, and a result of no call before it (a
+    chat that went on without a call's result must not send the call, nor its result
+    later). A call that is no dict is left for the count to refuse. Messages not changed
+    are the same objects."""
     kept: list[Mapping[str, Any]] = []
-    cut: set[object] = set()  # the ids of the calls cut: their results go too
+    cut: set[object] = set()  # ids whose latest call was cut: their results go too
     for i, message in enumerate(messages):
         if message.get("role") == "tool" and message.get("tool_call_id") in cut:
             continue
@@ -102,8 +102,9 @@ def answered_calls_only(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[s
                     break
                 answered.add(later.get("tool_call_id"))
             left = [call for call in calls if not isinstance(call, Mapping) or call.get("id") in answered]
+            made = {call.get("id") for call in calls if isinstance(call, Mapping)}
+            cut = (cut - made) | {call.get("id") for call in calls if isinstance(call, Mapping) and call not in left}
             if len(left) != len(calls):
-                cut.update(call.get("id") for call in calls if isinstance(call, Mapping) and call not in left)
                 message = {key: value for key, value in message.items() if key != "tool_calls"}
                 if left:
                     message["tool_calls"] = left

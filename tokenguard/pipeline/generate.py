@@ -10,6 +10,7 @@ says how: the :class:`Outcome` that the meter, settle and remember steps are giv
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,10 +113,12 @@ class Generation:
             self.usage = chunk.usage
             self.produced = True
         self.calls_tools = self.calls_tools or chunk.calls_tools
-        for position, part in enumerate(chunk.tool_calls):
-            self._join(position, part)
-        if chunk.tool_text:
-            self._received.append(chunk.tool_text)  # generated: metered, though not passed on
+        # A tool call's text is generated: metered, though not passed on. Of parts, only
+        # what they add (a server may repeat a call's name in every part).
+        said = "".join(self._join(position, part) for position, part in enumerate(chunk.tool_calls))
+        said = said if chunk.tool_calls else chunk.tool_text  # a chunk that made its own (legacy calls)
+        if said:
+            self._received.append(said)
             self.produced = True
         if chunk.finish_reason is not None:
             # An answer that called tools ends in them, whatever the server says.
@@ -142,28 +145,40 @@ class Generation:
             self._parts.append(piece)
         return piece
 
-    def _join(self, position: int, part: dict[str, Any]) -> None:
+    def _join(self, position: int, part: dict[str, Any]) -> str:
         """Add one part of a tool call to the call it belongs to, as OpenAI streams them:
         the call of its ``index`` (a whole answer's calls have none: their position),
-        its arguments appended, its id, type and name taken where they first come (some
-        servers repeat them in every part). A part with another ``id`` than its index's
-        call starts a call of its own (servers that number every call 0, or none), and
-        the parts after it go on with that call."""
+        its arguments appended, its id, type and name taken where they first come; the
+        text it added (the name, once, and the arguments).
+
+        Servers that stray from that are read too. Some repeat the id, type or name in
+        every part: taken once. Some number every call 0, or none: a part with another
+        id, or with a name when its call is whole (another name, or arguments that are
+        a JSON value already), begins a call, and the parts after it go on with that
+        one. Some send the arguments so far in every part: a part whose arguments begin
+        with all the call has replaces them.
+        """
         index = part.get("index")
         key = index if isinstance(index, int) else position
         part_id = part.get("id") if isinstance(part.get("id"), str) and part["id"] else None
+        function = part.get("function") or {}
+        name: str = function["name"] if isinstance(function.get("name"), str) else ""
+        arguments: str = function["arguments"] if isinstance(function.get("arguments"), str) else ""
         call = self._latest.get(key)
-        if call is None or (part_id and call["id"] and part_id != call["id"]):
+        if call is None or _begins_a_call(call, part_id, name):
             call = self._latest[key] = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
             self._calls.append(call)
         call["id"] = call["id"] or part_id
         if isinstance(part.get("type"), str) and part["type"]:
             call["type"] = part["type"]
-        function = part.get("function") or {}
-        if isinstance(function.get("name"), str) and not call["function"]["name"]:
-            call["function"]["name"] = function["name"]
-        if isinstance(function.get("arguments"), str):
-            call["function"]["arguments"] += function["arguments"]
+        added = ""
+        if name and not call["function"]["name"]:
+            call["function"]["name"] = added = name
+        so_far = call["function"]["arguments"]
+        if so_far and arguments.startswith(so_far):  # the arguments so far, sent again with more
+            arguments = arguments[len(so_far):]
+        call["function"]["arguments"] = so_far + arguments
+        return added + arguments
 
     @property
     def tool_calls(self) -> list[dict[str, Any]] | None:
@@ -197,3 +212,19 @@ class Generation:
             stopped_early=early,
             tool_calls=self.tool_calls,
         )
+
+
+def _begins_a_call(call: dict[str, Any], part_id: str | None, name: str) -> bool:
+    """Whether a tool-call part under ``call``'s index is another call (see
+    :meth:`Generation._join`)."""
+    if part_id and call["id"]:
+        return part_id != call["id"]
+    if not name or not call["function"]["name"]:
+        return False
+    if name != call["function"]["name"]:
+        return True
+    try:
+        json.loads(call["function"]["arguments"])
+    except ValueError:
+        return False  # the call is not whole yet: its name said again
+    return True

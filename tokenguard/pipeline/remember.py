@@ -23,5 +23,6 @@ class RememberTurn:
         if turn is not None and call.session is not None:
             answer: dict[str, Any] = {"role": "assistant", "content": reply.text}
             if reply.tool_calls:  # the tool results the caller sends next answer these
-                answer["tool_calls"] = copy.deepcopy(reply.tool_calls)  # the reply's are the caller's to change
-            self.history.append(call.session, *turn, answer)
+                answer["tool_calls"] = reply.tool_calls
+            # The history's own copies: the turn and the reply are the caller's to change.
+            self.history.append(call.session, *copy.deepcopy([*turn, answer]))

@@ -84,8 +84,10 @@ class Chunk:
     usage: BackendUsage | None = None
     #: The chunk holds tool calls (the answer calls tools, whatever its finish reason says).
     calls_tools: bool = False
-    #: The text of those tool calls (function names and arguments): generated, so metered
-    #: when the backend reports no usage, though it is no part of the reply's text.
+    #: The text of tool calls not given as ``tool_calls`` (function names and arguments,
+    #: such as the legacy ``function_call``'s): generated, so metered when the backend
+    #: reports no usage, though it is no part of the reply's text. The guard meters
+    #: ``tool_calls`` from the calls themselves.
     tool_text: str = ""
     #: The tool calls themselves, in OpenAI's shape (``id``, ``type``, ``function`` with its
     #: ``name`` and ``arguments``), each with its ``index`` where the server gave one: a

@@ -82,7 +82,7 @@ def chunk_from_completion(obj: Any) -> Chunk:
         finish_reason=_reason(_get(choice, "finish_reason")),
         usage=usage_from(obj),
         calls_tools=_calls_tools(message),
-        tool_text=_tool_text(message),
+        tool_text=_function_call_text(message),
         tool_calls=_tool_calls(message),
     )
 
@@ -112,14 +112,14 @@ def _calls_tools(message: Any) -> bool:
     return message is not None and bool(_get(message, "tool_calls") or _get(message, "function_call"))
 
 
-def _tool_text(message: Any) -> str:
-    """The names and arguments of a message's (or a delta's) tool calls, and of its
-    legacy ``function_call``, as text."""
-    parts = list(_tool_calls(message))
+def _function_call_text(message: Any) -> str:
+    """The name and arguments of a message's (or a delta's) legacy ``function_call``, as
+    text (its ``tool_calls`` go as :func:`_tool_calls`, whose text the guard meters as
+    it joins them)."""
     legacy = _get(message, "function_call") if message is not None else None
-    if legacy is not None and not isinstance(legacy, (str, bytes)):
-        parts += _tool_calls({"tool_calls": [{"function": legacy}]})
-    return "".join(part["function"].get("name", "") + part["function"].get("arguments", "") for part in parts)
+    if legacy is None or isinstance(legacy, (str, bytes)):
+        return ""
+    return "".join(value for field in ("name", "arguments") if isinstance(value := _get(legacy, field), str))
 
 
 def _tool_calls(message: Any) -> tuple[dict[str, Any], ...]:
@@ -193,6 +193,6 @@ def chunk_from_stream_item(item: Any) -> Chunk:
         finish_reason=_reason(_get(choice, "finish_reason")),
         usage=usage_from(item),
         calls_tools=_calls_tools(said),
-        tool_text=_tool_text(said),
+        tool_text=_function_call_text(said),
         tool_calls=_tool_calls(said),
     )

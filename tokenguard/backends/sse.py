@@ -72,9 +72,7 @@ class EventStream:
         elif self._pending:  # cut inside a line: its event is not whole
             self._data = []
         self._pending = bytearray()
-        if self._data:
-            events.append("\n".join(self._data))
-            self._data = []
+        self._line(b"", events)  # as a blank line would: the event left open ends
         return events
 
     def _line(self, raw: bytes | bytearray, events: list[str]) -> None:

@@ -103,7 +103,7 @@ def answered_calls_only(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[s
                 answered.add(later.get("tool_call_id"))
             left = [call for call in calls if not isinstance(call, Mapping) or call.get("id") in answered]
             made = {call.get("id") for call in calls if isinstance(call, Mapping)}
-            cut = (cut - made) | {call.get("id") for call in calls if isinstance(call, Mapping) and call not in left}
+            cut = (cut - made) | (made - answered)
             if len(left) != len(calls):
                 message = {key: value for key, value in message.items() if key != "tool_calls"}
                 if left:

@@ -22,6 +22,7 @@ from tokenguard.errors import ConfigError
 
 __all__ = ["Target", "new_session"]
 
+
 class Target:
     """Where a session posts: ``url`` without its credentials, which become a Basic
     Authorization header in place of any other (as httpx sends them)."""

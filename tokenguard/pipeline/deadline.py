@@ -54,7 +54,6 @@ class _Pump:
                 close()
 
 
-
 class _DeadlineIterator(Iterator[T]):
     """Steps ``chunks`` in a worker thread and waits for each step at most as long as
     the timeout has left: a ``next`` that blocks for ever cannot be interrupted in its

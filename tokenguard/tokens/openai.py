@@ -205,9 +205,9 @@ class TiktokenTokenizer(Tokenizer):
     def count_messages(self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
         """OpenAI's published accounting: 3 tokens per message, 1 per name, 3 to prime
         the reply, plus the tokens of every field's text. Tool calls (and the legacy
-        ``function_call``) count their function name and JSON arguments (OpenAI publishes no framing for them, so
-        their few framing tokens are not included); tool definitions count as
-        :meth:`count_tools` says.
+        ``function_call``) count their function name and JSON arguments (OpenAI
+        publishes no framing for them, so their few framing tokens are not included);
+        tool definitions count as :meth:`count_tools` says.
         """
         total = self.reply_priming + self.count_tools(tools)
         for message in check_messages(messages):

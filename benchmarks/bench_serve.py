@@ -180,14 +180,18 @@ def _bare_proxy(upstream: str) -> Any:
 
     sessions: list[aiohttp.ClientSession] = []
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as session:
+            sessions.append(session)
+            yield
+
     async def forward(request: Request) -> Response:
-        if not sessions:
-            sessions.append(aiohttp.ClientSession())
         async with sessions[0].post(f"{upstream}/chat/completions", data=await request.body(),
                                     headers={"content-type": "application/json"}) as answer:
             return Response(await answer.read(), answer.status, media_type=answer.content_type)
 
-    return Starlette(routes=[Route("/v1/chat/completions", forward, methods=["POST"])])
+    return Starlette(routes=[Route("/v1/chat/completions", forward, methods=["POST"])], lifespan=lifespan)
 
 
 def _serve_gateway(upstream: str, keys: str, ledger: str | None, profile: str | None, variant: str) -> None:
@@ -198,16 +202,20 @@ def _serve_gateway(upstream: str, keys: str, ledger: str | None, profile: str | 
     from tokenguard.serve import KeyFile, create_app
     from tokenguard.serve.server import listen
 
-    backend: Any = _words if variant == "function" else OpenAICompatible(upstream, MODEL)
-    options: dict[str, Any] = {"stop": None} if variant in ("no-stop", "function") else {}
-    guard = tg.Guard(backend, model=MODEL, max_output_tokens=64, ledger=ledger,
-                     budget=tg.Budget(tokens=10**15, per="user"), **options)
-    guard.warmup()  # the tokenizer's load is start-up, not a request's time
+    if variant == "bare":
+        app = _bare_app()
+    elif variant == "bare-proxy":
+        app = _bare_proxy(upstream)
+    else:
+        backend: Any = _words if variant == "function" else OpenAICompatible(upstream, MODEL)
+        options: dict[str, Any] = {"stop": None} if variant in ("no-stop", "function") else {}
+        guard = tg.Guard(backend, model=MODEL, max_output_tokens=64, ledger=ledger,
+                         budget=tg.Budget(tokens=10**15, per="user"), **options)
+        guard.warmup()  # the tokenizer's load is start-up, not a request's time
+        app = create_app(guard, keys=KeyFile(keys))
     profiles = _profile_every_thread() if profile else []
     sock = listen("127.0.0.1", 0)
     print(sock.getsockname()[1], flush=True)
-    app = (_bare_app() if variant == "bare" else _bare_proxy(upstream) if variant == "bare-proxy"
-           else create_app(guard, keys=KeyFile(keys)))
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):

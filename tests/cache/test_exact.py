@@ -311,3 +311,59 @@ def test_an_answer_is_stored_under_the_key_it_was_looked_up_by(cache):
         return f"call {CALLS_SO_FAR}"
 
     assert [counts("Q?", temperature=0) for _ in range(3)] == ["call 1", "call 2", "call 3"]
+
+
+def test_pydantic_arguments_are_keyed_by_their_data(cache):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Person(pydantic.BaseModel):
+        name: str
+        language: str
+
+    @tg.guard(model="gpt-4o-mini", cache=cache)
+    def greet(messages, person, *, max_tokens, temperature) -> str:
+        return f"Hello {person.name} ({person.language})"
+
+    alice, bob = Person(name="Alice", language="en"), Person(name="Bob", language="en")
+    assert greet("Hi", alice, temperature=0) == "Hello Alice (en)"
+    assert greet("Hi", bob, temperature=0) == "Hello Bob (en)"  # was Alice's answer: both keyed by the schema
+    assert tg.reply_of(greet("Hi", Person(name="Bob", language="en"), temperature=0)).cached
+
+
+def test_parameters_with_keys_of_several_types_are_cached(cache):
+    fn = Answers()
+    guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+    guard.complete("Q?", logit_bias={50256: -100, "1734": 5}, **GREEDY)  # the sort of mixed keys raised
+    assert guard.complete("Q?", logit_bias={"50256": -100, 1734: 5}, **GREEDY).cached  # as JSON sends them
+    assert not guard.complete("Q?", logit_bias={50256: -100, "1734": 6}, **GREEDY).cached
+
+
+@pytest.mark.parametrize("answer", [
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+                  "finish_reason": "stop"}]},
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Let me look.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+        "finish_reason": "length"}]},
+])
+def test_empty_answers_and_tool_calls_are_not_stored(cache, answer):
+    guard = Guard(lambda messages, max_tokens, temperature: answer, model="gpt-4o-mini", cache=cache)
+    guard.complete("Q?", **GREEDY)
+    assert not guard.complete("Q?", **GREEDY).cached and len(cache) == 0
+
+
+def test_a_streamed_tool_call_without_a_finish_reason_ends_as_tool_calls(cache):
+    def calls(messages, *, max_tokens, temperature):
+        yield {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}}]}
+
+    reply = Guard(calls, model="gpt-4o-mini", cache=cache).complete("Q?", **GREEDY)
+    assert reply.stop_reason == "tool_calls" and reply.tool_calls and len(cache) == 0
+
+
+def test_text_and_ids_that_are_no_utf8_do_not_fail_a_call(cache):
+    guard = Guard(lambda messages, max_tokens, temperature: "broken \ud800 text", model="gpt-4o-mini", cache=cache)
+    assert guard.complete("Q?", **GREEDY).text == "broken \ud800 text"
+    hit = guard.complete("Q?", **GREEDY)
+    assert hit.cached and hit.text == "broken \ud800 text"
+    assert guard.complete("Q?", user="\udc80", **GREEDY).text == "broken \ud800 text"  # not cached, not failed
+    assert len(cache) == 1

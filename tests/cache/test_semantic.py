@@ -156,6 +156,38 @@ def test_same_details_reads_numbers_words_and_order():
     assert not same_details("Call agent 007", "Call agent 7") and not same_details("Zip 02134", "Zip 2134")
 
 
+@pytest.mark.parametrize(("asked", "stored"), [
+    ("What is 6 - 3?", "What is 6 + 3?"), ("Is 7 < 5?", "Is 7 > 5?"), ("Solve x - 4 = 10", "Solve x + 4 = 10"),
+    ("What is 12 / 4?", "What is 12 * 4?"), ("Convert 100$ to yen", "Convert 100€ to yen"), ("Is −5 < 3?", "Is 5 < 3?"),
+    ("Какая столица Германии?", "Какая столица Франции?"), ("Ποια είναι η πρωτεύουσα της Γερμανίας;",
+                                                          "Ποια είναι η πρωτεύουσα της Γαλλίας;"),
+    ("ما هي عاصمة ألمانيا؟", "ما هي عاصمة فرنسا؟"), ("🍎?", "🍌?"),
+])
+def test_operators_symbols_and_every_script_are_details(asked, stored):
+    assert not same_details(asked, stored)
+    assert same_details(asked, asked.rstrip("?;؟") + "?")  # punctuation is not a detail
+
+
+def test_details_read_any_text_without_failing():
+    assert same_details("What is 6+3?", "what's 6 + 3")
+    assert same_details("Is −5 cold?", "Is -5 cold?")  # the minus sign is a minus
+    long_numeral = "五" * 5000  # more digits than Python prints as an int
+    assert same_details(long_numeral, long_numeral + "？") and not same_details(long_numeral, "五" * 4999)
+
+
+@pytest.mark.slow
+def test_near_misses_in_operators_and_other_scripts_miss(minilm):
+    """The embedder alone puts each of these pairs above the threshold."""
+    fn = Answers()
+    with SemanticCache(embedder=minilm) as cache:
+        guard = Guard(fn, model="gpt-4o-mini", cache=cache)
+        pairs = [("What is 6 + 3?", "What is 6 - 3?"), ("Какая столица Франции?", "Какая столица Германии?")]
+        for stored, asked in pairs:
+            guard.complete(stored, **GREEDY)
+            assert not guard.complete(asked, **GREEDY).cached
+            assert guard.complete(stored.rstrip("?"), **GREEDY).cached
+
+
 def shared_between_processes(location) -> None:
     """An entry another process stores after this one opened the cache is a hit at this
     one's next lookup, and for a cache opened later."""

@@ -12,7 +12,11 @@ Chinese characters). So a semantic hit must also pass this check:
 - the same content words, after case, plurals and a list of filler words (articles,
   "is", "do", politeness: "could you please tell me") are set aside, a one-letter typo
   in a word of five letters or more forgiven; for Chinese, the same characters outside
-  a list of particles and polite phrases;
+  a list of particles and polite phrases; words of other scripts (Cyrillic, Greek,
+  Arabic, kana, Hangul, ...) are all details, none filler;
+- the same operators and symbols: ``6 + 3`` is not ``6 - 3``, ``7 < 5`` not ``7 > 5``,
+  ``100$`` not ``100€`` (every math, currency or other symbol, and ``-``, ``*``, ``/``
+  standing alone);
 - the same question word (who, when, where, why, how), person (my, your, his, her),
   tense (was, will) and modal (should, must): "When was it built?" is not "Where was
   it built?", "What is my name?" is not "What is your name?";
@@ -84,10 +88,14 @@ _QUESTIONS_ZH = {
 }
 _QUESTION_ZH = re.compile("|".join(sorted(_QUESTIONS_ZH, key=len, reverse=True)))
 _PERSONS_ZH = {"我": "1", "你": "2", "您": "2", "他": "3m", "她": "3f"}
+# A number; a Chinese character; a word of any other script (a letter, then letters,
+# digits and +#'-); or one other character that is neither space nor a word's.
 _TOKEN = re.compile(
     r"(?:(?<![A-Za-z0-9_.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:st|nd|rd|th)?"
-    r"|%|[A-Za-z][A-Za-z0-9+#'-]*|[\u3400-\u9fff]"
+    r"|[\u3400-\u9fff]|(?![\u3400-\u9fff])[^\W\d_](?:(?![\u3400-\u9fff])[\w+#'-])*|[^\w\s]"
 )
+# Punctuation (by Unicode's categories) that is an operator when it stands alone.
+_OPERATORS = frozenset("-*/%")
 _ZH_NUMERAL = re.compile(r"[零〇一二两三四五六七八九十百千万]+")
 _ZH_DIGITS = dict(zip("零〇一二两三四五六七八九", (0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9), strict=True))
 _ZH_UNITS = {"十": 10, "百": 100, "千": 1000, "万": 10_000}
@@ -108,7 +116,7 @@ class Details:
 
     @classmethod
     def of(cls, text: str) -> Details:
-        text = unicodedata.normalize("NFKC", text).replace("\u2019", "'")
+        text = unicodedata.normalize("NFKC", text).replace("\u2019", "'").replace("\u2212", "-")  # minus sign
         for contraction, expanded in _CONTRACTIONS:
             text = contraction.sub(expanded, text)
         text = _POLITE_ZH.sub(" ", _POLITE_EN.sub(" ", text))
@@ -160,6 +168,8 @@ def _detail(token: str) -> str | None:
         return sign + whole + (f".{fraction}" if fraction else "")
     if "\u3400" <= token <= "\u9fff":
         return None if token in _FILLER_ZH else token
+    if len(token) == 1 and not token.isalpha():  # punctuation or a symbol
+        return token if token in _OPERATORS or unicodedata.category(token).startswith("S") else None
     word = token.lower().strip("'-").removesuffix("'s")
     if word in _NUMBER_WORDS and word != "one":  # "one" is as often "a" as it is 1
         return _NUMBER_WORDS[word]
@@ -178,11 +188,11 @@ def _is_number(token: str) -> bool:
     return token[0].isdigit() or (token[0] == "-" and len(token) > 1)
 
 
-def _zh_number(numeral: str) -> int:
+def _zh_number(numeral: str) -> int | str:
     """A Chinese numeral's value: 三 -> 3, 十五 -> 15, 两百 -> 200, 三万五千 -> 35000; digits
     without units read digit by digit, as years are written: 二〇二四 -> 2024."""
-    if not any(char in _ZH_UNITS for char in numeral):
-        return int("".join(str(_ZH_DIGITS[char]) for char in numeral))
+    if not any(char in _ZH_UNITS for char in numeral):  # as text: an int of over 4,300 digits cannot be printed
+        return "".join(str(_ZH_DIGITS[char]) for char in numeral).lstrip("0") or "0"
     total = section = digit = 0
     for char in numeral:
         if char in _ZH_DIGITS:

@@ -19,8 +19,11 @@ CACHEABLE_STOPS = frozenset({"stop", "length"})
 
 
 def worth_keeping(reply: Reply) -> bool:
-    """A complete, fresh answer: not itself served from a cache, not cut or failed."""
-    return not reply.cached and reply.stop_reason in CACHEABLE_STOPS
+    """A complete, fresh answer in text: not itself served from a cache, not cut or
+    failed, not empty (a refusal or a filtered answer comes with no text), and calling
+    no tools (a hit answers with text only: the calls would be lost)."""
+    return (not reply.cached and reply.stop_reason in CACHEABLE_STOPS and bool(reply.text)
+            and not reply.tool_calls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,9 @@ class CachedAnswer:
                    usage.cost_usd, reply.request_id, time.time())
 
     def dumps(self) -> str:
-        return json.dumps({"format": FORMAT, **asdict(self)}, ensure_ascii=False)
+        # ASCII: a lone surrogate in the text (a model's broken output) is kept as an
+        # escape, where a store's UTF-8 would refuse it.
+        return json.dumps({"format": FORMAT, **asdict(self)})
 
     @classmethod
     def loads(cls, data: object) -> CachedAnswer:

@@ -51,9 +51,18 @@ def cached_partition(call: Call, scope: CacheScope, cache_sampled: bool) -> str 
     """The partition a cache files ``call`` under, or ``None`` when the call is not
     cached: it has no partition, or it may sample (unless ``cache_sampled``)."""
     where = partition(call, scope)
-    if where is None or not (cache_sampled or is_deterministic(call)):
+    if where is None or not _is_text(where) or not (cache_sampled or is_deterministic(call)):
         return None
     return where
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8 (an id holding a lone surrogate cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_deterministic(call: Call) -> bool:
@@ -89,19 +98,44 @@ def _number(value: Any) -> Any:
 
 
 def digest(value: Any) -> str:
-    """SHA-256 of ``value``'s canonical JSON (sorted keys; objects JSON cannot encode by
-    their JSON schema when they have one, an array by its data, else their ``repr``)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+    """SHA-256 of ``value``'s canonical JSON (sorted keys, written as text as JSON writes
+    them; objects JSON cannot encode: a pydantic model class by its JSON schema, an
+    instance by its data, an array by its data, else their ``repr``)."""
+    try:
+        text = _canonical_json(value)
+    except TypeError:  # keys of several types (logit_bias={50256: -100, "1734": 5}) do not sort
+        text = _canonical_json(_text_keys(value))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+
+
+def _text_keys(value: Any) -> Any:
+    """``value`` with every dict key as the text JSON sends it as (``1`` and ``"1"`` alike)."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else json.dumps(k): _text_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_text_keys(item) for item in value]
+    return value
+
+
 def _jsonable(value: Any) -> Any:
-    schema = getattr(value, "model_json_schema", None)  # a pydantic model class as response_format
-    if callable(schema):
-        try:
-            return {"schema": schema()}
-        except Exception:  # noqa: BLE001 - fall back to the repr below
-            pass
+    if isinstance(value, type):
+        schema = getattr(value, "model_json_schema", None)  # a pydantic model class as response_format
+        if callable(schema):
+            try:
+                return {"schema": schema()}
+            except Exception:  # noqa: BLE001 - fall back to the repr below
+                pass
+    else:
+        dump = getattr(value, "model_dump", None)  # a pydantic model instance: its class and data
+        if callable(dump):
+            try:
+                return {"model": f"{type(value).__module__}.{type(value).__qualname__}", "data": dump(mode="json")}
+            except Exception:  # noqa: BLE001 - fall back to the repr below
+                pass
     if hasattr(value, "__array__") and not isinstance(value, type):  # numpy, pandas: their repr elides
         try:
             array = numpy.asarray(value)

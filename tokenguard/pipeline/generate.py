@@ -200,8 +200,8 @@ class Generation:
             # It spared tokens only if the backend had more to say: not when its whole
             # answer had come (a returned string, a completion, a stream's last chunk).
             reason, early = self.stop.reason, self.stop.saves and self.finish_reason is None
-        else:
-            reason = self.finish_reason or "stop"
+        else:  # a backend that ends without a reason has finished: its answer, or its tool calls
+            reason = self.finish_reason or ("tool_calls" if self.calls_tools else "stop")
         return Outcome(
             text=passed[: len(passed) - self._dropped] if self._dropped else passed,
             stop_reason=reason,

@@ -390,7 +390,42 @@ MALFORMED = [
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800 hi"}]}', "unpaired UTF-16 surrogate"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "user": "mallory\\udfff"}',
      "unpaired UTF-16 surrogate"),
+    # JSON in UTF-16 or UTF-32 (which json.loads takes from bytes) would slip past the check above.
+    ('{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "user": "mallory\\udfff"}'
+     .encode("utf-16-le"), "not valid JSON"),  # as UTF-8: NULs between the characters
+    ('{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'.encode("utf-32"), "not UTF-8 text"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": 1' + b"0" * 400 + b"}",
+     "'temperature' must be >= 0 and <= 2"),
 ]
+
+
+def test_a_function_backend_is_sent_only_the_parameters_it_takes():
+    def plain(messages, max_tokens):
+        return "plain answer"
+
+    with serving(tg.Guard(plain, model=MODEL)) as served, httpx.Client(base_url=served.url) as http:
+        request = {"model": MODEL, "messages": QUESTION}
+        assert http.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"] == (
+            "plain answer")
+        refused = http.post("/v1/chat/completions", json={**request, "temperature": 0.7})
+        bom = http.post("/v1/chat/completions", content=b"\xef\xbb\xbf" + json.dumps(request).encode(),
+                        headers={"content-type": "application/json"})
+    assert refused.status_code == 400, refused.text
+    assert "'temperature' is not supported by this gateway's backend" in refused.json()["error"]["message"]
+    assert bom.status_code == 200, bom.text  # a UTF-8 byte order mark is UTF-8
+
+
+def test_a_piece_that_is_no_utf8_is_sent_as_a_json_escape():
+    async def halves(messages, max_tokens):
+        yield "\ud83d"  # half of an emoji's UTF-16 pair, as a backend may cut one
+        yield " and more"
+
+    with serving(tg.Guard(halves, model=MODEL)) as served:
+        stream = served.client().chat.completions.create(model=MODEL, messages=QUESTION, stream=True)
+        pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices]
+        whole = served.client().chat.completions.create(model=MODEL, messages=QUESTION)
+    assert "".join(p for p in pieces if p) == "\ud83d and more"  # the stream ran to its end, not cut
+    assert whole.choices[0].message.content == "\ud83d and more"
 
 
 def test_malformed_requests_are_400_with_an_openai_error_and_nothing_else():
@@ -828,6 +863,9 @@ def test_an_upstream_s_refusal_and_busy_answers_reach_the_client_as_such():
     busy = api_error(BackendError("POST http://llm.internal/v1/chat/completions answered 429: slow down", 429))
     assert busy.status == 429 and busy.headers.get("retry-after") == "1"
     assert api_error(BackendError("POST http://x/v1/chat/completions answered 500: boom", 500)).status == 502
+    # A 404 or 405 means the gateway's --upstream or --model is wrong: the gateway's fault, not the client's.
+    for status in (401, 403, 404, 405, 407):
+        assert api_error(BackendError(f"POST http://x/v1/chat/completions answered {status}: no", status)).status == 502
 
 
 def test_an_upstream_s_finish_reason_and_a_usd_budget_are_said_as_they_are():

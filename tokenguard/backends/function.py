@@ -192,6 +192,10 @@ class Function(Backend):
         self.result: Any = None
         self._args: tuple[Any, ...] = ()
 
+    def accepts(self, name: str) -> bool:
+        """Whether ``fn`` takes a parameter ``name`` (named, or through ``**kwargs``)."""
+        return _accepts(self.fn, name)
+
     def bind(self, *args: Any) -> Function:
         """The same backend, calling ``fn(messages, *args, ...)``."""
         bound = copy.copy(self)

@@ -41,7 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenguard._guard import Guard
-from tokenguard.backends import BundledRunner, OpenAICompatible
+from tokenguard.backends import BundledRunner, Function, OpenAICompatible
 from tokenguard.pipeline import Call
 from tokenguard.serve.errors import ApiError, invalid
 from tokenguard.serve.keys import KeyFile
@@ -72,11 +72,15 @@ _ARRIVED = "tokenguard.arrived"  # the ASGI scope key of a request's perf_counte
 
 
 def _sampling_params(guard: Guard) -> frozenset[str]:
-    """The sampling parameters the guard's backend takes."""
-    if isinstance(guard.backend, BundledRunner):
+    """The sampling parameters the guard's backend takes (a function: those its
+    signature names, or all with ``**kwargs``)."""
+    backend = guard.backend
+    if isinstance(backend, BundledRunner):
         return BUNDLED_PARAMS
-    if isinstance(guard.backend, OpenAICompatible):
+    if isinstance(backend, OpenAICompatible):
         return UPSTREAM_PARAMS
+    if isinstance(backend, Function):
+        return frozenset(name for name in COMMON_PARAMS if backend.accepts(name))
     return COMMON_PARAMS
 
 
@@ -202,7 +206,11 @@ class Gateway:
             if not message.get("more_body", False):
                 break
         try:
-            parsed = json.loads(body)
+            text = body.decode("utf-8-sig")  # json.loads would take UTF-16 and UTF-32 bytes too
+        except UnicodeDecodeError:
+            raise invalid("the request body is not UTF-8 text") from None
+        try:
+            parsed = json.loads(text)
         except (ValueError, RecursionError):
             raise invalid("the request body is not valid JSON") from None
         if _SURROGATE_ESCAPE.search(body) and _holds_lone_surrogate(parsed):

@@ -86,6 +86,11 @@ def _upstream_words(error: BackendError) -> str:
     return (error.detail or "").strip()[:500] or "no reason given"
 
 
+# Upstream answers that say the gateway is set up wrong (its key, its URL or model, a
+# proxy's credentials), not that the client's request is: a 502, not the client's 400.
+_GATEWAY_FAULTS = frozenset({401, 403, 404, 405, 407})
+
+
 def api_error(error: BaseException, *, request_id: str | None = None, input_field: str = "messages") -> ApiError:
     """``error`` as the client may see it. Refusals keep their words (an input too long
     names ``input_field``: ``"prompt"`` on /v1/completions); a failing backend becomes
@@ -106,7 +111,7 @@ def api_error(error: BaseException, *, request_id: str | None = None, input_fiel
         if error.status == 429 or error.status == 503:  # the upstream is busy: the client may come back
             return ApiError(error.status, f"the model backend is busy{said}; try again shortly",
                             type="api_error", code="upstream_busy", headers={"retry-after": "1"})
-        if error.status is not None and 400 <= error.status < 500 and error.status not in (401, 403):
+        if error.status is not None and 400 <= error.status < 500 and error.status not in _GATEWAY_FAULTS:
             # The upstream refused the request itself (too long for its model, a bad value):
             # the client's to fix, and not to retry. Its own words, without its URL.
             return ApiError(400, f"the model backend refused the request{said}: {_upstream_words(error)}",

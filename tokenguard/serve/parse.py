@@ -37,7 +37,9 @@ _MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_i
 
 def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str, Any], Any]:
     def check(name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # An int is compared exactly: one of 400 digits is out of range, not a float overflow.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not math.isfinite(value)):
             raise invalid(f"'{name}' must be a number", name)
         if value > high or value < low or (low_open and value == low):
             raise invalid(f"'{name}' must be {'>' if low_open else '>='} {low} and <= {high}, got {value}", name)

@@ -149,19 +149,19 @@ class GuardedResponse(Response):
         stream, answer = self.stream, self._answer_shape()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, (b"x-request-id", stream.request_id.encode())]})
-        if first is not None:
-            self.metrics.observe_first_piece(self.model, time.perf_counter() - self.arrived)
-            await send({"type": "http.response.body", "body": answer.piece(first), "more_body": True})
-            try:
+        try:
+            if first is not None:
+                self.metrics.observe_first_piece(self.model, time.perf_counter() - self.arrived)
+                await send({"type": "http.response.body", "body": answer.piece(first), "more_body": True})
                 async for piece in stream:
                     await send({"type": "http.response.body", "body": answer.piece(piece), "more_body": True})
-            except Exception as error:  # noqa: BLE001 - the status is sent: the failure becomes an event
-                failure = self._failure(error)
-                await send({"type": "http.response.body", "body": answer.error_event(failure), "more_body": False})
-                return
-        assert stream.reply is not None  # the stream ended
-        await send({"type": "http.response.body", "body": answer.end(stream.reply, self.request.include_usage),
-                    "more_body": False})
+            assert stream.reply is not None  # the stream ended
+            end = answer.end(stream.reply, self.request.include_usage)
+        except Exception as error:  # noqa: BLE001 - the status is sent: the failure becomes an event
+            failure = self._failure(error)
+            await send({"type": "http.response.body", "body": answer.error_event(failure), "more_body": False})
+            return
+        await send({"type": "http.response.body", "body": end, "more_body": False})
 
     async def _whole(self, send: Send, first: str | None) -> None:
         stream = self.stream

@@ -25,8 +25,13 @@ DONE = b"data: [DONE]\n\n"
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact JSON, UTF-8."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact JSON, UTF-8; text that UTF-8 cannot hold (half of a UTF-16 pair, as a
+    backend may cut one) as JSON's escapes."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def finish_reason(reply: Reply) -> str:

@@ -271,6 +271,64 @@ def test_a_cache_hit_of_a_function_returning_completions_is_a_completion_of_the_
     assert as_dict["id"] == f"chatcmpl-{reply_of(hit).request_id}"
 
 
+@pytest.mark.parametrize("shape", ["dict", "object"])
+def test_a_cache_hit_carries_nothing_of_the_completion_it_is_shaped_like(shape):
+    # The hit is shaped like the last completion returned, here another question's
+    # answer: two choices, log probabilities, a fingerprint and a refusal.
+    from openai.types.chat import ChatCompletion
+
+    from tokenguard.cache import ExactCache
+
+    def completion(text, refusal=None):
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"{text} ({i})", "refusal": refusal},
+                    "finish_reason": "stop", "logprobs": {"content": [{"token": "A", "logprob": -0.1,
+                                                                       "bytes": None, "top_logprobs": []}]}}
+                   for i in range(2)]
+        body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-4o",
+                "system_fingerprint": "fp_1", "choices": choices,
+                "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}
+        return body if shape == "dict" else ChatCompletion.model_validate(body)
+
+    with ExactCache() as cache:
+        @guard(model="gpt-4o", cache=cache)
+        def ask(messages, max_tokens, temperature=1.0):
+            question = messages[-1]["content"]
+            return completion("Paris", None) if "France" in question else completion("Other", "I can't say.")
+
+        ask("Capital of France?", temperature=0)
+        ask("Something else?", temperature=0)
+        hit = ask("Capital of France?", temperature=0)
+    as_dict = hit if isinstance(hit, dict) else hit.model_dump()
+    assert reply_of(hit).cached and len(as_dict["choices"]) == 1
+    [choice] = as_dict["choices"]
+    assert choice["message"]["content"] == "Paris (0)" and choice["message"]["refusal"] is None
+    assert choice["logprobs"] is None and as_dict["system_fingerprint"] is None
+
+
+def test_a_cache_hit_is_of_the_type_the_same_kind_of_call_returned():
+    # A function that streams when asked (as create(stream=True) does): the guard reads
+    # the stream and gives the Reply; a hit of such a call is the Reply too.
+    from tokenguard.cache import ExactCache
+
+    def chunk(text, finish=None):
+        return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+    with ExactCache() as cache:
+        @guard(model="gpt-4o-mini", cache=cache)
+        def ask(messages, max_tokens, temperature, stream=False):
+            text = "Answer to " + messages[-1]["content"]
+            if stream:
+                return iter([chunk(text), chunk("", "stop")])
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}]}
+
+        ask("Warm-up?", temperature=0)
+        miss, hit = (ask("What is 2+2?", temperature=0, stream=True) for _ in range(2))
+        whole = ask("What is 2+2?", temperature=0)
+    assert isinstance(miss, Reply) and isinstance(hit, Reply) and hit.cached and hit.text == miss.text
+    assert isinstance(whole, dict) and not reply_of(whole).cached  # stream= is part of the key
+
+
 def test_a_tool_call_delta_does_not_end_a_stream_its_finish_reason_does():
     from tokenguard.backends.openai_format import chunk_from_stream_item
 

@@ -91,18 +91,21 @@ def reply_of(result: Any) -> Reply:
     return reply
 
 
-def _as_returned(raw: Any, reply: Reply, returns_str: bool = False, template: Any = None) -> Any:
+def _as_returned(raw: Any, reply: Reply, shape: Any = None) -> Any:
     """What the function returned, as the guard let it through, with ``reply`` attached:
     a string or a chat completion (object or dict) of the same type, holding the guard's
     text (cut at the output cap, a loop's repeats left out). A cache hit (the function
-    was not called) of a function that returns strings is a string too, and of one that
-    returned completions (``template``, its last) a completion like it: the cached text,
-    no tool calls, a usage of zero. Anything else (a stream the guard read to meter it;
-    a hit before any completion came) gives the reply."""
-    if raw is None and reply.cached and template is not None and not returns_str:
-        ended = "length" if reply.cached_stop_reason == "length" else "stop"
-        raw = completion_from_cache(template, reply.text, ended, f"chatcmpl-{reply.request_id}")
-    if isinstance(raw, str) or (raw is None and reply.cached and returns_str):
+    was not called) answers in ``shape``, what the function returned for such a call
+    before: a string, or a completion like it (the cached text, one choice, no tool
+    calls, a usage of zero). Anything else (a stream the guard read to meter it; a hit
+    of a shape not seen) gives the reply."""
+    if raw is None and reply.cached:
+        if isinstance(shape, str):
+            raw = shape
+        elif shape is not None:
+            ended = "length" if reply.cached_stop_reason == "length" else "stop"
+            raw = completion_from_cache(shape, reply.text, ended, f"chatcmpl-{reply.request_id}")
+    if isinstance(raw, str):
         out: Any = _GuardedStr(reply.text)
     elif is_completion(raw):
         out = raw
@@ -182,19 +185,21 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
 
     def decorate(fn: Any) -> Any:
         backend = Function(fn)
-        # Whether the function returns strings (annotated so, or seen to): its cache hits are strings too.
-        returns_str = [_annotated_str(fn)]
-        template: list[Any] = [None]  # the last completion it returned: a cache hit answers in its shape
+        # What the function last returned, apart for calls with stream=True: a cache hit
+        # answers in the same shape (a string, a completion like it, or the Reply for a
+        # stream). Before any return, a function annotated to return str returns strings.
+        shapes: dict[bool, Any] = {}
+        first_shape = "" if _annotated_str(fn) else None
         g = Guard(backend, **options)
 
         def prepare(bound: Function, prompt_or_messages: Any, kwargs: dict[str, Any]) -> Call:
             return g.prepare(prompt_or_messages, backend=bound, **kwargs)
 
-        def _returned(raw: Any, reply: Reply) -> Any:
-            returns_str[0] = returns_str[0] or isinstance(raw, str)
-            if is_completion(raw):
-                template[0] = raw
-            return _as_returned(raw, reply, returns_str[0], template[0])
+        def _returned(raw: Any, reply: Reply, kwargs: dict[str, Any]) -> Any:
+            streamed = bool(kwargs.get("stream"))
+            if raw is not None:
+                shapes[streamed] = "" if isinstance(raw, str) else raw if is_completion(raw) else None
+            return _as_returned(raw, reply, shapes.get(streamed, first_shape))
 
         wrapper: Callable[..., Any]
         if inspect.isasyncgenfunction(fn):
@@ -208,7 +213,7 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
             async def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
                 bound = backend.bind(*args)
                 reply = await g.open_astream(functools.partial(prepare, bound, prompt_or_messages, kwargs)).aread()
-                return _returned(bound.result, reply)
+                return _returned(bound.result, reply, kwargs)
 
         elif inspect.isgeneratorfunction(fn):
 
@@ -220,7 +225,7 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
             def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
                 bound = backend.bind(*args)
                 reply = g.open_stream(prepare(bound, prompt_or_messages, kwargs)).read()
-                return _returned(bound.result, reply)
+                return _returned(bound.result, reply, kwargs)
 
         guarded: Any = functools.update_wrapper(wrapper, fn)
         guarded.guard = g

@@ -156,15 +156,25 @@ def completion_with_text(obj: Any, text: str, finish_reason: str | None = None) 
     return copied
 
 
+# What a completion says about its own question, beyond its text: a cache hit answering
+# another question in its shape must not carry it.
+_ANSWER_FIELDS = ("tool_calls", "function_call", "refusal", "audio", "annotations")
+
+
 def completion_from_cache(template: Any, text: str, finish_reason: str, completion_id: str) -> Any:
     """A chat completion of ``template``'s type (object or dict) answering ``text`` from
-    a cache: ``completion_id``, no tool calls, and a usage of zero (a hit bills nothing)."""
+    a cache: ``completion_id``, one choice, none of the template's tool calls, refusal,
+    log probabilities or fingerprint, and a usage of zero (a hit bills nothing)."""
     copied = completion_with_text(template, text, finish_reason)
-    if _get(copied, "id") is not None:
-        _set(copied, "id", completion_id)
-    message = _get(_first_choice(copied), "message")
-    if message is not None and _get(message, "tool_calls"):
-        _set(message, "tool_calls", None)
+    choice = _first_choice(copied)
+    _set(copied, "choices", [choice])
+    for owner, name in ((copied, "id"), (copied, "system_fingerprint"), (choice, "logprobs")):
+        if _get(owner, name) is not None:
+            _set(owner, name, completion_id if name == "id" else None)
+    message = _get(choice, "message")
+    for name in _ANSWER_FIELDS if message is not None else ():
+        if _get(message, name):
+            _set(message, name, None)
     usage = _get(copied, "usage")
     if usage is not None:
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):

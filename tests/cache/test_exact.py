@@ -367,3 +367,29 @@ def test_text_and_ids_that_are_no_utf8_do_not_fail_a_call(cache):
     assert hit.cached and hit.text == "broken \ud800 text"
     assert guard.complete("Q?", user="\udc80", **GREEDY).text == "broken \ud800 text"  # not cached, not failed
     assert len(cache) == 1
+
+
+STYLE = "formal"
+
+
+def test_constants_read_in_a_comprehension_and_large_closures_are_part_of_the_identity(cache):
+    global STYLE
+
+    @tg.guard(model="gpt-4o-mini", cache=cache)
+    def styled(messages, *, max_tokens, temperature) -> str:
+        return " ".join(f"[{STYLE}] {m['content']}" for m in messages)  # STYLE is read by the generator's code
+
+    assert styled("hello", temperature=0) == "[formal] hello"
+    try:
+        STYLE = "casual"
+        assert styled("hello", temperature=0) == "[casual] hello"
+    finally:
+        STYLE = "formal"
+
+    def few_shot(prefix):  # one factory, two sets of 100 examples
+        examples = [f"{prefix} example {i}" for i in range(100)]
+        return tg.guard(lambda messages, max_tokens, temperature: examples[0], model="gpt-4o-mini", cache=cache)
+
+    a, b = few_shot("A"), few_shot("B")
+    assert (a("Q?", temperature=0), b("Q?", temperature=0)) == ("A example 0", "B example 0")
+    assert tg.reply_of(few_shot("A")("Q?", temperature=0)).cached  # the same examples: the same function

@@ -40,8 +40,19 @@ def _code_identity(fn: Callable[..., Any]) -> list[str]:
     held = [_cell_value(cell) for cell in getattr(fn, "__closure__", None) or ()]
     held += [getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None)]
     module = getattr(fn, "__globals__", {})
-    held += [(name, module[name]) for name in code.co_names if isinstance(module.get(name), _DATA)]
+    held += [(name, module[name]) for name in _names_read(code) if isinstance(module.get(name), _DATA)]
     return [_code_digest(code), _plain(held)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_read(code: types.CodeType) -> tuple[str, ...]:
+    """The global (and attribute) names ``code`` reads, its nested code's too: a
+    comprehension or a lambda inside the function is code of its own."""
+    names = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(dict.fromkeys(_names_read(const)))
+    return tuple(names)
 
 
 # Global values a function's identity reads (a module's SYSTEM_PROMPT), as its closure's
@@ -57,8 +68,7 @@ def _code_digest(code: types.CodeType) -> str:
     nested code (a lambda, a comprehension) by its own digest, as a code object's repr
     holds its address. Remembered per code object (immutable): a cache asks each call."""
     text = _const_text(code.co_consts) + "\0" + " ".join(code.co_names)  # the globals and attributes it reads
-    data = code.co_code + text.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
+    return _digest(code.co_code + text.encode("utf-8", "surrogatepass"))
 
 
 def _const_text(const: Any) -> str:
@@ -81,19 +91,34 @@ def _cell_value(cell: Any) -> Any:
 
 
 def _plain(value: Any, depth: int = 0) -> str:
-    """``repr`` of plain data (a long string or bytes by its digest); any other object,
-    and a container too big or too deep to read on every call, by its type."""
+    """``repr`` of plain data (a long string or bytes, or a container too big or too deep
+    to walk on every call, by the digest of its ``repr``); any other object by its type."""
     if isinstance(value, (str, bytes)) and len(value) > 256:
         data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
-        return f"{type(value).__name__}:{hashlib.blake2b(data, digest_size=12).hexdigest()}"
+        return f"{type(value).__name__}:{_digest(data)}"
     if value is None or isinstance(value, (str, bytes, int, float, bool)):
         return repr(value)
-    if isinstance(value, (list, tuple, frozenset, set, dict)) and depth < 4 and len(value) <= 64:
+    if isinstance(value, (list, tuple, frozenset, set, dict)):
+        if depth >= 4 or len(value) > 64:  # few-shot examples, a table: by content, at C speed
+            return f"{type(value).__name__}:{_digest(_container_repr(value).encode('utf-8', 'surrogatepass'))}"
         if isinstance(value, dict):
             return "{" + ", ".join(f"{_plain(k, depth + 1)}: {_plain(v, depth + 1)}" for k, v in value.items()) + "}"
         items = [_plain(item, depth + 1) for item in value]
         return f"{type(value).__name__}({', '.join(sorted(items) if isinstance(value, (set, frozenset)) else items)})"
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _container_repr(value: list[Any] | tuple[Any, ...] | frozenset[Any] | set[Any] | dict[Any, Any]) -> str:
+    """A container's ``repr``, a set's in sorted order (its own follows string hashing,
+    which differs between processes); an object in it shows its address, so such a
+    container matches only itself, in this process."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(map(repr, value))) + "}"
+    return repr(value)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
 
 
 def _names(fn: Callable[..., Any], name: str) -> bool:

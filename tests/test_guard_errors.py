@@ -167,3 +167,12 @@ def test_user_and_session_are_non_empty_strings(option, value):
     with pytest.raises(InvalidRequest, match=f"{option} must be a non-empty str or None"):
         guard.chat("hi", **{"session": "s", option: value})
     assert not called and guard.history.get("") == []
+
+
+@pytest.mark.parametrize("option", ["user", "session"])
+def test_user_and_session_must_be_text(option):
+    # Half a UTF-16 pair: no ledger, budget or cache store could file the call under it.
+    guard, called = _guard()
+    with pytest.raises(InvalidRequest, match=f"{option} holds an unpaired UTF-16 surrogate"):
+        guard.complete("hi", **{option: "caf\udce9"})
+    assert not called

@@ -368,3 +368,43 @@ def test_a_timed_stream_dropped_unclosed_closes_its_backend():
     while not closed and time.monotonic() < deadline:
         time.sleep(0.05)
     assert closed == [True] and guard.ledger.records()[0]["stop_reason"] == "cancelled"
+
+
+class FailsToWatch:
+    """A chunk watcher that cannot start watching some calls."""
+
+    def watch(self, call):
+        raise RuntimeError("this watcher cannot watch untagged calls")
+
+
+def test_a_watcher_that_cannot_start_ends_the_call_and_frees_its_hold():
+    budget = Budget(tokens=1000)
+    guard = Guard(lambda messages, max_tokens: "never", model="gpt-4o", budget=budget, stop=FailsToWatch())
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="cannot watch"):
+            guard.complete("hi")
+    assert budget.spent()["reserved_tokens"] == 0  # each call's hold was kept for the process's life
+    assert [row["stop_reason"] for row in guard.ledger.records()] == ["error"] * 3
+
+
+class SettleFailsOnce(tg.stores.MemoryBudgetStore):
+    """A budget store whose first settlement fails, as a store that blinks does."""
+
+    failed = False
+
+    def settle(self, *args):
+        if not self.failed:
+            self.failed = True
+            raise StoreError("the budget store blinked")
+        return super().settle(*args)
+
+
+def test_a_store_failing_at_settlement_leaves_the_other_budgets_settled():
+    blinking, steady = Budget(tokens=1000, store=SettleFailsOnce()), Budget(tokens=1000, name="team")
+    guard = Guard(lambda messages, max_tokens: "an answer", model="gpt-4o", budget=[blinking, steady])
+    with pytest.raises(StoreError, match="blinked"):
+        guard.complete("hi")
+    [row] = guard.ledger.records()
+    spent = steady.spent()
+    assert spent["reserved_tokens"] == 0 and spent["tokens"] == row["input_tokens"] + row["output_tokens"]
+    assert blinking.spent()["reserved_tokens"] > 0  # its hold stays until its store answers (or its TTL)

@@ -174,10 +174,16 @@ def _with_tag(tags: Any, tag: str) -> Any:
 
 def _check_caller(user: object, session: object) -> None:
     """``user`` and ``session`` are each None or a non-empty str: "" would be one scope
-    (one budget, one chat history) shared by every caller who sends it."""
+    (one budget, one chat history) shared by every caller who sends it; and text, which
+    half of a UTF-16 pair is not (no store could file the call under it)."""
     for name, value in (("user", user), ("session", session)):
         if value is not None and (not isinstance(value, str) or not value):
             raise InvalidRequest(f"{name} must be a non-empty str or None, got {value!r}")
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"{name} holds an unpaired UTF-16 surrogate (no text): {value!r}") from None
 
 
 def _max_tokens(asked: object, cap: int) -> int:
@@ -460,18 +466,19 @@ class Guard:
         if hit is not None:
             self._remember(call, hit)
             return Opened(call.request_id, reply=hit)
-        if self.telemetry is not None:
-            self.telemetry.started(call)  # the spans of the calls it makes wait for its span
-        generation = Generation([watcher.watch(call) for watcher in self.watchers])
         on_end = functools.partial(self._finish, call)
-        # The backend runs in the call's frame, so guarded calls it makes are its children.
-        frame = running_frame(call, given) if call.messages is given else running_frame(call, given, call.messages)
-        try:
+        generation: Generation | None = None
+        try:  # the call holds its budgets now: whatever fails ends it
+            if self.telemetry is not None:
+                self.telemetry.started(call)  # the spans of the calls it makes wait for its span
+            generation = Generation([watcher.watch(call) for watcher in self.watchers])
+            # The backend runs in the call's frame, so guarded calls it makes are its children.
+            frame = running_frame(call, given) if call.messages is given else running_frame(call, given, call.messages)
             chunks = framed(frame, open_chunks)
             if self.timeout is not None:
                 chunks = with_deadline(chunks, self.timeout)
         except BaseException as error:
-            on_end(generation.outcome(error))
+            on_end(generation.outcome(error) if generation is not None else Outcome.refused(error))
             raise
         return Opened(call.request_id, chunks, generation, on_end)
 

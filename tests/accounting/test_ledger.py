@@ -13,6 +13,7 @@ import pytest
 
 from tokenguard import InvalidRequest
 from tokenguard.accounting import COLUMNS, Ledger
+from tokenguard.errors import StoreError
 
 REQUIRED = {
     "request_id", "ts", "user", "session", "model", "input_tokens", "output_tokens",
@@ -109,6 +110,25 @@ def test_old_files_gain_new_columns(tmp_path):
     recs = ledger.records()
     assert recs[0]["request_id"] == "old" and recs[0]["input_tokens"] == 0
     assert set(recs[1]) == set(COLUMNS)
+
+
+def test_text_that_is_no_utf8_is_kept_with_a_mark_in_its_place(ledger):
+    # An error message quoting half of a UTF-16 pair: no store takes it as it is.
+    ledger.write(_row(1, error="ValueError: bad input '\ud800'"))
+    assert ledger.records()[0]["error"] == "ValueError: bad input '?'"
+
+
+def test_another_program_s_calls_table_is_left_alone(tmp_path):
+    path = tmp_path / "app.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE calls (id INTEGER PRIMARY KEY, phone TEXT NOT NULL, minutes INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not a tokenguard ledger"):
+        Ledger(path)
+    conn = sqlite3.connect(path)
+    assert [row[1] for row in conn.execute("PRAGMA table_info(calls)")] == ["id", "phone", "minutes"]
+    conn.close()
 
 
 # The schema before the call tree (depth, parent_id, root_id, scope) was recorded.

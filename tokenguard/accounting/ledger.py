@@ -70,8 +70,11 @@ def _checked(values: dict[str, Any]) -> None:
             raise InvalidRequest(f"ledger column {name!r} takes a finite number or None, got {value!r}")
         values[name] = float(value)
     for name in _TEXTS:
-        if values[name] is not None and not isinstance(values[name], str):
-            raise InvalidRequest(f"ledger column {name!r} takes text or None, got {values[name]!r}")
+        value = values[name]
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"ledger column {name!r} takes text or None, got {value!r}")
+        if value is not None and not value.isascii():  # half a UTF-16 pair (an error's quote) as "?": no store takes it
+            values[name] = value.encode("utf-8", "replace").decode("utf-8")
     as_timestamp(values["ts"])  # epoch seconds within the years 1-9999
 
 

@@ -51,18 +51,9 @@ def cached_partition(call: Call, scope: CacheScope, cache_sampled: bool) -> str 
     """The partition a cache files ``call`` under, or ``None`` when the call is not
     cached: it has no partition, or it may sample (unless ``cache_sampled``)."""
     where = partition(call, scope)
-    if where is None or not _is_text(where) or not (cache_sampled or is_deterministic(call)):
+    if where is None or not (cache_sampled or is_deterministic(call)):
         return None
     return where
-
-
-def _is_text(value: str) -> bool:
-    """Whether ``value`` can be written as UTF-8 (an id holding a lone surrogate cannot)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def is_deterministic(call: Call) -> bool:

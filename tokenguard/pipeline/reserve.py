@@ -3,6 +3,7 @@ backend runs."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from tokenguard.accounting import Budget, Pricing
@@ -10,6 +11,8 @@ from tokenguard.errors import ConfigError
 from tokenguard.pipeline.call import Call
 
 __all__ = ["Reserve"]
+
+logger = logging.getLogger(__name__)
 
 
 class Reserve:
@@ -39,8 +42,12 @@ class Reserve:
                     worst_tokens, worst_usd, user=call.user, session=call.session, request_id=call.request_id
                 ))
         except BaseException:
-            # All or nothing: drop the holds already taken in the other budgets.
+            # All or nothing: drop the holds already taken in the other budgets (one whose
+            # store fails now expires with its TTL, or is reaped with this process).
             for reservation in call.reservations:
-                reservation.release()
+                try:
+                    reservation.release()
+                except Exception:  # the refusal is what the caller must see
+                    logger.warning("call %s: a budget hold could not be released", call.request_id, exc_info=True)
             call.reservations.clear()
             raise

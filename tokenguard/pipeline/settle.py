@@ -16,9 +16,17 @@ class Settle:
     the rule a budget store also settles a dead process's hold by, from the call's ledger row."""
 
     def __call__(self, call: Call, usage: Usage) -> None:
+        """Every hold is settled (or released) even when another's store fails; the
+        first failure is raised after."""
         spent = charge(usage.total_tokens, usage.cost_usd) is not None
+        failures = []
         for reservation in call.reservations:
-            if spent:
-                reservation.settle(usage.total_tokens, usage.cost_usd)
-            else:
-                reservation.release()
+            try:
+                if spent:
+                    reservation.settle(usage.total_tokens, usage.cost_usd)
+                else:
+                    reservation.release()
+            except Exception as error:  # noqa: BLE001 - raised below, once the others are settled
+                failures.append(error)
+        if failures:
+            raise failures[0]

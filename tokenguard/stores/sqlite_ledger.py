@@ -31,6 +31,9 @@ def _missing(conn: sqlite3.Connection) -> list[str]:
 
 
 def _create(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+    if have and not {"request_id", "ts"} <= have:  # another program's table: not to be altered
+        raise sqlite3.DatabaseError("its table 'calls' is not a tokenguard ledger's")
     cols = ", ".join(f'"{name}" {sql}' for name, sql in LEDGER_COLUMNS.items())
     conn.execute(f"CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, {cols})")
     if _missing(conn):  # a file written by an older version: add the columns

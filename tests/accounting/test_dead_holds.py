@@ -251,3 +251,50 @@ def test_on_redis_a_call_killed_between_its_row_and_its_settle_is_counted_once_i
         time.sleep(0.1)
     # Expired, each hold was settled from the call's row: what the settle step would have counted.
     assert [b.store.usage(b.name, b.key(user=u)) for b, u in scopes] == [(tokens, nano, 0, 0)] * 2
+
+
+def in_another_container(store: SQLiteBudgetStore, rid: str, pid: int, age_s: float = 0.0) -> None:
+    """Make hold ``rid`` look taken by process ``pid`` of another PID namespace (a
+    container sharing the file), ``age_s`` seconds ago."""
+    with store.db.transaction() as conn:
+        conn.execute("UPDATE reservations SET pid = ?, pidns = pidns + 1, created = created - ? WHERE id = ?",
+                     (pid, age_s, rid))
+
+
+def test_a_hold_from_another_pid_namespace_is_not_taken_for_dead_by_its_pid(tmp_path):
+    # Its pid means nothing here: a live container's call would be reaped, and the
+    # budget overspent, had its pid been looked up in this namespace.
+    store = SQLiteBudgetStore(tmp_path / "budget.sqlite")
+    hold_of(store, os.getpid(), "theirs", "k", 59)
+    in_another_container(store, "theirs", dead_pid())
+    assert store.reserve("mine", "b", "k", 59, 0, 100, None) is not None  # still held: refused
+    assert store.usage("b", "k")[2] == 59
+    assert store.settle("theirs", "b", "k", 59, 0) and store.usage("b", "k")[:3] == (59, 0, 0)
+
+
+def test_a_stale_foreign_hold_is_released_and_its_late_settlement_still_counts(tmp_path):
+    from tokenguard.stores.sqlite_budget import FOREIGN_HOLD_MAX_AGE_S
+
+    store = SQLiteBudgetStore(tmp_path / "budget.sqlite")
+    hold_of(store, os.getpid(), "theirs", "k", 59)
+    in_another_container(store, "theirs", os.getpid(), age_s=FOREIGN_HOLD_MAX_AGE_S + 1)
+    assert store.reserve("probe", "b", "k", 1, 0, 1, None) is None  # past the age: taken for dead, released
+    store.release("probe")
+    # Its process was alive after all: its spend counts when it settles, once.
+    assert store.settle("theirs", "b", "k", 40, 0) and store.usage("b", "k")[:3] == (40, 0, 0)
+    assert not store.settle("theirs", "b", "k", 40, 0) and store.usage("b", "k")[0] == 40
+
+
+def test_a_file_from_before_pid_namespaces_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE reservations (id TEXT PRIMARY KEY, budget TEXT NOT NULL, key TEXT NOT NULL, "
+                 "tokens INTEGER NOT NULL, nano_usd INTEGER NOT NULL, pid INTEGER NOT NULL, created REAL NOT NULL)")
+    conn.execute("INSERT INTO reservations VALUES ('old', 'b', 'k', 30, 0, ?, 0)", (dead_pid(),))
+    conn.commit()
+    conn.close()
+    store = SQLiteBudgetStore(path)
+    assert store.reserve("new", "b", "k", 80, 0, 100, None) is None  # the old dead hold, of this namespace, reaped
+    assert store.usage("b", "k") == (0, 0, 80, 0)

@@ -22,14 +22,46 @@ CREATE TABLE IF NOT EXISTS spend (
 CREATE TABLE IF NOT EXISTS reservations (
     id TEXT PRIMARY KEY, budget TEXT NOT NULL, key TEXT NOT NULL,
     tokens INTEGER NOT NULL, nano_usd INTEGER NOT NULL,
-    pid INTEGER NOT NULL, created REAL NOT NULL
+    pid INTEGER NOT NULL, created REAL NOT NULL, pidns INTEGER
 );
 CREATE INDEX IF NOT EXISTS reservations_key ON reservations (budget, key);
+CREATE TABLE IF NOT EXISTS released (id TEXT PRIMARY KEY, at REAL NOT NULL);
 """
+# A process in another PID namespace (another container sharing the file) cannot be
+# looked up by its pid: its hold is taken as dead only this long after it was made.
+FOREIGN_HOLD_MAX_AGE_S = 3600.0
+# How long the id of a hold released as dead is kept, so that its call, should it
+# settle after all, still counts what it spent.
+_RELEASED_KEPT_S = 86_400.0
 
 
 def _create(conn: sqlite3.Connection) -> None:
     conn.executescript(_SCHEMA)
+    if not _has_pidns(conn):  # a file from before holds said their PID namespace
+        # Under the write lock, so that two processes opening it at once do not both add it.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not _has_pidns(conn):
+                conn.execute("ALTER TABLE reservations ADD COLUMN pidns INTEGER")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _has_pidns(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "pidns" for row in conn.execute("PRAGMA table_info(reservations)"))
+
+
+def _pid_namespace() -> int | None:
+    """This process's PID namespace (Linux: the inode of /proc/self/ns/pid), else None."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+_PIDNS = _pid_namespace()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -40,6 +72,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _holder_dead(pid: int, pidns: int | None, created: float) -> bool:
+    """Whether the process that took a hold has ended: by its pid in this PID namespace
+    (a hold from before namespaces were recorded counts as this one's); past
+    :data:`FOREIGN_HOLD_MAX_AGE_S` in another."""
+    if pidns is not None and _PIDNS is not None and pidns != _PIDNS:
+        return time.time() - created > FOREIGN_HOLD_MAX_AGE_S
+    return pid != os.getpid() and not _pid_alive(pid)
 
 
 def _totals(conn: sqlite3.Connection, budget: str, key: str) -> tuple[int, int, int, int]:
@@ -64,28 +105,40 @@ def _add_spend(conn: sqlite3.Connection, budget: str, key: str, tokens: int, nan
 
 
 def _reap_dead(conn: sqlite3.Connection, budget: str, key: str, lookups: SettledLookups) -> int:
-    """Reclaim the reservations of processes that died holding them; how many processes.
+    """Reclaim the reservations of processes that died holding them; how many holds.
 
     A hold whose call has a ledger row that spent (one of ``lookups`` finds it) is
     settled to that row's amount, as the dead process's settle step would have: the
     kill fell between the meter step, which commits the row, and the settle step. Any
-    other hold is released; one whose lookup failed is kept, for a later reclaim.
+    other hold is released, its id kept a day (a holder taken for dead that settles
+    after all still counts its spend); one whose lookup failed is kept, for a later reclaim.
     """
-    pids = [
-        row[0]
-        for row in conn.execute("SELECT DISTINCT pid FROM reservations WHERE budget = ? AND key = ?", (budget, key))
-    ]
-    dead = [pid for pid in pids if pid != os.getpid() and not _pid_alive(pid)]
-    for pid in dead:
-        held = conn.execute("SELECT id, budget, key FROM reservations WHERE pid = ?", (pid,)).fetchall()
-        for reservation_id, its_budget, its_key in held:
+    holders = conn.execute(
+        "SELECT pid, pidns, MIN(created) FROM reservations WHERE budget = ? AND key = ? GROUP BY pid, pidns",
+        (budget, key),
+    ).fetchall()
+    reclaimed = 0
+    for pid, pidns, oldest in holders:
+        if not _holder_dead(pid, pidns, oldest):
+            continue
+        held = conn.execute(
+            "SELECT id, budget, key, created FROM reservations WHERE pid = ? AND pidns IS ?", (pid, pidns)
+        ).fetchall()
+        for reservation_id, its_budget, its_key, created in held:
+            if not _holder_dead(pid, pidns, created):
+                continue
             spent = lookups.spent_by(reservation_id)
             if spent is SettledLookups.UNKNOWN:
                 continue
             if isinstance(spent, tuple):
                 _add_spend(conn, its_budget, its_key, int(spent[0]), int(spent[1]))
+            else:
+                conn.execute("INSERT OR REPLACE INTO released (id, at) VALUES (?, ?)", (reservation_id, time.time()))
             conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
-    return len(dead)
+            reclaimed += 1
+    if reclaimed:
+        conn.execute("DELETE FROM released WHERE at < ?", (time.time() - _RELEASED_KEPT_S,))
+    return reclaimed
 
 
 class SQLiteBudgetStore:
@@ -138,18 +191,21 @@ class SQLiteBudgetStore:
                 )
             if refusal is None:
                 conn.execute(
-                    "INSERT INTO reservations (id, budget, key, tokens, nano_usd, pid, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (reservation_id, budget, key, tokens, nano_usd, os.getpid(), time.time()),
+                    "INSERT INTO reservations (id, budget, key, tokens, nano_usd, pid, pidns, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (reservation_id, budget, key, tokens, nano_usd, os.getpid(), _PIDNS, time.time()),
                 )
             return refusal
 
     def settle(self, reservation_id: str, budget: str, key: str, tokens: int, nano_usd: int) -> bool:
+        """Replace the hold with the spend; a hold released as dead meanwhile (its
+        process was alive after all) still counts it. False when neither was found."""
         with self.db.transaction() as conn:
-            gone = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,)).rowcount
-            if gone:
+            found = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,)).rowcount or (
+                conn.execute("DELETE FROM released WHERE id = ?", (reservation_id,)).rowcount)
+            if found:
                 _add_spend(conn, budget, key, tokens, nano_usd)
-            return bool(gone)
+            return bool(found)
 
     def release(self, reservation_id: str) -> bool:
         with self.db.connection() as conn:

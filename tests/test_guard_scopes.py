@@ -357,3 +357,16 @@ def test_a_nested_call_s_tool_definitions_count_against_its_scope():
     with tg.scope("research", max_input_tokens=450):
         parent.complete([*notes, {"role": "user", "content": "Plan."}])
     assert tg.count_tokens(got[-1], model="gpt-4o", tools=tools) <= 450  # was 508: the tools were not counted
+
+
+def test_a_chat_in_a_scope_fits_its_history_into_the_scope_s_limit():
+    # The history is the guard's to fit, not the caller's input to refuse: once it
+    # grew past the limit, every later turn of the session was refused.
+    guard = Guard(lambda messages, max_tokens: "A fine answer that is a bit long. " * 3, model="gpt-4o", stop=None)
+    for i in range(20):
+        guard.chat(f"Question {i}: tell me about item {i}.", session="s")
+    with scope("support", max_input_tokens=300):
+        reply = guard.chat("One more short question?", session="s")
+        assert reply.usage.input_tokens <= 300 and reply.usage.context_saved_tokens > 0
+        with pytest.raises(tg.InputTooLong, match="new turn takes"):
+            guard.chat("word " * 400, session="s")  # the turn alone is over the limit

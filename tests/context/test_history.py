@@ -28,6 +28,17 @@ def _turn(i: int) -> tuple[dict, dict]:
     return {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}
 
 
+def test_what_a_caller_changes_in_a_history_it_got_is_not_the_history_s():
+    history = SessionHistory()
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}]}
+    history.append("s", {"role": "user", "content": "my card is 4111"}, call)
+    got = history.get("s")
+    got[0]["content"] = "[redacted]"
+    got[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}  # a backend parsing in place
+    assert history.get("s") == [{"role": "user", "content": "my card is 4111"}, call]
+
+
 def test_a_session_expires_ttl_after_its_last_use_and_a_heartbeat_keeps_it():
     clock = Clock()
     history = SessionHistory(ttl_s=10, clock=clock)

@@ -52,6 +52,15 @@ def test_the_most_relevant_turns_win_and_keep_their_order():
     assert notes[-1] == history[-3]  # ties go to the newest
 
 
+def test_chinese_turns_are_matched_by_their_character_pairs():
+    # Chinese has no spaces: each sentence was one "word", and nothing ever matched.
+    topics = ["账单代码", "部署脚本", "数据库备份", "监控告警"]
+    history = [{"role": "user", "content": f"第{i}条笔记：{topics[i % 4]}需要一个负责人。"} for i in range(40)]
+    question = {"role": "user", "content": "谁负责账单代码？"}
+    notes = Relevant().fit([*history, question], 120, GPT)[:-1]
+    assert len(notes) >= 3 and all("账单代码" in m["content"] for m in notes)
+
+
 def test_with_nothing_in_common_it_keeps_the_newest_like_tail_only():
     history = [{"role": "user", "content": f"alpha {i}"} for i in range(30)]
     question = {"role": "user", "content": "zzz?"}

@@ -100,6 +100,31 @@ def test_chunks_bound_each_summarizer_call():
     assert len(sizes) > 5 and max(sizes) <= 64
 
 
+def test_a_summary_request_and_the_summary_it_asks_for_fit_the_window():
+    # The summary's own output needs room in the window too (the call it serves may ask
+    # for fewer output tokens than the summary does).
+    from tokenguard.backends import Function
+
+    window, calls = 1024, []
+
+    class SmallModel(Function):
+        def context_window(self):
+            return window
+
+    def model(messages, max_tokens):
+        calls.append(GPT.count_messages(messages) + max_tokens)
+        summarising = messages[0]["content"].startswith(INSTRUCTION[:20])
+        return " ".join(f"fact{k}" for k in range(max_tokens)) if summarising else "ok"
+
+    guard = Guard(SmallModel(model), model="gpt-4o", max_output_tokens=512, context=Summary(), stop=None)
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"Note {i}: locker {1000 + 7 * i}. " + "Detail. " * 300},
+                    {"role": "assistant", "content": f"Noted {i}."}]
+    guard.complete([*history, {"role": "user", "content": "Which locker?"}], max_tokens=16)
+    assert len(calls) > 1 and max(calls) <= window
+
+
 def test_a_session_whose_history_was_replaced_is_summarised_afresh():
     asked = []
     strategy = Summary(lambda text: asked.append(text) or "s", keep_recent_tokens=40, max_summary_tokens=30)

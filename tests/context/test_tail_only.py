@@ -111,3 +111,12 @@ def test_a_history_without_a_user_message_says_every_message_is_kept():
                *({"role": "assistant", "content": f"Note {i}: nothing to add."} for i in range(50))]
     with pytest.raises(InputTooLong, match=r"newest user message \(there is none: every message is kept\) take"):
         TailOnly().fit(history, 100, TOKENIZERS["gpt-4o"])
+
+
+def test_a_trailing_system_message_is_counted_once_by_the_guard():
+    # A closing "answer in JSON" reminder is both a system message and the newest one.
+    rules = {"role": "system", "content": "Answer in JSON with the keys name and city. " * 60}
+    history = [{"role": "user", "content": f"Question {i} about the weather in some city?"} for i in range(60)]
+    guard = Guard(lambda messages, max_tokens: "{}", model="gpt-4o", max_context_tokens=1000, stop=None)
+    reply = guard.complete([*history, rules])  # was InputTooLong: the reminder was counted twice
+    assert reply.usage.input_tokens <= 1000 and reply.messages[-1] == rules

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -113,15 +114,17 @@ class SessionHistory:
         return entry[0]
 
     def get(self, session: str) -> list[dict[str, Any]]:
-        """A copy of the session's messages (empty for a new or expired session)."""
+        """A copy of the session's messages (empty for a new or expired session), deep:
+        what a caller or a backend changes in it is not the history's (a stored one is
+        read anew each time)."""
         gone: list[str] = []
         with self._lock:
             now = self._clock()
             self._expire(now, gone)
             messages = self._load(session, now) if self._store is not None else self._use(session, now)
-            copy = [] if messages is None else list(messages)
+            copied = [] if messages is None else copy.deepcopy(messages)
         self._forget(gone)
-        return copy
+        return copied
 
     def _load(self, session: str, now: float) -> list[dict[str, Any]] | None:
         """The session's messages from the store, marked used; ``None`` when it is

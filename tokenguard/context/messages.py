@@ -1,15 +1,17 @@
-"""What every strategy reads of a message: its canonical form, its fingerprint, its text."""
+"""What every strategy reads of a message: its canonical form, its fingerprint, its text,
+the terms lexical matching compares."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "FINGERPRINT_FIELDS", "INSTRUCTION_ROLES", "answered_calls_only", "canonical", "content_text", "fingerprint",
-    "is_instruction", "message_line", "message_text", "turn_key",
+    "is_instruction", "message_line", "message_text", "terms", "turn_key",
 ]
 
 #: The fields that make two messages the same message: who said it, what it says, and
@@ -112,3 +114,21 @@ def answered_calls_only(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[s
                     message["content"] = ""  # an assistant message says something, or calls
         kept.append(message)
     return kept
+
+
+# Terms: words, and for runs of CJK characters (no spaces between words) their pairs.
+_WORD = re.compile(r"\w+")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def terms(text: str) -> list[str]:
+    """The words lexical scoring matches on: case-folded words (one-letter ASCII words
+    say nothing), and for runs of CJK characters, which have no spaces, their
+    character pairs."""
+    found: list[str] = []
+    for word in _WORD.findall(text.casefold()):
+        if _CJK.search(word):
+            found += [word[i : i + 2] for i in range(len(word) - 1)] or [word]
+        elif len(word) > 1 or not word.isascii():
+            found.append(word)
+    return found

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from tokenguard.context.messages import is_instruction, message_text
+from tokenguard.context.messages import is_instruction, message_text, terms
 from tokenguard.context.strategy import TurnCosts, no_user_note, pinned_indices, turn_indices_from_end
 from tokenguard.errors import InputTooLong
 from tokenguard.tokens import Tokenizer
 
 __all__ = ["Relevant"]
 
-_WORD = re.compile(r"\w+")
-
-
 def _words(text: str) -> set[str]:
-    """The distinct words of ``text``, case folded; one-letter ASCII words say nothing."""
-    return {word for word in _WORD.findall(text.casefold()) if len(word) > 1 or not word.isascii()}
+    """The distinct terms of ``text`` (see :func:`~tokenguard.context.messages.terms`:
+    Chinese, which has no spaces, by character pairs)."""
+    return set(terms(text))
 
 
 class Relevant:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tokenguard.context.embedder import as_embedder, require_vector_packages
-from tokenguard.context.messages import content_text, is_instruction, message_line, turn_key
+from tokenguard.context.messages import content_text, is_instruction, message_line, terms, turn_key
 from tokenguard.context.strategy import (
     Generate,
     Sessions,
@@ -44,21 +44,6 @@ _FIRST_PERSON = frozenset({"my", "me", "mine", "our", "ours", "we", "us", "我",
 _SECOND_PERSON = frozenset({"you", "your", "yours", "你", "你的", "您"})
 _BM25_K1, _BM25_B = 1.2, 0.75
 
-_WORD = re.compile(r"\w+")
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
-
-
-def terms(text: str) -> list[str]:
-    """The words lexical scoring matches on: case-folded words (one-letter ASCII words
-    say nothing), and for runs of CJK characters, which have no spaces, their
-    character pairs."""
-    found: list[str] = []
-    for word in _WORD.findall(text.casefold()):
-        if _CJK.search(word):
-            found += [word[i : i + 2] for i in range(len(word) - 1)] or [word]
-        elif len(word) > 1 or not word.isascii():
-            found.append(word)
-    return found
 
 
 def _speaker(words: Iterable[str]) -> str | None:

@@ -56,7 +56,9 @@ class Fit:
             window = self.window = call.backend.context_window()
         if window is None:
             window = context_window(call.model)
-        limits = [limit for limit in (self.max_context_tokens,) if limit is not None]
+        # A chat's history is the guard's to fit: a scope's max_input_tokens bounds it too.
+        in_scope = call.outer.max_input_tokens if call.outer is not None and call.turn is not None else None
+        limits = [limit for limit in (self.max_context_tokens, in_scope) if limit is not None]
         if window is not None:
             if call.max_output_tokens >= window:
                 raise InputTooLong(
@@ -79,7 +81,8 @@ class Fit:
         tools = call.tokenizer.count_tools(call.tools)  # the tool definitions are sent whole
         room = budget - tools
         # What every strategy keeps must fit: found out with bounded work on a huge message.
-        if room < 0 or over_limit(call.tokenizer, [*filter(is_instruction, call.messages), call.messages[-1]], room):
+        must_keep = [*filter(is_instruction, call.messages[:-1]), call.messages[-1]]
+        if room < 0 or over_limit(call.tokenizer, must_keep, room):
             kept = "the system messages and the newest message" + (f" with {tools} tokens of tools" if tools else "")
             raise InputTooLong(budget, f"{kept} take over the {budget} tokens the context may use")
         strategy = self.strategy

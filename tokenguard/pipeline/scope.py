@@ -61,11 +61,15 @@ class TrimForwarded:
         sent = outer.sent
         own = [i for i, message in enumerate(call.messages) if fingerprint(message) not in sent]
         if len(own) == len(call.messages):  # nothing forwarded, nothing to trim
-            if limit is not None and call.count_input() > limit:
+            # A chat's history is left to the fit step, which fits it into the limit too:
+            # only the new turn is the call's own to refuse.
+            new = call.turn_messages() if call.turn is not None else None
+            taken = call.count_input() if new is None else call.tokenizer.count_messages(new)
+            if limit is not None and taken > limit:
                 raise InputTooLong(
                     limit,
-                    f"the call's input takes {call.count_input()} tokens, over the max_input_tokens "
-                    f"of {limit} of scope {outer.name!r}",
+                    f"the call's {'new turn' if new is not None else 'input'} takes {taken} tokens, over the "
+                    f"max_input_tokens of {limit} of scope {outer.name!r}",
                 )
             return
         tools = call.tokenizer.count_tools(call.tools)  # sent whole: the messages get what is left

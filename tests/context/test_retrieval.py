@@ -138,6 +138,22 @@ def test_documents_are_chunked_by_tokens_and_recalled():
     assert len(chunks) > 4 and all(GPT.count(item.text.split("] ", 1)[1]) <= 32 for item in chunks)
 
 
+def test_a_conversation_that_fits_is_sent_whole_with_the_documents_that_fit():
+    # Through a guard too: the documents came only once the history overflowed the
+    # window (with a 128k model, never), and a conversation that fit lost its turns.
+    documents = ["The office wifi password is hunter2. The printer is on floor 3.",
+                 "Lunch is served at noon in the cafeteria."]
+    conversation = [*_chat({}, turns=12), {"role": "user", "content": "What is the wifi password?"}]
+    strategy = Retrieval(documents=documents, keep_recent_tokens=40)
+    fitted = strategy.fit(conversation, 2000, GPT)
+    assert [m for m in fitted if DOCUMENTS_HEADER not in str(m["content"])] == conversation
+    sent = []
+    guard = Guard(lambda messages, max_tokens: sent.append(messages) or "ok", model="gpt-4o",
+                  max_context_tokens=2000, context=strategy)
+    guard.complete(conversation)
+    assert len(sent[0]) == len(conversation) + 1 and "hunter2" in sent[0][1]["content"]
+
+
 def test_bad_arguments_are_refused_clearly():
     with pytest.raises(ConfigError, match="k must be"):
         Retrieval(k=0)

@@ -191,7 +191,8 @@ class Retrieval:
     while they fit, then sent in their original order as one system message,
     :data:`RECALLED_HEADER` and the turns (the documents' chunks under
     :data:`DOCUMENTS_HEADER`), placed before the recent turns. While the whole
-    conversation fits, nothing is recalled and it is sent as it is.
+    conversation fits, it is sent as it is, with the chunks of ``documents`` that fit
+    the room it leaves.
 
     Bounds: at most ``max_turns`` indexed turns per conversation (the oldest go
     first), at most ``max_sessions`` conversations (the least recently used go
@@ -252,10 +253,13 @@ class Retrieval:
         if not older and not self.documents:
             return chosen(everything)
         pinned = pinned_indices(messages, turn_indices_from_end(messages))
-        need = tokenizer.count_messages(chosen(sorted(pinned)))
-        recent = min(self.keep_recent_tokens, (max_tokens - need) // 4)  # at most a quarter of the room
-        tail = self._tail.select(messages, need + recent, tokenizer)
-        older = self._older_turns(messages, tail)
+        if older:
+            need = tokenizer.count_messages(chosen(sorted(pinned)))
+            recent = min(self.keep_recent_tokens, (max_tokens - need) // 4)  # at most a quarter of the room
+            tail = self._tail.select(messages, need + recent, tokenizer)
+            older = self._older_turns(messages, tail)
+        else:  # the conversation fits: sent whole, the documents get the room it leaves
+            tail = everything
 
         def with_recall(text: str) -> list[dict[str, Any]]:
             return with_added(messages, tail, {"role": "system", "content": text})

@@ -8,7 +8,7 @@ from typing import Any
 
 from tokenguard._settings import token_count
 from tokenguard.accounting import context_window
-from tokenguard.context import ContextStrategy, ConversationStrategy, content_text
+from tokenguard.context import ContextStrategy, ConversationStrategy, Retrieval, content_text
 from tokenguard.context.messages import is_instruction
 from tokenguard.errors import InputTooLong
 from tokenguard.pipeline.admit import over_limit
@@ -16,6 +16,10 @@ from tokenguard.pipeline.call import Call
 from tokenguard.pipeline.spared import SparedTokens
 
 __all__ = ["Fit", "SideCall"]
+
+
+def _adds_documents(strategy: ContextStrategy) -> bool:
+    return isinstance(strategy, Retrieval) and bool(strategy.documents)
 
 SideCall = Callable[[Call, list[dict[str, Any]], int, Any, str], str]
 """How the guard makes a model call on a call's behalf (a strategy's summary): the
@@ -74,9 +78,10 @@ class Fit:
         if budget is None:
             return
         # A short prompt is counted whole (metering needs that count anyway) and, when
-        # it fits, sent as it is; a long history goes to the strategy, which counts
-        # only what it keeps.
-        if sum(len(content_text(m.get("content"))) for m in call.messages) <= budget and call.count_input() <= budget:
+        # it fits, sent as it is (unless the strategy adds documents to every prompt);
+        # a long history goes to the strategy, which counts only what it keeps.
+        if (not _adds_documents(self.strategy) and sum(len(content_text(m.get("content"))) for m in call.messages)
+                <= budget and call.count_input() <= budget):
             return
         tools = call.tokenizer.count_tools(call.tools)  # the tool definitions are sent whole
         room = budget - tools

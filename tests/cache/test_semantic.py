@@ -428,3 +428,13 @@ def test_the_gpu_groups_removal_by_skipping_finds_what_an_index_that_removes_fin
         assert [s for s, _ in found] == pytest.approx([s for s, _ in expected], abs=1e-5)
         assert gpu.size == cpu.size
     assert gpu.outgrown()  # so many removed that a rebuild pays
+
+
+def test_loaded_group_indexes_are_bounded_and_reloaded_when_asked_again(monkeypatch):
+    monkeypatch.setattr(semantic_module, "LOADED_GROUPS", 3)
+    with SemanticCache(embedder=hashed_words) as cache:
+        guard = Guard(Answers(), model="gpt-4o-mini", cache=cache)
+        for user in range(10):  # a group per user: each was kept loaded for good
+            guard.complete("Where is the Louvre?", user=f"u{user}", **GREEDY)
+        assert len(cache._groups) == 3
+        assert guard.complete("where is the louvre", user="u0", **GREEDY).cached  # read again from the store

@@ -37,6 +37,9 @@ NPROBE = 16
 #: Nearest stored questions checked per lookup (the best one may fail the details check).
 CANDIDATES = 4
 _PENDING_MAX = 1024
+# Group indexes kept loaded, the least recently used let go first (read again from the
+# store at their next lookup): a group per partition and conversation, without bound.
+LOADED_GROUPS = 10_000
 
 
 def _encodable(text: str) -> bool:
@@ -216,7 +219,7 @@ class SemanticCache:
         self._embed = as_embedder(embedder)
         self._entries, self.path = _open(path)
         self._lock = threading.RLock()
-        self._groups: dict[str, _Group | _GpuGroup] = {}  # group digest -> its index, once loaded
+        self._groups: OrderedDict[str, _Group | _GpuGroup] = OrderedDict()  # group digest -> its index, once loaded
         self._building: dict[str, threading.Event] = {}  # group digest -> set once its (re)build ends
         self._dim: int | None = None
         self._asked: OrderedDict[str, _Asked] = OrderedDict()  # request_id -> its lookup's work
@@ -313,6 +316,7 @@ class SemanticCache:
             with self._lock:
                 group, building = self._groups.get(where.digest), self._building.get(where.digest)
                 if group is not None:
+                    self._groups.move_to_end(where.digest)
                     self._sync(where, group)
                     if building is not None or not group.outgrown():
                         return group
@@ -329,6 +333,9 @@ class SemanticCache:
             group = self._build(where)
             with self._lock:
                 self._groups[where.digest] = group
+                self._groups.move_to_end(where.digest)
+                while len(self._groups) > LOADED_GROUPS:
+                    self._groups.popitem(last=False)
                 self._sync(where, group)
             return group
         finally:

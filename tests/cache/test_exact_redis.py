@@ -6,12 +6,14 @@ corrupted entry or an unreachable server is a miss, never an error."""
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from one_function import answers_here, script_prelude
@@ -20,6 +22,7 @@ from test_exact import GREEDY, Answers  # the same backend and parameters as the
 from tokenguard import Guard
 from tokenguard.cache import ExactCache
 from tokenguard.cache.redis_entries import RedisEntries
+from tokenguard.errors import ConfigError
 
 
 def _entries(cache: ExactCache) -> RedisEntries:
@@ -144,6 +147,18 @@ def test_entries_expire_by_redis_ttl(redis_server, redis_url):
         assert fn.calls == 3
         time.sleep(0.3)
         assert len(brief) == 1  # the lasting entry; expired ones leave the count
+
+
+def test_a_ttl_that_is_no_finite_number_of_seconds_is_refused_on_disk_and_in_redis(redis_url, tmp_path):
+    for path in (tmp_path / "answers", redis_url):
+        for ttl in (math.inf, math.nan, 0, -1):
+            with pytest.raises(ConfigError, match="ttl"):
+                ExactCache(path, ttl=ttl)
+    fn = Answers()
+    with ExactCache(redis_url, ttl=1e300) as lasting:  # longer than Redis's expiries hold: as good as never
+        guard = Guard(fn, model="gpt-4o-mini", cache=lasting)
+        guard.complete("Q?", **GREEDY)
+        assert guard.complete("Q?", **GREEDY).cached and fn.calls == 1
 
 
 def test_the_size_bound_deletes_the_least_recently_stored_first(redis_server, redis_url):

@@ -6,6 +6,7 @@ prefix, a server that is down at construction or goes down later."""
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 
 import numpy as np
@@ -26,7 +27,7 @@ from test_semantic import (  # the disk cache's scenarios and helpers, run here 
 from tokenguard import Guard
 from tokenguard.cache import SemanticCache
 from tokenguard.cache.redis_semantic import RedisSemanticEntries
-from tokenguard.errors import StoreError
+from tokenguard.errors import ConfigError, StoreError
 
 pytest.importorskip("faiss")
 
@@ -111,6 +112,18 @@ def test_entries_expire_by_redis_ttl(redis_server, redis_url):
                     if not k.endswith(":ids"))
         assert 55_000 < redis_server.client().pttl(entry) <= 60_000
     expires(redis_server.url(prefix=f"t{uuid.uuid4().hex[:12]}:"), 0.2)
+
+
+def test_a_ttl_that_is_no_finite_number_of_seconds_is_refused_on_disk_and_in_redis(redis_url, tmp_path):
+    for path in (None, tmp_path, redis_url):
+        for ttl in (math.inf, math.nan, 0):
+            with pytest.raises(ConfigError, match="ttl"):
+                SemanticCache(path, embedder=hashed_words, ttl=ttl)
+    fn = Answers()
+    with SemanticCache(redis_url, embedder=hashed_words, ttl=1e300) as lasting:  # as good as never
+        guard = Guard(fn, model="gpt-4o-mini", cache=lasting)
+        guard.complete("Where is the Louvre?", **GREEDY)
+        assert guard.complete("Where is the Louvre?", **GREEDY).cached and fn.calls == 1
 
 
 def test_it_keeps_at_most_max_entries_oldest_first(redis_server, redis_url):

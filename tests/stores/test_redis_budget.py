@@ -6,12 +6,14 @@ while Redis cannot be reached: fail closed by default, fail open when asked."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -22,7 +24,7 @@ from _reuse import accounting_tests
 
 import tokenguard as tg
 from tokenguard import Budget, Ledger
-from tokenguard.errors import ConfigError, MissingDependency, StoreError, TokenGuardError
+from tokenguard.errors import BudgetExceeded, ConfigError, MissingDependency, StoreError, TokenGuardError
 from tokenguard.stores import (
     BudgetStore,
     MemoryBudgetStore,
@@ -152,6 +154,33 @@ def test_url_options_and_keywords(redis_server):
         RedisBudgetStore("redis://127.0.0.1:6379/abc")
     with pytest.raises(ConfigError, match="cannot read the Redis URL"):
         RedisBudgetStore("redis://:pw@[::1:6379/0")
+
+
+@pytest.mark.parametrize("name", ["settle_grace_s", "keep_windows_s", "reservation_ttl_s"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, 1e300])
+def test_durations_that_are_not_finite_are_config_errors(redis_server, name, value):
+    # Each would fail every reservation later (an expiry Redis cannot hold), or not as a ConfigError.
+    with pytest.raises(ConfigError, match=name):
+        RedisBudgetStore(redis_server.url(), **{name: value})
+
+
+def test_closing_one_budget_keeps_renewing_the_holds_of_another_on_its_store(redis_server):
+    url = redis_server.url(prefix=f"close-{uuid.uuid4().hex[:8]}:", reservation_ttl_s=0.6)
+    per_user, overall = Budget(tokens=10**6, per="user", store=url), Budget(tokens=100, store=url)
+    assert per_user.store is overall.store  # one store per URL in a process
+    held = overall.reserve(100)  # a call that runs for a while
+    per_user.close()  # done with that budget
+    client = redis_server.client()
+    holds = overall.store._scope(overall.name, overall.key()).holds  # type: ignore[attr-defined]
+    ((_, expiry),) = client.zrange(holds, 0, -1, withscores=True)
+    _wait_past(client, expiry + 300)
+    assert overall.spent()["reserved_tokens"] == 100  # still renewed: still held
+    with pytest.raises(BudgetExceeded):  # another process finds no room
+        Budget(tokens=100, store=RedisBudgetStore(url)).reserve(1)
+    held.settle(100)
+    per_user.reserve(5, user="ann").settle(5)  # a closed budget works again
+    overall.close()
+    assert per_user.spent(user="ann")["tokens"] == 5 and overall.spent()["tokens"] == 100
 
 
 def test_the_password_never_shows(closed_port):
@@ -319,6 +348,77 @@ def test_an_expired_hold_whose_lookup_fails_waits_for_the_next_read(redis_server
     assert store.usage("b", "global|") == (5, 0, 0, 0)  # the next read settles it
 
 
+def test_a_failure_while_settling_dead_holds_fails_neither_a_reservation_nor_a_read(spare_redis, caplog):
+    # Redis stalls (CLIENT PAUSE, past the client's timeout) just after a ledger lookup.
+    store = RedisBudgetStore(spare_redis.url(prefix="p:", socket_timeout="0.1"))
+    client = spare_redis.client()  # no timeout: its commands wait out a pause
+    scope = store._scope("b", "global|")
+    stall_next: list[int] = []
+    stalled: list[str] = []
+
+    def stalling(request_id: str) -> tuple[int, int]:
+        if stall_next:
+            stall_next.pop()
+            client.execute_command("CLIENT", "PAUSE", "800", "ALL")
+            stalled.append(request_id)
+        return (5, 0)
+
+    def dead_hold(name: str) -> None:
+        rid = reservation_id(name, "b")
+        assert store.reserve(rid, "b", "global|", 100, 0, None, None) is None
+        store._open.clear()  # its process dies: nothing renews it
+        client.zadd(scope.holds, {rid: 0})  # and its expiry passes
+
+    def wait_for_the_stall() -> None:
+        deadline = time.monotonic() + 30
+        while not stalled:
+            assert time.monotonic() < deadline, "the dead hold was never looked up"
+            time.sleep(0.01)
+        stalled.clear()
+        client.ping()  # returns once the pause is over
+
+    store.add_settled_lookup(stalling)
+    dead_hold("first")
+    stall_next.append(1)
+    with caplog.at_level(logging.WARNING, logger="tokenguard.stores"):
+        # The reservation is held: it is returned, whatever settling the dead hold meets.
+        assert store.reserve(reservation_id("mine", "b"), "b", "global|", 30, 0, 1_000, None) is None
+        wait_for_the_stall()
+        assert store.release(reservation_id("mine", "b")) is True  # and released: no hold is left behind
+        assert store.usage("b", "global|") == (5, 0, 0, 0)  # the dead call counted once Redis answers
+
+        dead_hold("second")
+        stall_next.append(1)
+        assert store.usage("b", "global|") == (5, 0, 0, 0)  # a read answers with what it read
+        wait_for_the_stall()
+    assert "could not settle expired budget reservations" in caplog.text
+    assert store.usage("b", "global|") == (10, 0, 0, 0)  # the next read settles it
+
+
+def test_a_reservation_never_waits_on_ledger_lookups(redis_server, redis_url):
+    store = RedisBudgetStore(redis_url)
+    client = redis_server.client()
+    answer, finished = threading.Event(), threading.Event()
+
+    def slow(request_id: str) -> tuple[int, int]:  # a ledger that takes its time
+        answer.wait(5)
+        finished.set()
+        return (37, 0)
+
+    store.add_settled_lookup(slow)
+    dead = reservation_id("dead", "b")
+    assert store.reserve(dead, "b", "global|", 100, 0, None, None) is None
+    store._open.clear()  # its process dies
+    client.zadd(store._scope("b", "global|").holds, {dead: 0})
+    assert store.reserve(reservation_id("mine", "b"), "b", "global|", 10, 0, 1_000, None) is None
+    assert not finished.is_set()  # the reservation came back while the lookup was still going on
+    answer.set()
+    deadline = time.monotonic() + 30
+    while store.usage("b", "global|") != (37, 0, 10, 0):  # settled from the row, once
+        assert time.monotonic() < deadline, store.usage("b", "global|")
+        time.sleep(0.02)
+
+
 _HOLD_IN_A_CALL = """
 import sys, time
 import tokenguard as tg
@@ -436,6 +536,91 @@ def test_an_outage_fails_closed_or_open_and_both_recover(spare_redis, caplog):
     assert closed.spent()["tokens"] == 10
 
 
+def test_a_call_settled_from_its_ledger_row_counts_nothing_more_when_its_late_fail_open_settle_comes(
+        redis_server, redis_url):
+    store = RedisBudgetStore(redis_url)
+    client = redis_server.client()
+    store.add_settled_lookup(lambda request_id: (37, 0))
+    rid = reservation_id("slow", "b")
+    assert store.reserve(rid, "b", "global|", 100, 0, None, None) is None
+    # Its reply was lost (the call was admitted fail-open, nothing renews the hold) and the hold expired.
+    store._open.clear()
+    store._admitted.add(rid)
+    client.zadd(store._scope("b", "global|").holds, {rid: 0})
+    assert store.usage("b", "global|") == (37, 0, 0, 0)  # settled from the call's ledger row
+    assert store.settle(rid, "b", "global|", 37, 0) is False  # the call's own settle, late: not again
+    assert store.usage("b", "global|") == (37, 0, 0, 0)
+
+
+def test_a_fail_open_call_settled_during_the_outage_is_counted_once_redis_is_back(spare_redis):
+    budget = Budget(tokens=1_000, store=spare_redis.url(prefix="open:", fail_open="true"))
+    spare_redis.stop()
+    admitted = budget.reserve(100)
+    admitted.settle(80)  # Redis is still down: kept in this process
+    spare_redis.start()
+    deadline = time.monotonic() + 30
+    while budget.spent()["tokens"] != 80:  # sent once Redis answers
+        assert time.monotonic() < deadline, budget.spent()
+        time.sleep(0.02)
+    assert budget.spent() == {"tokens": 80, "usd": 0.0, "reserved_tokens": 0, "reserved_usd": 0.0}
+
+
+# A script that keeps the server busy for ARGV[1] ms: no other client is answered meanwhile.
+_BUSY = """
+local function ms() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
+local start = ms()
+while ms() - start < tonumber(ARGV[1]) do end
+return 1
+"""
+
+
+def _busy_server(server: Any, ms: int) -> threading.Thread:
+    """Keep ``server`` busy in a script for ``ms``, from another thread; that thread."""
+    busy = threading.Thread(target=server.client().eval, args=(_BUSY, 0, ms))
+    busy.start()
+    time.sleep(0.2)  # the script has started
+    return busy
+
+
+def test_a_fail_open_call_whose_reservation_ran_unanswered_is_counted_when_it_settles(spare_redis, caplog):
+    # Redis was only slow: the reservation ran, its reply came too late, the call was admitted.
+    budget = Budget(tokens=1_000, store=spare_redis.url(prefix="open:", fail_open="true", socket_timeout="0.1"))
+    budget.reserve(1).release()  # connected, its scripts loaded: a process that has been running
+    busy = _busy_server(spare_redis, 1_500)
+    with caplog.at_level(logging.WARNING, logger="tokenguard.stores"):
+        admitted = budget.reserve(100)
+    assert "fail_open=True" in caplog.text
+    busy.join()
+    assert budget.spent()["reserved_tokens"] == 100  # it did run
+    admitted.settle(80)
+    assert budget.spent() == {"tokens": 80, "usd": 0.0, "reserved_tokens": 0, "reserved_usd": 0.0}
+
+
+def test_a_full_or_busy_redis_is_unavailable_so_fail_open_admits(spare_redis):
+    closed = Budget(tokens=1_000, store=spare_redis.url(prefix="closed:"))
+    opened = Budget(tokens=1_000, store=spare_redis.url(prefix="open:", fail_open="true"))
+    client = spare_redis.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)  # full: every write is refused (OOM)
+    with pytest.raises(StoreUnavailable, match="full"):
+        closed.reserve(10)
+    opened.reserve(10).settle(10)  # admitted; counted once Redis takes writes again
+    client.config_set("maxmemory", 0)
+
+    client.config_set("lua-time-limit", 100)  # busy-reply-threshold: BUSY after 100 ms of a script
+    busy = _busy_server(spare_redis, 1_000)
+    try:
+        with pytest.raises(StoreUnavailable, match="busy"):
+            closed.reserve(10)
+        opened.reserve(10).release()
+    finally:
+        busy.join()
+    deadline = time.monotonic() + 30
+    while opened.spent()["tokens"] != 10:
+        assert time.monotonic() < deadline, opened.spent()
+        time.sleep(0.02)
+
+
 def test_an_expired_hold_dropped_by_a_process_without_a_ledger_is_still_settled_from_it(redis_server, redis_url):
     # A dashboard reading usage (no ledger linked) prunes the dead process's hold first.
     dead, dashboard, guard = (RedisBudgetStore(redis_url) for _ in range(3))
@@ -454,7 +639,7 @@ def test_a_fail_open_call_s_spend_counts_once_when_its_settle_is_sent_again(redi
     # The client library sends a command again when its reply was lost: the spend must not double.
     store = RedisBudgetStore(redis_url)
     scope, rid = store._scope("b", "global|"), reservation_id("admitted-while-down", "b")
-    args = [17, 5_250, store._expire_at_ms("global|"), store._record_ttl_ms]
+    args = [17, 5_250, store._expire_at_ms("global|"), store._record_ttl_ms, rid, scope.base]
     runs = [store.redis.run(store._spend, scope.keys(store._record(rid)), args, "settling") for _ in range(2)]
     assert runs == [1, 0]
     assert store.usage("b", "global|") == (17, 5_250, 0, 0)

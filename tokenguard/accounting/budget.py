@@ -19,6 +19,7 @@ import functools
 import os
 import threading
 import uuid
+import weakref
 from collections.abc import Hashable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
@@ -100,7 +101,19 @@ def link_ledger(budgets: Iterable[Budget], ledger: Ledger) -> None:
 
 
 _open_files: dict[str, BudgetStore] = {}
+# The budgets using each shared store and not closed: the store closes with the last.
+_open_users: dict[int, weakref.WeakSet[Budget]] = {}
 _open_files_lock = threading.Lock()
+
+
+def _shared_name(store: str | os.PathLike[str] | BudgetStore | None) -> str | None:
+    """The name ``store`` is shared under in this process (its URL, or its file's real
+    path); ``None`` for a store that is not shared that way."""
+    if is_redis_url(store):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return os.path.realpath(os.fspath(store))
+    return None
 
 
 def open_budget_store(store: str | os.PathLike[str] | BudgetStore | None) -> BudgetStore:
@@ -110,17 +123,12 @@ def open_budget_store(store: str | os.PathLike[str] | BudgetStore | None) -> Bud
     itself."""
     if store is None:
         return MemoryBudgetStore()
-    if is_redis_url(store):
+    name = _shared_name(store)
+    if name is not None:
         with _open_files_lock:
-            if store not in _open_files:
-                _open_files[store] = RedisBudgetStore(store)
-            return _open_files[store]
-    if isinstance(store, (str, os.PathLike)):
-        path = os.path.realpath(os.fspath(store))
-        with _open_files_lock:
-            if path not in _open_files:
-                _open_files[path] = SQLiteBudgetStore(path)
-            return _open_files[path]
+            if name not in _open_files:
+                _open_files[name] = RedisBudgetStore(name) if is_redis_url(store) else SQLiteBudgetStore(name)
+            return _open_files[name]
     if isinstance(store, BudgetStore):
         return store
     raise ConfigError(f"store must be None, a path or a BudgetStore, got {type(store).__name__}")
@@ -195,6 +203,10 @@ class Budget:
         self.per: Per = per
         self.window: Window | None = window
         self.store: BudgetStore = open_budget_store(store)
+        self._shared = _shared_name(store) is not None
+        self._closed = False
+        if self._shared:
+            self._use_shared()
         units = "+".join(u for u, v in (("tokens", tokens), ("usd", usd)) if v is not None)
         self.name = name or f"{per}/{window or 'all'}/{units}"
         self._limit_tokens = tokens
@@ -244,6 +256,8 @@ class Budget:
                 f"budget {self.name!r} limits USD but the model's price is unknown; "
                 "set prices={model: (usd_per_mtok_in, usd_per_mtok_out)} on the Guard"
             )
+        if self._closed:  # used again after close: the shared store must stay open for it
+            self._use_shared()
         key = self.key(user, session)
         reservation_id = uuid.uuid4().hex if request_id is None else call_reservation_id(request_id, self.name)
         refusal = self.store.reserve(
@@ -272,10 +286,28 @@ class Budget:
 
     def close(self) -> None:
         """Close the store's connections (a later call opens them again). On Redis it also
-        stops renewing this process's holds: close a budget once its calls are done."""
+        stops renewing this process's holds: close a budget once its calls are done.
+
+        The budgets of one path or URL share a store in a process: it closes when the
+        last of them does (one collected unclosed counts as closed), so closing one
+        never stops the renewal of another's holds. A store object you pass yourself is
+        closed by each budget's ``close``."""
+        if self._shared:
+            with _open_files_lock:
+                users = _open_users.setdefault(id(self.store), weakref.WeakSet())
+                users.discard(self)
+                self._closed = True
+                if users:
+                    return
         close = getattr(self.store, "close", None)  # a store of your own may hold nothing open
         if close is not None:
             close()
+
+    def _use_shared(self) -> None:
+        """Count this budget among its shared store's users (again, after a close)."""
+        with _open_files_lock:
+            _open_users.setdefault(id(self.store), weakref.WeakSet()).add(self)
+            self._closed = False
 
     def __repr__(self) -> str:
         limits = ", ".join(f"{k}={v}" for k, v in (("tokens", self.tokens), ("usd", self.usd)) if v is not None)

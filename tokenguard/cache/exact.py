@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import diskcache
 
+from tokenguard._settings import seconds
 from tokenguard.cache.entry import CachedAnswer, worth_keeping
 from tokenguard.cache.key import CacheScope, cached_partition, check_scope, digest, fingerprint
 from tokenguard.cache.redis_entries import RedisEntries
@@ -52,8 +53,8 @@ class ExactCache:
 
     def __init__(self, path: str | Path | None = None, *, ttl: float | None = None, size_limit: int = 1 << 30,
                  scope: CacheScope = "user", cache_sampled: bool = False, shards: int = 8) -> None:
-        if ttl is not None and not ttl > 0:
-            raise ConfigError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        if ttl is not None:  # finite, on disk and in Redis alike: None is "never expires"
+            seconds("ttl", ttl)
         if size_limit < 1 or shards < 1:
             raise ConfigError(f"size_limit and shards must be positive, got {size_limit} and {shards}")
         self.scope = check_scope(scope)

@@ -29,11 +29,23 @@ from __future__ import annotations
 
 from tokenguard.stores.redis_client import DEFAULT_PREFIX, RedisConnection, RedisURL
 
-__all__ = ["RedisEntries"]
+__all__ = ["RedisEntries", "expiry_ms"]
 
 # Index entries one script handles at most (expired ones dropped, or cleared): Redis
 # runs nothing else while a script runs.
 _BATCH = 1000
+# The longest expiry sent (10**15 ms, some 31,700 years: as good as never): Redis refuses
+# one whose end does not fit in 64 bits of milliseconds.
+_MAX_TTL_MS = 10**15
+
+
+def expiry_ms(ttl: float | None) -> int | str:
+    """``ttl`` seconds as the scripts' expiry argument: milliseconds, at least 1 and at
+    most :data:`_MAX_TTL_MS`; ``""`` for ``None`` (never expires)."""
+    if ttl is None:
+        return ""
+    return max(1, round(min(ttl * 1000, _MAX_TTL_MS)))
+
 
 _COMMON = """
 local order, expiry, sizes, total = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -153,9 +165,9 @@ class RedisEntries:
         """Store ``value`` (expiring ``ttl`` seconds from now, ``None``: never), then
         delete the least recently stored entries while over the size limit; ``False``
         when the entry alone is over it (not stored)."""
-        ttl_ms = "" if ttl is None else max(1, round(ttl * 1000))
         keys = [self.entry_key(partition, key), *self._index, self._seq]
-        return bool(self.redis.run(self._set, keys, [value, ttl_ms, self.size_limit, _BATCH], "storing an answer"))
+        args = [value, expiry_ms(ttl), self.size_limit, _BATCH]
+        return bool(self.redis.run(self._set, keys, args, "storing an answer"))
 
     def delete(self, partition: str, key: str) -> None:
         self.redis.run(self._delete, [self.entry_key(partition, key), *self._index], [], "deleting an answer")

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tokenguard.cache.redis_entries import expiry_ms
 from tokenguard.cache.semantic_store import GroupKey, StoredEntry
 from tokenguard.stores.redis_client import DEFAULT_PREFIX, RedisConnection, RedisURL, import_redis
 
@@ -152,8 +153,7 @@ class RedisSemanticEntries:
         return f"{self.group_key(group)}:{entry_id}"
 
     def add(self, group: GroupKey, question: str, vector: bytes, answer: str, ttl: float | None) -> int:
-        ttl_ms = "" if ttl is None else max(1, round(ttl * 1000))
-        args = [self.group_key(group), question, vector, answer, ttl_ms]
+        args = [self.group_key(group), question, vector, answer, expiry_ms(ttl)]
         with self.redis.errors("storing an answer"):  # not run(): its arguments are text, the vector is bytes
             return int(self._add(keys=[*self._index, self._seq], args=args, client=self.redis.client))
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tokenguard._settings import seconds
 from tokenguard.cache.details import same_details
 from tokenguard.cache.entry import CachedAnswer, worth_keeping
 from tokenguard.cache.key import CacheScope, cached_partition, check_scope, digest, fingerprint
@@ -210,8 +211,10 @@ class SemanticCache:
                  same_details: bool = True, cache_sampled: bool = False) -> None:
         if not 0 < threshold <= 1:
             raise ConfigError(f"threshold is a cosine similarity in (0, 1], got {threshold!r}")
-        if max_entries < 1 or (ttl is not None and not ttl > 0):
-            raise ConfigError(f"max_entries must be positive and ttl positive or None, got {max_entries}, {ttl!r}")
+        if max_entries < 1:
+            raise ConfigError(f"max_entries must be positive, got {max_entries}")
+        if ttl is not None:  # finite, on disk and in Redis alike: None is "never expires"
+            seconds("ttl", ttl)
         require_vector_packages("the semantic cache", "semantic", default_embedder=embedder is None)
         self.scope = check_scope(scope)
         self.threshold, self.max_entries, self.ttl = threshold, max_entries, ttl

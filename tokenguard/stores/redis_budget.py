@@ -24,13 +24,15 @@ still counts what it spent when it settles, for ``settle_grace_s`` after the exp
 A process that died between writing its call's ledger row and settling (the meter and
 settle steps) would leave that spend uncounted. So an expired hold's id is also kept
 in the scope's ``expired`` set, whichever process drops the hold (one with no ledger,
-such as a dashboard reading usage, too), and the next reservation or usage read in
-that scope by a process with a ledger linked
+such as a dashboard reading usage, too), and a process with a ledger linked
 (:func:`~tokenguard.accounting.budget.link_ledger`, as every Guard does) settles it to
-what the call's ledger row says, exactly as the settle step would have; an id whose
-call has no row is dropped (its record stays, so a stalled process can still settle
-it), and one nobody settles is forgotten after a week. Only one of the two ever
-counts: both take the reservation's record first.
+what the call's ledger row says, exactly as the settle step would have: a usage read
+in that scope does so before it answers, a reservation there has it done in the
+background (it never waits on ledger lookups, and it is best effort: a failure is
+logged and the id waits for the next try). An id whose call has no row is dropped (its
+record stays, so a stalled process can still settle it), and one nobody settles is
+forgotten after a week. Only one of the two ever counts: both take the reservation's
+record first, and settling from the row leaves it marked ``spent``.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ import os
 import threading
 import uuid
 import weakref
+from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
-from tokenguard._settings import seconds
+from tokenguard._settings import limit, seconds
 from tokenguard.errors import ConfigError
 from tokenguard.stores.base import Refusal, SettledLookup, SettledLookups
 from tokenguard.stores.redis_client import DEFAULT_PREFIX, RedisConnection, RedisURL, StoreUnavailable
@@ -59,6 +63,10 @@ MAX_EXACT = 2**53
 # -- the scripts ------------------------------------------------------------------------
 #
 _MIN_TTL_S = 0.5  # a hold's shortest life: its process renews it every third of that
+# The longest durations accepted (a century): Redis's millisecond expiries must fit in 64 bits.
+_MAX_S = 100 * 365 * 86_400.0
+# Settles that Redis missed while fail-open, kept in memory to send once it answers.
+_MAX_UNSENT = 10_000
 
 # KEYS of the scope scripts: 1 spend, 2 holds, 3 amounts, 4 expired, 5 the reservation's record.
 
@@ -191,7 +199,9 @@ _SETTLE_EXPIRED = _LUA_COMMON + """
 redis.call('ZREM', KEYS[4], ARGV[1])
 -- Without its record the call settled or released itself (late), or its grace is over.
 if ARGV[3] == '' or redis.call('GET', KEYS[5]) ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[5])
+-- Marked rather than deleted: a late settle of a call admitted fail-open (_SPEND) then
+-- counts nothing more.
+redis.call('SET', KEYS[5], 'spent', 'KEEPTTL')
 add(KEYS[1], 't', tonumber(ARGV[3]))
 add(KEYS[1], 'u', tonumber(ARGV[4]))
 expire_scope(KEYS, ARGV[5], now_ms())
@@ -218,12 +228,21 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
-# ARGV: tokens, nano_usd, expire_at_ms, record_ttl_ms. Spend without a reservation: a
-# call admitted fail-open while Redis was unreachable settles here, once: the record key
-# it takes first makes a repeat (a retry after a lost reply) spend nothing. 1 if it spent.
+# ARGV: tokens, nano_usd, expire_at_ms, record_ttl_ms, id, scope. Spend without a
+# reservation: a call admitted fail-open while Redis was unreachable settles here, once:
+# the record it marks 'spent' makes a repeat (a retry after a lost reply) spend nothing.
+# Where the reservation did run (Redis was only slow: its reply was lost), its record is
+# the scope's and its hold is dropped, as _SETTLE does. 1 if it spent.
 _SPEND = _LUA_COMMON + """
 local now = now_ms()
-if not redis.call('SET', KEYS[5], 'spent', 'NX', 'PX', ARGV[4]) then return 0 end
+local owner = redis.call('GET', KEYS[5])
+if owner and owner ~= ARGV[6] then return 0 end
+if owner then
+  local text = redis.call('HGET', KEYS[3], ARGV[5])
+  if text then drop_hold(KEYS[1], KEYS[2], KEYS[3], ARGV[5], text) end
+  redis.call('ZREM', KEYS[4], ARGV[5])
+end
+redis.call('SET', KEYS[5], 'spent', 'PX', ARGV[4])
 add(KEYS[1], 't', tonumber(ARGV[1]))
 add(KEYS[1], 'u', tonumber(ARGV[2]))
 expire_scope(KEYS, ARGV[3], now)
@@ -250,6 +269,14 @@ def _window_end(window: str) -> datetime | None:
     return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
 
 
+def _at_most_a_century(name: str, value: float) -> float:
+    """``value``, or :class:`~tokenguard.ConfigError` past :data:`_MAX_S` (Redis would
+    refuse its expiries in every script; ``None`` is "forever" where it is allowed)."""
+    if value > _MAX_S:
+        raise ConfigError(f"{name} must be at most a century ({_MAX_S:g} s), got {value!r}")
+    return value
+
+
 class _Scope:
     """The Redis keys of one budget scope (see the module's docstring)."""
 
@@ -272,6 +299,20 @@ class _Scope:
         return [*self.own, record]
 
 
+@dataclass(frozen=True, slots=True)
+class _Settlement:
+    """A settle to send (and to keep while Redis cannot take it, fail-open):
+    ``admitted`` for a call admitted fail-open (sent as plain spend), else the settle of
+    a reservation."""
+
+    admitted: bool
+    reservation_id: str
+    budget: str
+    key: str
+    tokens: int
+    nano_usd: int
+
+
 # Stores whose per-process state a forked child must not inherit.
 _STORES: weakref.WeakSet[RedisBudgetStore] = weakref.WeakSet()
 
@@ -286,13 +327,15 @@ if hasattr(os, "register_at_fork"):
 
 
 def _renew_loop(ref: weakref.ReferenceType[RedisBudgetStore], stop: threading.Event, interval: float) -> None:
-    """The renewal thread: every ``interval``, extend the holds this process has open.
-    It holds the store only weakly, so a store nobody uses any more is collected."""
+    """The renewal thread: every ``interval``, extend the holds this process has open,
+    and retry the settles Redis missed (it may be back while this process is idle). It
+    holds the store only weakly, so a store nobody uses any more is collected."""
     while not stop.wait(interval):
         store = ref()
         if store is None:
             return
         store._renew_open_holds()
+        store._send_unsent_later()
         del store
 
 
@@ -316,14 +359,20 @@ class RedisBudgetStore:
     - ``keep_windows_s``: a windowed budget's keys (``...|2025-06-01``) expire this long
       after the window ends (``None``: never). A :class:`~tokenguard.Budget` only reads
       its current window; the ledger keeps the history.
-    - ``fail_open``: while Redis cannot be reached, ``False`` (the default, "fail
-      closed") raises :class:`~tokenguard.stores.StoreUnavailable` from ``reserve``,
-      ``settle`` and ``release``, so a guarded call is refused before its backend runs.
-      ``True`` lets ``reserve`` admit the call unmetered (a warning is logged once per
-      outage): it is settled as plain spend if Redis is back by then, and otherwise not
-      counted at all. Choose it only where an outage must not stop traffic and a
-      budget may be overrun while it lasts. ``usage`` raises either way: there is no
+    - ``fail_open``: while Redis cannot be reached (or is full, or busy in another
+      client's script), ``False`` (the default, "fail closed") raises
+      :class:`~tokenguard.stores.StoreUnavailable` from ``reserve``, ``settle`` and
+      ``release``, so a guarded call is refused before its backend runs. ``True`` lets
+      ``reserve`` admit the call unmetered (a warning is logged once per outage): it is
+      settled as plain spend if Redis is back by then; a settle that Redis misses is
+      kept in this process (up to 10,000 of them) and sent in the background once
+      Redis answers again, or at :meth:`close`; those of a process that ends before
+      then are not counted. Choose it only where an outage must not stop traffic and
+      a budget may be overrun while it lasts. ``usage`` raises either way: there is no
       number to report.
+
+    Durations are finite and at most a century; :class:`~tokenguard.ConfigError`
+    otherwise.
 
     Needs Redis >= 6.2 (a primary: the scripts write). Redis Cluster is not supported:
     a release finds its scope through a key in another slot.
@@ -343,13 +392,13 @@ class RedisBudgetStore:
         self.prefix = prefix if prefix is not None else parsed.prefix if parsed.prefix is not None else DEFAULT_PREFIX
         self.fail_open = bool(fail_open if fail_open is not None else parsed.fail_open)
         ttl = reservation_ttl_s if reservation_ttl_s is not None else parsed.reservation_ttl_s
-        self.reservation_ttl_s = 60.0 if ttl is None else seconds("reservation_ttl_s", ttl)
+        self.reservation_ttl_s = 60.0 if ttl is None else _at_most_a_century(
+            "reservation_ttl_s", seconds("reservation_ttl_s", ttl))
         if self.reservation_ttl_s < _MIN_TTL_S:  # renewed every third of it, over the network
             raise ConfigError(f"reservation_ttl_s must be at least {_MIN_TTL_S:g} s, got {self.reservation_ttl_s:g}")
-        if settle_grace_s < 0 or (keep_windows_s is not None and keep_windows_s < 0):
-            raise ConfigError("settle_grace_s and keep_windows_s must be >= 0")
-        self.settle_grace_s = float(settle_grace_s)
-        self.keep_windows_s = keep_windows_s
+        self.settle_grace_s = _at_most_a_century("settle_grace_s", limit("settle_grace_s", settle_grace_s))
+        self.keep_windows_s = None if keep_windows_s is None else _at_most_a_century(
+            "keep_windows_s", limit("keep_windows_s", keep_windows_s))
         self.redis = RedisConnection(parsed)
         self._ttl_ms = max(1, round(self.reservation_ttl_s * 1000))
         self._record_ttl_ms = self._ttl_ms + round(self.settle_grace_s * 1000)
@@ -366,14 +415,19 @@ class RedisBudgetStore:
 
     def _forget_process_state(self) -> None:
         """This process's own state: the holds it renews, the calls it admitted while
-        Redis was down, its renewal thread. A forked child starts with none of it (the
-        parent still owns those holds)."""
+        Redis was down and the settles Redis missed, the scopes whose expired holds are
+        to settle, its threads. A forked child starts with none of it (the parent still
+        owns those holds and settles)."""
         self._lock = threading.Lock()
         self._open: dict[str, tuple[str, str]] = {}  # reservation id -> (holds key, record key)
         self._admitted: set[str] = set()  # reservation ids admitted fail-open
+        self._unsent: deque[_Settlement] = deque()  # settles Redis missed (fail-open), oldest first
+        self._overflowed = False  # _unsent was full and a settle was not kept (warned once)
+        self._to_settle: dict[str, str] = {}  # scope base -> budget key: expired holds waiting
         self._outage = False
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._chores: threading.Thread | None = None
 
     # -- keys ------------------------------------------------------------------------
 
@@ -406,11 +460,31 @@ class RedisBudgetStore:
                            doing, error)
 
     def _reachable(self) -> None:
+        """Redis answered: end the outage, and send the settles it missed."""
         if self._outage:
             with self._lock:
                 was, self._outage = self._outage, False
             if was:
                 logger.warning("budget store %s reachable again", self.redis.url.display)
+        self._send_unsent_later()
+
+    def _send_unsent_later(self) -> None:
+        """Have the chores thread send the settles Redis missed, if there are any."""
+        if self._unsent:
+            with self._lock:
+                self._start_chores()
+
+    def _keep_unsent(self, settle: _Settlement) -> None:
+        """Keep a settle Redis missed (fail-open) to send once it answers, up to
+        :data:`_MAX_UNSENT`; past that it is not counted (warned once per backlog)."""
+        with self._lock:
+            if len(self._unsent) < _MAX_UNSENT:
+                self._unsent.append(settle)
+                return
+            first, self._overflowed = not self._overflowed, True
+        if first:
+            logger.warning("budget store %s: %d settles wait for Redis; later ones are not counted",
+                           self.redis.url.display, _MAX_UNSENT)
 
     # -- the BudgetStore protocol --------------------------------------------------------
 
@@ -447,32 +521,41 @@ class RedisBudgetStore:
         self._reachable()
         if reply[0] != "ok":
             return Refusal(str(reply[0]), int(reply[1]), int(reply[2]))
+        settle_expired = bool(int(reply[1]) and self._lookups)
         with self._lock:
             self._open[reservation_id] = (scope.holds, record)
             if self._renewer is None:
                 self._start_renewer()
-        if int(reply[1]):
-            self._settle_expired_holds(scope, key)
+            if settle_expired:  # in the background: a reservation never waits on ledger lookups
+                self._to_settle[scope.base] = key
+                self._start_chores()
         return None
 
     def settle(self, reservation_id: str, budget: str, key: str, tokens: int, nano_usd: int) -> bool:
-        scope, record = self._scope(budget, key), self._record(reservation_id)
         with self._lock:  # forgotten first: a hold whose settle fails is left to expire
             self._open.pop(reservation_id, None)
             admitted = reservation_id in self._admitted
             self._admitted.discard(reservation_id)
+        settle = _Settlement(admitted, reservation_id, budget, key, int(tokens), int(nano_usd))
         try:
-            if admitted:
-                args: list[str | int] = [int(tokens), int(nano_usd), self._expire_at_ms(key), self._record_ttl_ms]
-                done = bool(self.redis.run(self._spend, scope.keys(record), args, "settling"))
-            else:
-                args = [reservation_id, int(tokens), int(nano_usd), scope.base, self._expire_at_ms(key)]
-                done = bool(self.redis.run(self._settle, scope.keys(record), args, "settling"))
+            done = self._send(settle)
         except StoreUnavailable as error:
             self._unavailable(error, "settling")
+            self._keep_unsent(settle)
             return False
         self._reachable()
         return done
+
+    def _send(self, settle: _Settlement) -> bool:
+        """Run ``settle``'s script: plain spend for a call admitted fail-open, else the
+        settle of its hold. Both count once, however often they are sent."""
+        scope, record = self._scope(settle.budget, settle.key), self._record(settle.reservation_id)
+        if settle.admitted:
+            args: list[str | int] = [settle.tokens, settle.nano_usd, self._expire_at_ms(settle.key),
+                                     self._record_ttl_ms, settle.reservation_id, scope.base]
+            return bool(self.redis.run(self._spend, scope.keys(record), args, "settling"))
+        args = [settle.reservation_id, settle.tokens, settle.nano_usd, scope.base, self._expire_at_ms(settle.key)]
+        return bool(self.redis.run(self._settle, scope.keys(record), args, "settling"))
 
     def release(self, reservation_id: str) -> bool:
         record = self._record(reservation_id)
@@ -496,8 +579,14 @@ class RedisBudgetStore:
     def usage(self, budget: str, key: str) -> tuple[int, int, int, int]:
         scope = self._scope(budget, key)
         t, u, rt, ru, waiting = (int(v) for v in self.redis.run(self._usage, scope.own, [], "reading usage"))
-        if waiting and self._settle_expired_holds(scope, key):
-            t, u, rt, ru, _ = (int(v) for v in self.redis.run(self._usage, scope.own, [], "reading usage"))
+        self._reachable()
+        if waiting and self._lookups:
+            try:
+                if self._settle_expired_holds(scope, key):
+                    t, u, rt, ru, _ = (int(v) for v in self.redis.run(self._usage, scope.own, [], "reading usage"))
+            except Exception:  # best effort: the totals read stand, the ids wait
+                logger.warning("could not settle expired budget reservations on %s", self.redis.url.display,
+                               exc_info=True)
         return t, u, rt, ru
 
     # -- dead processes' calls -----------------------------------------------------------
@@ -528,6 +617,64 @@ class RedisBudgetStore:
             counted += int(self.redis.run(self._settle_expired, scope.keys(self._record(reservation_id)), args,
                                           "settling an expired reservation"))
         return counted
+
+    # -- background chores --------------------------------------------------------------
+
+    def _start_chores(self) -> None:
+        """Start the chores thread unless it runs (called with ``_lock`` held): it
+        settles the queued scopes' expired holds, sends the settles Redis missed, and
+        ends when nothing is left (or Redis fails it: the next answer starts it again)."""
+        if self._chores is None:
+            self._chores = threading.Thread(target=self._do_chores, daemon=True,
+                                            name=f"tokenguard-redis-chores-{uuid.uuid4().hex[:6]}")
+            self._chores.start()
+
+    def _do_chores(self) -> None:
+        """The chores thread's work: queued scopes first, then the settles to send; it
+        stops at the first failure of each kind (Redis is likely down) and when done."""
+        settled_ok = sent_ok = True
+        while True:
+            with self._lock:
+                queued = self._to_settle.popitem() if settled_ok and self._to_settle else None
+                if queued is None and not (sent_ok and self._unsent):
+                    self._chores = None
+                    return
+            if queued is not None:
+                base, key = queued
+                settled_ok = self._settle_expired_quietly(_Scope(base), key)
+            else:
+                sent_ok = self._send_unsent()
+
+    def _settle_expired_quietly(self, scope: _Scope, key: str) -> bool:
+        """:meth:`_settle_expired_holds`, logging a failure (the ids wait for the next
+        try) instead of raising; whether it ran."""
+        try:
+            self._settle_expired_holds(scope, key)
+            return True
+        except Exception:  # housekeeping in the background: the next reservation retries
+            logger.warning("could not settle expired budget reservations on %s", self.redis.url.display,
+                           exc_info=True)
+            return False
+
+    def _send_unsent(self) -> bool:
+        """Send the settles Redis missed, oldest first, until none is left (``True``) or
+        Redis cannot take one (kept for the next try; ``False``). One it refuses for
+        another reason (a key of the wrong type) is dropped, with a warning."""
+        while True:
+            with self._lock:
+                if not self._unsent:
+                    self._overflowed = False
+                    return True
+                settle = self._unsent.popleft()
+            try:
+                self._send(settle)
+            except StoreUnavailable:
+                with self._lock:
+                    self._unsent.appendleft(settle)
+                return False
+            except Exception:  # one bad settle must not block the others
+                logger.warning("could not send the settle of budget reservation %s; it is not counted",
+                               settle.reservation_id, exc_info=True)
 
     # -- renewal -----------------------------------------------------------------------
 
@@ -565,12 +712,18 @@ class RedisBudgetStore:
                     self._open.pop(reservation_id, None)
 
     def close(self) -> None:
-        """Stop renewing (this process's open holds then expire after the TTL) and close
-        the connections; a later call opens them again."""
+        """Stop renewing (this process's open holds then expire after the TTL), send the
+        settles Redis missed if it answers now (those it still misses are not counted),
+        and close the connections; a later call opens them again."""
         with self._lock:
             self._stop.set()
             self._stop, self._renewer = threading.Event(), None
             self._open.clear()
+        if self._unsent and not self._send_unsent():
+            with self._lock:
+                lost, self._unsent = len(self._unsent), deque()
+            logger.warning("budget store %s closed with %d settles Redis missed: they are not counted",
+                           self.redis.url.display, lost)
         self.redis.close()
 
     def __repr__(self) -> str:

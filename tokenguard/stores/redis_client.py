@@ -59,7 +59,8 @@ _HEALTH_CHECK_S = 30
 
 class StoreUnavailable(StoreError):
     """A store's server cannot be reached (refused, timed out, dropped, still loading,
-    rejected the credentials) or cannot take writes (a read-only replica). The message
+    rejected the credentials) or cannot take writes (a read-only replica, a server out
+    of memory, one busy running another client's long script). The message
     names the server (never its password); the client's error is chained as the cause.
 
     A budget on Redis raises it by default, so a call is refused rather than run
@@ -71,6 +72,12 @@ class StoreUnavailable(StoreError):
 def is_redis_url(store: object) -> TypeGuard[str]:
     """Whether ``store`` is a string naming a Redis server rather than a file path."""
     return isinstance(store, str) and store.lower().startswith(REDIS_SCHEMES)
+
+
+def _is_busy(error: Exception) -> bool:
+    """Whether ``error`` is Redis's BUSY reply (another client's script or function has
+    run past ``busy-reply-threshold``), which redis-py raises as a plain ResponseError."""
+    return str(error).startswith("BUSY ")
 
 
 def _flag(name: str, value: str) -> bool:
@@ -194,12 +201,17 @@ class RedisConnection:
         exceptions = self._redis.exceptions
         try:
             yield
-        # A replica left behind by a failover (READONLY, MASTERDOWN) cannot take the
-        # writes either: for a budget that is the same as no server at all.
+        # A replica left behind by a failover (READONLY, MASTERDOWN), a full server
+        # (OOM: maxmemory with noeviction) and one busy in another client's long script
+        # (BUSY) cannot take the writes either: for a budget that is the same as no server.
         except (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ReadOnlyError,
                 exceptions.MasterDownError) as error:
             raise StoreUnavailable(f"cannot reach the Redis server at {self.url.display} ({doing}): {error}") from error
+        except exceptions.OutOfMemoryError as error:
+            raise StoreUnavailable(f"the Redis server at {self.url.display} is full ({doing}): {error}") from error
         except exceptions.RedisError as error:
+            if _is_busy(error):
+                raise StoreUnavailable(f"the Redis server at {self.url.display} is busy ({doing}): {error}") from error
             raise StoreError(f"the Redis server at {self.url.display} failed ({doing}): {error}") from error
 
     def run(self, script: Any, keys: Sequence[str], args: Sequence[str | int | float], doing: str) -> Any:

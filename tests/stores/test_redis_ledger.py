@@ -16,6 +16,9 @@ from tokenguard import Budget, Ledger
 from tokenguard.errors import ConfigError
 from tokenguard.stores import RedisLedgerStore
 from tokenguard.stores import redis_ledger as redis_ledger_module
+from tokenguard.stores.base import LEDGER_COLUMNS
+
+_COLUMNS = list(LEDGER_COLUMNS)
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
@@ -100,9 +103,11 @@ def test_a_repeated_append_writes_one_row(redis_url):
     store = RedisLedgerStore(redis_url)
     row = json.dumps({"request_id": "r", "ts": 1.0})
     token = f"{store.prefix}ledger-append:{uuid.uuid4().hex}"
+    keys = [store.stream, token, store._ids, store._dups, store._ids_from]
     for _ in range(2):  # as a retry after a dropped reply would send it again
-        store.redis.run(store._append, [store.stream, token], [row, "", 60_000], "appending a row")
+        store.redis.run(store._append, keys, [row, "", 60_000, "r", 1000], "appending a row")
     assert store.count() == 1
+    assert store.redis.client.scard(store._dups) == 0  # indexed once
 
 
 def test_max_rows_keeps_the_newest(redis_url):
@@ -112,6 +117,49 @@ def test_max_rows_keeps_the_newest(redis_url):
     assert [row["input_tokens"] for row in ledger.records()] == [7, 8, 9, 10, 11]
     with pytest.raises(ConfigError):
         RedisLedgerStore(redis_url, max_rows=0)
+
+
+def _counting_reads(store: RedisLedgerStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The request ids of the rows the store reads from its stream, from now on."""
+    read: list[str] = []
+    rows = store._rows
+
+    def counting(*args: Any) -> Any:
+        for row in rows(*args):
+            read.append(row["request_id"])
+            yield row
+
+    monkeypatch.setattr(store, "_rows", counting)
+    return read
+
+
+def test_a_call_s_row_is_found_without_reading_the_ledger(redis_server, redis_url, monkeypatch):
+    ledger = Ledger(redis_url)
+    store = ledger.store
+    assert isinstance(store, RedisLedgerStore)
+    legacy = {"request_id": "legacy", "ts": 1.0, "input_tokens": 7}  # written before the index existed
+    redis_server.client().xadd(store.stream, {"row": json.dumps({name: legacy.get(name) for name in _COLUMNS})})
+    ids = [ledger.write({"input_tokens": i}) for i in range(50)]
+    read = _counting_reads(store, monkeypatch)
+    assert ledger.find(ids[30])["input_tokens"] == 30
+    assert read == []  # from the index: no row read but its own
+    assert ledger.find("nope") is None
+    assert ledger.find("legacy")["input_tokens"] == 7
+    assert read == ["legacy", "legacy"]  # only the rows older than the index are read
+    assert [row["request_id"] for row in ledger.records(request_id=ids[3])] == [ids[3]]
+
+
+def test_the_index_keeps_what_the_ledger_keeps(redis_url):
+    ledger = Ledger(redis_url, max_rows=5)
+    store = ledger.store
+    assert isinstance(store, RedisLedgerStore)
+    ids = [ledger.write({"input_tokens": i}) for i in range(12)]
+    assert store.redis.client.hlen(store._ids) == 5
+    assert ledger.find(ids[6]) is None and ledger.find(ids[7])["input_tokens"] == 7
+    twice = ledger.write({"request_id": "twice", "input_tokens": 1})  # a request_id written again
+    ledger.write({"request_id": twice, "input_tokens": 2})
+    assert ledger.find(twice)["input_tokens"] == 1  # the first, as from SQLite
+    assert [row["input_tokens"] for row in ledger.records(request_id=twice)] == [1, 2]
 
 
 def test_a_guard_meters_into_a_redis_ledger_and_budget(redis_url):

@@ -309,3 +309,10 @@ def test_the_longest_token_bounds_count_until() -> None:
         tokenizer = tg.get_tokenizer(name)
         assert tokenizer._max_token_chars == 128
         assert tokenizer.count(" " * 128) == 1
+
+
+@pytest.mark.parametrize(("encoding", "gap"), [("o200k_base", 199998), ("cl100k_base", 100256)])
+def test_an_id_below_the_vocabulary_size_that_is_no_token_is_refused(encoding: str, gap: int) -> None:
+    tokenizer = tg.get_tokenizer(encoding)
+    with pytest.raises(tg.InvalidRequest, match=f"token id {gap} is no token of {encoding}"):
+        tokenizer.decode([tokenizer.encode("hi")[0], gap])  # was tiktoken's bare KeyError

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenguard.errors import InvalidRequest, TokenGuardError
@@ -31,15 +32,34 @@ class ChatTemplateError(TokenGuardError):
     """The chat template failed to render, or the tokenizer has none."""
 
 
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}``, which transformers' templates use to
+    mark the assistant's text (for training masks): here it renders what it holds."""
+
+    tags = {"generation"}  # noqa: RUF012 - jinja2 declares it so
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str) -> Any:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # The environment transformers renders chat templates in: loop controls, the
+    # generation tag, tojson with json.dumps' keywords.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, "jinja2.ext.loopcontrols"])
 
     def raise_exception(message: str) -> None:
         raise ChatTemplateError(f"the chat template refused the messages: {message}")
 
-    def tojson(value: Any, indent: int | None = None) -> str:
-        return json.dumps(value, ensure_ascii=False, indent=indent)
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -95,8 +115,8 @@ def render_chat(
     def escape(value: Any) -> Any:
         if isinstance(value, str):
             return needle_pattern.sub(hide, value)
-        if isinstance(value, Mapping):
-            return {k: escape(v) for k, v in value.items()}
+        if isinstance(value, Mapping):  # keys too: tojson writes them (a tool's parameter names)
+            return {escape(k) if isinstance(k, str) else k: escape(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [escape(v) for v in value]
         if value is None or isinstance(value, (bool, int, float)):

@@ -192,7 +192,15 @@ class TiktokenTokenizer(Tokenizer):
         return max(map(len, self.encoding._mergeable_ranks))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode(check_ids(ids, self.vocab_size))
+        try:
+            return self.encoding.decode(check_ids(ids, self.vocab_size))
+        except KeyError:  # below the vocabulary's size, but no token's: the encodings have such gaps
+            unused = next(i for i in ids if i not in self._used_ids)
+            raise InvalidRequest(f"token id {unused} is no token of {self.name}") from None
+
+    @cached_property
+    def _used_ids(self) -> frozenset[int]:
+        return frozenset(self.encoding._mergeable_ranks.values()) | frozenset(self.encoding._special_tokens.values())
 
     @property
     def special_tokens(self) -> Mapping[str, int]:

@@ -529,3 +529,14 @@ def test_openai_sdk_messages_are_taken_as_their_dicts():
     fn = Calls("ok")
     reply = Guard(fn, model="gpt-4o").complete(messages)
     assert fn.calls[-1][0] == as_dicts and reply.usage.input_tokens == TOK.count_messages(as_dicts)
+
+
+def test_an_input_at_its_cap_is_admitted_however_its_texts_count_alone():
+    # The texts' own count is no lower bound of the prompt's: text parts count apart
+    # (joined, "'r" and "rb" take 3 tokens, apart 2), and a template may leave a field out.
+    parts = [{"type": "text", "text": p} for p in ["'r", "rb"] * 40]
+    exact = TOK.count_messages([{"role": "user", "content": parts}])
+    guard = Guard(Calls(), model="gpt-4o", max_input_tokens=exact)
+    assert guard.complete([{"role": "user", "content": parts}]).usage.input_tokens == exact
+    smol = Guard(Calls(), model="SmolLM2-135M-Instruct", max_input_tokens=200)  # its template shows no name
+    assert smol.complete([{"role": "user", "content": "hi", "name": "agent_" + "x" * 900}]).stop_reason == "stop"

@@ -47,16 +47,25 @@ class Admit:
             )
 
 
+# Texts up to this many characters a token of the limit are left to the exact count
+# (work bounded by the limit still): the pre-count is no exact lower bound of it.
+_EXACT_CHARS_PER_TOKEN = 8
+
+
 def over_limit(tokenizer: Tokenizer, messages: Iterable[Mapping[str, Any]], limit: int) -> bool:
-    """Whether the texts of ``messages`` alone take more than ``limit`` tokens (their
-    exact count, framing included, can only be more), found with work bounded by the
-    limit whatever their size."""
+    """Whether ``messages`` are too long for ``limit`` tokens by a count of their texts
+    alone, with work bounded by the limit whatever their size; ``False`` for texts short
+    enough to count exactly at that cost, which the caller's exact count then decides:
+    the texts' sum is no strict lower bound of it (a template may leave a field out, and
+    text parts count apart, where joined text can take more tokens)."""
+    texts = [text for message in messages for text in _texts(message)]
+    if sum(map(len, texts)) <= _EXACT_CHARS_PER_TOKEN * max(limit, 1):
+        return False
     seen = 0
-    for message in messages:
-        for text in _texts(message):
-            seen += tokenizer.count_until(text, limit - seen)
-            if seen > limit:
-                return True
+    for text in texts:
+        seen += tokenizer.count_until(text, limit - seen)
+        if seen > limit:
+            return True
     return False
 
 
@@ -65,7 +74,9 @@ def _texts(message: Mapping[str, Any]) -> Iterator[str]:
     text parts, each tool call's function name and arguments, and every string of any
     other field (a name, a provider's extra field), at any depth."""
     for key, value in message.items():
-        if key == "content":
+        if key == "content" and isinstance(value, list):  # parts count apart (they may join into more)
+            yield from (content_text([part]) for part in value)
+        elif key == "content":
             yield content_text(value)
         elif key == "tool_calls" and isinstance(value, list):
             for call in value:

@@ -137,6 +137,17 @@ def test_count_until_rejects_a_huge_input_without_reading_it(tokenizer: tg.Token
     assert 0 < huge.furthest <= 16 * 4001  # a head of the text, bounded by the limit
 
 
+def test_truncating_a_long_run_encodes_no_window_of_it(tokenizer: tg.Tokenizer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counting compresses runs; encoding does not: the cut's refinement encoded the whole
+    # window of a 20 MB run of spaces (20 s), where its count takes milliseconds.
+    encoded: list[int] = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text: encoded.append(len(text)) or encode(text))
+    cut = tokenizer.truncate(" " * 2_000_000 + "end", 1000)
+    assert tokenizer.count(cut) <= 1000 and max(encoded, default=0) <= 32 * 1001
+
+
 def test_truncate_never_splits_a_character(tokenizer: tg.Tokenizer) -> None:
     text = "🤖人工智能🎉" * 20
     for n in range(0, 12):

@@ -31,6 +31,9 @@ Message = Mapping[str, Any]
 _CHARS_PER_TOKEN_WINDOW = 8
 # Characters past a cut that truncate checks for a word whose end fits again.
 _WORD_SCAN = 24
+# truncate refines its cut by encoding the search's window only while the window holds
+# at most this many characters a token (prose holds 4 to 6; a run of spaces hundreds).
+_REFINED_CHARS_PER_TOKEN = 32
 _MIN_WINDOW = 64
 # How far back from a window's end the text beyond it may still change tokenization.
 # Merges in every family we ship stop at pre-token boundaries (whitespace, punctuation,
@@ -204,14 +207,17 @@ class Tokenizer(ABC):
         # A prefix's count does not grow with its length everywhere ("Hello, Worl" is 4
         # tokens, "Hello, World" 3), so the search may stop short inside a word: the text
         # of the window's first (or last) max_tokens tokens may reach further, and so may
-        # the rest of the word the cut is in.
-        ids = self.encode(window)
-        kept_ids = ids[:max_tokens] if side == "right" else ids[len(ids) - max_tokens :]
-        whole_tokens = self.decode(kept_ids).strip("\ufffd")
-        if len(whole_tokens) > fits and self.count(whole_tokens) <= max_tokens and (
-            text.startswith(whole_tokens) if side == "right" else text.endswith(whole_tokens)
-        ):
-            fits = len(whole_tokens)
+        # the rest of the word the cut is in. Only for a window of text that packs few
+        # characters into each token: one of runs (megabytes of spaces) would be encoded
+        # in full, where counting it compressed its runs.
+        if too_long <= _REFINED_CHARS_PER_TOKEN * (max_tokens + 1):
+            ids = self.encode(window)
+            kept_ids = ids[:max_tokens] if side == "right" else ids[len(ids) - max_tokens :]
+            whole_tokens = self.decode(kept_ids).strip("\ufffd")
+            if len(whole_tokens) > fits and self.count(whole_tokens) <= max_tokens and (
+                text.startswith(whole_tokens) if side == "right" else text.endswith(whole_tokens)
+            ):
+                fits = len(whole_tokens)
         word_end = fits  # the rest of a word of ASCII letters and digits, and the blank after it
         while word_end < min(len(text), fits + _WORD_SCAN):
             char = text[word_end] if side == "right" else text[len(text) - word_end - 1]

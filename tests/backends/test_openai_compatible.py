@@ -159,13 +159,13 @@ CAUSES = {
 }
 
 
-def _drain(backend, asynchronous):
+def _drain(backend, asynchronous, messages=HI):
     """Read one whole stream from ``backend``, sync or async; the chunks."""
     if not asynchronous:
-        return list(backend.stream(HI, {}))
+        return list(backend.stream(messages, {}))
 
     async def read():
-        return [chunk async for chunk in backend.astream(HI, {})]
+        return [chunk async for chunk in backend.astream(messages, {})]
 
     return asyncio.run(read())
 
@@ -469,8 +469,22 @@ def test_a_call_prepared_by_hand_may_still_name_its_turn_as_one_message():
     assert guard.history.get("s") == [turn, {"role": "assistant", "content": "Hello."}]
 
 
-def test_an_async_call_ends_at_done_though_the_server_holds_the_body_open(openai_server):
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_call_ends_at_done_though_the_server_holds_the_body_open(openai_server, asynchronous):
+    # A sync call read on to the body's end: a guard's timeout turned a whole answer into an error.
     backend = OpenAICompatible(openai_server.base_url, "linger", tokenizer="gpt-4o")
-    chunks = _drain(backend, asynchronous=True)
+    chunks = _drain(backend, asynchronous)
     assert "".join(c.text for c in chunks) == "".join(REPLY_WORDS)
     assert not openai_server.lingered.is_set()  # it returned while the server still held the body
+    guard = Guard(backend, timeout=1.0, prices={"linger": (0.0, 0.0)})
+    if not asynchronous:  # the next call, with a guard's timeout shorter than the server's hold
+        assert guard.complete("hi").stop_reason == "stop"
+    assert openai_server.lingered.wait(10)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_half_a_utf16_pair_in_a_prompt_is_sent_as_its_escape(openai_server, asynchronous):
+    # The sync transport raised UnicodeEncodeError (no TokenGuardError); async sent it escaped.
+    backend = OpenAICompatible(openai_server.base_url, "gpt-4o")
+    _drain(backend, asynchronous, messages=[{"role": "user", "content": "caf\ud800e"}])
+    assert openai_server.requests[-1]["body"]["messages"][0]["content"] == "caf\ud800e"

@@ -134,6 +134,30 @@ async def _aevents(parts: AsyncIterator[bytes], url: str) -> AsyncIterator[str]:
         yield data
 
 
+def _json_body(body: Mapping[str, Any]) -> bytes:
+    """The request's JSON, ASCII-escaped (half of a UTF-16 pair, which UTF-8 cannot hold,
+    goes as its escape, as on both transports alike); NaN is refused, being no JSON."""
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _end_body_apart(response: httpx.Response, parts: Iterator[bytes]) -> None:
+    """Read the rest of a finished answer's body (its end, which lets the connection be
+    reused) and close it, in a thread of its own: a server that holds the body open after
+    ``[DONE]`` holds up that thread, not the caller (httpx reads without a time bound
+    but the read timeout). A daemon thread: the interpreter does not wait for it at exit."""
+
+    def end() -> None:
+        try:
+            for _ in itertools.islice(parts, _AFTER_DONE):
+                pass
+        except (httpx.HTTPError, OSError):
+            pass  # the answer was whole: a broken end takes nothing from it
+        finally:
+            response.close()
+
+    threading.Thread(target=end, name="tokenguard-body-end", daemon=True).start()
+
+
 async def _body_end(parts: AsyncIterator[bytes]) -> None:
     for _ in range(_AFTER_DONE):
         if await anext(parts, None) is None:
@@ -282,7 +306,7 @@ class OpenAICompatible(Backend):
         self.tokenizer_name = tokenizer
         self.max_tokens_param = max_tokens_param
         self.include_usage = include_usage
-        self.headers = {"Accept": "text/event-stream", **(headers or {})}
+        self.headers = {"Accept": "text/event-stream", "Content-Type": "application/json", **(headers or {})}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
@@ -343,24 +367,31 @@ class OpenAICompatible(Backend):
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
         read = _Read(self.shown_url)
-        body = self._body(messages, params)
-        with read.transport_errors(), self.client.stream("POST", self.url, json=body, headers=self.headers,
-                                                                   params=self.query) as r:
-            if r.status_code >= 300:
-                raise _error(r.status_code, r.headers, _head(r.iter_bytes()), self.shown_url)
-            read.answered = True
-            if not _is_stream(r.headers):
-                yield read.whole(r.status_code, r.headers, _head(r.iter_bytes()))
-                return
-            parts = r.iter_bytes()
-            for data in _events(parts, self.shown_url):
-                chunk = read.chunk(data)
-                if chunk is None:
-                    for _ in itertools.islice(parts, _AFTER_DONE):  # the body's end: the connection is reused
-                        pass
+        body = _json_body(self._body(messages, params))
+        client = self.client
+        with read.transport_errors():
+            request = client.build_request("POST", self.url, content=body, params=self.query, headers=self.headers)
+            r = client.send(request, stream=True)
+            ended = False  # at [DONE], the body's end is left to a thread of its own
+            try:
+                if r.status_code >= 300:
+                    raise _error(r.status_code, r.headers, _head(r.iter_bytes()), self.shown_url)
+                read.answered = True
+                if not _is_stream(r.headers):
+                    yield read.whole(r.status_code, r.headers, _head(r.iter_bytes()))
                     return
-                yield chunk
-            read.end("closed the stream")
+                parts = r.iter_bytes()
+                for data in _events(parts, self.shown_url):
+                    chunk = read.chunk(data)
+                    if chunk is None:
+                        ended = True
+                        _end_body_apart(r, parts)
+                        return
+                    yield chunk
+                read.end("closed the stream")
+            finally:
+                if not ended:
+                    r.close()
 
     async def _session(self) -> aiohttp.ClientSession:
         """This event loop's session (an aiohttp session must not cross loops). It is
@@ -380,8 +411,8 @@ class OpenAICompatible(Backend):
         body = self._body(messages, params)
         with read.transport_errors():
             session, target = await self._session(), self._target
-            async with session.post(target.url, json=body, headers=target.headers(self.headers), params=self.query,
-                                    allow_redirects=False) as r:
+            async with session.post(target.url, data=_json_body(body), headers=target.headers(self.headers),
+                                    params=self.query, allow_redirects=False) as r:
                 if r.status >= 300:
                     raise _error(r.status, r.headers, await _ahead(r.content.iter_any()), self.shown_url)
                 read.answered = True

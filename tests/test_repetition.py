@@ -104,6 +104,18 @@ def test_it_is_on_by_default_and_stop_none_turns_it_off():
     assert reply.stop_reason == "length" and reply.usage.output_tokens == 200 and reply.usage.saved_tokens == 0
 
 
+def test_lines_that_close_one_level_after_another_are_no_loop():
+    # "</div>" or "}" at each depth of nesting: the same text, at another indentation.
+    depth = 8
+    html = "".join(f"{'    ' * i}<div class=\"level-{i}\">\n" for i in range(depth)) + "    " * depth + "<p>Hi</p>\n"
+    html += "".join(f"{'    ' * i}</div>\n" for i in reversed(range(depth)))
+    reply = Guard(lambda messages, max_tokens: iter(html.splitlines(keepends=True)), model="gpt-4o").complete("page")
+    assert reply.stop_reason == "stop" and reply.text == html
+    same_depth = "    </div>\n" * 20  # at one indentation, it is a loop
+    looping = Guard(lambda messages, max_tokens: iter([same_depth]), model="gpt-4o").complete("page")
+    assert looping.stop_reason == "repetition"
+
+
 def test_a_run_of_one_character_is_judged_as_one_however_it_is_read():
     # "=" is periodic every 1, 2, 3, ... bytes; only the one-byte pattern's need counts.
     def stop_at(text: str) -> int | None:

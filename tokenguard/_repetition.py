@@ -7,8 +7,8 @@ doubt, in two views of the same stream:
 
 - **bytes**: the UTF-8 bytes repeat with a period of 1 to ``max_period`` bytes (a
   phrase, a line, a run of ``!!!!`` or blank lines, a Chinese sentence);
-- **units**: the lines and sentences, each taken whole (with a leading list marker
-  such as ``3.`` or ``-`` set aside), repeat with a period of 1 to ``max_units`` units
+- **units**: the lines and sentences, each taken whole with its indentation (a leading
+  list marker such as ``3.`` or ``-`` set aside), repeat with a period of 1 to ``max_units`` units
   (a numbered list whose items are all the same, a loop longer than ``max_period``).
 
 "Beyond doubt" is one rule for both: the repeated stretch holds at least
@@ -262,7 +262,11 @@ class RepetitionWatch:
         return None
 
     def _close_unit(self, end: int) -> tuple[int, int, int] | None:
-        text = _LIST_MARKER.sub("", "".join(self._unit)).strip()
+        # A unit is its indentation and its text, a list marker set aside: "}" or
+        # "</div>" closing one level after another are different lines, not one repeated.
+        raw = "".join(self._unit)
+        body = raw.lstrip()
+        text = body and raw[: len(raw) - len(body)] + _LIST_MARKER.sub("", body).rstrip()
         start, self._unit, self._unit_bytes, self._unit_start = self._unit_start, [], 0, end
         if not text:
             return None  # blank lines neither make nor break a repetition

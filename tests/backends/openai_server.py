@@ -11,8 +11,9 @@ then nothing for ``STALL_S`` seconds. ``"nodone"`` finishes properly but closes 
 ``[DONE]``. ``"linger"`` answers in full, then holds the body open ``STALL_S`` before it ends it
 (``lingered`` is set then). ``"tools"`` calls get_weather for Paris and Rome (two calls, their
 arguments streamed in pieces and interleaved, as OpenAI streams parallel calls) unless
-the last message is a tool's result, which it answers. Every request body is kept in
-``requests``.
+the last message is a tool's result, which it answers. ``"unauthorized"`` answers 401
+quoting the request's Authorization header, as some servers do. Every request body is
+kept in ``requests``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
         model = body.get("model")
         if model == "fail":
             return self._json(500, {"error": {"message": "model exploded"}})
+        if model == "unauthorized":
+            return self._json(401, {"error": {"message": f"Invalid credentials: {self.headers.get('Authorization')}"}})
         max_tokens = body.get("max_tokens") or 10_000
         words = REPLY_WORDS[:max_tokens]
         finish = "length" if len(words) < len(REPLY_WORDS) else "stop"

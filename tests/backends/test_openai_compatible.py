@@ -483,6 +483,27 @@ def test_a_call_ends_at_done_though_the_server_holds_the_body_open(openai_server
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_credentials_a_server_echoes_are_hidden_in_errors(openai_server, asynchronous):
+    # The error's text goes to the exception, the ledger row and the gateway's client.
+    keyed = OpenAICompatible(openai_server.base_url, "unauthorized", api_key="sk-live-SECRET123")
+    with pytest.raises(BackendError, match="answered 401") as failed:
+        _drain(keyed, asynchronous)
+    assert "SECRET" not in str(failed.value) and "SECRET" not in failed.value.detail
+    basic = base64.b64encode(b"svc:pw-SECRET").decode()
+    in_url = OpenAICompatible(openai_server.base_url.replace("http://", "http://svc:pw-SECRET@"), "unauthorized")
+    with pytest.raises(BackendError, match="answered 401") as failed:
+        _drain(in_url, asynchronous)
+    assert "SECRET" not in str(failed.value) and basic not in str(failed.value)
+
+
+def test_a_proxy_s_credentials_are_hidden_in_errors():
+    from tokenguard.backends.openai_compatible import _describe
+
+    error = RuntimeError("407, message='Proxy Authentication Required', url='http://user:S3CRET@127.0.0.1:3128'")
+    assert "S3CRET" not in _describe(error) and "http://***@127.0.0.1:3128" in _describe(error)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_half_a_utf16_pair_in_a_prompt_is_sent_as_its_escape(openai_server, asynchronous):
     # The sync transport raised UnicodeEncodeError (no TokenGuardError); async sent it escaped.
     backend = OpenAICompatible(openai_server.base_url, "gpt-4o")

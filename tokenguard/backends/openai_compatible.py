@@ -5,9 +5,11 @@ sync calls and aiohttp for async ones (see :mod:`~tokenguard.backends.async_http
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
+import re
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -56,15 +58,39 @@ def _check_url(url: str) -> None:
         raise ConfigError(f"base_url must be an http:// or https:// URL with a host, got {_redacted(url)!r}")
 
 
+# A URL's credentials (userinfo) in a message: aiohttp names a proxy by its whole URL.
+_USERINFO = re.compile(r"(?<=://)[^/@\s'\"]+@")
+# Request headers whose values are credentials.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
+
+
 def _describe(error: BaseException) -> str:
-    """An exception as ``"Kind: message"`` (some httpx errors have no message)."""
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    """An exception as ``"Kind: message"`` (some httpx errors have no message), with any
+    URL's credentials hidden."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return _USERINFO.sub("***@", text)
 
 
-def _error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> BackendError:
+def _secrets(url: str, headers: Mapping[str, str]) -> tuple[str, ...]:
+    """What a server must not see echoed into errors and ledger rows: the credentials in
+    ``url`` (and their Basic encoding) and the credential headers' values and tokens."""
+    parsed = httpx.URL(url)
+    found = [secret for secret in (parsed.password, parsed.username if not parsed.password else None) if secret]
+    if parsed.username or parsed.password:
+        found.append(base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode("ascii"))
+    for name, value in headers.items():
+        if name.lower() in _CREDENTIAL_HEADERS:
+            found += [value, value.partition(" ")[2]]
+    return tuple(sorted({secret for secret in found if len(secret) >= 4}, key=len, reverse=True))
+
+
+def _error(status: int, headers: Mapping[str, str], body: bytes, url: str, secrets: Sequence[str] = ()) -> BackendError:
     """An answer of ``status`` 300 or more, as the error that names it (and where a
-    redirect pointed: the guard follows none, since a POST must not be resent)."""
+    redirect pointed: the guard follows none, since a POST must not be resent), with
+    ``secrets`` the server echoed hidden."""
     text = body[:500].decode("utf-8", "replace")
+    for secret in secrets:
+        text = text.replace(secret, "***")
     where = f" (to {headers['location']})" if headers.get("location") else ""
     return BackendError(f"POST {url} answered {status}{where}: {text}", status, text)
 
@@ -312,6 +338,7 @@ class OpenAICompatible(Backend):
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
         self._client: httpx.Client | None = None
         self._target = Target(self.url)
+        self._secrets = _secrets(self.url, self.headers)
         # One aiohttp session per event loop (a session must not cross loops), with the
         # suspended generator that closes it as the loop shuts down.
         self._sessions: weakref.WeakKeyDictionary[
@@ -375,7 +402,7 @@ class OpenAICompatible(Backend):
             ended = False  # at [DONE], the body's end is left to a thread of its own
             try:
                 if r.status_code >= 300:
-                    raise _error(r.status_code, r.headers, _head(r.iter_bytes()), self.shown_url)
+                    raise _error(r.status_code, r.headers, _head(r.iter_bytes()), self.shown_url, self._secrets)
                 read.answered = True
                 if not _is_stream(r.headers):
                     yield read.whole(r.status_code, r.headers, _head(r.iter_bytes()))
@@ -414,7 +441,8 @@ class OpenAICompatible(Backend):
             async with session.post(target.url, data=_json_body(body), headers=target.headers(self.headers),
                                     params=self.query, allow_redirects=False) as r:
                 if r.status >= 300:
-                    raise _error(r.status, r.headers, await _ahead(r.content.iter_any()), self.shown_url)
+                    raise _error(r.status, r.headers, await _ahead(r.content.iter_any()), self.shown_url,
+                                 self._secrets)
                 read.answered = True
                 if not _is_stream(r.headers):
                     yield read.whole(r.status, r.headers, await _ahead(r.content.iter_any()))

@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "accounting": {"stores", "tokens", "_settings", "errors"},
     "context": {"stores", "tokens", "_settings", "errors"},
     "pipeline": {"accounting", "backends", "context", "stores", "tokens", "_settings", "errors"},
-    "cache": {"accounting", "context", "pipeline", "stores", "errors"},
+    "cache": {"accounting", "context", "pipeline", "stores", "_settings", "errors"},
     "_repetition": {"pipeline", "errors"},
     "telemetry": {"accounting", "pipeline", "errors"},
     "_guard": {"accounting", "backends", "context", "pipeline", "_repetition", "stores", "telemetry", "tokens",

@@ -552,6 +552,9 @@ class Guard:
         call of its own in the ledger, tagged ``tag``, for the same user and session and
         against the same budgets; ``backend=None`` asks the guard's own backend."""
         backend = self.backend if backend is None else _as_backend(backend, None)
+        window = self.fit.window if isinstance(self.fit, Fit) and backend is self.backend else None
+        if window is not None:  # the summary it asks for must fit the window beside its prompt
+            max_tokens = max(1, min(max_tokens, window - parent.tokenizer.count_messages(messages)))
         call = self.prepare(
             messages,
             user=parent.user,

@@ -115,10 +115,9 @@ class Summary:
         tail = self._tail.select(messages, max(room, need), tokenizer)
         fold = self._older(messages, tail)
         # Each summary request must fit the same budget: the instruction, the summary so
-        # far at its largest, a chunk of new lines (a few tokens spare for joins), and
-        # the new summary it asks for.
+        # far at its largest, and a chunk of new lines (a few tokens spare for joins).
         framing = tokenizer.count_messages(self._prompt("", "")) + size + 8
-        chunk = min(self.chunk_tokens, max_tokens - framing - size)
+        chunk = min(self.chunk_tokens, max_tokens - framing)
         if chunk < 16:
             return chosen(everything)  # no room to summarise in: the newest turns alone
         running = self._states.get(conversation_key(messages, session), _Running)

@@ -106,17 +106,34 @@ def _is_openai_client(obj: object) -> bool:
 
 def _from_openai_client(client: Any, model: str) -> OpenAICompatible:
     """The backend that sends what the official client would: its base URL, its auth
-    headers, organization, project and custom headers, its default query (an
-    ``api-version``) and its timeout."""
+    headers (or its key or Azure AD token provider, asked for each request),
+    organization, project and custom headers, its default query (an ``api-version``)
+    and its timeout; to OpenAI's own API, the output cap as ``max_completion_tokens``
+    (its reasoning models refuse ``max_tokens``)."""
     own = {name: value for name, value in {**client.default_headers, **client.auth_headers}.items()
            if isinstance(value, str)  # the client marks headers it leaves out with an Omit
            and name.lower() not in _CLIENT_MADE_HEADERS and not name.lower().startswith("x-stainless")}
-    timeout = client.timeout if isinstance(client.timeout, (int, float, httpx.Timeout)) else None
+    provider = getattr(client, "_azure_ad_token_provider", None) or getattr(client, "_api_key_provider", None)
     base_url = str(client.base_url).rstrip("/")
     if _is_azure_client(client) and "/deployments" not in str(client.base_url.path):
         # As the Azure client routes a chat call: to the deployment its model names.
         base_url += f"/deployments/{urllib.parse.quote(model, safe='')}"
-    return OpenAICompatible(base_url, model, headers=own, query=dict(client.default_query or {}), timeout=timeout)
+    cap = "max_completion_tokens" if httpx.URL(base_url).host == "api.openai.com" else "max_tokens"
+    return OpenAICompatible(base_url, model, api_key=provider if callable(provider) else None, headers=own,
+                            query=dict(client.default_query or {}), timeout=_client_timeout(client.timeout),
+                            max_tokens_param=cap)
+
+
+def _client_timeout(timeout: object) -> float | httpx.Timeout | None:
+    """The official client's timeout as httpx takes it: a number, or its four limits
+    (newer clients have a Timeout class of their own); ``None`` for anything else."""
+    if isinstance(timeout, (int, float, httpx.Timeout)) and not isinstance(timeout, bool):
+        return timeout
+    limits = {name: getattr(timeout, name, None) for name in ("connect", "read", "write", "pool")}
+    if all(value is None or isinstance(value, (int, float)) for value in limits.values()) and any(
+            value is not None for value in limits.values()):
+        return httpx.Timeout(None, **limits)
+    return None
 
 
 def _is_azure_client(client: object) -> bool:

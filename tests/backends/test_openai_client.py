@@ -87,3 +87,27 @@ def test_an_openai_client_is_a_backend_given_its_model(openai_server):
                         ("Authorization", "Bearer sk-test")):
         assert request["headers"][name] == value
     assert guard.backend.timeout == 3
+
+
+def test_a_client_s_key_or_token_provider_is_asked_for_each_request(openai_server):
+    # Nothing was sent (the client's auth headers are empty with a provider): a 401.
+    keys = iter(f"sk-rotated-{i}" for i in range(1, 10))
+    client = openai.OpenAI(base_url=openai_server.base_url, api_key=lambda: next(keys))
+    with tg.Guard(client, model=MODEL) as guard:
+        guard.complete("hi")
+        guard.complete("hi again")
+    assert [r["headers"]["Authorization"] for r in openai_server.requests[-2:]] == [
+        "Bearer sk-rotated-1", "Bearer sk-rotated-2"]
+    tokens = iter(f"aad-{i}" for i in range(1, 10))
+    azure = openai.AzureOpenAI(azure_endpoint=openai_server.base_url.removesuffix("/v1"), api_version="2024-06-01",
+                               azure_ad_token_provider=lambda: next(tokens))
+    with tg.Guard(azure, model=MODEL) as guard:
+        asyncio.run(guard.acomplete("hi"))
+    assert openai_server.requests[-1]["headers"]["Authorization"] == "Bearer aad-1"
+
+
+def test_a_client_s_own_timeout_class_and_openai_s_output_cap_name_are_kept():
+    client = openai.OpenAI(api_key="sk-test", timeout=openai.Timeout(300, connect=2))
+    backend = tg.Guard(client, model="o3-mini").backend
+    assert (backend.timeout.connect, backend.timeout.read) == (2, 300)  # was the default 10 s / 60 s
+    assert backend.max_tokens_param == "max_completion_tokens"  # OpenAI's reasoning models refuse max_tokens

@@ -509,3 +509,19 @@ def test_half_a_utf16_pair_in_a_prompt_is_sent_as_its_escape(openai_server, asyn
     backend = OpenAICompatible(openai_server.base_url, "gpt-4o")
     _drain(backend, asynchronous, messages=[{"role": "user", "content": "caf\ud800e"}])
     assert openai_server.requests[-1]["body"]["messages"][0]["content"] == "caf\ud800e"
+
+
+def test_close_closes_the_async_sessions_of_running_loops(openai_server):
+    # A server that builds and closes guards on one long-lived loop kept every session.
+    async def main():
+        backend = OpenAICompatible(openai_server.base_url, "gpt-4o")
+        [chunk async for chunk in backend.astream(HI, {})]
+        [(session, _)] = backend._sessions.values()
+        backend.close()
+        for _ in range(100):
+            if session.closed:
+                break
+            await asyncio.sleep(0.01)
+        return session.closed, len(backend._sessions)
+
+    assert asyncio.run(main()) == (True, 0)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import itertools
 import json
 import re
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -112,12 +113,24 @@ def _not_a_stream(status: int, headers: Mapping[str, str], body: bytes, url: str
                         f"not an event stream: {text}", status)
 
 
-async def _closed_with_the_loop(session: aiohttp.ClientSession, forget: Callable[[], object]) -> AsyncIterator[None]:
+async def _closed_with_the_loop(
+    session: aiohttp.ClientSession, forget: Callable[[], object]
+) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
         forget()  # the session holds its loop: kept, neither would ever be collected
         await session.close()
+
+
+_CLOSING: set[asyncio.Task[None]] = set()  # sessions being closed: a task nobody holds may be collected
+
+
+def _close_on_its_loop(closer: AsyncGenerator[None, None]) -> None:
+    """Close a session (its closer generator) on the running loop, in a task."""
+    task = asyncio.ensure_future(closer.aclose())
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
 
 
 # Of an answer that is not a stream, the most bytes read (an error page can be endless).
@@ -295,7 +308,9 @@ class OpenAICompatible(Backend):
     end of the stream; a stream the guard cuts short is metered by the guard's own count.
     ``tokenizer`` names what the guard meters with (default: ``model``'s tokenizer, when
     tokenguard knows it). ``max_tokens_param`` is ``"max_tokens"`` or, for OpenAI's
-    reasoning models, ``"max_completion_tokens"``.
+    reasoning models, ``"max_completion_tokens"``. ``api_key`` may be a function that
+    returns the key (a token that expires: Azure AD's), asked for each request; an async
+    one serves async calls only.
 
     Every failure raises :class:`~tokenguard.errors.BackendError` naming the URL: an
     error answer (with its ``status``), a refused connection, a timeout, a stream that
@@ -310,7 +325,7 @@ class OpenAICompatible(Backend):
         self,
         base_url: str,
         model: str,
-        api_key: str | None = None,
+        api_key: str | Callable[[], Any] | None = None,
         *,
         tokenizer: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -333,7 +348,9 @@ class OpenAICompatible(Backend):
         self.max_tokens_param = max_tokens_param
         self.include_usage = include_usage
         self.headers = {"Accept": "text/event-stream", "Content-Type": "application/json", **(headers or {})}
-        if api_key:
+        #: Where a key that changes comes from (a token provider), asked for each request.
+        self._key_provider = api_key if callable(api_key) else None
+        if api_key and not callable(api_key):
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
         self._client: httpx.Client | None = None
@@ -342,7 +359,7 @@ class OpenAICompatible(Backend):
         # One aiohttp session per event loop (a session must not cross loops), with the
         # suspended generator that closes it as the loop shuts down.
         self._sessions: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncIterator[None]]
+            asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncGenerator[None, None]]
         ] = weakref.WeakKeyDictionary()
 
     def cache_identity(self) -> object:
@@ -397,12 +414,13 @@ class OpenAICompatible(Backend):
         body = _json_body(self._body(messages, params))
         client = self.client
         with read.transport_errors():
-            request = client.build_request("POST", self.url, content=body, params=self.query, headers=self.headers)
+            headers, secrets = self._with_key(self._key_provider() if self._key_provider is not None else None)
+            request = client.build_request("POST", self.url, content=body, params=self.query, headers=headers)
             r = client.send(request, stream=True)
             ended = False  # at [DONE], the body's end is left to a thread of its own
             try:
                 if r.status_code >= 300:
-                    raise _error(r.status_code, r.headers, _head(r.iter_bytes()), self.shown_url, self._secrets)
+                    raise _error(r.status_code, r.headers, _head(r.iter_bytes()), self.shown_url, secrets)
                 read.answered = True
                 if not _is_stream(r.headers):
                     yield read.whole(r.status_code, r.headers, _head(r.iter_bytes()))
@@ -419,6 +437,18 @@ class OpenAICompatible(Backend):
             finally:
                 if not ended:
                     r.close()
+
+    def _with_key(self, key: object) -> tuple[dict[str, str], tuple[str, ...]]:
+        """The request's headers, with the key a provider gave (``None``: no provider),
+        and the secrets its errors must hide."""
+        if key is None:
+            return self.headers, self._secrets
+        if inspect.isawaitable(key):
+            getattr(key, "close", lambda: None)()  # never awaited: no "never awaited" warning
+            raise ConfigError("the api_key provider is async: it serves async calls only (astream, acomplete)")
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"the api_key provider must return a non-empty str, got {type(key).__name__}")
+        return {**self.headers, "Authorization": f"Bearer {key}"}, (key, *self._secrets)
 
     async def _session(self) -> aiohttp.ClientSession:
         """This event loop's session (an aiohttp session must not cross loops). It is
@@ -438,11 +468,13 @@ class OpenAICompatible(Backend):
         body = self._body(messages, params)
         with read.transport_errors():
             session, target = await self._session(), self._target
-            async with session.post(target.url, data=_json_body(body), headers=target.headers(self.headers),
+            key = self._key_provider() if self._key_provider is not None else None
+            headers, secrets = self._with_key(await key if inspect.isawaitable(key) else key)
+            async with session.post(target.url, data=_json_body(body), headers=target.headers(headers),
                                     params=self.query, allow_redirects=False) as r:
                 if r.status >= 300:
                     raise _error(r.status, r.headers, await _ahead(r.content.iter_any()), self.shown_url,
-                                 self._secrets)
+                                 secrets)
                 read.answered = True
                 if not _is_stream(r.headers):
                     yield read.whole(r.status, r.headers, await _ahead(r.content.iter_any()))
@@ -458,10 +490,16 @@ class OpenAICompatible(Backend):
                 read.end("closed the stream")
 
     def close(self) -> None:
-        """Close the sync HTTP client (async sessions close with their event loop)."""
+        """Close the sync HTTP client and the async sessions: each on its event loop,
+        soon (a loop that has ended closed its own)."""
         if self._client is not None:
             self._client.close()
             self._client = None
+        for loop, (_, closer) in list(self._sessions.items()):
+            self._sessions.pop(loop, None)
+            if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # it closed meanwhile, and the session with it
+                    loop.call_soon_threadsafe(_close_on_its_loop, closer)
 
     def __repr__(self) -> str:
         return f"OpenAICompatible({_redacted(self.base_url)!r}, {self.model!r})"

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16
 _DEFAULT_CPU_KV_BYTES = 1 << 30
+# How long a step that could schedule nothing waits before it looks again (a change
+# wakes it at once).
+_STALLED_WAIT_S = 0.05
 
 
 # Running engines. At interpreter exit their threads are stopped first: a
@@ -256,6 +259,9 @@ class Engine:
                 return False
             self._admission_window()
             batch = self.scheduler.schedule()
+            if not batch:  # nothing can run until a request ends, is cancelled or comes: wait, not spin
+                self._cv.wait(timeout=_STALLED_WAIT_S)
+                return True
             self._peak_running = max(self._peak_running, len(self.scheduler.running))
             self._in_flight = {seq.seq_id for seq, _ in batch}
         try:

@@ -65,6 +65,9 @@ class Scheduler:
             # Leave a block of headroom per running sequence, so that admitting this one
             # does not force a preemption at the very next decode step.
             if not self._allocate(seq, seq.num_cached + n, allow_preempt=False, headroom=len(self.running)):
+                # A sequence that waits holds no blocks: the session KV it would start on
+                # may be what a sequence preempted ahead of it needs (both would wait forever).
+                self._forget_reuse(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -74,13 +77,14 @@ class Scheduler:
         return batch
 
     def finish(self, seq: Sequence, *, keep_session: bool) -> None:
-        """``seq`` is done: keep its KV for its session, or free it."""
+        """``seq`` is done: keep its KV for its session (unless the session ended while
+        it ran), or free it."""
         seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if keep_session and seq.session is not None and seq.num_cached:
+        if keep_session and seq.session is not None and seq.num_cached and self.sessions.is_open(seq.session):
             self.blocks.release(self.sessions.keep(seq.session, seq.tokens[: seq.num_cached], seq.block_table))
         else:
             self.blocks.release(seq.block_table)
@@ -112,10 +116,17 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.preemptions += 1
         self.running.remove(seq)
-        self.blocks.release(seq.block_table)
-        seq.block_table, seq.num_cached = [], 0
+        self._forget_reuse(seq)  # it is recomputed from its tokens, its prompt's reused part too
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+
+    def _forget_reuse(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks: it starts again from its tokens (on its session's KV,
+        when it is admitted again); the prompt tokens it reused are no longer reused."""
+        self.blocks.release(seq.block_table)
+        self.prefix_tokens_reused -= seq.cached_prompt_tokens
+        seq.block_table, seq.num_cached, seq.cached_prompt_tokens = [], 0, 0
+        seq.admitted = False
 
     def _reuse_session(self, seq: Sequence) -> None:
         """Start ``seq`` on its session's kept KV, up to the longest common prefix.

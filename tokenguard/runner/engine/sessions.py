@@ -37,9 +37,20 @@ class SessionStore:
     def num_kept(self) -> int:
         return len(self._kept)
 
+    def is_open(self, session: str) -> bool:
+        """Whether ``session`` was opened and has not ended (nor been dropped as expired:
+        a session with a turn running never is)."""
+        return session in self._last_seen
+
+    def is_live(self, session: str) -> bool:
+        """Whether ``session`` is open and within its TTL."""
+        seen = self._last_seen.get(session)
+        return seen is not None and time.monotonic() - seen <= self.ttl_s
+
     def touch(self, session: str) -> bool:
-        """Mark ``session`` active now; False when it is unknown or expired."""
-        if session not in self._last_seen:
+        """Mark ``session`` active now; False when it is unknown, ended or expired (even
+        before the engine, busy, has dropped it)."""
+        if not self.is_live(session):
             return False
         now = time.monotonic()
         self._last_seen[session] = now

@@ -104,6 +104,12 @@ def test_it_is_on_by_default_and_stop_none_turns_it_off():
     assert reply.stop_reason == "length" and reply.usage.output_tokens == 200 and reply.usage.saved_tokens == 0
 
 
+def test_a_list_numbered_in_parentheses_whose_items_are_all_the_same_is_a_loop():
+    items = "".join(f"({i}) Berries are a good source of fibre and vitamins.\n" for i in range(1, 30))
+    reply = Guard(lambda messages, max_tokens: iter(items.splitlines(keepends=True)), model="gpt-4o").complete("x")
+    assert reply.stop_reason == "repetition" and reply.text.count("Berries") == 1
+
+
 def test_lines_that_close_one_level_after_another_are_no_loop():
     # "</div>" or "}" at each depth of nesting: the same text, at another indentation.
     depth = 8

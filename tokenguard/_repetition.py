@@ -50,8 +50,8 @@ __all__ = ["RepetitionStop", "RepetitionWatch"]
 # (Western) or by anything (CJK marks are not followed by spaces).
 _UNIT_END = re.compile(r"\n|(?<=[.!?;:])[ \t]|(?<=[。！？；])")
 _ENDS_UNIT = re.compile(r"(?:\n|[.!?;:][ \t]|[。！？；])$")
-# A list marker at a unit's start: "3.", "3)", "-", "*", "+", "•", "#".
-_LIST_MARKER = re.compile(r"^\s*(?:\d{1,4}[.)]|[-*+•]|#{1,6})\s+")
+# A list marker at a unit's start: "3.", "3)", "(3)", "-", "*", "+", "•", "#".
+_LIST_MARKER = re.compile(r"^\s*(?:\d{1,4}[.)]|\(\d{1,4}\)|[-*+•]|#{1,6})\s+")
 # Patterns this short (one character of any script, or up to three ASCII ones) need
 # RepetitionStop.min_run_span.
 _SHORT_PATTERN_BYTES = 3

@@ -422,6 +422,23 @@ def test_plot_and_self_contained_html(busy, tmp_path):
     assert "http://" not in page and "https://" not in page and "<script" not in page  # no external assets
 
 
+def test_ids_anyone_chooses_are_inert_in_csv_terminals_and_charts(ledger):
+    # A gateway's client names its own user and tags: none may run in a spreadsheet,
+    # move a terminal's cursor, or break the chart (a "$" starts matplotlib's math text).
+    guard = Guard(answer, model="gpt-4o", ledger=ledger)
+    hostile = ['=HYPERLINK("http://evil.example","click")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3",
+               "mallory\x1b[2K\x1b[1A", "two\nlines", "$\\frac$"]
+    for user in hostile:
+        guard.complete("hi", user=user)
+    report = ledger.report(by="user")
+    users = [row["user"] for row in csv.DictReader(io.StringIO(report.to_csv()))]
+    assert sorted(users) == sorted(f"'{u}" if u[0] in "=+-@" else u for u in hostile)
+    text = report.to_text()
+    assert "\x1b" not in text and "mallory\\x1b[2K" in text and "two\\nlines" in text
+    pytest.importorskip("matplotlib")
+    assert "mallory" in report.to_html()
+
+
 def test_without_the_reports_extra_the_rendering_names_it(tmp_path):
     """pandas and matplotlib made unimportable in a fresh process: rows, CSV, JSON and
     tables still work; a DataFrame, a plot and an HTML file say what to install."""

@@ -530,11 +530,14 @@ class Report:
 
     def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
         """The rows as CSV (header: :attr:`columns`; unknown values empty; no totals
-        row), written to ``path`` when given; returns the text."""
+        row), written to ``path`` when given; returns the text. A text cell that a
+        spreadsheet would run as a formula (it starts with ``=``, ``+``, ``-``, ``@``, a
+        tab or a carriage return: a user id or tag is anyone's to choose) starts with
+        ``'`` instead."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows({name: _inert(value) for name, value in row.items()} for row in self.rows)
         return _write(path, buffer.getvalue())
 
     def to_text(self) -> str:
@@ -634,8 +637,22 @@ _LABELS = {
 }
 
 
+def _inert(value: Any) -> Any:
+    """A CSV cell no spreadsheet runs as a formula (see :meth:`Report.to_csv`)."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters as escapes: an id must not move a terminal's
+    cursor nor break a table's line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _cell(column: str, value: Any) -> str:
-    """How a value reads in a table."""
+    """How a value reads in a table (control characters escaped)."""
     if column in ("cost_usd", "saved_usd"):
         return "unknown" if value is None else f"{value:.6f}"
     if value is None:
@@ -646,7 +663,7 @@ def _cell(column: str, value: Any) -> str:
         return f"{value:.3f}"
     if column in METRICS and isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    return _printable(str(value))
 
 
 def _shown_columns(report: Report) -> list[str]:
@@ -774,7 +791,8 @@ def _plot_tokens(ax: Axes, rows: Sequence[Mapping[str, Any]], by: Sequence[str])
     """Input and output tokens per group, the largest groups first."""
     ranked = sorted(rows, key=lambda row: row["input_tokens"] + row["output_tokens"], reverse=True)
     shown = ranked[:_TOP_KEYS_PLOTTED][::-1]
-    labels = [" / ".join(_cell(key, row[key]) for key in by) or "all" for row in shown]
+    # "$" would start matplotlib's math text (and a malformed one fails the chart).
+    labels = [(" / ".join(_cell(key, row[key]) for key in by) or "all").replace("$", r"\$") for row in shown]
     inputs = [row["input_tokens"] for row in shown]
     ax.barh(labels, inputs, color="#4878a8", label="input")
     ax.barh(labels, [row["output_tokens"] for row in shown], left=inputs, color="#e49444", label="output")

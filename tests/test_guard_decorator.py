@@ -380,3 +380,43 @@ def test_a_legacy_function_call_is_metered_as_a_tool_call():
     old, new = (Guard(fn, model="gpt-4o").complete("Weather in Paris?") for fn in (legacy, tools))
     assert (old.stop_reason, new.stop_reason) == ("function_call", "tool_calls")
     assert old.usage.output_tokens == new.usage.output_tokens > 0  # generated, though no text
+
+
+def test_methods_static_and_class_methods_are_guarded_with_their_instance():
+    class Bot:
+        name = "bot"
+
+        @guard(model="gpt-4o")
+        def ask(self, messages, max_tokens):
+            return f"{self.name}: {messages[-1]['content']}"
+
+        @guard(model="gpt-4o")
+        @staticmethod
+        def plain(messages, max_tokens):
+            return f"static: {messages[-1]['content']}"
+
+        @guard(model="gpt-4o")
+        @classmethod
+        def kind(cls, messages, max_tokens):
+            return f"{cls.__name__}: {messages[-1]['content']}"
+
+    bot = Bot()
+    assert (bot.ask("hi"), bot.plain("hi"), Bot.plain("hi"), bot.kind("hi")) == (
+        "bot: hi", "static: hi", "static: hi", "Bot: hi")  # self was taken for the messages
+    assert reply_of(bot.ask("hi")).usage.output_tokens > 0
+
+
+def test_arguments_reach_the_function_as_its_signature_names_them():
+    seen = []
+
+    @guard(model="gpt-4o", max_output_tokens=300)
+    def ask(messages, max_tokens, style="plain", *, session=None, tags=None):
+        seen.append((max_tokens, style, session, tags))
+        return f"{style}: {messages[-1]['content']}"
+
+    assert ask(messages="hi") == "plain: hi"  # the messages by their name
+    assert ask("hi", 256, "fancy") == "fancy: hi"  # the cap, and what follows it, by position
+    ask("hi", session="s-1", tags=["t"])  # the function names them: it is handed them
+    assert seen == [(300, "plain", None, None), (256, "fancy", None, None), (300, "plain", "s-1", ["t"])]
+    with pytest.raises(TypeError, match="takes the messages"):
+        ask(style="fancy")

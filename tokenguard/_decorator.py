@@ -123,6 +123,43 @@ def _as_returned(raw: Any, reply: Reply, shape: Any = None) -> Any:
     return out
 
 
+class _CallShape:
+    """How a call of a guarded function splits: a method's instance (or class), the
+    messages (by position, or by their parameter's name), and the function's own
+    arguments; an output cap given by position goes by name (the guard hands it on)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        #: Whether ``fn`` is a method: its first parameter is ``self`` or ``cls``.
+        self.is_method = bool(positional) and positional[0] in ("self", "cls")
+        after = positional[1:] if self.is_method else positional
+        self.messages_name = after[0] if after else None
+        #: The names of the positional parameters after the messages.
+        self.rest = after[1:]
+        self.name = getattr(fn, "__qualname__", repr(fn))
+
+    def bind(self, backend: Function, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> tuple[Function, Any, dict[str, Any]]:
+        """The backend for this call, its messages and the guard's keyword arguments."""
+        owner, args = (args[:1], args[1:]) if self.is_method else ((), args)
+        if args:
+            messages, args = args[0], args[1:]
+        elif self.messages_name is not None and self.messages_name in kwargs:
+            kwargs = dict(kwargs)
+            messages = kwargs.pop(self.messages_name)
+        else:
+            raise TypeError(f"{self.name}() takes the messages (or a prompt string) first")
+        if "max_tokens" in self.rest[: len(args)]:  # the cap and what follows it, by name
+            cut = self.rest.index("max_tokens")
+            kwargs = {**kwargs, **dict(zip(self.rest[cut:], args[cut:], strict=False))}
+            args = args[:cut]
+        return backend.bind(*args, before=owner), messages, kwargs
+
+
 def _annotated_str(fn: Any) -> bool:
     """Whether ``fn`` is annotated to return ``str`` (also as a string annotation)."""
     try:
@@ -158,8 +195,10 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
     take it, or the model could overspend what the budget reserved.
 
     The decorated function takes the messages or a prompt string (which it is handed
-    as one user message, as everywhere in the guard) plus ``user=``, ``session=``,
-    ``tags=``, and returns what the function returns, of the same type:
+    as one user message, as everywhere in the guard; by position or by its parameter's
+    name) plus ``user=``, ``session=``, ``tags=`` (handed on to a function that names
+    them), and returns what the function returns, of the same type (a method, its first
+    parameter ``self`` or ``cls``, is called with its instance, a static method as it is):
 
     - a string, or an OpenAI chat completion (object or dict, tool calls and all),
       holding the guard's text: cut at the output cap (``finish_reason="length"``),
@@ -184,7 +223,10 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
         raise ConfigError("@guard wraps the decorated function; it takes no backend=")
 
     def decorate(fn: Any) -> Any:
+        if isinstance(fn, (staticmethod, classmethod)):  # @guard above @staticmethod: guard the function within
+            return type(fn)(decorate(fn.__func__))
         backend = Function(fn)
+        shape = _CallShape(fn)
         # What the function last returned, apart for calls with stream=True: a cache hit
         # answers in the same shape (a string, a completion like it, or the Reply for a
         # stream). Before any return, a function annotated to return str returns strings.
@@ -204,26 +246,27 @@ def guard(fn: Any = None, /, **options: Any) -> Any:
         wrapper: Callable[..., Any]
         if inspect.isasyncgenfunction(fn):
 
-            def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> AsyncGuardStream:
-                bound = backend.bind(*args)  # the function's own positional arguments follow the messages
+            def wrapper(*args: Any, **kwargs: Any) -> AsyncGuardStream:
+                bound, prompt_or_messages, kwargs = shape.bind(backend, args, kwargs)
                 return g.open_astream(functools.partial(prepare, bound, prompt_or_messages, kwargs))
 
         elif backend.is_async:
 
-            async def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
-                bound = backend.bind(*args)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                bound, prompt_or_messages, kwargs = shape.bind(backend, args, kwargs)
                 reply = await g.open_astream(functools.partial(prepare, bound, prompt_or_messages, kwargs)).aread()
                 return _returned(bound.result, reply, kwargs)
 
         elif inspect.isgeneratorfunction(fn):
 
-            def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> GuardStream:
-                return g.open_stream(prepare(backend.bind(*args), prompt_or_messages, kwargs))
+            def wrapper(*args: Any, **kwargs: Any) -> GuardStream:
+                bound, prompt_or_messages, kwargs = shape.bind(backend, args, kwargs)
+                return g.open_stream(prepare(bound, prompt_or_messages, kwargs))
 
         else:
 
-            def wrapper(prompt_or_messages: Any, *args: Any, **kwargs: Any) -> Any:
-                bound = backend.bind(*args)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                bound, prompt_or_messages, kwargs = shape.bind(backend, args, kwargs)
                 reply = g.open_stream(prepare(bound, prompt_or_messages, kwargs)).read()
                 return _returned(bound.result, reply, kwargs)
 

@@ -417,6 +417,8 @@ class Guard:
             params["session"] = session
         if user is not None and getattr(backend, "accepts_user", False):
             params["user"] = user
+        if tags is not None and getattr(backend, "accepts_tags", False):
+            params["tags"] = tags
         check_params = getattr(backend, "check_params", None)
         if check_params is not None:
             check_params(params)

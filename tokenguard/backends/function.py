@@ -212,19 +212,24 @@ class Function(Backend):
         #: Whether ``fn`` names a ``user`` parameter: it is handed the call's ``user=``
         #: (which the guard takes for its budgets and ledger) rather than its default.
         self.accepts_user = _names(fn, "user")
+        #: Whether ``fn`` names ``session`` and ``tags`` parameters: it is handed the call's.
+        self.accepts_session = _names(fn, "session")
+        self.accepts_tags = _names(fn, "tags")
         #: What ``fn`` returned on this backend's last call (awaited, for an async ``fn``):
         #: meaningful on a per-call copy from :meth:`bind`.
         self.result: Any = None
+        self._before: tuple[Any, ...] = ()
         self._args: tuple[Any, ...] = ()
 
     def accepts(self, name: str) -> bool:
         """Whether ``fn`` takes a parameter ``name`` (named, or through ``**kwargs``)."""
         return _accepts(self.fn, name)
 
-    def bind(self, *args: Any) -> Function:
-        """The same backend, calling ``fn(messages, *args, ...)``."""
+    def bind(self, *args: Any, before: tuple[Any, ...] = ()) -> Function:
+        """The same backend, calling ``fn(*before, messages, *args, ...)`` (``before``: a
+        method's instance or class)."""
         bound = copy.copy(self)
-        bound._args = args
+        bound._before, bound._args = before, args
         bound.result = None
         return bound
 
@@ -232,7 +237,7 @@ class Function(Backend):
         kwargs = dict(params)
         if not self.takes_max_tokens:
             kwargs.pop("max_tokens", None)
-        self.result = self.fn(list(messages), *self._args, **kwargs)
+        self.result = self.fn(*self._before, list(messages), *self._args, **kwargs)
         return self.result
 
     def stream(self, messages: Sequence[Message], params: Params) -> Iterator[Chunk]:
@@ -261,7 +266,7 @@ class Function(Backend):
         what its closure and defaults hold (two functions one factory made differ)."""
         fn = self.fn
         return [self.name, f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}", self.model,
-                list(self._args), *_code_identity(fn)]
+                [*self._before, *self._args], *_code_identity(fn)]
 
     def __repr__(self) -> str:
         return f"Function({getattr(self.fn, '__qualname__', self.fn)!r})"

@@ -3,6 +3,8 @@ checked with the real OpenTelemetry SDK's in-memory span exporter and metric rea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import subprocess
@@ -429,3 +431,63 @@ def test_a_fitted_call_reports_the_prompt_tokens_fitting_spared(otel):
     assert attributes["tokenguard.saved_tokens"] == reply.usage.saved_tokens
     [saved] = otel.points("tokenguard.client.tokens.saved")
     assert (saved.value, saved.attributes["tokenguard.mechanism"]) == (reply.usage.context_saved_tokens, "context")
+
+
+def test_a_stream_read_under_another_span_stays_under_the_span_it_was_made_in(otel):
+    # A streamed HTTP answer is read after its request's span has ended.
+    tracer = otel.meter.tracer
+    guard = tg.Guard(lambda messages, max_tokens: iter(["Paris ", "is the capital."]), model="gpt-4o",
+                     telemetry=otel.meter)
+    with tracer.start_as_current_span("request-A") as made_in:
+        stream = guard.stream("Capital of France?")
+        next(stream)
+    with tracer.start_as_current_span("request-B"):
+        stream.read()
+    [call] = [span for span in otel.spans() if span.name.startswith("chat")]
+    assert call.parent is not None and call.parent.span_id == made_in.get_span_context().span_id
+
+
+def test_a_summary_the_context_step_asks_for_is_a_child_of_the_call_it_serves(otel):
+    from tokenguard.context import Summary
+
+    guard = tg.Guard(lambda messages, max_tokens: "A short summary.", model="gpt-4o", max_context_tokens=150,
+                     context=Summary(keep_recent_tokens=20), telemetry=otel.meter)
+    history = [{"role": "user", "content": f"Note {i}: the locker code for gym {i} is {1000 + i}."} for i in range(30)]
+    guard.complete([*history, {"role": "user", "content": "Which code?"}])
+    spans = otel.spans()
+    [served] = [span for span in spans if span.attributes["tokenguard.depth"] == 0]
+    summaries = [span for span in spans if span.attributes["tokenguard.depth"] == 1]
+    assert summaries and all(span.parent.span_id == served.context.span_id for span in summaries)
+
+
+def test_a_call_its_caller_stopped_is_no_error_however_it_was_stopped(otel):
+    # Closed with aclose(), or its task cancelled: both are cancelled calls, neither failed.
+    ledger = tg.Ledger()
+
+    @tg.guard(model="gpt-4o", ledger=ledger, telemetry=otel.meter)
+    async def words(messages, max_tokens):
+        for i in range(100):
+            yield f"w{i} "
+            await asyncio.sleep(0.01)
+
+    async def main():
+        stream = words("closed")
+        await anext(stream)
+        await stream.aclose()
+
+        async def read():
+            async for _ in words("cancelled"):
+                pass
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert [row["stop_reason"] for row in ledger.records()] == ["cancelled", "cancelled"]
+    [row] = ledger.report(by="stop_reason").rows
+    assert row["calls"] == 2 and row["errors"] == 0
+    for span in otel.spans():
+        assert span.status.status_code is StatusCode.UNSET and "gen_ai.response.finish_reasons" not in span.attributes

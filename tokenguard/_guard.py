@@ -481,6 +481,8 @@ class Guard:
         call.opened = True
         given = call.messages  # the steps replace the list, never change it
         self._opened_once = True
+        if self.telemetry is not None:  # before the steps: a summary they ask for is a call it makes
+            self.telemetry.started(call)  # the spans of the calls it makes wait for its span
         hit = self._before(call)
         if hit is not None:
             self._remember(call, hit)
@@ -488,8 +490,6 @@ class Guard:
         on_end = functools.partial(self._finish, call)
         generation: Generation | None = None
         try:  # the call holds its budgets now: whatever fails ends it
-            if self.telemetry is not None:
-                self.telemetry.started(call)  # the spans of the calls it makes wait for its span
             generation = Generation([watcher.watch(call) for watcher in self.watchers])
             # The backend runs in the call's frame, so guarded calls it makes are its children.
             frame = running_frame(call, given) if call.messages is given else running_frame(call, given, call.messages)

@@ -143,13 +143,15 @@ class _CallSpans:
     nested calls waiting for their parent call's span, by its request id; the span
     contexts of the calls metered last (for a child metered late); and the calls that
     have started under some meter and are not metered yet (only for those is a child's
-    span worth waiting: a call no meter records never comes)."""
+    span worth waiting: a call no meter records never comes), with the OpenTelemetry
+    context each started in (its span's parent when no guarded call is: a stream may be
+    read, and end, under another span, or in another task)."""
 
     def __init__(self) -> None:
         self.waiting: OrderedDict[str, list[Callable[[Any], None]]] = OrderedDict()
         self.num_waiting = 0
         self.written: OrderedDict[str, Any] = OrderedDict()
-        self.running: set[str] = set()
+        self.running: dict[str, Any] = {}
         self.lock = threading.Lock()
 
 
@@ -175,6 +177,9 @@ class OTelMeter:
             raise MissingDependency("OpenTelemetry (opentelemetry-api)", INSTALL_OTEL) from None
         self._trace = trace
         self._metrics = metrics
+        from opentelemetry import context as otel_context
+
+        self._context = otel_context
         # On the global providers, which stay the API's no-op proxies until an SDK is
         # configured: while they are, a call is skipped after one check (see _idle).
         self._maybe_idle = tracer_provider is None and meter_provider is None
@@ -200,14 +205,15 @@ class OTelMeter:
         in it (metered before it) wait for its span, unless this meter records nothing."""
         if self._maybe_idle and self._idle():
             return
+        context = self._context.get_current()
         with self._tree.lock:
-            self._tree.running.add(call.request_id)
+            self._tree.running[call.request_id] = context
 
     def __call__(self, call: Call, row: Mapping[str, Any], error: BaseException | None = None) -> None:
         """Record one call from its ledger ``row`` (:meth:`tokenguard.pipeline.Meter.__call__`)."""
         if self._maybe_idle and self._idle():
             with self._tree.lock:  # no span comes: whatever waits for one goes under the current span
-                self._tree.running.discard(call.request_id)
+                self._tree.running.pop(call.request_id, None)
                 children = self._tree.waiting.pop(call.request_id, [])
                 self._tree.num_waiting -= len(children)
             for child in children:
@@ -230,6 +236,8 @@ class OTelMeter:
                 port = server.port or {"https": 443, "http": 80}.get(server.scheme)
                 if port is not None:
                     common["server.port"] = port
+        if stop_reason == "cancelled":  # the caller's choice, however it was made (close() or task.cancel())
+            error = None
         error_type = type(error).__name__ if error is not None else None
         cached = bool(row["cached"])
         input_tokens, output_tokens = int(row["input_tokens"] or 0), int(row["output_tokens"] or 0)
@@ -268,6 +276,7 @@ class OTelMeter:
         released: list[Callable[[Any], None]] = []
         wait = False
         with self._tree.lock:
+            started_in = self._tree.running.get(call.request_id)
             if parent_id is not None and parent_id not in self._tree.written and parent_id in self._tree.running:
                 wait = True
                 self._tree.waiting.setdefault(parent_id, []).append(lambda context: self._place(call, write, context))
@@ -277,6 +286,8 @@ class OTelMeter:
                     self._tree.num_waiting -= len(oldest)
                     released += oldest
             context = self._tree.written.get(parent_id) if parent_id is not None else None
+            if context is None:  # no guarded call above it: the span its caller was in as it started
+                context = started_in
         for orphan in released:  # their parent was never metered: under the current span
             orphan(None)
         if not wait:
@@ -287,7 +298,7 @@ class OTelMeter:
         context = self._trace.set_span_in_context(span)
         with self._tree.lock:
             self._tree.written[call.request_id] = context
-            self._tree.running.discard(call.request_id)
+            self._tree.running.pop(call.request_id, None)
             while len(self._tree.written) > MAX_WAITING:
                 self._tree.written.popitem(last=False)
             children = self._tree.waiting.pop(call.request_id, [])
@@ -336,7 +347,7 @@ class OTelMeter:
         }
         attributes.update({name: value for name, value in optional.items() if value is not None})
         if error is None:
-            if not cached:  # a hit is not the model's answer: it did not run
+            if not cached and stop_reason != "cancelled":  # a hit is not the model's answer: it did not run
                 attributes["gen_ai.response.finish_reasons"] = (stop_reason,)
         else:
             attributes["error.type"] = error_type

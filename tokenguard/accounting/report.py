@@ -313,7 +313,7 @@ class _Tally:
             self.latencies.append(float(row["latency_s"]))
         if row.get("stop_reason") in REFUSAL_REASONS:
             self.refusals += 1
-        elif row.get("error") is not None:
+        elif row.get("error") is not None and row.get("stop_reason") != "cancelled":  # a caller's choice
             self.errors += 1
 
     @property

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -281,3 +284,43 @@ def test_async_calls_over_a_blocking_function_run_together_not_a_pool_s_worth_at
         return [reply.text for reply in replies]
 
     assert asyncio.run(all_at_once()) == ["ok"] * 12
+
+
+def test_streams_over_a_blocking_function_never_wait_for_each_other_s_threads():
+    # Each stream holds its thread while its reader awaits another guarded call on the same
+    # kind of backend: with a fixed pool of 256 threads, 300 such requests all waited for ever.
+    def plan(messages, max_tokens):
+        for i in range(3):
+            yield f"step{i} "
+
+    guard = Guard(plan, model="gpt-4o", stop=None)
+
+    async def request(i: int) -> int:
+        done = 0
+        async for piece in guard.astream(f"plan {i}"):
+            await guard.acomplete(f"do {piece}")
+            done += 1
+        return done
+
+    async def all_requests() -> list[int]:
+        return await asyncio.wait_for(asyncio.gather(*[request(i) for i in range(300)]), timeout=120)
+
+    assert asyncio.run(all_requests()) == [3] * 300
+
+
+def test_a_hung_blocking_backend_does_not_keep_the_process_from_exiting():
+    script = textwrap.dedent("""
+        import asyncio, threading
+        import tokenguard as tg
+
+        def hangs(messages, max_tokens):
+            threading.Event().wait()  # a read that never returns
+            yield "never"
+
+        try:
+            asyncio.run(tg.Guard(hangs, model="gpt-4o", timeout=0.5).acomplete("hi"))
+        except tg.BackendTimeout:
+            print("timed out")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "timed out", done.stderr

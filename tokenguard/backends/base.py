@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import math
 import numbers
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -179,12 +181,52 @@ class Backend(Protocol):
 _END = object()
 
 
-# Threads of tokenguard's own, started once and reused (a thread a call cost 150 us):
-# the opening and ending of async calls (short, and they must finish: the interpreter
-# waits for them at exit) and blocking backends' streams (as long as the stream). Not
-# the default executor, which the application may fill, and which has few workers.
+class StreamThreads:
+    """Threads for blocking backends' streams: one for each stream running, however
+    many run (a stream holds its thread while its reader is away, and a reader may wait
+    on another stream: any fixed number of threads can all be held so, and every stream
+    then waits for ever); a thread that is free takes the next stream (starting one costs
+    150 us), and one idle for ``idle_s`` ends. Daemon threads: a backend that hangs does
+    not keep the process from exiting."""
+
+    def __init__(self, name: str, idle_s: float = 30.0) -> None:
+        self.name = name
+        self.idle_s = idle_s
+        self._jobs: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._idle = 0  # threads waiting for a job
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], object]) -> None:
+        """Run ``job()`` in a free thread, or a new one."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(job)
+                return
+        threading.Thread(target=self._work, args=(job,), name=self.name, daemon=True).start()
+
+    def _work(self, job: Callable[[], object] | None) -> None:
+        while job is not None:
+            job()  # a job hands its own errors on
+            with self._lock:
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=self.idle_s)
+            except queue.Empty:
+                with self._lock:  # a job handed over as the wait ended is this thread's still
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        job = None
+
+
+# Threads of tokenguard's own, not the default executor (which the application may
+# fill, and which has few workers): the opening and ending of async calls (short, and
+# they must finish: the interpreter waits for them at exit), started once and reused;
+# and blocking backends' streams (as long as the stream).
 CALL_STEPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokenguard-call")
-BACKEND_STREAMS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="tokenguard-backend")
+BACKEND_STREAMS = StreamThreads("tokenguard-backend")
 
 
 def wait_until_asked(asks: threading.Semaphore, stopped: Callable[[], bool], poll_s: float = 0.05) -> bool:
@@ -241,7 +283,7 @@ async def aiter_in_thread(make: Callable[[], Iterator[T]], *, buffer: int = 1) -
                 close()
         put(_END)
 
-    BACKEND_STREAMS.submit(contextvars.copy_context().run, run)
+    BACKEND_STREAMS.submit(functools.partial(contextvars.copy_context().run, run))
     try:
         while True:
             item, error = await queue.get()

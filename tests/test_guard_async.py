@@ -324,3 +324,32 @@ def test_a_hung_blocking_backend_does_not_keep_the_process_from_exiting():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "timed out", done.stderr
+
+
+def test_calls_opening_when_their_loop_closes_are_still_ended(tmp_path):
+    # Fire-and-forget tasks, their loop closed while their calls opened in worker threads
+    # (a SQLite ledger: the steps may wait): no row was written and the holds stayed.
+    import gc
+    import time
+
+    budget = Budget(tokens=10_000, per="user")
+    guard = Guard(lambda messages, max_tokens: "hi", model="gpt-4o", budget=budget, max_output_tokens=1000,
+                  ledger=tmp_path / "usage.sqlite")
+    guard.complete("warm up", user="w")
+
+    async def fire_and_forget() -> None:
+        for i in range(3):
+            asyncio.get_running_loop().create_task(guard.acomplete(f"background {i}", user="ann"))
+        await asyncio.sleep(0)  # the openings start in worker threads
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(fire_and_forget())
+    loop.close()
+    del loop
+    for _ in range(100):
+        gc.collect()
+        if len(guard.ledger.records(user="ann")) == 3:
+            break
+        time.sleep(0.05)
+    assert [row["stop_reason"] for row in guard.ledger.records(user="ann")] == ["cancelled"] * 3
+    assert budget.spent(user="ann")["reserved_tokens"] == 0

@@ -606,7 +606,8 @@ def test_a_client_that_leaves_while_its_call_opens_still_settles_its_budget():
         backend.release.set()
         # A call dropped while it opened would leave no row and its hold on the budget for ever.
         [row] = wait_until(lambda: served.guard.ledger.records(), "the row of the call cancelled as it opened")
-        assert endless.closed.wait(20), "the generation was not stopped"
+        # Ended before its backend started, or stopped once it had.
+        assert endless.pieces == 0 or endless.closed.wait(20), "the generation was not stopped"
     assert (row["user"], row["stop_reason"]) == ("fay", "cancelled")
     # The hold on the budget was settled to what was used, not left behind.
     spent = budget.spent(user="fay")

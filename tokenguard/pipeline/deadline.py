@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import threading
 import time
@@ -77,7 +78,10 @@ class _DeadlineIterator(Iterator[T]):
             chunks, self._chunks = self._chunks, None
             if pump.closed.is_set():
                 raise StopIteration
-            threading.Thread(target=pump.run, args=(chunks,), name="tokenguard-deadline", daemon=True).start()
+            # In a copy of the caller's context, as without a deadline: its context variables
+            # (a request id, an OpenTelemetry context) reach the backend.
+            threading.Thread(target=contextvars.copy_context().run, args=(pump.run, chunks), name="tokenguard-deadline",
+                             daemon=True).start()
         started = time.monotonic()
         pump.asks.release()
         try:

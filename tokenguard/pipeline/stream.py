@@ -170,7 +170,10 @@ class AsyncGuardStream(_Stream):
     async def __anext__(self) -> str:
         if self._open is not None:
             open_, self._open = self._open, None
-            self._adopt(open_() if self._inline else await self._open_in_thread(open_))
+            if self._inline:
+                self._adopt(open_())
+            else:
+                await self._open_in_thread(open_)  # adopted there, as it opens
         if self.reply is not None or self._generation is None:
             text = self._replay()
             if text is None:
@@ -199,36 +202,42 @@ class AsyncGuardStream(_Stream):
         await self._aend()
         raise StopAsyncIteration
 
-    async def _open_in_thread(self, open_: Callable[[], Opened]) -> Opened:
-        """Open the call in a thread of CALL_STEPS. A caller cancelled meanwhile leaves the
-        opening running: what it opens (a budget hold) is then ended as cancelled, by
-        that thread or here, whichever comes second, even as the event loop shuts down."""
+    async def _open_in_thread(self, open_: Callable[[], Opened]) -> None:
+        """Open the call in a thread of CALL_STEPS, which adopts it into this stream as
+        it opens (so a stream dropped unread, its loop gone, still ends it when
+        collected). A caller cancelled meanwhile leaves the opening running: what it
+        opens (a budget hold) is then ended as cancelled, by that thread or here,
+        whichever comes second, or by that thread when the event loop has closed."""
         lock = threading.Lock()
-        state: dict[str, Any] = {"left": False, "opened": None}
+        state = {"left": False, "opened": False}
 
-        def open_here() -> Opened:
+        def open_here() -> None:
             opened = open_()
             with lock:
-                left = state["left"]
-                state["opened"] = opened
+                self._adopt(opened)
+                left, state["opened"] = state["left"], True
             if left:
-                self._end_unread(opened)
-            return opened
+                self._end_unread()
+
+        def undelivered(_: None) -> None:  # its loop closed: nobody reads it, nothing else ends it
+            with lock:
+                left, state["left"] = state["left"], True
+            if not left:  # else ended already, by open_here or by the cancelled caller
+                self._end_unread()
 
         try:
-            return await _in_own_thread(open_here)
+            await _in_own_thread(open_here, undelivered=undelivered)
         except asyncio.CancelledError:
             with lock:
                 state["left"] = True
                 opened = state["opened"]
-            if opened is not None:  # opened, but the caller has left: end it off the loop
-                CALL_STEPS.submit(contextvars.copy_context().run, self._end_unread, opened)
+            if opened:  # opened, but the caller has left: end it off the loop
+                CALL_STEPS.submit(contextvars.copy_context().run, self._end_unread)
             raise
 
-    def _end_unread(self, opened: Opened) -> None:
-        """End, as cancelled, a call opened for a caller that has left; the backend was
+    def _end_unread(self) -> None:
+        """End, as cancelled, the call opened for a caller that has left; the backend was
         never asked (a refusal was metered by the guard already)."""
-        self._adopt(opened)
         self._chunks = None  # an async stream never started: nothing runs to be closed
         self._end(cancelled=True)
 
@@ -277,7 +286,7 @@ async def _empty() -> AsyncIterator[Any]:
     yield  # pragma: no cover - makes this an async generator
 
 
-async def _in_own_thread(work: Callable[[], _T]) -> _T:
+async def _in_own_thread(work: Callable[[], _T], undelivered: Callable[[_T], object] | None = None) -> _T:
     """``work()`` in a thread of :data:`~tokenguard.backends.base.CALL_STEPS`, in a copy
     of the caller's context (as ``asyncio.to_thread``): unlike the default executor's
     queue (which the application may fill), it is not cancelled with its caller, and
@@ -301,8 +310,11 @@ async def _in_own_thread(work: Callable[[], _T]) -> _T:
             result, error = context.run(work), None
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
             result, error = None, e
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+        try:
             loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits, and what it made is left to end
+            if undelivered is not None and error is None:
+                context.run(undelivered, result)  # type: ignore[arg-type]
 
     CALL_STEPS.submit(run)
     return await asyncio.shield(done)

@@ -5,7 +5,6 @@ sync calls and aiohttp for async ones (see :mod:`~tokenguard.backends.async_http
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import inspect
 import itertools
@@ -74,11 +73,10 @@ def _describe(error: BaseException) -> str:
 
 def _secrets(url: str, headers: Mapping[str, str]) -> tuple[str, ...]:
     """What a server must not see echoed into errors and ledger rows: the credentials in
-    ``url`` (and their Basic encoding) and the credential headers' values and tokens."""
+    ``url`` and the values and tokens of the credential ``headers`` sent (a Basic
+    Authorization made of the URL's credentials among them)."""
     parsed = httpx.URL(url)
     found = [secret for secret in (parsed.password, parsed.username if not parsed.password else None) if secret]
-    if parsed.username or parsed.password:
-        found.append(base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode("ascii"))
     for name, value in headers.items():
         if name.lower() in _CREDENTIAL_HEADERS:
             found += [value, value.partition(" ")[2]]
@@ -355,7 +353,7 @@ class OpenAICompatible(Backend):
         self.timeout = _DEFAULT_TIMEOUT if timeout is None else timeout
         self._client: httpx.Client | None = None
         self._target = Target(self.url)
-        self._secrets = _secrets(self.url, self.headers)
+        self._secrets = _secrets(self.url, self._target.headers(self.headers))
         # One aiohttp session per event loop (a session must not cross loops), with the
         # suspended generator that closes it as the loop shuts down.
         self._sessions: weakref.WeakKeyDictionary[

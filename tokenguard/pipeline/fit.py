@@ -17,14 +17,14 @@ from tokenguard.pipeline.spared import SparedTokens
 
 __all__ = ["Fit", "SideCall"]
 
-
-def _adds_documents(strategy: ContextStrategy) -> bool:
-    return isinstance(strategy, Retrieval) and bool(strategy.documents)
-
 SideCall = Callable[[Call, list[dict[str, Any]], int, Any, str], str]
 """How the guard makes a model call on a call's behalf (a strategy's summary): the
 call it serves, then what :data:`~tokenguard.context.Generate` takes (messages, token
 cap, backend, tag); the reply's text comes back."""
+
+
+def _adds_documents(strategy: ContextStrategy) -> bool:
+    return isinstance(strategy, Retrieval) and bool(strategy.documents)
 
 
 class Fit:
